@@ -1,0 +1,24 @@
+#!/usr/bin/env python3
+"""The release engineer's single entry point: ``python build.py --help``."""
+
+from __future__ import annotations
+
+import click
+
+from cli.artifact import artifact
+from cli.common import ErrorHandlingGroup, setup_logging
+from cli.keys import keys
+
+
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """A/B image-based OTA build and update pipeline for Raspberry Pi fleets."""
+    setup_logging(verbose)
+
+
+main.add_command(keys)
+main.add_command(artifact)
+
+if __name__ == "__main__":
+    main()
