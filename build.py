@@ -8,6 +8,7 @@ import click
 from cli.artifact import artifact
 from cli.common import ErrorHandlingGroup, setup_logging
 from cli.keys import keys
+from ota_common.runtime import tune_malloc_for_streaming
 
 
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,6 +16,7 @@ from cli.keys import keys
 def main(verbose: int) -> None:
     """A/B image-based OTA build and update pipeline for Raspberry Pi fleets."""
     setup_logging(verbose)
+    tune_malloc_for_streaming()
 
 
 main.add_command(keys)

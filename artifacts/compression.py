@@ -36,10 +36,10 @@ except ImportError:  # pragma: no cover - exercised on devices without isal
     igzip_lib = None
     _zlib = zlib
 
-CHUNK = 4 << 20
+CHUNK = 2 << 20
 #: a gzip member may not inflate to more than this (our writer uses CHUNK + a tar header)
-MAX_MEMBER_OUTPUT = 64 << 20
-MAX_MEMBER_INPUT = 64 << 20
+MAX_MEMBER_OUTPUT = 16 << 20
+MAX_MEMBER_INPUT = 17 << 20
 _SUBFIELD_ID = b"OT"
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _FTEXT, _FHCRC, _FEXTRA, _FNAME, _FCOMMENT = 1, 2, 4, 8, 16
@@ -48,6 +48,10 @@ DEFAULT_GZIP_LEVEL = 1  # ISA-L level 1: measured fastest at ~1.06x the size of 
 
 def workers() -> int:
     return max(2, min(8, os.cpu_count() or 2))
+
+
+#: members being inflated ahead of the consumer
+MAX_INFLIGHT = workers() + 1
 
 
 class Sink(Protocol):
@@ -114,7 +118,7 @@ class ParallelGzipEncoder:
         self._level = level
         self._pool = ThreadPoolExecutor(threads or workers(), thread_name_prefix="gzip")
         self._inflight: deque[Future[bytes]] = deque()
-        self._max_inflight = 2 * (threads or workers())
+        self._max_inflight = (threads or workers()) + 2
         self._pieces: list[bytes] = []
         self._buffered = 0
         self._members = 0
@@ -290,18 +294,32 @@ def _parse_gzip_header(src: _Pushback, what: str) -> tuple[bytes, int | None]:
 
 
 def _inflate_member(member: bytes, what: str) -> bytes:
-    d = _zlib.decompressobj(31)
+    """Inflate one complete gzip member (CRC and size checked), refusing absurd output."""
+    # The trailer's ISIZE sizes the output buffer (decompressors allocate max_length up front); a member
+    # that lies about it fails the length check or stops short of its end, both refused below.
+    (isize,) = struct.unpack("<I", member[-4:])
+    if isize > MAX_MEMBER_OUTPUT:
+        raise MalformedArtifact(f"{what}: gzip member claims to inflate to {isize} bytes, which is absurd")
+    limit = isize + 1
     try:
-        out = d.decompress(member, MAX_MEMBER_OUTPUT)
+        if igzip_lib is not None:
+            # isal_zlib.decompressobj(...).decompress(data, max_length) costs 4x the CPU: use igzip_lib
+            d: Any = igzip_lib.IgzipDecompressor(igzip_lib.DECOMP_GZIP)
+            out = d.decompress(member, limit)
+            tail = not d.eof and not d.needs_input
+        else:  # pragma: no cover
+            d = zlib.decompressobj(31)
+            out = d.decompress(member, limit)
+            tail = bool(d.unconsumed_tail)
     except (zlib.error, getattr(_zlib, "error", zlib.error)) as e:
         raise MalformedArtifact(f"{what}: corrupt gzip data ({e})") from None
     if not d.eof:
-        if d.unconsumed_tail:
-            raise MalformedArtifact(f"{what}: gzip member inflates to more than {MAX_MEMBER_OUTPUT} bytes")
+        if tail:
+            raise MalformedArtifact(f"{what}: gzip member inflates to more than its trailer says ({isize} bytes)")
         raise MalformedArtifact(f"{what}: gzip member is cut short (corrupt size field)")
     if d.unused_data:
         raise MalformedArtifact(f"{what}: gzip member is followed by stray bytes (corrupt size field)")
-    return out
+    return bytes(out)
 
 
 class _StreamInflater:
@@ -336,7 +354,7 @@ class _StreamInflater:
         return bytes(out)  # pragma: no cover
 
 
-def _gzip_chunks(raw: RawReader, what: str) -> Iterator[bytes]:
+def _gzip_chunks(raw: RawReader, what: str, background: bool) -> Iterator[bytes]:
     src = _Pushback(raw)
     pool: ThreadPoolExecutor | None = None
     inflight: deque[Future[bytes]] = deque()
@@ -358,12 +376,13 @@ def _gzip_chunks(raw: RawReader, what: str) -> Iterator[bytes]:
                 if pool is None:
                     pool = ThreadPoolExecutor(workers(), thread_name_prefix="inflate")
                 inflight.append(pool.submit(_inflate_member, member, what))
-                while len(inflight) > 2 * workers():
+                while len(inflight) > MAX_INFLIGHT:
                     yield inflight.popleft().result()
                 continue
             while inflight:
                 yield inflight.popleft().result()
-            yield from _inflate_stream_member(src, header, what)
+            # a member of unknown size (another writer): inflate it in a thread of its own, overlapping hashing
+            yield from _prefetch(_inflate_stream_member(src, header, what)) if background else _inflate_stream_member(src, header, what)
         while inflight:
             yield inflight.popleft().result()
     except (zlib.error, getattr(_zlib, "error", zlib.error)) as e:
@@ -437,7 +456,7 @@ def _plain_chunks(raw: RawReader, what: str) -> Iterator[bytes]:
         yield data
 
 
-def _prefetch(gen: Iterator[bytes], depth: int = 4) -> Iterator[bytes]:
+def _prefetch(gen: Iterator[bytes], depth: int = 3) -> Iterator[bytes]:
     """Run a decoder in a background thread so that inflation overlaps with the caller's hashing."""
     q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -484,8 +503,8 @@ def iter_decompressed(compression: Compression, raw: RawReader, what: str, *, ba
     if compression is Compression.NONE:
         return _plain_chunks(raw, what)
     if compression is Compression.GZIP:
-        gen = _gzip_chunks(raw, what)
-    elif compression is Compression.LZMA:
+        return _gzip_chunks(raw, what, background)
+    if compression is Compression.LZMA:
         gen = _lzma_chunks(raw, what)
     elif compression is Compression.ZSTD:
         gen = _zstd_chunks(raw, what)

@@ -74,19 +74,45 @@ def _pax_record(key: str, value: str) -> bytes:
     return str(n).encode() + body
 
 
-def member_header(name: str, size: int, *, mode: int = 0o600, mtime: int = 0, uname: str = "", gname: str = "") -> bytes:
-    """Header block(s) for a regular file member. Sizes ≥ 8 GiB get a PAX ``size`` record, as Go does."""
+def member_header(
+    name: str, size: int, *, mode: int = 0o600, mtime: int = 0, uname: str = "", gname: str = "", single_block: bool = False
+) -> bytes:
+    """Header block(s) for a regular file member. Sizes ≥ 8 GiB get a PAX ``size`` record, as Go does, or,
+    with ``single_block``, a GNU base-256 size field so that the header stays one block (Go, GNU tar and
+    Python's tarfile all read it)."""
     if size < 0 or mtime < 0:
         raise ValueError("negative size or mtime")
     bname = name.encode()
     out = b""
     header_size = size
+    if size > _MAX_OCTAL_SIZE and single_block:
+        h = bytearray(_raw_header(bname, 0, mode, mtime, b"0", uname, gname))
+        h[124:136] = (size | (0x80 << 88)).to_bytes(12, "big")
+        h[148:156] = b" " * 8
+        h[148:156] = b"%06o\x00 " % sum(h)
+        return bytes(h)
     if size > _MAX_OCTAL_SIZE:
         pax = _pax_record("size", str(size))
         out += _raw_header(b"PaxHeaders.0/" + bname[-87:], len(pax), 0o644, mtime, b"x", "", "")
         out += pax + bytes(padding(len(pax)))
         header_size = 0
     return out + _raw_header(bname, header_size, mode, mtime, b"0", uname, gname)
+
+
+def filler(n: int, mtime: int = 0) -> bytes:
+    """Exactly ``n`` bytes (a multiple of 512) that tar readers skip: a PAX extended header holding only a
+    ``comment`` record, which applies to the member that follows. Used to fill reserved space."""
+    if n % BLOCK:
+        raise ValueError("filler size must be a multiple of 512")
+    if n == 0:
+        return b""
+    length = n - BLOCK
+    if length == 0:
+        return _raw_header(b"PaxHeaders.0/filler", 0, 0o644, mtime, b"x", "", "")
+    value = "x" * (length - len(str(length)) - len(" comment=\n"))
+    record = _pax_record("comment", value)
+    assert len(record) == length, (len(record), length)
+    return _raw_header(b"PaxHeaders.0/filler", length, 0o644, mtime, b"x", "", "") + record
 
 
 def write_member(out: BinaryIO, name: str, data: bytes, **kw: int | str) -> None:

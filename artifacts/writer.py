@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -262,26 +261,6 @@ def _header_tar(spec: ArtifactSpec, type_infos: Sequence[TypeInfo], mtime: int) 
     return buf.getvalue()
 
 
-def _copy_into(src: BinaryIO, dst: BinaryIO, size: int) -> None:
-    dst.flush()
-    src.seek(0)
-    copied = 0
-    try:
-        while copied < size:
-            n = os.copy_file_range(src.fileno(), dst.fileno(), size - copied)
-            if n == 0:
-                break
-            copied += n
-    except OSError:
-        pass
-    if copied < size:
-        src.seek(copied)
-        dst.seek(0, os.SEEK_END)
-        shutil.copyfileobj(src, dst, 1 << 20)
-    else:
-        dst.seek(0, os.SEEK_END)
-
-
 @dataclass(frozen=True)
 class WriteResult:
     path: Path
@@ -291,65 +270,115 @@ class WriteResult:
     signed: bool
 
 
+_PLACEHOLDER_SHA256 = "0" * 64
+
+
+def _round_up(n: int) -> int:
+    return n + tarstream.padding(n)
+
+
+def _prefix_bound(spec: ArtifactSpec, compression: fmt.Compression, signer: Signer | None, mtime: int) -> int:
+    """An upper bound of the bytes before the first data member: version, manifest, signature and header.
+
+    Everything but the compressed header size is known exactly before the payloads are read (checksums have
+    a fixed length), so the payloads can be written straight into the output after this space."""
+    header_name = fmt.header_member(compression)
+    paths = [fmt.VERSION_MEMBER, header_name]
+    paths += [fmt.data_file_path(i, f.name) for i, p in enumerate(spec.payloads) for f in p.files]
+    manifest_len = sum(64 + 2 + len(p.encode()) + 1 for p in paths)
+    type_infos = [_type_info(p, _PLACEHOLDER_SHA256) for p in spec.payloads]
+    raw_header = len(_header_tar(spec, type_infos, mtime))
+    header_bound = raw_header if compression is fmt.Compression.NONE else raw_header + raw_header // 64 + 4096
+    total = tarstream.BLOCK + _round_up(len(fmt.VERSION_JSON))
+    total += tarstream.BLOCK + _round_up(manifest_len)
+    if signer is not None:
+        total += tarstream.BLOCK + _round_up(len(encode_signature(signer.sign(b"size probe"))))
+    return total + tarstream.BLOCK + _round_up(header_bound)
+
+
+def _type_info(p: PayloadSpec, checksum: str) -> TypeInfo:
+    provides = dict(p.provides)
+    if p.provide_checksum:
+        provides[fmt.ROOTFS_CHECKSUM_KEY] = checksum
+    return TypeInfo(type=p.type, provides=provides, depends=dict(p.depends), clears_provides=p.clears_provides)
+
+
 def write_artifact(
     spec: ArtifactSpec,
     out: Path,
     *,
     compression: fmt.Compression = fmt.Compression.GZIP,
     signer: Signer | None = None,
+    fsync: bool = False,
 ) -> WriteResult:
-    """Write ``spec`` to ``out`` (atomically replaced). Raises :class:`UserError` for a bad spec."""
+    """Write ``spec`` to ``out`` (atomically replaced). Raises :class:`UserError` for a bad spec.
+
+    The payloads are compressed straight into the output file, after space reserved for the members that
+    precede them; once their checksums are known, the manifest, signature and header are written into that
+    space and any rest of it becomes a PAX comment record (a standard tar extension that every reader skips).
+    """
     validate_spec(spec)
     now = _timestamp()
     sde = now if os.environ.get("SOURCE_DATE_EPOCH") else None
     out = out.absolute()
     if not out.parent.is_dir():
         raise UserError(f"output directory does not exist: {out.parent}")
-    if out.exists() and out.is_dir():
+    if out.is_dir():
         raise UserError(f"output path is a directory: {out}")
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        data_files: list[Path] = []
-        written: list[WrittenFile] = []
-        type_infos: list[TypeInfo] = []
-        for i, p in enumerate(spec.payloads):
-            path = Path(tmp) / f"data{i:04d}"
-            with open(path, "wb") as f:
+    reserved = _prefix_bound(spec, compression, signer, now)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp_out = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.seek(reserved)
+            written: list[WrittenFile] = []
+            type_infos: list[TypeInfo] = []
+            for i, p in enumerate(spec.payloads):
+                header_pos = f.tell()
+                f.write(bytes(tarstream.BLOCK))
                 files = _write_payload(i, p.files, compression, f, sde)
-            data_files.append(path)
-            written += files
-            provides = dict(p.provides)
-            if p.provide_checksum:
-                provides[fmt.ROOTFS_CHECKSUM_KEY] = files[0].sha256
-            type_infos.append(TypeInfo(type=p.type, provides=provides, depends=dict(p.depends), clears_provides=p.clears_provides))
-
-        header = compress_bytes(compression, _header_tar(spec, type_infos, now))
-        header_name = fmt.header_member(compression)
-        entries = {w.path: w.sha256 for w in written}
-        entries[fmt.VERSION_MEMBER] = hashlib.sha256(fmt.VERSION_JSON).hexdigest()
-        entries[header_name] = hashlib.sha256(header).hexdigest()
-        manifest = Manifest.build(entries)
-        manifest_bytes = manifest.serialize()
-
-        tmp_out = Path(tmp) / "artifact"
-        with open(tmp_out, "wb") as f:
-            tarstream.write_member(f, fmt.VERSION_MEMBER, fmt.VERSION_JSON)
-            tarstream.write_member(f, fmt.MANIFEST_MEMBER, manifest_bytes)
-            if signer is not None:
-                tarstream.write_member(f, fmt.SIGNATURE_MEMBER, encode_signature(signer.sign(manifest_bytes)))
-            tarstream.write_member(f, header_name, header, mtime=now, uname="root", gname="root")
-            for i, path in enumerate(data_files):
-                size = path.stat().st_size
-                f.write(tarstream.member_header(fmt.data_member(i, compression), size, mtime=now, uname="root", gname="root"))
-                with open(path, "rb") as src:
-                    _copy_into(src, f, size)
+                size = f.tell() - header_pos - tarstream.BLOCK
                 f.write(bytes(tarstream.padding(size)))
-                path.unlink()
+                end = f.tell()
+                f.seek(header_pos)
+                f.write(
+                    tarstream.member_header(
+                        fmt.data_member(i, compression), size, mtime=now, uname="root", gname="root", single_block=True
+                    )
+                )
+                f.seek(end)
+                written += files
+                type_infos.append(_type_info(p, files[0].sha256))
             f.write(tarstream.END_OF_ARCHIVE)
-            f.flush()
-            os.fsync(f.fileno())
             total = f.tell()
+
+            header = compress_bytes(compression, _header_tar(spec, type_infos, now))
+            header_name = fmt.header_member(compression)
+            entries = {w.path: w.sha256 for w in written}
+            entries[fmt.VERSION_MEMBER] = hashlib.sha256(fmt.VERSION_JSON).hexdigest()
+            entries[header_name] = hashlib.sha256(header).hexdigest()
+            manifest = Manifest.build(entries)
+            manifest_bytes = manifest.serialize()
+            prefix = io.BytesIO()
+            tarstream.write_member(prefix, fmt.VERSION_MEMBER, fmt.VERSION_JSON)
+            tarstream.write_member(prefix, fmt.MANIFEST_MEMBER, manifest_bytes)
+            if signer is not None:
+                tarstream.write_member(prefix, fmt.SIGNATURE_MEMBER, encode_signature(signer.sign(manifest_bytes)))
+            tarstream.write_member(prefix, header_name, header, mtime=now, uname="root", gname="root")
+            gap = reserved - prefix.tell()
+            if gap < 0:  # pragma: no cover - the bound is generous
+                raise AssertionError(f"artifact prefix exceeds its reserved space by {-gap} bytes")
+            prefix.write(tarstream.filler(gap, now))
+            f.seek(0)
+            f.write(prefix.getvalue())
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
         os.chmod(tmp_out, 0o644)
         os.replace(tmp_out, out)
+    except BaseException:
+        tmp_out.unlink(missing_ok=True)
+        raise
     return WriteResult(out, total, tuple(written), manifest, signer is not None)
 
 

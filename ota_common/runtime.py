@@ -1,0 +1,33 @@
+"""Process-wide runtime tuning, called once by entry points (never by library code)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc_for_streaming() -> bool:
+    """Keep glibc from returning multi-megabyte buffers to the kernel after every chunk.
+
+    Streaming a payload allocates and frees a few 2–8 MiB buffers per chunk in several threads. With
+    glibc's defaults each of them is a fresh ``mmap``, so every byte of the stream is also a page fault
+    (measured: a third of the CPU time of verifying a 1.2 GiB artifact was spent in the kernel). Raising
+    the mmap and trim thresholds lets the buffers be reused; memory stays bounded by the chunks in flight.
+    Returns False where this is not glibc."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, 16 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 32 << 20))
+    log.debug("malloc tuned for streaming: %s", ok)
+    return ok
