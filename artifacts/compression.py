@@ -13,6 +13,7 @@ Memory stays bounded: at most a few chunks are in flight whatever the size of th
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import os
 import queue
@@ -22,7 +23,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from ota_common.errors import MalformedArtifact, TruncatedArtifact, UnsupportedArtifact
 
@@ -33,7 +34,7 @@ try:  # ISA-L: 3-5x faster deflate/inflate; optional so the device agent runs on
 
     _zlib: Any = isal_zlib
 except ImportError:  # pragma: no cover - exercised on devices without isal
-    igzip_lib = None
+    igzip_lib = None  # type: ignore[assignment]
     _zlib = zlib
 
 CHUNK = 2 << 20
@@ -490,10 +491,8 @@ def _prefetch(gen: Iterator[bytes], depth: int = 3) -> Iterator[bytes]:
     finally:
         stop.set()
         while t.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.1)
-            except queue.Empty:
-                pass
         t.join()
 
 

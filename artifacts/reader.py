@@ -98,10 +98,8 @@ class _ChunkStream:
             if not self._buf:
                 return b""
         end = self._pos + n
-        if self._pos == 0 and end >= len(self._buf):
-            data = self._buf
-        else:
-            data = self._buf[self._pos : end]
+        whole = self._pos == 0 and end >= len(self._buf)
+        data = self._buf if whole else self._buf[self._pos : end]
         self._pos += len(data)
         return data
 
@@ -167,6 +165,7 @@ class ArtifactReader:
         self._open_file: PayloadFile | None = None
         self._inner: TarReader | None = None
         self._decoded: _ChunkStream | None = None
+        self._owned: BinaryIO | None = None
 
     # -- opening
     @classmethod
@@ -203,7 +202,7 @@ class ArtifactReader:
             self._owned = None
 
     # -- outer members
-    def _next_member(self, expected: str) -> TarEntry | None:
+    def _next_member(self) -> TarEntry | None:
         entry = self._tar.next()
         if entry is not None and self._source_size is not None:
             left = self._source_size - self._src.pos
@@ -211,9 +210,8 @@ class ArtifactReader:
                 raise TruncatedArtifact(
                     f"{self.what} is truncated: member {entry.name} claims {entry.size} bytes but only {left} remain"
                 )
-        if entry is not None:
-            if entry.name in fmt.AUGMENT_MEMBERS or entry.name.startswith("header-augment.tar"):
-                raise UnsupportedArtifact(f"{self.what}: augmented artifacts ({entry.name}) are not supported")
+        if entry is not None and (entry.name in fmt.AUGMENT_MEMBERS or entry.name.startswith("header-augment.tar")):
+            raise UnsupportedArtifact(f"{self.what}: augmented artifacts ({entry.name}) are not supported")
         return entry
 
     def _small_member(self, entry: TarEntry, limit: int) -> bytes:
@@ -227,7 +225,7 @@ class ArtifactReader:
         """Read and verify everything before the payloads. Idempotent."""
         if self.header is not None:
             return self.header
-        entry = self._next_member("version")
+        entry = self._next_member()
         if entry is None or entry.name != fmt.VERSION_MEMBER:
             raise MalformedArtifact(f"{self.what}: the first member must be 'version', found {_name(entry)}")
         version_bytes = self._small_member(entry, fmt.MAX_VERSION_SIZE)
@@ -239,17 +237,17 @@ class ArtifactReader:
                 f"{self.what}: artifact format version {self.version.get('version')!r} is not supported (only 3)"
             )
 
-        entry = self._next_member("manifest")
+        entry = self._next_member()
         if entry is None or entry.name != fmt.MANIFEST_MEMBER:
             raise MalformedArtifact(f"{self.what}: the second member must be 'manifest', found {_name(entry)}")
         self.manifest_bytes = self._small_member(entry, fmt.MAX_MANIFEST_SIZE)
         manifest = Manifest.parse(self.manifest_bytes)
 
-        entry = self._next_member("manifest.sig or header")
+        entry = self._next_member()
         if entry is not None and entry.name == fmt.SIGNATURE_MEMBER:
             signature = decode_signature(self._small_member(entry, fmt.MAX_SIGNATURE_SIZE))
             self._check_signature(signature)
-            entry = self._next_member("header")
+            entry = self._next_member()
         elif self._require_signature:
             raise UnsignedArtifact(f"{self.what} is not signed (no manifest.sig), but a signature is required")
         # From here on the manifest is trusted (or the caller chose not to require a signature).
@@ -362,7 +360,7 @@ class ArtifactReader:
         self._files_started = True
         assert self.manifest is not None
         for index in range(len(header.info.payload_types)):
-            entry = self._next_member("data")
+            entry = self._next_member()
             expected_stem = f"data/{index:04d}.tar"
             if entry is None or not entry.name.startswith(expected_stem):
                 raise MalformedArtifact(f"{self.what}: expected payload {expected_stem}*, found {_name(entry)}")
@@ -373,7 +371,7 @@ class ArtifactReader:
             self.data_members.append(entry.name)
             yield from self._payload(index, entry.name, compression)
             self._tar.finish_member()
-        entry = self._next_member("end")
+        entry = self._next_member()
         if entry is not None:
             raise MalformedArtifact(f"{self.what}: unexpected member {entry.name!r} after the last payload")
         self._tar.close()

@@ -251,7 +251,7 @@ class TarReader:
             if len(block) < BLOCK:
                 raise TruncatedArtifact(f"{self.what} is truncated inside a tar header")
             if block == _ZERO_BLOCK:
-                self._end_of_archive(pax or long_name is not None)
+                self._end_of_archive(bool(pax) or long_name is not None)
                 return None
             self._check_checksum(block)
             magic = block[257:265]

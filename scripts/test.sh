@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite (fast, slow and qemu tests), after installing what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh
+.venv/bin/python -m ruff check .
+exec .venv/bin/python -m pytest "$@"
