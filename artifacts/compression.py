@@ -51,12 +51,64 @@ def workers() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
-#: members being inflated ahead of the consumer
-MAX_INFLIGHT = workers() + 1
-
-
 class Sink(Protocol):
     def write(self, data: bytes, /) -> object: ...
+
+
+class OrderedWork:
+    """Runs ``fn`` on submitted arguments in a thread pool and hands results back in submission order.
+
+    The calling thread never sits idle while work is queued: when the oldest result is not ready, it runs
+    queued jobs itself (the oldest one if nobody started it yet, else later ones) instead of waiting. So the
+    caller's own work (hashing) and the jobs share the cores without oversubscribing them."""
+
+    def __init__(self, fn: Callable[..., bytes], threads: int, window: int, name: str) -> None:
+        self._fn = fn
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=name) if threads > 0 else None
+        self._jobs: deque[tuple[Future[bytes], tuple[Any, ...]]] = deque()
+        self.window = window
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, *args: Any) -> None:
+        if self._pool is None:
+            done: Future[bytes] = Future()
+            done.set_result(self._fn(*args))
+            self._jobs.append((done, args))
+        else:
+            self._jobs.append((self._pool.submit(self._fn, *args), args))
+
+    def full(self) -> bool:
+        return len(self._jobs) >= self.window
+
+    def pop(self) -> bytes:
+        """The oldest job's result."""
+        fut, args = self._jobs.popleft()
+        if fut.cancel():
+            return self._fn(*args)
+        for i in range(len(self._jobs) - 1, -1, -1):
+            if fut.done():
+                break
+            other, other_args = self._jobs[i]
+            if other.cancel():
+                stolen: Future[bytes] = Future()
+                try:
+                    stolen.set_result(self._fn(*other_args))
+                except BaseException as e:  # delivered in order, when its turn comes
+                    stolen.set_exception(e)
+                self._jobs[i] = (stolen, other_args)
+        return fut.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._jobs.clear()
+
+
+def helper_threads() -> int:
+    """Threads besides the caller's: the caller hashes and helps (see :class:`OrderedWork`)."""
+    return max(1, workers() - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,9 +169,8 @@ class ParallelGzipEncoder:
     def __init__(self, out: Sink, level: int = DEFAULT_GZIP_LEVEL, threads: int | None = None) -> None:
         self._out = out
         self._level = level
-        self._pool = ThreadPoolExecutor(threads or workers(), thread_name_prefix="gzip")
-        self._inflight: deque[Future[bytes]] = deque()
-        self._max_inflight = (threads or workers()) + 2
+        n = helper_threads() if threads is None else threads
+        self._work = OrderedWork(_gzip_member, n, n + 2, "gzip")
         self._pieces: list[bytes] = []
         self._buffered = 0
         self._members = 0
@@ -134,19 +185,19 @@ class ParallelGzipEncoder:
 
     def _submit(self) -> None:
         pieces, self._pieces, self._buffered = self._pieces, [], 0
-        self._inflight.append(self._pool.submit(_gzip_member, pieces, self._level))
+        self._work.submit(pieces, self._level)
         self._members += 1
-        while len(self._inflight) >= self._max_inflight:
-            self._out.write(self._inflight.popleft().result())
+        while self._work.full():
+            self._out.write(self._work.pop())
 
     def close(self) -> None:
         try:
             if self._pieces or self._members == 0:
                 self._submit()
-            while self._inflight:
-                self._out.write(self._inflight.popleft().result())
+            while len(self._work):
+                self._out.write(self._work.pop())
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._work.close()
 
 
 class ThreadedEncoder:
@@ -298,6 +349,8 @@ def _inflate_member(member: bytes, what: str) -> bytes:
     """Inflate one complete gzip member (CRC and size checked), refusing absurd output."""
     # The trailer's ISIZE sizes the output buffer (decompressors allocate max_length up front); a member
     # that lies about it fails the length check or stops short of its end, both refused below.
+    if len(member) == len(zero := _zero_member(DEFAULT_GZIP_LEVEL)) and member == zero:
+        return _ZEROS  # empty filesystem space written by us: known content, no need to inflate
     (isize,) = struct.unpack("<I", member[-4:])
     if isize > MAX_MEMBER_OUTPUT:
         raise MalformedArtifact(f"{what}: gzip member claims to inflate to {isize} bytes, which is absurd")
@@ -357,8 +410,7 @@ class _StreamInflater:
 
 def _gzip_chunks(raw: RawReader, what: str, background: bool) -> Iterator[bytes]:
     src = _Pushback(raw)
-    pool: ThreadPoolExecutor | None = None
-    inflight: deque[Future[bytes]] = deque()
+    work = OrderedWork(_inflate_member, helper_threads(), helper_threads() + 2, "inflate")
     try:
         first = True
         while True:
@@ -374,23 +426,20 @@ def _gzip_chunks(raw: RawReader, what: str, background: bool) -> Iterator[bytes]
                 if size > MAX_MEMBER_INPUT or size < len(header) + 8:
                     raise MalformedArtifact(f"{what}: gzip member size {size} is absurd")
                 member = header + src.read_exact(size - len(header), what)
-                if pool is None:
-                    pool = ThreadPoolExecutor(workers(), thread_name_prefix="inflate")
-                inflight.append(pool.submit(_inflate_member, member, what))
-                while len(inflight) > MAX_INFLIGHT:
-                    yield inflight.popleft().result()
+                work.submit(member, what)
+                while work.full():
+                    yield work.pop()
                 continue
-            while inflight:
-                yield inflight.popleft().result()
+            while len(work):
+                yield work.pop()
             # a member of unknown size (another writer): inflate it in a thread of its own, overlapping hashing
             yield from _prefetch(_inflate_stream_member(src, header, what)) if background else _inflate_stream_member(src, header, what)
-        while inflight:
-            yield inflight.popleft().result()
+        while len(work):
+            yield work.pop()
     except (zlib.error, getattr(_zlib, "error", zlib.error)) as e:
         raise MalformedArtifact(f"{what}: corrupt gzip data ({e})") from None
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        work.close()
 
 
 def _inflate_stream_member(src: _Pushback, header: bytes, what: str) -> Iterator[bytes]:
