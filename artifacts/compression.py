@@ -33,7 +33,7 @@ try:  # ISA-L: 3-5x faster deflate/inflate; optional so the device agent runs on
     from isal import igzip_lib, isal_zlib
 
     _zlib: Any = isal_zlib
-except ImportError:  # pragma: no cover - exercised on devices without isal
+except ImportError:
     igzip_lib = None  # type: ignore[assignment]
     _zlib = zlib
 
@@ -361,7 +361,7 @@ def _inflate_member(member: bytes, what: str) -> bytes:
             d: Any = igzip_lib.IgzipDecompressor(igzip_lib.DECOMP_GZIP)
             out = d.decompress(member, limit)
             tail = not d.eof and not d.needs_input
-        else:  # pragma: no cover
+        else:
             d = zlib.decompressobj(31)
             out = d.decompress(member, limit)
             tail = bool(d.unconsumed_tail)
@@ -384,7 +384,7 @@ class _StreamInflater:
         if igzip_lib is not None:
             self._d: Any = igzip_lib.IgzipDecompressor(igzip_lib.DECOMP_GZIP)
             self._isal = True
-        else:  # pragma: no cover
+        else:
             self._d = zlib.decompressobj(31)
             self._isal = False
 
@@ -403,9 +403,9 @@ class _StreamInflater:
     def inflate(self, data: bytes, max_length: int) -> bytes:
         if self._isal:
             return bytes(self._d.decompress(data, max_length))
-        out = self._d.decompress(self._tail + data, max_length)  # pragma: no cover
-        self._tail = self._d.unconsumed_tail  # pragma: no cover
-        return bytes(out)  # pragma: no cover
+        out = self._d.decompress(self._tail + data, max_length)
+        self._tail = self._d.unconsumed_tail
+        return bytes(out)
 
 
 def _gzip_chunks(raw: RawReader, what: str, background: bool) -> Iterator[bytes]:
@@ -556,7 +556,7 @@ def iter_decompressed(compression: Compression, raw: RawReader, what: str, *, ba
         gen = _lzma_chunks(raw, what)
     elif compression is Compression.ZSTD:
         gen = _zstd_chunks(raw, what)
-    else:  # pragma: no cover
+    else:
         raise AssertionError(compression)
     return _prefetch(gen) if background else gen
 

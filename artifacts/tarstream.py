@@ -25,6 +25,11 @@ END_OF_ARCHIVE = bytes(2 * BLOCK)
 _ZERO_BLOCK = bytes(BLOCK)
 _MAX_OCTAL_SIZE = 0o77777777777  # 11 octal digits: 8 GiB - 1
 _MAX_PAX_SIZE = 64 << 10
+#: PAX records that may appear (POSIX keys); anything else, GNU sparse files in particular, is refused
+_PAX_KEYS = frozenset(
+    {"path", "linkpath", "size", "uid", "gid", "uname", "gname", "mtime", "atime", "ctime", "comment", "charset", "hdrcharset"}
+)
+_PAX_XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
 _NUMERIC_RE = re.compile(rb"^ *([0-7]*)[ \x00]*$")
 _CHKSUM_RE = re.compile(rb"^([0-7]{6})\x00 $|^([0-7]{7})\x00$|^([0-7]{6}) \x00$")
 
@@ -266,7 +271,15 @@ class TarReader:
                 data = self._src.read_exact(size + padding(size), "an extended header")
                 self._check_zero(data[size:], "extended header padding")
                 if typeflag == b"x":
-                    pax.update(_parse_pax(data[:size], self.what))
+                    records = _parse_pax(data[:size], self.what)
+                    # Our writer fills reserved space with a comment of "x"s; nothing else puts comments in
+                    # artifacts. Checking it leaves no unverified bytes there (a flipped bit is refused).
+                    if records.get("comment", "x").strip("x"):
+                        raise MalformedArtifact(f"{self.what}: unexpected PAX comment (corrupted filler)")
+                    unknown = [k for k in records if k not in _PAX_KEYS and not k.startswith(_PAX_XATTR_PREFIXES)]
+                    if unknown:
+                        raise MalformedArtifact(f"{self.what}: unsupported PAX record {unknown[0]!r}")
+                    pax.update(records)
                 else:
                     long_name = _cstring(data[:size], "long name")
                 continue
@@ -290,6 +303,8 @@ class TarReader:
                     raise MalformedArtifact(f"{self.what}: PAX size is not a number") from None
             if not name:
                 raise MalformedArtifact(f"{self.what}: member with an empty name")
+            if size < 0:
+                raise MalformedArtifact(f"{self.what}: member {name!r} has a negative size")
             if self._max is not None and size > self._max:
                 raise MalformedArtifact(f"{self.what}: member {name!r} claims {size} bytes, which is absurd")
             self.entry = TarEntry(

@@ -366,7 +366,7 @@ def write_artifact(
                 tarstream.write_member(prefix, fmt.SIGNATURE_MEMBER, encode_signature(signer.sign(manifest_bytes)))
             tarstream.write_member(prefix, header_name, header, mtime=now, uname="root", gname="root")
             gap = reserved - prefix.tell()
-            if gap < 0:  # pragma: no cover - the bound is generous
+            if gap < 0:
                 raise AssertionError(f"artifact prefix exceeds its reserved space by {-gap} bytes")
             prefix.write(tarstream.filler(gap, now))
             f.seek(0)
