@@ -400,7 +400,7 @@ class _StreamInflater:
     def unused_data(self) -> bytes:
         return bytes(self._d.unused_data)
 
-    def inflate(self, data: bytes, max_length: int) -> bytes:
+    def decompress(self, data: bytes, max_length: int) -> bytes:
         if self._isal:
             return bytes(self._d.decompress(data, max_length))
         out = self._d.decompress(self._tail + data, max_length)
@@ -442,15 +442,15 @@ def _gzip_chunks(raw: RawReader, what: str, background: bool) -> Iterator[bytes]
         work.close()
 
 
-def _inflate_stream_member(src: _Pushback, header: bytes, what: str) -> Iterator[bytes]:
-    d = _StreamInflater()
-    data = header
+def _decode_stream(src: _Pushback, d: Any, data: bytes, what: str, kind: str) -> Iterator[bytes]:
+    """Drive an incremental decompressor (``decompress(data, max_length)``, ``needs_input``, ``eof``,
+    ``unused_data``) through one stream; bytes after its end are pushed back for the next one."""
     while True:
         if d.needs_input and not data:
             data = src.read(1 << 20)
             if not data:
-                raise TruncatedArtifact(f"{what} is truncated: the gzip stream ends early")
-        out = d.inflate(data, CHUNK)
+                raise TruncatedArtifact(f"{what} is truncated: the {kind} stream ends early")
+        out = d.decompress(data, CHUNK)
         data = b""
         if out:
             yield out
@@ -459,32 +459,23 @@ def _inflate_stream_member(src: _Pushback, header: bytes, what: str) -> Iterator
             return
 
 
+def _inflate_stream_member(src: _Pushback, header: bytes, what: str) -> Iterator[bytes]:
+    return _decode_stream(src, _StreamInflater(), header, what, "gzip")
+
+
 def _lzma_chunks(raw: RawReader, what: str) -> Iterator[bytes]:
+    """xz streams, possibly concatenated (as xz itself allows)."""
     src = _Pushback(raw)
     first = True
-    while True:
-        data = src.read(1 << 20)
-        if not data:
-            if first:
-                raise TruncatedArtifact(f"{what} is empty: no xz data")
-            return
+    while probe := src.read(1):
+        src.push(probe)
         first = False
-        d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
         try:
-            while True:
-                out = d.decompress(data, CHUNK)
-                data = b""
-                if out:
-                    yield out
-                if d.eof:
-                    src.push(d.unused_data)
-                    break
-                if d.needs_input:
-                    data = src.read(1 << 20)
-                    if not data:
-                        raise TruncatedArtifact(f"{what} is truncated: the xz stream ends early")
+            yield from _decode_stream(src, lzma.LZMADecompressor(format=lzma.FORMAT_XZ), b"", what, "xz")
         except lzma.LZMAError as e:
             raise MalformedArtifact(f"{what}: corrupt xz data ({e})") from None
+    if first:
+        raise TruncatedArtifact(f"{what} is empty: no xz data")
 
 
 def _zstd_chunks(raw: RawReader, what: str) -> Iterator[bytes]:

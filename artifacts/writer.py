@@ -80,25 +80,16 @@ def rootfs_image_spec(
 ) -> ArtifactSpec:
     """The spec ``mender-artifact write rootfs-image`` would build: provides ``rootfs-image.version`` and
     ``rootfs-image.checksum``, with mender's default clears-provides."""
-    prov = {fmt.ROOTFS_VERSION_KEY: software_version or name}
-    prov.update(_parse_pairs(provides, "--provides"))
-    return ArtifactSpec(
-        name=name,
-        device_types=tuple(device_types),
-        payloads=(
-            PayloadSpec(
-                type=fmt.ROOTFS_IMAGE,
-                files=(file,),
-                provides=prov,
-                depends=_parse_pairs(depends, "--depends"),
-                clears_provides=fmt.ROOTFS_DEFAULT_CLEARS,
-                provide_checksum=True,
-                empty_meta_data=True,
-            ),
-        ),
-        scripts=tuple(scripts),
-        depends_artifacts=tuple(depends_artifacts),
+    payload = PayloadSpec(
+        type=fmt.ROOTFS_IMAGE,
+        files=(file,),
+        provides={fmt.ROOTFS_VERSION_KEY: software_version or name, **_parse_pairs(provides, "--provides")},
+        depends=_parse_pairs(depends, "--depends"),
+        clears_provides=fmt.ROOTFS_DEFAULT_CLEARS,
+        provide_checksum=True,
+        empty_meta_data=True,
     )
+    return _single_payload(name, device_types, payload, scripts, depends_artifacts)
 
 
 def module_image_spec(
@@ -117,21 +108,24 @@ def module_image_spec(
 ) -> ArtifactSpec:
     """The spec ``mender-artifact write module-image`` would build (``rootfs-image.<module>.version``)."""
     sw = software_name or module_type
-    prov = {f"rootfs-image.{sw}.version": software_version or name}
-    prov.update(_parse_pairs(provides, "--provides"))
+    payload = PayloadSpec(
+        type=module_type,
+        files=tuple(files),
+        provides={f"rootfs-image.{sw}.version": software_version or name, **_parse_pairs(provides, "--provides")},
+        depends=_parse_pairs(depends, "--depends"),
+        clears_provides=(f"rootfs-image.{sw}.*",),
+        meta_data=meta_data,
+    )
+    return _single_payload(name, device_types, payload, scripts, depends_artifacts)
+
+
+def _single_payload(
+    name: str, device_types: Sequence[str], payload: PayloadSpec, scripts: Sequence[Path], depends_artifacts: Sequence[str]
+) -> ArtifactSpec:
     return ArtifactSpec(
         name=name,
         device_types=tuple(device_types),
-        payloads=(
-            PayloadSpec(
-                type=module_type,
-                files=tuple(files),
-                provides=prov,
-                depends=_parse_pairs(depends, "--depends"),
-                clears_provides=(f"rootfs-image.{sw}.*",),
-                meta_data=meta_data,
-            ),
-        ),
+        payloads=(payload,),
         scripts=tuple(scripts),
         depends_artifacts=tuple(depends_artifacts),
     )
