@@ -19,4 +19,4 @@ $PY build.py artifact write rootfs-image --file "$OUT/rootfs.ext4" --name demo-1
     --device-type qemu-virt --device-type rpi4 --key "$OUT/keys/private.pem" -o "$OUT/demo-1.0.mender"
 $PY build.py artifact verify "$OUT/demo-1.0.mender" --key "$OUT/keys/public.pem"
 mender-artifact validate -k "$OUT/keys/public.pem" "$OUT/demo-1.0.mender"
-$PY build.py artifact show "$OUT/demo-1.0.mender"
+$PY build.py artifact show "$OUT/demo-1.0.mender" --key "$OUT/keys/public.pem"

@@ -362,3 +362,17 @@ def test_random_garbage_never_crashes(tmp_path: Path, keys, data) -> None:  # ty
     bad.write_bytes(blob)
     with pytest.raises(ArtifactError):
         verify(bad, keys)
+
+
+def test_signing_refuses_a_corrupt_artifact_and_writes_nothing(signed: Path, keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from artifacts import sign_artifact
+
+    raw = bytearray(signed.read_bytes())
+    raw[-2000] ^= 0xFF  # inside the compressed payload
+    bad = tmp_path / "corrupt.mender"
+    bad.write_bytes(bytes(raw))
+    out_dir = tmp_path / "signed-out"
+    out_dir.mkdir()
+    with pytest.raises(ArtifactError):
+        sign_artifact(bad, out_dir / "x.mender", load_signer(keys["rsa"][0]))
+    assert list(out_dir.iterdir()) == []
