@@ -2,13 +2,42 @@
 
 Modules: :mod:`.format` (constants and limits), :mod:`.manifest`, :mod:`.header`, :mod:`.keys` (signers,
 verifiers, key generation), :mod:`.tarstream` (strict tar), :mod:`.compression`, :mod:`.writer`,
-:mod:`.reader`.
+:mod:`.reader`. Names are imported lazily so that a verifier does not load the writer (start-up time counts
+on a device).
 """
 
-from .format import Compression
-from .keys import KeyType, Signer, Verifier, generate_keypair, load_signer, load_verifier, load_verifiers
-from .reader import ArtifactInfo, ArtifactReader, PayloadFile, SignatureStatus, read_artifact
-from .writer import ArtifactSpec, PayloadSpec, module_image_spec, rootfs_image_spec, sign_artifact, write_artifact
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports on first use
+    from .format import Compression
+    from .keys import KeyType, Signer, Verifier, generate_keypair, load_signer, load_verifier, load_verifiers
+    from .reader import ArtifactInfo, ArtifactReader, PayloadFile, SignatureStatus, read_artifact
+    from .writer import ArtifactSpec, PayloadSpec, module_image_spec, rootfs_image_spec, sign_artifact, write_artifact
+
+_EXPORTS = {
+    "Compression": "format",
+    "KeyType": "keys",
+    "Signer": "keys",
+    "Verifier": "keys",
+    "generate_keypair": "keys",
+    "load_signer": "keys",
+    "load_verifier": "keys",
+    "load_verifiers": "keys",
+    "ArtifactInfo": "reader",
+    "ArtifactReader": "reader",
+    "PayloadFile": "reader",
+    "SignatureStatus": "reader",
+    "read_artifact": "reader",
+    "ArtifactSpec": "writer",
+    "PayloadSpec": "writer",
+    "module_image_spec": "writer",
+    "rootfs_image_spec": "writer",
+    "sign_artifact": "writer",
+    "write_artifact": "writer",
+}
 
 __all__ = [
     "ArtifactInfo",
@@ -31,3 +60,12 @@ __all__ = [
     "sign_artifact",
     "write_artifact",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'artifacts' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from artifacts import Compression, load_signer, load_verifiers, read_artifact, sign_artifact, write_artifact
-from artifacts.reader import ArtifactInfo
-from artifacts.writer import ArtifactSpec, WriteResult, module_image_spec, rootfs_image_spec
+from artifacts.format import Compression
+from artifacts.keys import load_signer, load_verifiers
+from artifacts.reader import ArtifactInfo, read_artifact
+
+if TYPE_CHECKING:
+    from artifacts.writer import ArtifactSpec
 
 _existing_file = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -49,8 +52,10 @@ def _common_write_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _write(spec: ArtifactSpec, output: Path, key: Path | None, compression: str) -> None:
+    from artifacts.writer import write_artifact
+
     signer = load_signer(key) if key else None
-    result: WriteResult = write_artifact(spec, output, compression=Compression(compression), signer=signer)
+    result = write_artifact(spec, output, compression=Compression(compression), signer=signer)
     click.echo(
         f"wrote {result.path} ({result.size} bytes, {compression}, {'signed' if result.signed else 'unsigned'})"
     )
@@ -63,6 +68,8 @@ def write_rootfs(file: Path, name: str, device_types: Sequence[str], key: Path |
                  scripts: Sequence[Path], provides: Sequence[str], depends: Sequence[str],
                  depends_artifacts: Sequence[str], software_version: str | None, output: Path) -> None:
     """Full root filesystem update (payload type rootfs-image)."""
+    from artifacts.writer import rootfs_image_spec
+
     spec = rootfs_image_spec(file=file, name=name, device_types=device_types, provides=provides, depends=depends,
                              depends_artifacts=depends_artifacts, scripts=scripts, software_version=software_version)
     _write(spec, output, key, compression)
@@ -79,6 +86,8 @@ def write_module(module_type: str, files: Sequence[Path], software_name: str | N
                  provides: Sequence[str], depends: Sequence[str], depends_artifacts: Sequence[str],
                  software_version: str | None, output: Path) -> None:
     """Application-level update handled by an update module."""
+    from artifacts.writer import module_image_spec
+
     meta = None
     if meta_data is not None:
         try:
@@ -99,6 +108,8 @@ def write_module(module_type: str, files: Sequence[Path], software_name: str | N
 @click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 def sign(source: Path, key: Path, output: Path) -> None:
     """Sign (or re-sign) an artifact after verifying its structure and checksums."""
+    from artifacts.writer import sign_artifact
+
     result = sign_artifact(source, output, load_signer(key))
     click.echo(f"wrote {result.path} ({result.size} bytes, signed)")
 
