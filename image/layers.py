@@ -1,0 +1,302 @@
+"""Declarative layers (``layers/*.yaml``): validated on load, merged by rules written down once.
+
+A layer may declare Debian packages, files and directory trees to copy (mode, owner), jinja2 templates,
+systemd units to enable or mask, users and groups, variables, and a short list of commands run inside the
+rootfs. Every file is validated against the schema below *before* anything is merged; all problems of a file
+are reported at once, each with the file and the key path (``layers/app.yaml: files[2].mode: ...``).
+
+Merge rules (:func:`merge_layers`), in layer order:
+- packages, units, users, groups: union, first occurrence wins the position;
+- files, trees and templates: a later layer may replace an earlier entry with the same ``dest``;
+- variables: later layers override earlier ones (the release and the device group override layers);
+- commands: concatenated in layer order;
+- a unit both enabled and masked is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ota_common.errors import UserError
+
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?(=[A-Za-z0-9.+~:-]+)?$")
+_UNIT_RE = re.compile(r"^[A-Za-z0-9@_.:\\-]+\.(service|socket|target|timer|mount|path|automount|swap)$")
+_NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class LayerError(UserError):
+    """A layer file is invalid; the message lists every problem with its file and key path."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _abs_dest(v: str) -> str:
+    p = PurePosixPath(v)
+    if not p.is_absolute() or ".." in p.parts or v != str(p):
+        raise ValueError(f"must be a normalised absolute path inside the rootfs, got {v!r}")
+    return v
+
+
+def _mode(v: str) -> str:
+    if not re.fullmatch(r"0?[0-7]{3,4}", v):
+        raise ValueError(f"must be an octal mode string such as '0644', got {v!r}")
+    return v
+
+
+def _owner(v: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]*(:[a-z_][a-z0-9_-]*)?", v):
+        raise ValueError(f"must be 'user' or 'user:group', got {v!r}")
+    return v
+
+
+RootfsPath = Annotated[str, AfterValidator(_abs_dest)]
+Mode = Annotated[str, AfterValidator(_mode)]
+Owner = Annotated[str, AfterValidator(_owner)]
+
+
+class FileEntry(_Model):
+    src: str
+    dest: RootfsPath
+    mode: Mode = "0644"
+    owner: Owner = "root:root"
+
+
+class TreeEntry(_Model):
+    src: str
+    dest: RootfsPath
+    owner: Owner = "root:root"
+
+
+class Units(_Model):
+    enable: tuple[str, ...] = ()
+    mask: tuple[str, ...] = ()
+
+    @field_validator("enable", "mask")
+    @classmethod
+    def _units(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for u in v:
+            if not _UNIT_RE.match(u):
+                raise ValueError(f"not a systemd unit name: {u!r}")
+        return v
+
+
+class User(_Model):
+    name: str
+    system: bool = True
+    home: str | None = None
+    shell: str = "/usr/sbin/nologin"
+    groups: tuple[str, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"not a valid user name: {v!r}")
+        return v
+
+
+class Group(_Model):
+    name: str
+    system: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"not a valid group name: {v!r}")
+        return v
+
+
+class LayerModel(_Model):
+    """The schema of one ``layers/<name>.yaml``."""
+
+    description: str = ""
+    packages: tuple[str, ...] = ()
+    files: tuple[FileEntry, ...] = ()
+    trees: tuple[TreeEntry, ...] = ()
+    templates: tuple[FileEntry, ...] = ()
+    units: Units = Units()
+    users: tuple[User, ...] = ()
+    groups: tuple[Group, ...] = ()
+    variables: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict)
+    commands: tuple[str, ...] = ()
+
+    @field_validator("packages")
+    @classmethod
+    def _packages(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            if not _PACKAGE_RE.match(p):
+                raise ValueError(f"not a Debian package name: {p!r}")
+        return v
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not _VAR_RE.match(k):
+                raise ValueError(f"not a variable name: {k!r}")
+        return v
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A validated layer with its source paths resolved."""
+
+    name: str
+    path: Path
+    model: LayerModel
+
+    def source(self, src: str) -> Path:
+        return (self.path.parent / src).resolve()
+
+
+def _loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _format_errors(path: Path, e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}: {_loc(err['loc'])}: {msg}")
+    return "\n".join(lines)
+
+
+def load_layer(path: Path) -> Layer:
+    """Load and validate one layer file, including that every referenced source exists.
+
+    Raises :class:`LayerError` listing every problem."""
+    try:
+        raw: Any = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise LayerError(f"layer file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise LayerError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LayerError(f"{path}: a layer must be a mapping of keys")
+    try:
+        model = LayerModel.model_validate(raw)
+    except ValidationError as e:
+        raise LayerError(_format_errors(path, e)) from None
+    layer = Layer(name=path.stem, path=path, model=model)
+    problems = []
+    sources: list[tuple[str, Sequence[FileEntry | TreeEntry]]] = [
+        ("files", model.files), ("trees", model.trees), ("templates", model.templates)
+    ]
+    for key, entries in sources:
+        for i, entry in enumerate(entries):
+            src = layer.source(entry.src)
+            ok = src.is_dir() if key == "trees" else src.is_file()
+            if not ok:
+                kind = "directory" if key == "trees" else "file"
+                problems.append(f"{path}: {key}[{i}].src: {kind} not found: {src}")
+    if problems:
+        raise LayerError("\n".join(problems))
+    return layer
+
+
+def load_layers(paths: Iterable[Path]) -> list[Layer]:
+    """Load every layer first and report all invalid files together."""
+    layers, errors = [], []
+    for p in paths:
+        try:
+            layers.append(load_layer(p))
+        except LayerError as e:
+            errors.append(str(e))
+    if errors:
+        raise LayerError("\n".join(errors))
+    return layers
+
+
+@dataclass(frozen=True)
+class PlacedFile:
+    source: Path
+    dest: str
+    mode: int
+    owner: str
+    layer: str
+    template: bool = False
+
+
+@dataclass(frozen=True)
+class PlacedTree:
+    source: Path
+    dest: str
+    owner: str
+    layer: str
+
+
+@dataclass(frozen=True)
+class MergedLayers:
+    """The result of merging layers in order; what the rootfs builder consumes."""
+
+    layers: tuple[str, ...]
+    packages: tuple[str, ...]
+    files: tuple[PlacedFile, ...]
+    trees: tuple[PlacedTree, ...]
+    enable: tuple[str, ...]
+    mask: tuple[str, ...]
+    users: tuple[User, ...]
+    groups: tuple[Group, ...]
+    variables: dict[str, str]
+    commands: tuple[tuple[str, str], ...]  # (layer, command)
+
+
+def _union(seqs: Iterable[Iterable[str]]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(x for s in seqs for x in s))
+
+
+def merge_layers(layers: Sequence[Layer]) -> MergedLayers:
+    """Merge validated layers by the rules in the module docstring. Raises :class:`LayerError`."""
+    files: dict[str, PlacedFile] = {}
+    trees: dict[str, PlacedTree] = {}
+    users: dict[str, User] = {}
+    groups: dict[str, Group] = {}
+    variables: dict[str, str] = {}
+    for layer in layers:
+        m = layer.model
+        for f in m.files:
+            files[f.dest] = PlacedFile(layer.source(f.src), f.dest, int(f.mode, 8), f.owner, layer.name)
+        for t in m.templates:
+            files[t.dest] = PlacedFile(layer.source(t.src), t.dest, int(t.mode, 8), t.owner, layer.name, template=True)
+        for tr in m.trees:
+            trees[tr.dest] = PlacedTree(layer.source(tr.src), tr.dest, tr.owner, layer.name)
+        for u in m.users:
+            users.setdefault(u.name, u)
+        for g in m.groups:
+            groups.setdefault(g.name, g)
+        variables.update(m.variables)
+    enable = _union(layer.model.units.enable for layer in layers)
+    mask = _union(layer.model.units.mask for layer in layers)
+    both = sorted(set(enable) & set(mask))
+    if both:
+        raise LayerError(f"units both enabled and masked: {', '.join(both)}")
+    return MergedLayers(
+        layers=tuple(layer.name for layer in layers),
+        packages=_union(layer.model.packages for layer in layers),
+        files=tuple(files.values()),
+        trees=tuple(trees.values()),
+        enable=enable,
+        mask=mask,
+        users=tuple(users.values()),
+        groups=tuple(groups.values()),
+        variables=variables,
+        commands=tuple((layer.name, c) for layer in layers for c in layer.model.commands),
+    )
