@@ -1,0 +1,203 @@
+"""Filesystem images and the A/B disk image, built without root privileges on block devices and without
+loop mounts: ``mkfs.ext4 -d``, ``mkfs.vfat`` + ``mcopy``, ``sfdisk`` on a plain file, and partition images
+copied into the disk file at their offsets (sparse: holes stay holes).
+
+Layout (MBR, so every Pi firmware can read it)::
+
+    1 boot     FAT32   firmware, U-Boot, boot.scr, boot-state files
+    2 rootfs A ext4    slot A (kernel, initrd, dtbs inside /boot)
+    3 rootfs B ext4    slot B, same size
+    4 data     ext4    device identity, agent state, app data (grown to the medium on first boot)
+
+Everything is reproducible from the inputs and ``SOURCE_DATE_EPOCH``: filesystem UUIDs, hash seeds, the
+MBR disk identifier and timestamps are derived from a seed string, never random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ota_common.errors import UserError
+from ota_common.tools import run
+
+SECTOR = 512
+MIB = 1 << 20
+ALIGN_MIB = 4  # SD cards like 4 MiB erase-block alignment
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int
+    name: str
+    start_mib: int
+    size_mib: int
+    mbr_type: str  # sfdisk type code: "c" FAT32 LBA, "83" Linux
+
+    @property
+    def offset(self) -> int:
+        return self.start_mib * MIB
+
+    @property
+    def size(self) -> int:
+        return self.size_mib * MIB
+
+
+@dataclass(frozen=True)
+class DiskLayout:
+    partitions: tuple[Partition, ...]
+    disk_id: int  # MBR disk identifier; PARTUUIDs are f"{disk_id:08x}-{n:02x}"
+
+    @property
+    def size(self) -> int:
+        last = self.partitions[-1]
+        return (last.start_mib + last.size_mib) * MIB
+
+    def partuuid(self, number: int) -> str:
+        return f"{self.disk_id:08x}-{number:02x}"
+
+    def by_name(self, name: str) -> Partition:
+        return next(p for p in self.partitions if p.name == name)
+
+
+def seeded_uuid(seed: str) -> str:
+    """A stable UUID derived from ``seed`` (reproducible builds: no random identifiers)."""
+    return str(uuid.UUID(bytes=hashlib.sha256(seed.encode()).digest()[:16], version=4))
+
+
+def plan_layout(*, slot_mib: int, boot_mib: int = 256, data_mib: int = 128, seed: str = "vv-ota") -> DiskLayout:
+    """Partition plan for the A/B layout. Raises :class:`UserError` for sizes that cannot work."""
+    for label, v, minimum in (("boot", boot_mib, 64), ("slot", slot_mib, 64), ("data", data_mib, 16)):
+        if v < minimum:
+            raise UserError(f"{label} partition of {v} MiB is too small (at least {minimum} MiB)")
+    parts = []
+    start = ALIGN_MIB
+    for number, (name, size, kind) in enumerate(
+        (("boot", boot_mib, "c"), ("rootfs-a", slot_mib, "83"), ("rootfs-b", slot_mib, "83"), ("data", data_mib, "83")),
+        start=1,
+    ):
+        size = -(-size // ALIGN_MIB) * ALIGN_MIB
+        parts.append(Partition(number, name, start, size, kind))
+        start += size
+    disk_id = int.from_bytes(hashlib.sha256(f"disk:{seed}".encode()).digest()[:4], "big") or 1
+    return DiskLayout(tuple(parts), disk_id)
+
+
+def _epoch_env() -> dict[str, str]:
+    sde = os.environ.get("SOURCE_DATE_EPOCH")
+    return {"E2FSPROGS_FAKE_TIME": sde} if sde else {}
+
+
+def make_ext4(image: Path, tree: Path, *, size_mib: int, label: str, seed: str) -> None:
+    """An ext4 filesystem of ``size_mib`` holding ``tree`` (owners and modes as in the tree).
+
+    Raises :class:`UserError` when the tree does not fit."""
+    image.unlink(missing_ok=True)
+    used = _tree_size(tree)
+    if used > size_mib * MIB * 0.95:
+        raise UserError(
+            f"{label}: the tree needs {used / MIB:.0f} MiB but the filesystem is {size_mib} MiB; raise the slot size"
+        )
+    fs_uuid = seeded_uuid(f"fs:{seed}")
+    hash_seed = seeded_uuid(f"hash:{seed}")
+    with open(image, "wb") as f:
+        f.truncate(size_mib * MIB)
+    run(
+        ["mkfs.ext4", "-q", "-F", "-d", tree, "-L", label[:16], "-U", fs_uuid, "-E", f"hash_seed={hash_seed},root_owner=0:0",
+         "-m", "1", "-b", "4096", image],
+        stage=f"filesystem {label}",
+        env=_epoch_env(),
+    )
+
+
+def _tree_size(tree: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(tree):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            total += -(-st.st_size // 4096) * 4096
+    return total
+
+
+def make_vfat(image: Path, files: Mapping[str, Path], *, size_mib: int, label: str, seed: str) -> None:
+    """A FAT32 filesystem of ``size_mib`` holding ``files`` (``{"dir/name": source}``), built with mtools."""
+    image.unlink(missing_ok=True)
+    volume_id = hashlib.sha256(f"vfat:{seed}".encode()).hexdigest()[:8]
+    run(["mkfs.vfat", "-F", "32", "-n", label[:11].upper(), "-i", volume_id, "-C", image, str(size_mib * 1024)],
+        stage=f"filesystem {label}")
+    env = {"MTOOLS_SKIP_CHECK": "1", **({"SOURCE_DATE_EPOCH": os.environ["SOURCE_DATE_EPOCH"]} if "SOURCE_DATE_EPOCH" in os.environ else {})}
+    made: set[str] = set()
+    for dest in sorted(files):
+        parts = dest.strip("/").split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in made:
+                run(["mmd", "-i", image, f"::/{d}"], stage=f"filesystem {label}", env=env)
+                made.add(d)
+        run(["mcopy", "-i", image, "-o", "-m", files[dest], f"::/{dest.strip('/')}"], stage=f"filesystem {label}", env=env)
+
+
+def assemble(disk: Path, layout: DiskLayout, images: Mapping[str, Path]) -> None:
+    """Write the MBR with sfdisk and copy each partition image (by partition name) to its offset."""
+    disk.unlink(missing_ok=True)
+    with open(disk, "wb") as f:
+        f.truncate(layout.size)
+    script = [f"label: dos\nlabel-id: 0x{layout.disk_id:08x}\nunit: sectors\n"]
+    for p in layout.partitions:
+        boot = ", bootable" if p.name == "boot" else ""
+        script.append(f"start={p.offset // SECTOR}, size={p.size // SECTOR}, type={p.mbr_type}{boot}\n")
+    run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", disk], stage="partition table", input="".join(script).encode())
+    with open(disk, "r+b") as out:
+        for name, src in images.items():
+            part = layout.by_name(name)
+            size = src.stat().st_size
+            if size > part.size:
+                raise UserError(f"{name} image is {size} bytes, larger than its partition ({part.size})")
+            _copy_sparse(src, out, part.offset)
+
+
+def _copy_sparse(src: Path, out: object, offset: int) -> None:
+    """Copy the data regions of ``src`` into ``out`` at ``offset``; holes are skipped (they read as zeros in
+    the freshly truncated disk file)."""
+    fd_out = out.fileno()  # type: ignore[attr-defined]
+    block = 4 << 20
+    zero = bytes(block)
+    with open(src, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data_start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # no more data
+                break
+            hole = os.lseek(fd, data_start, os.SEEK_HOLE)
+            pos = data_start
+            while pos < hole:
+                n = min(block, hole - pos)
+                chunk = os.pread(fd, n, pos)
+                if chunk != zero[: len(chunk)]:
+                    os.pwrite(fd_out, chunk, offset + pos)
+                pos += len(chunk)
+
+
+def partitions_of(disk: Path) -> list[dict[str, object]]:
+    """The partition table as sfdisk reports it (for checks and tests)."""
+    out = run(["sfdisk", "--json", disk], stage="inspect disk").stdout
+    table = json.loads(out)["partitiontable"]
+    return list(table["partitions"])
+
+
+def bmap(disk: Path) -> Path:
+    """Write ``disk.bmap`` next to the image (bmaptool format) and return its path."""
+    target = disk.with_name(disk.name + ".bmap")
+    run(["bmaptool", "create", "-o", target, disk], stage="bmap")
+    return target
