@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
   mender-artifact          # interop tests and benchmark run the real tool
-  e2fsprogs dosfstools mtools xz-utils zstd
+  e2fsprogs dosfstools mtools fdisk bmap-tools xz-utils zstd
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
