@@ -1,0 +1,98 @@
+"""Release configuration (``release.yaml``) and board definitions (``image/boards/*.yaml``), validated on load
+into frozen models. Errors name the file and the key path, all at once."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from ota_common.errors import UserError
+
+from .layers import _format_errors
+
+BOARDS_DIR = Path(__file__).resolve().parent / "boards"
+_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+
+def _token(v: str) -> str:
+    if not _TOKEN.match(v):
+        raise ValueError(f"must be letters, digits, '.', '_', '+' or '-', got {v!r}")
+    return v
+
+
+Token = Annotated[str, AfterValidator(_token)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BoardModel(_Model):
+    """What differs between boards: the boot partition, the console and the device type."""
+
+    description: str = ""
+    device_type: Token
+    console: str
+    #: Debian packages (arm64) whose files go on the boot partition, not into the rootfs
+    firmware_packages: tuple[str, ...] = ()
+    #: ``{"dest on boot partition": "path inside the extracted firmware packages"}``; globs allowed in src
+    boot_files: dict[str, str] = Field(default_factory=dict)
+    #: file contents written on the boot partition (e.g. config.txt)
+    boot_text: dict[str, str] = Field(default_factory=dict)
+    #: U-Boot device tree handling: "control" uses ${fdtcontroladdr} (QEMU), "slot" loads dtb_path from the slot
+    fdt: str = "control"
+    dtb_path: str = ""
+    #: power-of-two disk size for QEMU's SD emulation
+    sd_power_of_two: bool = False
+
+
+class ReleaseModel(_Model):
+    name: Token = "vv-video-ai"
+    version: Token = "1.0.0"
+    suite: Token = "bookworm"
+    mirror: str = ""
+    layers: tuple[Token, ...] = ("base", "boot", "ota", "app")
+    boards: tuple[Token, ...] = ("qemu-virt", "rpi4")
+    slot_size_mib: int = Field(default=1024, ge=64, le=65536)
+    boot_size_mib: int = Field(default=256, ge=64, le=4096)
+    data_size_mib: int = Field(default=128, ge=16, le=65536)
+    compression: str = Field(default="gzip", pattern="^(gzip|lzma|none|zstd)$")
+    server_url: str = ""
+    trusted_keys: tuple[str, ...] = ()
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+def _load_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: must be a mapping of keys")
+    return raw
+
+
+def load_release(path: Path) -> ReleaseModel:
+    try:
+        return ReleaseModel.model_validate(_load_yaml(path, "release configuration"))
+    except ValidationError as e:
+        raise UserError(_format_errors(path, e)) from None
+
+
+def load_board(name: str, boards_dir: Path = BOARDS_DIR) -> BoardModel:
+    path = boards_dir / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in boards_dir.glob("*.yaml")))
+        raise UserError(f"unknown board {name!r} (known: {known})")
+    try:
+        return BoardModel.model_validate(_load_yaml(path, "board definition"))
+    except ValidationError as e:
+        raise UserError(_format_errors(path, e)) from None

@@ -1,0 +1,229 @@
+"""The arm64 root filesystem: a cached ``mmdebstrap`` base, then the layers applied on a copy of it.
+
+Speed (DESIGN.md §5): the initramfs is generated once, at the end of the bootstrap, with ``MODULES=list``
+(``update-initramfs`` is diverted to ``true`` while packages install). The bootstrapped base is cached by
+the hash of its inputs (suite, mirror, package list, initramfs module list, this recipe's version), so a
+release that changes only files, templates, units or commands of a layer reuses it and takes seconds.
+
+Applying layers uses host tools wherever possible (``systemctl --root``, ``useradd --root``, plain file
+copies) and runs only the layers' own commands inside the rootfs, through qemu-user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from ota_common.errors import UserError
+from ota_common.tools import require_tools, run
+
+from .layers import MergedLayers
+
+log = logging.getLogger(__name__)
+
+#: bump when the bootstrap recipe below changes, so cached bases are rebuilt
+RECIPE_VERSION = "1"
+ARCH = "arm64"
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    suite: str
+    mirror: str
+    packages: tuple[str, ...]
+    initramfs_modules: str
+
+    @property
+    def key(self) -> str:
+        doc = json.dumps(
+            {"recipe": RECIPE_VERSION, "arch": ARCH, "suite": self.suite, "mirror": self.mirror,
+             "packages": sorted(self.packages), "modules": self.initramfs_modules},
+            sort_keys=True,
+        )
+        return hashlib.sha256(doc.encode()).hexdigest()[:20]
+
+
+def base_spec(suite: str, mirror: str, merged: MergedLayers) -> BaseSpec:
+    modules = next((f.source.read_text() for f in merged.files if f.dest == "/etc/initramfs-tools/modules"), "")
+    return BaseSpec(suite, mirror, merged.packages, modules)
+
+
+def bootstrap(spec: BaseSpec, cache_dir: Path) -> Path:
+    """The cached base tarball for ``spec``, bootstrapping it when missing (several minutes)."""
+    target = cache_dir / "base" / f"{spec.suite}-{ARCH}-{spec.key}.tar"
+    if target.exists():
+        log.info("base rootfs from cache: %s", target)
+        return target
+    require_tools(["mmdebstrap"], "bootstrapping the base rootfs")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    modules_file = target.with_suffix(".modules")
+    modules_file.write_text(spec.initramfs_modules)
+    tmp = target.with_suffix(".tmp.tar")
+    mode = "root" if os.geteuid() == 0 else "unshare"
+    args = [
+        "mmdebstrap", f"--arch={ARCH}", "--variant=minbase", f"--mode={mode}", "--format=tar",
+        f"--include={','.join(spec.packages)}",
+        "--essential-hook=chroot \"$1\" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs"
+        " && ln -sf /bin/true \"$1/usr/sbin/update-initramfs\"",
+        "--customize-hook=rm \"$1/usr/sbin/update-initramfs\""
+        " && chroot \"$1\" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs",
+        "--customize-hook=sed -i 's/^MODULES=.*/MODULES=list/' \"$1/etc/initramfs-tools/initramfs.conf\"",
+        f"--customize-hook=cp {modules_file} \"$1/etc/initramfs-tools/modules\"",
+        "--customize-hook=chroot \"$1\" update-initramfs -c -k all",
+        "--customize-hook=rm -rf \"$1/var/lib/apt/lists\"/*_* \"$1/var/cache/apt\"/*.bin",
+        spec.suite, str(tmp),
+    ]
+    if spec.mirror:
+        args.append(spec.mirror)
+    run(args, stage="bootstrap (mmdebstrap)", timeout=3600)
+    tmp.rename(target)
+    return target
+
+
+def extract(base: Path, root: Path) -> None:
+    """Unpack a base tarball into an empty directory, keeping owners and modes."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    run(["tar", "--extract", "--numeric-owner", "--same-owner", "--preserve-permissions", "--file", base,
+         "--directory", root], stage="unpack base rootfs")
+
+
+def _ids(root: Path, owner: str) -> tuple[int, int]:
+    user, _, group = owner.partition(":")
+    group = group or user
+
+    def lookup(db: str, name: str) -> int:
+        for line in (root / "etc" / db).read_text().splitlines():
+            fields = line.split(":")
+            if fields and fields[0] == name:
+                return int(fields[2])
+        raise UserError(f"owner {owner!r}: no {'user' if db == 'passwd' else 'group'} {name!r} in the rootfs")
+
+    return lookup("passwd", user), lookup("group", group)
+
+
+def _inside(root: Path, dest: str) -> Path:
+    path = root / dest.lstrip("/")
+    # a symlinked parent inside the rootfs must not lead outside it
+    real_parent = path.parent.resolve()
+    if not str(real_parent).startswith(str(root.resolve())):
+        raise UserError(f"{dest} resolves outside the rootfs")
+    return path
+
+
+def apply_layers(root: Path, merged: MergedLayers, context: Mapping[str, Any]) -> None:
+    """Groups, users, files, trees, templates, units, then commands — in that order."""
+    for g in merged.groups:
+        if not _has(root / "etc/group", g.name):
+            run(["groupadd", "--root", root, *(["--system"] if g.system else []), g.name], stage=f"group {g.name}")
+    for u in merged.users:
+        if not _has(root / "etc/passwd", u.name):
+            args: list[str] = ["useradd", "--root", str(root), "--shell", u.shell, "--user-group"]
+            if u.system:
+                args.append("--system")
+            if u.home:
+                args += ["--home-dir", u.home, "--create-home"]
+            if u.groups:
+                args += ["--groups", ",".join(u.groups)]
+            run([*args, u.name], stage=f"user {u.name}")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    for f in merged.files:
+        dest = _inside(root, f.dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_symlink() or dest.exists():
+            dest.unlink()
+        if f.template:
+            try:
+                text = env.from_string(f.source.read_text()).render(**context)
+            except jinja2.TemplateError as e:
+                raise UserError(f"template {f.source} (layer {f.layer}): {e}") from None
+            dest.write_text(text)
+        else:
+            shutil.copyfile(f.source, dest)
+        os.chmod(dest, f.mode)
+        os.chown(dest, *_ids(root, f.owner))
+    for t in merged.trees:
+        dest = _inside(root, t.dest)
+        shutil.copytree(t.source, dest, dirs_exist_ok=True, symlinks=True)
+        uid, gid = _ids(root, t.owner)
+        for p in [dest, *dest.rglob("*")]:
+            os.lchown(p, uid, gid)
+    if merged.enable:
+        run(["systemctl", f"--root={root}", "enable", *merged.enable], stage="enable units")
+    if merged.mask:
+        run(["systemctl", f"--root={root}", "mask", *merged.mask], stage="mask units")
+    for layer, command in merged.commands:
+        run(["chroot", root, "/bin/sh", "-c", command], stage=f"command of layer {layer}: {command}")
+
+
+def _has(db: Path, name: str) -> bool:
+    return any(line.split(":", 1)[0] == name for line in db.read_text().splitlines())
+
+
+def place_kernel(root: Path) -> str:
+    """Fixed names in /boot for the boot script: Image, initrd.img, dtbs/. Returns the kernel version."""
+    boot = root / "boot"
+    kernels = sorted(boot.glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise UserError(f"expected one kernel in /boot, found {[k.name for k in kernels]}")
+    version = kernels[0].name.removeprefix("vmlinuz-")
+    initrd = boot / f"initrd.img-{version}"
+    if not initrd.exists():
+        raise UserError(f"no initramfs for kernel {version}")
+    shutil.copyfile(kernels[0], boot / "Image")  # Debian's arm64 vmlinuz is an uncompressed Image
+    shutil.copyfile(initrd, boot / "initrd.img")
+    dtbs = root / "usr" / "lib" / f"linux-image-{version}"
+    if dtbs.is_dir():
+        shutil.copytree(dtbs, boot / "dtbs", dirs_exist_ok=True)
+    return version
+
+
+def normalise(root: Path, epoch: int | None) -> None:
+    """Remove per-machine and per-build state and clamp timestamps, for reproducible, shareable images."""
+    (root / "etc/machine-id").write_text("")  # systemd creates one on first boot
+    for rel in ("var/lib/dbus/machine-id",):
+        (root / rel).unlink(missing_ok=True)
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    for d in ("var/log", "var/cache/apt", "var/lib/apt/lists", "tmp", "var/tmp"):
+        p = root / d
+        if p.is_dir():
+            for child in p.rglob("*"):
+                if child.is_file() and not child.is_symlink():
+                    child.unlink()
+    if epoch is None:
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            entry = os.path.join(dirpath, name)
+            if os.lstat(entry).st_mtime > epoch:
+                os.utime(entry, (epoch, epoch), follow_symlinks=False)
+    os.utime(root, (epoch, epoch))
+
+
+def package_list(root: Path) -> list[dict[str, str]]:
+    """The exact Debian packages in the rootfs (software bill of materials)."""
+    out = []
+    status = (root / "var/lib/dpkg/status").read_text()
+    for stanza in status.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line.startswith(" ")
+        )
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            out.append({"name": fields["Package"], "version": fields.get("Version", ""),
+                        "architecture": fields.get("Architecture", "")})
+    return sorted(out, key=lambda p: p["name"])
+
+
+__all__ = ["BaseSpec", "apply_layers", "base_spec", "bootstrap", "extract", "normalise", "package_list",
+           "place_kernel"]
