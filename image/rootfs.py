@@ -128,7 +128,9 @@ def apply_layers(root: Path, merged: MergedLayers, context: Mapping[str, Any]) -
             run(["groupadd", "--root", root, *(["--system"] if g.system else []), g.name], stage=f"group {g.name}")
     for u in merged.users:
         if not _has(root / "etc/passwd", u.name):
-            args: list[str] = ["useradd", "--root", str(root), "--shell", u.shell, "--user-group"]
+            args: list[str] = ["useradd", "--root", str(root), "--shell", u.shell]
+            # a group of the user's name declared by a layer becomes its primary group
+            args += ["--gid", u.name] if _has(root / "etc/group", u.name) else ["--user-group"]
             if u.system:
                 args.append("--system")
             if u.home:
