@@ -8,6 +8,7 @@ import click
 from cli.artifact import artifact
 from cli.common import ErrorHandlingGroup, setup_logging
 from cli.keys import keys
+from cli.release import release
 from ota_common.runtime import tune_malloc_for_streaming
 
 
@@ -21,6 +22,7 @@ def main(verbose: int) -> None:
 
 main.add_command(keys)
 main.add_command(artifact)
+main.add_command(release)
 
 if __name__ == "__main__":
     main()

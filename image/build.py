@@ -49,32 +49,88 @@ def render_boot_script(work: Path, board_name: str, board: BoardModel, layout: D
     return scr
 
 
-def firmware_files(board: BoardModel, base_root: Path, work: Path, cache_dir: Path) -> dict[str, Path]:
-    """Files for the boot partition taken from arm64 firmware packages (downloaded with the rootfs's apt
-    configuration and unpacked on the host, so they stay out of the rootfs)."""
-    if not board.firmware_packages:
-        return {}
-    pkgdir = cache_dir / "firmware"
-    pkgdir.mkdir(parents=True, exist_ok=True)
-    unpacked = work / "firmware"
-    unpacked.mkdir(exist_ok=True)
-    for pkg in board.firmware_packages:
-        debs = sorted(pkgdir.glob(f"{pkg}_*.deb"))
-        if not debs:
-            run(["chroot", base_root, "sh", "-c", f"cd /tmp && apt-get update -qq && apt-get download -qq {pkg}"],
-                stage=f"download {pkg}")
-            for deb in (base_root / "tmp").glob(f"{pkg}_*.deb"):
-                shutil.move(deb, pkgdir / deb.name)
-            debs = sorted(pkgdir.glob(f"{pkg}_*.deb"))
-        if not debs:
-            raise UserError(f"firmware package {pkg} could not be downloaded")
-        run(["dpkg-deb", "-x", debs[-1], unpacked], stage=f"unpack {pkg}")
+def _host_debian_source(suite: str) -> tuple[str, str]:
+    """The machine's Debian archive URI (and keyring) for ``suite``, from its apt sources."""
+    candidates: list[tuple[str, str]] = []
+    for f in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for stanza in f.read_text().split("\n\n"):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if ":" in line and not line.startswith(("#", " ")):
+                    k, _, v = line.partition(":")
+                    fields[k.strip()] = v.strip()
+            if suite in fields.get("Suites", "").split() and fields.get("URIs"):
+                candidates.append((fields["URIs"].split()[0], fields.get("Signed-By", "")))
+    sl = Path("/etc/apt/sources.list")
+    if sl.exists():
+        for line in sl.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb" and suite in parts:
+                uri = next(p for p in parts[1:] if not p.startswith("["))
+                candidates.append((uri, ""))
+    if not candidates:
+        raise UserError(f"no apt source for {suite} on this machine; set 'mirror' in release.yaml")
+    return candidates[0]
+
+
+def _apt_download(packages: list[str], dest: Path, cache_dir: Path, mirror: str, suite: str) -> None:
+    """Download arm64 .debs with a private apt instance on the host (native speed, host untouched): the
+    machine's apt sources, or ``mirror`` when the release sets one."""
+    apt = cache_dir / "apt-arm64"
+    for d in ("state/lists/partial", "cache/archives/partial", "etc/sources.list.d", "etc/preferences.d"):
+        (apt / d).mkdir(parents=True, exist_ok=True)
+    (apt / "state" / "status").touch()
+    opts = ["-o", f"Dir::State={apt / 'state'}", "-o", f"Dir::State::status={apt / 'state' / 'status'}",
+            "-o", f"Dir::Cache={apt / 'cache'}", "-o", "APT::Architecture=arm64", "-o", "APT::Architectures=arm64",
+            "-o", f"Dir::Etc::Preferences={apt / 'etc' / 'preferences'}", "-o", f"Dir::Etc::PreferencesParts={apt / 'etc' / 'preferences.d'}",
+            "-o", "Debug::NoLocking=1"]
+    uri, signed_by = (mirror, "") if mirror else _host_debian_source(suite)
+    # firmware lives in non-free-firmware, which the machine's sources may not list
+    stanza = f"Types: deb\nURIs: {uri}\nSuites: {suite}\nComponents: main non-free-firmware\n"
+    if signed_by:
+        stanza += f"Signed-By: {signed_by}\n"
+    (apt / "etc" / "sources.list.d" / "debian.sources").write_text(stanza)
+    (apt / "etc" / "sources.list").write_text("")
+    opts += ["-o", f"Dir::Etc::SourceList={apt / 'etc' / 'sources.list'}",
+             "-o", f"Dir::Etc::SourceParts={apt / 'etc' / 'sources.list.d'}"]
+    run(["apt-get", *opts, "-qq", "update"], stage="firmware packages (apt update)", timeout=900)
+    run(["apt-get", *opts, "-qq", "download", *packages], stage="firmware packages (download)", cwd=dest, timeout=900)
+
+
+def firmware_files(board: BoardModel, work: Path, cache_dir: Path, *, root: Path | None = None, mirror: str = "",
+                   suite: str = "bookworm") -> dict[str, Path]:
+    """Files for the boot partition taken from arm64 firmware packages, unpacked on the host so they stay
+    out of the rootfs; plus the board's literal files (config.txt)."""
     out: dict[str, Path] = {}
-    for dest, src in board.boot_files.items():
-        matches = sorted(glob.glob(str(unpacked / src)))
+    if board.firmware_packages:
+        pkgdir = cache_dir / "firmware"
+        pkgdir.mkdir(parents=True, exist_ok=True)
+        missing = [p for p in board.firmware_packages if not sorted(pkgdir.glob(f"{p}_*_arm64.deb"))
+                   and not sorted(pkgdir.glob(f"{p}_*_all.deb"))]
+        if missing:
+            _apt_download(missing, pkgdir, cache_dir, mirror, suite)
+        unpacked = work / "firmware"
+        if unpacked.exists():
+            shutil.rmtree(unpacked)
+        unpacked.mkdir(parents=True)
+        for pkg in board.firmware_packages:
+            debs = sorted(pkgdir.glob(f"{pkg}_*.deb"))
+            if not debs:
+                raise UserError(f"firmware package {pkg} could not be downloaded")
+            run(["dpkg-deb", "-x", debs[-1], unpacked], stage=f"unpack {pkg}")
+        for dest, src in board.boot_files.items():
+            matches = sorted(glob.glob(str(unpacked / src)))
+            if not matches:
+                raise UserError(f"board file {src} not found in {', '.join(board.firmware_packages)}")
+            out[dest] = Path(matches[0])
+    for pattern in board.rootfs_boot_globs:
+        if root is None:
+            raise UserError("this board copies files from the rootfs; build the rootfs first")
+        matches = sorted(root.glob(pattern))
         if not matches:
-            raise UserError(f"board file {src} not found in {', '.join(board.firmware_packages)}")
-        out[dest] = Path(matches[0])
+            raise UserError(f"board file pattern {pattern} matches nothing in the rootfs")
+        for m in matches:
+            out[m.name] = m
     for dest, text in board.boot_text.items():
         p = work / "boot-text" / dest
         p.parent.mkdir(parents=True, exist_ok=True)

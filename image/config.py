@@ -41,6 +41,8 @@ class BoardModel(_Model):
     firmware_packages: tuple[str, ...] = ()
     #: ``{"dest on boot partition": "path inside the extracted firmware packages"}``; globs allowed in src
     boot_files: dict[str, str] = Field(default_factory=dict)
+    #: files from the built rootfs copied to the boot partition root (globs, e.g. the firmware's DTBs)
+    rootfs_boot_globs: tuple[str, ...] = ()
     #: file contents written on the boot partition (e.g. config.txt)
     boot_text: dict[str, str] = Field(default_factory=dict)
     #: U-Boot device tree handling: "control" uses ${fdtcontroladdr} (QEMU), "slot" loads dtb_path from the slot

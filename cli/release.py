@@ -1,0 +1,41 @@
+"""``build.py release`` (what users run) and the stages it is made of, for debugging."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from artifacts.keys import load_signer
+
+console = Console(stderr=True)
+
+
+@click.command()
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Release configuration (default: the repository's release.yaml).")
+@click.option("--version", help="Override the version in the configuration.")
+@click.option("--board", "boards", multiple=True, help="Build only these boards (qemu-virt, rpi4); repeatable.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Private key to sign artifacts.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Build cache (default: $XDG_CACHE_HOME/vv-ota).")
+@click.option("--server-url", help="Update server URL baked into the image's agent configuration.")
+def release(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
+            cache_dir: Path | None, server_url: str | None) -> None:
+    """Build disk images, the rootfs and signed artifacts for every board into OUT/<version>/."""
+    from image.release import DEFAULT_CONFIG, build_release
+
+    signer = load_signer(key) if key else None
+    result = build_release(config=config or DEFAULT_CONFIG, version=version, boards=boards, signer=signer, out=out,
+                           cache_dir=cache_dir, server_url=server_url, progress=lambda m: console.log(m))
+    table = Table(title=f"release {result.version} → {result.out_dir}")
+    table.add_column("output")
+    table.add_column("size", justify="right")
+    for name, path in sorted(result.outputs.items()):
+        table.add_row(name, f"{path.stat().st_size / 1e6:,.1f} MB")
+    console.print(table)
+    console.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))

@@ -1,0 +1,243 @@
+"""``build.py release``: everything for a release into ``out/<version>/``.
+
+Stages, each a small step: load and validate the configuration and layers (all errors at once) → check tools
+→ bootstrap or reuse the cached base → rootfs tree (layers, kernel, normalisation) → ``rootfs.ext4`` (one
+for every board) → per board: boot partition, ``disk.img``, ``disk.img.bmap``, ``disk.img.gz`` and the
+signed artifact ``<name>-<version>-<board>.mender`` → ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from artifacts.compression import ParallelGzipEncoder
+from artifacts.format import Compression
+from artifacts.keys import Signer
+from ota_common.errors import UserError
+from ota_common.tools import require_tools, run
+
+from . import rootfs as rootfs_mod
+from .build import build_disk, firmware_files, template_context
+from .config import ReleaseModel, load_board, load_release
+from .disk import make_ext4, plan_layout
+from .layers import Layer, load_layers, merge_layers
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "release.yaml"
+TOOLS = ["mmdebstrap", "mkfs.ext4", "debugfs", "mkfs.vfat", "mcopy", "mmd", "sfdisk", "bmaptool", "mkimage", "dpkg-deb"]
+
+
+def default_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "vv-ota"
+
+
+def source_date_epoch() -> int:
+    """SOURCE_DATE_EPOCH, else the time of the last git commit, else now."""
+    sde = os.environ.get("SOURCE_DATE_EPOCH")
+    if sde:
+        return int(sde)
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%ct"], cwd=REPO, capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return int(time.time())
+
+
+@dataclass
+class ReleaseResult:
+    version: str
+    out_dir: Path
+    outputs: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def layer_hash(layer: Layer) -> str:
+    """Hash of a layer file and every source it references."""
+    h = hashlib.sha256(layer.path.read_bytes())
+    m = layer.model
+    for entry in (*m.files, *m.templates):
+        h.update(entry.src.encode() + b"\0" + layer.source(entry.src).read_bytes())
+    for tree in m.trees:
+        src = layer.source(tree.src)
+        for p in sorted(src.rglob("*")):
+            h.update(str(p.relative_to(src)).encode() + b"\0")
+            if p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(4 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _tool_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def build_release(
+    *,
+    config: Path = DEFAULT_CONFIG,
+    version: str | None = None,
+    boards: Sequence[str] = (),
+    signer: Signer | None = None,
+    out: Path = Path("out"),
+    cache_dir: Path | None = None,
+    server_url: str | None = None,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> ReleaseResult:
+    """Build a release. Raises :class:`UserError` for bad configuration, :class:`ToolError` for tools."""
+    from artifacts.writer import rootfs_image_spec, write_artifact
+
+    t0 = time.monotonic()
+    release = load_release(config)
+    overrides: dict[str, Any] = {}
+    if version:
+        overrides["version"] = version
+    if boards:
+        overrides["boards"] = tuple(boards)
+    if server_url is not None:
+        overrides["server_url"] = server_url
+    if overrides:
+        release = ReleaseModel.model_validate({**release.model_dump(), **overrides})
+    board_models = {b: load_board(b) for b in release.boards}
+    layers_dir = config.parent / "layers"
+    layers = load_layers([layers_dir / f"{n}.yaml" for n in release.layers])
+    merged = merge_layers(layers)
+    require_tools(TOOLS, "building a release")
+    cache = cache_dir or default_cache_dir()
+    epoch = source_date_epoch()
+    os.environ["SOURCE_DATE_EPOCH"] = str(epoch)
+    out_dir = (out / release.version).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = ReleaseResult(release.version, out_dir)
+
+    def step(name: str) -> Callable[[], None]:
+        start = time.monotonic()
+        progress(f"{name} …")
+
+        def done() -> None:
+            result.timings[name] = time.monotonic() - start
+            progress(f"{name}: {result.timings[name]:.1f} s")
+
+        return done
+
+    done = step("base rootfs (mmdebstrap, cached)")
+    spec = rootfs_mod.base_spec(release.suite, release.mirror, merged)
+    base = rootfs_mod.bootstrap(spec, cache)
+    done()
+
+    done = step("layers")
+    layout = plan_layout(slot_mib=release.slot_size_mib, boot_mib=release.boot_size_mib,
+                         data_mib=release.data_size_mib, seed=release.name)
+    work = cache / "work" / release.name
+    root = work / "root"
+    rootfs_mod.extract(base, root)
+    variables = {**merged.variables, **release.variables}
+    rootfs_mod.apply_layers(root, merged, template_context(release, layout, variables))
+    _install_trusted_keys(root, release, config.parent, signer)
+    kernel = rootfs_mod.place_kernel(root)
+    packages = rootfs_mod.package_list(root)
+    rootfs_mod.normalise(root, epoch)
+    done()
+
+    done = step("rootfs.ext4")
+    rootfs_img = out_dir / "rootfs.ext4"
+    make_ext4(rootfs_img, root, size_mib=release.slot_size_mib, label="rootfs", seed=f"{release.name}:rootfs")
+    result.outputs["rootfs.ext4"] = rootfs_img
+    done()
+
+    artifact_name = f"{release.name}-{release.version}"
+    for board_name, board in board_models.items():
+        done = step(f"{board_name}: disk image")
+        files = firmware_files(board, work / board_name, cache, root=root, mirror=release.mirror, suite=release.suite)
+        image = build_disk(board_name=board_name, board=board, layout=layout, rootfs_image=rootfs_img,
+                           boot_files=files, out_dir=out_dir / board_name, seed=release.name)
+        gz = image.disk.with_name("disk.img.gz")
+        _gzip(image.disk, gz)
+        result.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
+                               f"{board_name}/disk.img.gz": gz})
+        done()
+        done = step(f"{board_name}: artifact")
+        art = out_dir / f"{artifact_name}-{board_name}.mender"
+        write_artifact(rootfs_image_spec(file=rootfs_img, name=artifact_name, device_types=[board.device_type]),
+                       art, compression=Compression(release.compression), signer=signer)
+        result.outputs[art.name] = art
+        done()
+
+    manifest = {
+        "name": release.name,
+        "version": release.version,
+        "artifact_name": artifact_name,
+        "boards": {b: {"device_type": m.device_type} for b, m in board_models.items()},
+        "source_date_epoch": epoch,
+        "built_at": int(time.time()),
+        "build_seconds": round(time.monotonic() - t0, 1),
+        "signed": signer is not None,
+        "kernel": kernel,
+        "disk": {"disk_id": f"{layout.disk_id:08x}", "slot_mib": release.slot_size_mib},
+        "layers": {layer.name: layer_hash(layer) for layer in layers},
+        "base": {"key": spec.key, "suite": release.suite, "mirror": release.mirror or "(apt default)"},
+        "outputs": {name: {"sha256": sha256_file(p), "size": p.stat().st_size} for name, p in sorted(result.outputs.items())},
+        "packages": packages,
+        "tools": {
+            "python": platform.python_version(),
+            "mmdebstrap": _tool_version(["mmdebstrap", "--version"]),
+            "mke2fs": _tool_version(["mke2fs", "-V"]).split()[1] if _tool_version(["mke2fs", "-V"]) != "unknown" else "unknown",
+            "mkimage": _tool_version(["mkimage", "-V"]),
+        },
+        "timings": {k: round(v, 1) for k, v in result.timings.items()},
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    result.outputs["manifest.json"] = out_dir / "manifest.json"
+    return result
+
+
+def _install_trusted_keys(root: Path, release: ReleaseModel, base_dir: Path, signer: Signer | None) -> None:
+    keys_dir = root / "etc" / "ota" / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    for i, key in enumerate(release.trusted_keys):
+        src = (base_dir / key).resolve()
+        if not src.is_file():
+            raise UserError(f"trusted key not found: {src}")
+        shutil.copyfile(src, keys_dir / f"trusted-{i}.pem")
+    if signer is not None:
+        from cryptography.hazmat.primitives import serialization
+
+        private = getattr(signer, "key", None)
+        if private is not None:
+            pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+            (keys_dir / "release.pem").write_bytes(pem)
+
+
+def _gzip(src: Path, dst: Path) -> None:
+    """A compressed image for flashing (gzip: bmaptool, zcat and Raspberry Pi Imager read it), on all cores."""
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        enc = ParallelGzipEncoder(out)
+        while b := f.read(4 << 20):
+            enc.write(b)
+        enc.close()
+
+
+__all__ = ["DEFAULT_CONFIG", "build_release", "default_cache_dir", "run"]
