@@ -126,11 +126,11 @@ def firmware_files(board: BoardModel, work: Path, cache_dir: Path, *, root: Path
     for pattern in board.rootfs_boot_globs:
         if root is None:
             raise UserError("this board copies files from the rootfs; build the rootfs first")
-        matches = sorted(root.glob(pattern))
-        if not matches:
+        found = sorted(root.glob(pattern))
+        if not found:
             raise UserError(f"board file pattern {pattern} matches nothing in the rootfs")
-        for m in matches:
-            out[m.name] = m
+        for path in found:
+            out[path.name] = path
     for dest, text in board.boot_text.items():
         p = work / "boot-text" / dest
         p.parent.mkdir(parents=True, exist_ok=True)
