@@ -9,6 +9,9 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
   mender-artifact          # interop tests and benchmark run the real tool
   e2fsprogs dosfstools mtools fdisk bmap-tools xz-utils zstd
+  mmdebstrap qemu-user-static binfmt-support arch-test   # arm64 rootfs under emulation
+  qemu-system-arm u-boot-qemu u-boot-tools qemu-utils    # boot scripts and QEMU boots
+  libubootenv-tool                                       # fw_printenv/fw_setenv interop
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -21,6 +24,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing apt packages: ${missing[*]}"
   sudo_ apt-get update -qq
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# arm64 binaries run through qemu-user: binfmt_misc must be mounted and the handler enabled
+if ! arch-test arm64 >/dev/null 2>&1; then
+  mountpoint -q /proc/sys/fs/binfmt_misc || sudo_ mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || true
+  sudo_ update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+  arch-test arm64 >/dev/null 2>&1 || echo "warning: cannot run arm64 binaries (binfmt_misc); image builds will fail" >&2
 fi
 
 PY=${PYTHON:-}

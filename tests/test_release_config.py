@@ -1,0 +1,45 @@
+"""Release configuration, boards and the boot script, without building anything."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from image.build import render_boot_script
+from image.config import load_board, load_release
+from image.disk import plan_layout
+from image.release import DEFAULT_CONFIG
+from ota_common.errors import UserError
+
+
+def test_default_release_builds_both_boards() -> None:
+    rel = load_release(DEFAULT_CONFIG)
+    assert rel.boards == ("qemu-virt", "rpi4")
+    assert rel.layers == ("base", "boot", "ota", "app")
+    assert rel.mirror == ""  # the machine's apt configuration, no registry named here
+
+
+def test_release_errors_name_file_and_key(tmp_path: Path) -> None:
+    p = tmp_path / "release.yaml"
+    p.write_text("version: 1.0\nslot_size_mib: 10\nboard: [rpi4]\n")
+    with pytest.raises(UserError) as exc:
+        load_release(p)
+    msg = str(exc.value)
+    assert f"{p}: version: Input should be a valid string" in msg
+    assert f"{p}: slot_size_mib: Input should be greater than or equal to 64" in msg
+    assert f"{p}: board: unknown key" in msg
+    with pytest.raises(UserError, match="unknown board 'pi5' \\(known: qemu-virt, rpi4\\)"):
+        load_board("pi5")
+
+
+@pytest.mark.parametrize("board", ["qemu-virt", "rpi4"])
+def test_boot_script_renders_and_compiles(tmp_path: Path, board: str) -> None:
+    layout = plan_layout(slot_mib=1024, seed="t")
+    scr = render_boot_script(tmp_path, board, load_board(board), layout)
+    text = (tmp_path / "boot.cmd").read_text()
+    assert 'echo "ota-boot: slot=${ota_slot} part=${ota_part} upgrade_available=${upgrade_available} bootcount=${bootcount}"' in text
+    assert f"root=PARTUUID={layout.disk_id:08x}-0${{ota_part}}" in text and "panic=10" in text
+    info = subprocess.run(["mkimage", "-l", str(scr)], capture_output=True, text=True, check=True).stdout
+    assert "Script" in info
