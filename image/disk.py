@@ -156,7 +156,8 @@ def make_vfat(image: Path, files: Mapping[str, Path], *, size_mib: int, label: s
     """A FAT32 filesystem of ``size_mib`` holding ``files`` (``{"dir/name": source}``), built with mtools."""
     image.unlink(missing_ok=True)
     volume_id = hashlib.sha256(f"vfat:{seed}".encode()).hexdigest()[:8]
-    run(["mkfs.vfat", "-F", "32", "-n", label[:11].upper(), "-i", volume_id, "-C", image, str(size_mib * 1024)],
+    invariant = ["--invariant"] if "SOURCE_DATE_EPOCH" in os.environ else []
+    run(["mkfs.vfat", *invariant, "-F", "32", "-n", label[:11].upper(), "-i", volume_id, "-C", image, str(size_mib * 1024)],
         stage=f"filesystem {label}")
     env = {"MTOOLS_SKIP_CHECK": "1", **({"SOURCE_DATE_EPOCH": os.environ["SOURCE_DATE_EPOCH"]} if "SOURCE_DATE_EPOCH" in os.environ else {})}
     made: set[str] = set()
@@ -167,7 +168,8 @@ def make_vfat(image: Path, files: Mapping[str, Path], *, size_mib: int, label: s
             if d not in made:
                 run(["mmd", "-i", image, f"::/{d}"], stage=f"filesystem {label}", env=env)
                 made.add(d)
-        run(["mcopy", "-i", image, "-o", "-m", files[dest], f"::/{dest.strip('/')}"], stage=f"filesystem {label}", env=env)
+        # no -m: file times are SOURCE_DATE_EPOCH (mtools honours it) rather than each source's mtime
+        run(["mcopy", "-i", image, "-o", files[dest], f"::/{dest.strip('/')}"], stage=f"filesystem {label}", env=env)
 
 
 def assemble(disk: Path, layout: DiskLayout, images: Mapping[str, Path]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,7 @@ def _build(tmp: Path) -> tuple[Path, DiskLayout]:
     layout = plan_layout(slot_mib=64, boot_mib=64, data_mib=16, seed="test")
     tree = _tree(tmp / "tree")
     script = tmp / "boot.scr"
-    script.write_bytes(b"echo hello")
-    os.utime(script, (1_700_000_000, 1_700_000_000))
+    script.write_bytes(b"echo hello")  # a generated file: its mtime is "now" and must not matter
     make_vfat(tmp / "boot.vfat", {"boot.scr": script, "ota/env.a": script}, size_mib=64, label="boot", seed="test")
     make_ext4(tmp / "a.ext4", tree, size_mib=64, label="rootfs-a", seed="test-a")
     (tmp / "data").mkdir()
@@ -70,6 +70,7 @@ def test_ab_disk_layout_and_contents(tmp_path: Path) -> None:
 def test_same_inputs_same_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     one, _ = _build(tmp_path / "one")
+    time.sleep(1.1)  # so that "now" differs between the builds
     two, _ = _build(tmp_path / "two")
     assert one.read_bytes() == two.read_bytes()
 
