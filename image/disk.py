@@ -119,7 +119,8 @@ def make_ext4(image: Path, tree: Path, *, size_mib: int, label: str, seed: str) 
 
 def _clamp_inode_times(image: Path, tree: Path, epoch: int, label: str) -> None:
     """mkfs.ext4 1.47.0 copies each file's ctime and atime from the host, where they are "now": set them to
-    ``epoch`` with one debugfs run, so that the same tree gives the same bytes (~1 s per 20k files)."""
+    ``epoch``, and clamp later mtimes to it, with one debugfs run, so that the same tree gives the same
+    bytes (~1 s per 20k files)."""
     lines = [f"sif / ctime {epoch}", f"sif / atime {epoch}"]
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in [*dirnames, *filenames]:
@@ -127,6 +128,8 @@ def _clamp_inode_times(image: Path, tree: Path, epoch: int, label: str) -> None:
             if '"' in rel or "\n" in rel:
                 raise UserError(f"{label}: path {rel!r} cannot be stored reproducibly (quote or newline in its name)")
             lines += [f'sif "{rel}" ctime {epoch}', f'sif "{rel}" atime {epoch}']
+            if os.lstat(os.path.join(dirpath, name)).st_mtime > epoch:  # clamp, as SOURCE_DATE_EPOCH means
+                lines.append(f'sif "{rel}" mtime {epoch}')
     script = image.with_name(image.name + ".debugfs")
     script.write_text("\n".join(lines) + "\n")
     try:

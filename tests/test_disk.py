@@ -30,7 +30,8 @@ def _build(tmp: Path) -> tuple[Path, DiskLayout]:
     script.write_bytes(b"echo hello")  # a generated file: its mtime is "now" and must not matter
     make_vfat(tmp / "boot.vfat", {"boot.scr": script, "ota/env.a": script}, size_mib=64, label="boot", seed="test")
     make_ext4(tmp / "a.ext4", tree, size_mib=64, label="rootfs-a", seed="test-a")
-    (tmp / "data").mkdir()
+    (tmp / "data" / "ota").mkdir(parents=True)
+    (tmp / "data" / "ota" / "device_type").write_text("device_type=test\n")  # generated: mtime is "now"
     make_ext4(tmp / "data.ext4", tmp / "data", size_mib=16, label="data", seed="test-data")
     disk = tmp / "disk.img"
     assemble(disk, layout, {"boot": tmp / "boot.vfat", "rootfs-a": tmp / "a.ext4", "data": tmp / "data.ext4"})
