@@ -8,7 +8,7 @@ import click
 from cli.artifact import artifact
 from cli.common import ErrorHandlingGroup, setup_logging
 from cli.keys import keys
-from cli.release import release
+from cli.release import image, release, rootfs
 from ota_common.runtime import tune_malloc_for_streaming
 
 
@@ -23,6 +23,8 @@ def main(verbose: int) -> None:
 main.add_command(keys)
 main.add_command(artifact)
 main.add_command(release)
+main.add_command(rootfs)
+main.add_command(image)
 
 if __name__ == "__main__":
     main()

@@ -14,24 +14,65 @@ from artifacts.keys import load_signer
 console = Console(stderr=True)
 
 
+_STAGES = {
+    "release": frozenset({"rootfs", "images", "artifacts"}),
+    "image": frozenset({"rootfs", "images"}),
+    "rootfs": frozenset({"rootfs"}),
+}
+
+
+def _options(f):  # type: ignore[no-untyped-def]
+    for opt in reversed(_OPTIONS):
+        f = opt(f)
+    return f
+
+
+_OPTIONS = [
+    click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="Release configuration (default: the repository's release.yaml)."),
+    click.option("--version", help="Override the version in the configuration."),
+    click.option("--board", "boards", multiple=True, help="Build only these boards (qemu-virt, rpi4); repeatable."),
+    click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="Private key to sign artifacts."),
+    click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True),
+    click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Build cache (default: $XDG_CACHE_HOME/vv-ota)."),
+    click.option("--server-url", help="Update server URL baked into the image's agent configuration."),
+]
+
+
 @click.command()
-@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Release configuration (default: the repository's release.yaml).")
-@click.option("--version", help="Override the version in the configuration.")
-@click.option("--board", "boards", multiple=True, help="Build only these boards (qemu-virt, rpi4); repeatable.")
-@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Private key to sign artifacts.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Build cache (default: $XDG_CACHE_HOME/vv-ota).")
-@click.option("--server-url", help="Update server URL baked into the image's agent configuration.")
+@_options
 def release(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
             cache_dir: Path | None, server_url: str | None) -> None:
     """Build disk images, the rootfs and signed artifacts for every board into OUT/<version>/."""
+    _run("release", config, version, boards, key, out, cache_dir, server_url)
+
+
+@click.command()
+@_options
+def rootfs(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
+           cache_dir: Path | None, server_url: str | None) -> None:
+    """Stage only: the root filesystem (OUT/<version>/rootfs.ext4), for debugging."""
+    _run("rootfs", config, version, boards, key, out, cache_dir, server_url)
+
+
+@click.command()
+@_options
+def image(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
+          cache_dir: Path | None, server_url: str | None) -> None:
+    """Stages up to the disk images (no artifacts), for debugging."""
+    _run("image", config, version, boards, key, out, cache_dir, server_url)
+
+
+def _run(kind: str, config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
+         cache_dir: Path | None, server_url: str | None) -> None:
     from image.release import DEFAULT_CONFIG, build_release
 
     signer = load_signer(key) if key else None
     result = build_release(config=config or DEFAULT_CONFIG, version=version, boards=boards, signer=signer, out=out,
-                           cache_dir=cache_dir, server_url=server_url, progress=lambda m: console.log(m))
+                           cache_dir=cache_dir, server_url=server_url, progress=lambda m: console.log(m),
+                           stages=_STAGES[kind])
     table = Table(title=f"release {result.version} → {result.out_dir}")
     table.add_column("output")
     table.add_column("size", justify="right")

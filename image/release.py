@@ -105,8 +105,10 @@ def build_release(
     cache_dir: Path | None = None,
     server_url: str | None = None,
     progress: Callable[[str], None] = lambda msg: None,
+    stages: frozenset[str] = frozenset({"rootfs", "images", "artifacts"}),
 ) -> ReleaseResult:
-    """Build a release. Raises :class:`UserError` for bad configuration, :class:`ToolError` for tools."""
+    """Build a release, or only its first ``stages`` (``rootfs``; ``rootfs`` + ``images``) for debugging.
+    Raises :class:`UserError` for bad configuration, :class:`ToolError` for tools."""
     from artifacts.writer import rootfs_image_spec, write_artifact
 
     t0 = time.monotonic()
@@ -169,6 +171,8 @@ def build_release(
 
     artifact_name = f"{release.name}-{release.version}"
     for board_name, board in board_models.items():
+        if "images" not in stages:
+            break
         done = step(f"{board_name}: disk image")
         files = firmware_files(board, work / board_name, cache, root=root, mirror=release.mirror, suite=release.suite)
         image = build_disk(board_name=board_name, board=board, layout=layout, rootfs_image=rootfs_img,
@@ -178,6 +182,8 @@ def build_release(
         result.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
                                f"{board_name}/disk.img.gz": gz})
         done()
+        if "artifacts" not in stages:
+            continue
         done = step(f"{board_name}: artifact")
         art = out_dir / f"{artifact_name}-{board_name}.mender"
         write_artifact(rootfs_image_spec(file=rootfs_img, name=artifact_name, device_types=[board.device_type]),
