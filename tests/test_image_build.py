@@ -137,3 +137,28 @@ def test_rpi_image_runs_debian_u_boot_and_boot_script_on_emulated_pi3(release_di
         ["ota-boot: slot=A part=2", "Starting kernel"],
         timeout=420,
     )
+
+
+def test_stage_commands_stop_where_asked(tmp_path: Path) -> None:
+    env = dict(os.environ, SOURCE_DATE_EPOCH=EPOCH, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "build.py"), "image", "--board", "qemu-virt", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "1.0.0"
+    assert (out / "qemu-virt" / "disk.img").exists() and (out / "rootfs.ext4").exists()
+    assert not list(out.glob("*.mender")) and not (out / "rpi4").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["outputs"]) == {"rootfs.ext4", "qemu-virt/disk.img", "qemu-virt/disk.img.bmap", "qemu-virt/disk.img.gz"}
+
+
+def test_bad_release_configuration_fails_before_building(tmp_path: Path) -> None:
+    cfg = tmp_path / "release.yaml"
+    cfg.write_text("layers: [base, nosuchlayer]\nslot_size_mib: 64\n")
+    (tmp_path / "layers").mkdir()
+    (tmp_path / "layers" / "base.yaml").write_text("packages: [systemd]\nfiles: [{src: missing.conf, dest: /etc/x}]\n")
+    proc = subprocess.run([sys.executable, str(REPO / "build.py"), "release", "--config", str(cfg), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 2
+    assert "base.yaml: files[0].src: file not found" in proc.stderr
+    assert "layer file not found" in proc.stderr and "nosuchlayer.yaml" in proc.stderr
+    assert not (tmp_path / "o").exists()
