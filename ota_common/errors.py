@@ -92,3 +92,7 @@ class ChecksumMismatch(ArtifactError):
 
 class IncompatibleArtifact(ArtifactError):
     """A valid artifact that does not fit this device (device type, depends, version)."""
+
+
+class BootEnvError(OTAError):
+    """The boot-state environment cannot be read or written (both copies invalid, bad names, too large)."""

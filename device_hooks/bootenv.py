@@ -1,0 +1,140 @@
+"""The boot-state environment: U-Boot's redundant environment in two files, byte-compatible with
+libubootenv (``fw_printenv``/``fw_setenv``) and with the ``boot.scr`` that reads it.
+
+Each copy: CRC32 (little endian) over the data area, one flags byte, then ``name=value\\0`` pairs, a final
+``\\0`` and 0xff padding up to the environment size. Reading picks the valid copy; when both are valid, the
+one with the larger flags byte, except that 0 beats 255 (wrap-around) and equal flags pick the first copy —
+the rules libubootenv 0.3.2 applies (checked against it in the tests). Writing always goes to the *other*
+copy with flags + 1, so a power cut during a write leaves the previous state readable.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ota_common.errors import BootEnvError
+
+ENV_SIZE = 0x4000
+_HEADER = 5  # CRC32 + flags
+
+
+def encode(variables: Mapping[str, str], flags: int, size: int = ENV_SIZE) -> bytes:
+    """One copy of the environment, as ``fw_setenv`` writes it (variables sorted by name)."""
+    for name, value in variables.items():
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise BootEnvError(f"invalid environment variable {name!r}")
+    data = b"".join(f"{k}={v}".encode() + b"\0" for k, v in sorted(variables.items())) + b"\0"
+    if len(data) > size - _HEADER:
+        raise BootEnvError(f"environment needs {len(data)} bytes but holds {size - _HEADER}")
+    data += b"\xff" * (size - _HEADER - len(data))
+    return zlib.crc32(data).to_bytes(4, "little") + bytes([flags & 0xFF]) + data
+
+
+@dataclass(frozen=True)
+class Copy:
+    valid: bool
+    flags: int
+    variables: dict[str, str]
+
+
+def decode(blob: bytes, size: int = ENV_SIZE) -> Copy:
+    """Parse one copy; ``valid`` is False for a short, torn or corrupt copy."""
+    if len(blob) < size:
+        return Copy(False, 0, {})
+    blob = blob[:size]
+    data = blob[_HEADER:]
+    if zlib.crc32(data) != int.from_bytes(blob[:4], "little"):
+        return Copy(False, blob[4], {})
+    variables: dict[str, str] = {}
+    for entry in data.split(b"\0"):
+        if not entry:
+            break
+        name, sep, value = entry.partition(b"=")
+        if sep:
+            variables[name.decode(errors="replace")] = value.decode(errors="replace")
+    return Copy(True, blob[4], variables)
+
+
+def newer(a: Copy, b: Copy) -> int:
+    """Index (0 or 1) of the copy libubootenv reads; raises :class:`BootEnvError` when neither is valid."""
+    if a.valid and b.valid:
+        if a.flags == 0xFF and b.flags == 0:
+            return 1
+        if b.flags == 0xFF and a.flags == 0:
+            return 0
+        return 1 if b.flags > a.flags else 0
+    if a.valid:
+        return 0
+    if b.valid:
+        return 1
+    raise BootEnvError("both copies of the boot environment are invalid")
+
+
+class BootEnv:
+    """The two files of the redundant environment (``/etc/fw_env.config`` names them)."""
+
+    def __init__(self, copies: Sequence[Path], size: int = ENV_SIZE) -> None:
+        if len(copies) != 2:
+            raise BootEnvError("a redundant environment needs exactly two copies")
+        self.copies = (Path(copies[0]), Path(copies[1]))
+        self.size = size
+
+    @classmethod
+    def from_fw_env_config(cls, config: Path = Path("/etc/fw_env.config")) -> BootEnv:
+        entries = []
+        for line in config.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                fields = line.split()
+                if len(fields) < 3 or int(fields[1], 0) != 0:
+                    raise BootEnvError(f"{config}: unsupported line {line!r} (need: file 0x0 size)")
+                entries.append((Path(fields[0]), int(fields[2], 0)))
+        if len(entries) != 2 or entries[0][1] != entries[1][1]:
+            raise BootEnvError(f"{config}: expected two copies of the same size")
+        return cls([entries[0][0], entries[1][0]], entries[0][1])
+
+    def _copies(self) -> tuple[Copy, Copy]:
+        out = []
+        for path in self.copies:
+            try:
+                out.append(decode(path.read_bytes(), self.size))
+            except FileNotFoundError:
+                out.append(Copy(False, 0, {}))
+        return out[0], out[1]
+
+    def read(self) -> dict[str, str]:
+        a, b = self._copies()
+        return dict((a, b)[newer(a, b)].variables)
+
+    def update(self, changes: Mapping[str, str | None]) -> dict[str, str]:
+        """Set (or with ``None`` delete) variables in one write to the older copy. Returns the new state."""
+        a, b = self._copies()
+        current = newer(a, b)
+        state = dict((a, b)[current].variables)
+        for name, value in changes.items():
+            if value is None:
+                state.pop(name, None)
+            else:
+                state[name] = value
+        flags = ((a, b)[current].flags + 1) & 0xFF
+        self._write(1 - current, encode(state, flags, self.size))
+        return state
+
+    def create(self, variables: Mapping[str, str]) -> None:
+        """Write both copies (as ``mkenvimage -r`` does: flags 1 in each)."""
+        blob = encode(variables, 1, self.size)
+        for i in (0, 1):
+            self._write(i, blob)
+
+    def _write(self, index: int, blob: bytes) -> None:
+        path = self.copies[index]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, blob, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
