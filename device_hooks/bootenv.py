@@ -19,6 +19,8 @@ from pathlib import Path
 from ota_common.errors import BootEnvError
 
 ENV_SIZE = 0x4000
+#: the state a freshly flashed device boots with: slot A, nothing on trial
+INITIAL_STATE = {"mender_boot_part": "2", "upgrade_available": "0", "bootcount": "0", "bootlimit": "1"}
 _HEADER = 5  # CRC32 + flags
 
 

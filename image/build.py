@@ -13,6 +13,7 @@ from typing import Any
 
 import jinja2
 
+from device_hooks.bootenv import ENV_SIZE, INITIAL_STATE, encode
 from ota_common.errors import UserError
 from ota_common.tools import run
 
@@ -39,7 +40,7 @@ def render_boot_script(work: Path, board_name: str, board: BoardModel, layout: D
     """boot.cmd from its template, compiled to boot.scr with mkimage."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(BOOT_CMD.read_text()).render(
-        board={"name": board_name, **board.model_dump()}, disk=disk_context(layout)
+        board={"name": board_name, **board.model_dump()}, disk=disk_context(layout), env={"size": hex(ENV_SIZE)}
     )
     cmd = work / "boot.cmd"
     cmd.write_text(text)
@@ -163,6 +164,11 @@ def build_disk(
         work = Path(tmp)
         files = dict(boot_files)
         files["boot.scr"] = render_boot_script(work, board_name, board, layout)
+        # two valid initial copies of the boot state (libubootenv refuses to write when both are invalid)
+        initial = work / "uboot.env"
+        initial.write_bytes(encode(INITIAL_STATE, 1))
+        files["ota/uboot.env.a"] = initial
+        files["ota/uboot.env.b"] = initial
         boot_img = work / "boot.vfat"
         make_vfat(boot_img, files, size_mib=layout.by_name("boot").size_mib, label="boot", seed=f"{seed}:boot")
         data_tree = work / "data"

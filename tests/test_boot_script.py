@@ -1,0 +1,89 @@
+"""boot.scr's A/B state machine in Debian's qemu_arm64 U-Boot, on a disk with only the boot partition (the
+slots are empty, so every boot attempt ends in a reset: exactly what a failing trial slot does). About 20 s
+per scenario; the full boots are in test_image_build.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from device_hooks.bootenv import ENV_SIZE, INITIAL_STATE, BootEnv, decode, encode
+from image.build import render_boot_script
+from image.config import load_board
+from image.disk import assemble, make_vfat, plan_layout
+
+pytestmark = [pytest.mark.slow, pytest.mark.qemu]
+MTOOLS = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+
+
+def _disk(tmp: Path, a: bytes, b: bytes) -> tuple[Path, int]:
+    layout = plan_layout(slot_mib=64, boot_mib=64, data_mib=16, seed="t")
+    scr = render_boot_script(tmp, "qemu-virt", load_board("qemu-virt"), layout)
+    (tmp / "env.a").write_bytes(a)
+    (tmp / "env.b").write_bytes(b)
+    make_vfat(tmp / "boot.vfat", {"boot.scr": scr, "ota/uboot.env.a": tmp / "env.a", "ota/uboot.env.b": tmp / "env.b"},
+              size_mib=64, label="boot", seed="t")
+    assemble(tmp / "disk.img", layout, {"boot": tmp / "boot.vfat"})
+    return tmp / "disk.img", layout.by_name("boot").offset
+
+
+def _run_uboot(disk: Path, log: Path, until: str, count: int = 1, timeout: float = 90) -> list[str]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-m", "1024", "-nographic",
+             "-bios", "/usr/lib/u-boot/qemu_arm64/u-boot.bin", "-drive", f"if=virtio,format=raw,file={disk}"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = [ln for ln in log.read_bytes().decode(errors="replace").splitlines() if ln.startswith("ota-boot:")]
+            if sum(until in ln for ln in lines) >= count:
+                return lines
+            time.sleep(0.5)
+        raise AssertionError(f"{until!r} x{count} not seen; console:\n{log.read_text(errors='replace')[-3000:]}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _env_files(disk: Path, offset: int, tmp: Path) -> BootEnv:
+    for x in "ab":
+        subprocess.run(["mcopy", "-o", "-i", f"{disk}@@{offset}", f"::/ota/uboot.env.{x}", str(tmp / f"out.{x}")],
+                       check=True, env=MTOOLS)
+    return BootEnv([tmp / "out.a", tmp / "out.b"], ENV_SIZE)
+
+
+def test_trial_boot_counts_attempts_then_rolls_back(tmp_path: Path) -> None:
+    trial = {**INITIAL_STATE, "mender_boot_part": "3", "upgrade_available": "1"}
+    disk, off = _disk(tmp_path, encode(trial, 5), encode(INITIAL_STATE, 4))
+    lines = _run_uboot(disk, tmp_path / "serial.log", "slot=A part=2 upgrade_available=0 bootcount=2", count=2)
+    assert lines[0] == "ota-boot: slot=B part=3 upgrade_available=1 bootcount=1"
+    assert "ota-boot: slot 3 failed 1 attempt(s), rolling back" in lines
+    env = _env_files(disk, off, tmp_path)
+    assert env.read() == {**INITIAL_STATE, "bootcount": "2"}
+    # every write went to the older copy with flags + 1, so the previous state is still in the other one
+    a, b = (decode(p.read_bytes()) for p in env.copies)
+    assert (a.flags, b.flags) == (7, 6) and b.variables["upgrade_available"] == "1"
+
+
+def test_fw_setenv_changes_what_u_boot_boots(tmp_path: Path) -> None:
+    disk, off = _disk(tmp_path, encode(INITIAL_STATE, 1), encode(INITIAL_STATE, 1))
+    env = _env_files(disk, off, tmp_path)
+    config = tmp_path / "fw_env.config"
+    config.write_text(f"{env.copies[0]} 0x0 0x{ENV_SIZE:x}\n{env.copies[1]} 0x0 0x{ENV_SIZE:x}\n")
+    subprocess.run(["fw_setenv", "-c", str(config), "mender_boot_part", "3"], check=True)
+    for x in "ab":
+        subprocess.run(["mcopy", "-o", "-i", f"{disk}@@{off}", str(tmp_path / f"out.{x}"), f"::/ota/uboot.env.{x}"],
+                       check=True, env=MTOOLS)
+    lines = _run_uboot(disk, tmp_path / "serial.log", "slot=B part=3 upgrade_available=0 bootcount=0")
+    assert lines[0] == "ota-boot: slot=B part=3 upgrade_available=0 bootcount=0"
+
+
+def test_missing_or_corrupt_state_falls_back_to_slot_a(tmp_path: Path) -> None:
+    disk, _ = _disk(tmp_path, b"\x00" * ENV_SIZE, b"garbage" * 100)
+    lines = _run_uboot(disk, tmp_path / "serial.log", "slot=A part=2")
+    assert lines[0] == "ota-boot: no valid boot state, using slot A"
