@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 
 from ota_common.errors import UserError
 
-from .layers import _format_errors
+from .layers import Model as _Model
+from .layers import format_validation_errors, load_yaml_mapping
 
 BOARDS_DIR = Path(__file__).resolve().parent / "boards"
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -25,10 +25,6 @@ def _token(v: str) -> str:
 
 
 Token = Annotated[str, AfterValidator(_token)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class BoardModel(_Model):
@@ -68,25 +64,11 @@ class ReleaseModel(_Model):
     variables: dict[str, str] = Field(default_factory=dict)
 
 
-def _load_yaml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{what} not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: must be a mapping of keys")
-    return raw
-
-
 def load_release(path: Path) -> ReleaseModel:
     try:
-        return ReleaseModel.model_validate(_load_yaml(path, "release configuration"))
+        return ReleaseModel.model_validate(load_yaml_mapping(path, "release configuration"))
     except ValidationError as e:
-        raise UserError(_format_errors(path, e)) from None
+        raise UserError(format_validation_errors(path, e)) from None
 
 
 def load_board(name: str, boards_dir: Path = BOARDS_DIR) -> BoardModel:
@@ -95,6 +77,6 @@ def load_board(name: str, boards_dir: Path = BOARDS_DIR) -> BoardModel:
         known = ", ".join(sorted(p.stem for p in boards_dir.glob("*.yaml")))
         raise UserError(f"unknown board {name!r} (known: {known})")
     try:
-        return BoardModel.model_validate(_load_yaml(path, "board definition"))
+        return BoardModel.model_validate(load_yaml_mapping(path, "board definition"))
     except ValidationError as e:
-        raise UserError(_format_errors(path, e)) from None
+        raise UserError(format_validation_errors(path, e)) from None

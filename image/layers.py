@@ -36,8 +36,13 @@ class LayerError(UserError):
     """A layer file is invalid; the message lists every problem with its file and key path."""
 
 
-class _Model(BaseModel):
+class Model(BaseModel):
+    """Base of every configuration model: unknown keys are errors, instances are immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_Model = Model
 
 
 def _abs_dest(v: str) -> str:
@@ -90,31 +95,26 @@ class Units(_Model):
         return v
 
 
+def _account(v: str) -> str:
+    if not _NAME_RE.match(v):
+        raise ValueError(f"not a valid user or group name: {v!r}")
+    return v
+
+
+AccountName = Annotated[str, AfterValidator(_account)]
+
+
 class User(_Model):
-    name: str
+    name: AccountName
     system: bool = True
     home: str | None = None
     shell: str = "/usr/sbin/nologin"
-    groups: tuple[str, ...] = ()
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(f"not a valid user name: {v!r}")
-        return v
+    groups: tuple[AccountName, ...] = ()
 
 
 class Group(_Model):
-    name: str
+    name: AccountName
     system: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(f"not a valid group name: {v!r}")
-        return v
 
 
 class LayerModel(_Model):
@@ -167,7 +167,7 @@ def _loc(loc: Sequence[int | str]) -> str:
     return out or "(top level)"
 
 
-def _format_errors(path: Path, e: ValidationError) -> str:
+def format_validation_errors(path: Path, e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         msg = err["msg"].removeprefix("Value error, ")
@@ -177,24 +177,30 @@ def _format_errors(path: Path, e: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def load_yaml_mapping(path: Path, what: str, error: type[UserError] = UserError) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file is an empty mapping)."""
+    try:
+        raw: Any = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise error(f"{path}: {what} must be a mapping of keys")
+    return raw
+
+
 def load_layer(path: Path) -> Layer:
     """Load and validate one layer file, including that every referenced source exists.
 
     Raises :class:`LayerError` listing every problem."""
-    try:
-        raw: Any = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise LayerError(f"layer file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise LayerError(f"{path}: not valid YAML: {e}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise LayerError(f"{path}: a layer must be a mapping of keys")
+    raw = load_yaml_mapping(path, "layer file", LayerError)
     try:
         model = LayerModel.model_validate(raw)
     except ValidationError as e:
-        raise LayerError(_format_errors(path, e)) from None
+        raise LayerError(format_validation_errors(path, e)) from None
     layer = Layer(name=path.stem, path=path, model=model)
     problems = []
     sources: list[tuple[str, Sequence[FileEntry | TreeEntry]]] = [

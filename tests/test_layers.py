@@ -75,7 +75,7 @@ def test_wrong_types_and_missing_sources_are_errors(tmp_path: Path) -> None:
     assert "files[0].src: file not found" in str(exc.value) and "trees[0].src: directory not found" in str(exc.value)
     with pytest.raises(LayerError, match="not valid YAML"):
         load_layer(_layer(tmp_path, "yaml", "packages: [\n"))
-    with pytest.raises(LayerError, match="must be a mapping"):
+    with pytest.raises(LayerError, match="layer file must be a mapping"):
         load_layer(_layer(tmp_path, "list", "- a\n"))
 
 
