@@ -11,8 +11,7 @@ from pydantic import AfterValidator, Field, ValidationError
 
 from ota_common.errors import UserError
 
-from .layers import Model as _Model
-from .layers import format_validation_errors, load_yaml_mapping
+from .layers import Model, format_validation_errors, load_yaml_mapping
 
 BOARDS_DIR = Path(__file__).resolve().parent / "boards"
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -27,7 +26,7 @@ def _token(v: str) -> str:
 Token = Annotated[str, AfterValidator(_token)]
 
 
-class BoardModel(_Model):
+class BoardModel(Model):
     """What differs between boards: the boot partition, the console and the device type."""
 
     description: str = ""
@@ -48,7 +47,7 @@ class BoardModel(_Model):
     sd_power_of_two: bool = False
 
 
-class ReleaseModel(_Model):
+class ReleaseModel(Model):
     name: Token = "vv-video-ai"
     version: Token = "1.0.0"
     suite: Token = "bookworm"

@@ -42,7 +42,6 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-_Model = Model
 
 
 def _abs_dest(v: str) -> str:
@@ -69,20 +68,20 @@ Mode = Annotated[str, AfterValidator(_mode)]
 Owner = Annotated[str, AfterValidator(_owner)]
 
 
-class FileEntry(_Model):
+class FileEntry(Model):
     src: str
     dest: RootfsPath
     mode: Mode = "0644"
     owner: Owner = "root:root"
 
 
-class TreeEntry(_Model):
+class TreeEntry(Model):
     src: str
     dest: RootfsPath
     owner: Owner = "root:root"
 
 
-class Units(_Model):
+class Units(Model):
     enable: tuple[str, ...] = ()
     mask: tuple[str, ...] = ()
 
@@ -104,7 +103,7 @@ def _account(v: str) -> str:
 AccountName = Annotated[str, AfterValidator(_account)]
 
 
-class User(_Model):
+class User(Model):
     name: AccountName
     system: bool = True
     home: str | None = None
@@ -112,12 +111,12 @@ class User(_Model):
     groups: tuple[AccountName, ...] = ()
 
 
-class Group(_Model):
+class Group(Model):
     name: AccountName
     system: bool = True
 
 
-class LayerModel(_Model):
+class LayerModel(Model):
     """The schema of one ``layers/<name>.yaml``."""
 
     description: str = ""
