@@ -25,7 +25,7 @@ from artifacts.compression import ParallelGzipEncoder
 from artifacts.format import Compression
 from artifacts.keys import Signer
 from ota_common.errors import UserError
-from ota_common.tools import require_tools, run
+from ota_common.tools import require_tools
 
 from . import rootfs as rootfs_mod
 from .build import build_disk, firmware_files, template_context
@@ -209,7 +209,7 @@ def build_release(
         "tools": {
             "python": platform.python_version(),
             "mmdebstrap": _tool_version(["mmdebstrap", "--version"]),
-            "mke2fs": _tool_version(["mke2fs", "-V"]).split()[1] if _tool_version(["mke2fs", "-V"]) != "unknown" else "unknown",
+            "mke2fs": _tool_version(["mke2fs", "-V"]),
             "mkimage": _tool_version(["mkimage", "-V"]),
         },
         "timings": {k: round(v, 1) for k, v in result.timings.items()},
@@ -246,4 +246,4 @@ def _gzip(src: Path, dst: Path) -> None:
         enc.close()
 
 
-__all__ = ["DEFAULT_CONFIG", "build_release", "default_cache_dir", "run"]
+__all__ = ["DEFAULT_CONFIG", "build_release", "default_cache_dir", "sha256_file"]
