@@ -38,41 +38,43 @@ _OPTIONS = [
     click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Build cache (default: $XDG_CACHE_HOME/vv-ota)."),
     click.option("--server-url", help="Update server URL baked into the image's agent configuration."),
+    click.option("--previous", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                 help="The previous release's output directory (OUT/<old version>); recorded in manifest.json."),
 ]
 
 
 @click.command()
 @_options
 def release(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
-            cache_dir: Path | None, server_url: str | None) -> None:
+             cache_dir: Path | None, server_url: str | None, previous: Path | None) -> None:
     """Build disk images, the rootfs and signed artifacts for every board into OUT/<version>/."""
-    _run("release", config, version, boards, key, out, cache_dir, server_url)
+    _run("release", config, version, boards, key, out, cache_dir, server_url, previous)
 
 
 @click.command()
 @_options
 def rootfs(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
-           cache_dir: Path | None, server_url: str | None) -> None:
+           cache_dir: Path | None, server_url: str | None, previous: Path | None) -> None:
     """Stage only: the root filesystem (OUT/<version>/rootfs.ext4), for debugging."""
-    _run("rootfs", config, version, boards, key, out, cache_dir, server_url)
+    _run("rootfs", config, version, boards, key, out, cache_dir, server_url, previous)
 
 
 @click.command()
 @_options
 def image(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
-          cache_dir: Path | None, server_url: str | None) -> None:
+          cache_dir: Path | None, server_url: str | None, previous: Path | None) -> None:
     """Stages up to the disk images (no artifacts), for debugging."""
-    _run("image", config, version, boards, key, out, cache_dir, server_url)
+    _run("image", config, version, boards, key, out, cache_dir, server_url, previous)
 
 
 def _run(kind: str, config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
-         cache_dir: Path | None, server_url: str | None) -> None:
+         cache_dir: Path | None, server_url: str | None, previous: Path | None) -> None:
     from image.release import DEFAULT_CONFIG, build_release
 
     signer = load_signer(key) if key else None
     result = build_release(config=config or DEFAULT_CONFIG, version=version, boards=boards, signer=signer, out=out,
                            cache_dir=cache_dir, server_url=server_url, progress=lambda m: console.log(m),
-                           stages=_STAGES[kind])
+                           stages=_STAGES[kind], previous=previous)
     table = Table(title=f"release {result.version} → {result.out_dir}")
     table.add_column("output")
     table.add_column("size", justify="right")

@@ -106,6 +106,7 @@ def build_release(
     server_url: str | None = None,
     progress: Callable[[str], None] = lambda msg: None,
     stages: frozenset[str] = frozenset({"rootfs", "images", "artifacts"}),
+    previous: Path | None = None,
 ) -> ReleaseResult:
     """Build a release, or only its first ``stages`` (``rootfs``; ``rootfs`` + ``images``) for debugging.
     Raises :class:`UserError` for bad configuration, :class:`ToolError` for tools."""
@@ -126,6 +127,7 @@ def build_release(
     layers_dir = config.parent / "layers"
     layers = load_layers([layers_dir / f"{n}.yaml" for n in release.layers])
     merged = merge_layers(layers)
+    previous_manifest = _previous_release(previous) if previous else None
     require_tools(TOOLS, "building a release")
     cache = cache_dir or default_cache_dir()
     epoch = source_date_epoch()
@@ -200,6 +202,10 @@ def build_release(
         "built_at": int(time.time()),
         "build_seconds": round(time.monotonic() - t0, 1),
         "signed": signer is not None,
+        # delta artifacts from this previous release are the delta issue's; the lineage is recorded now
+        "previous": None if previous_manifest is None else {
+            "version": previous_manifest.get("version"), "artifact_name": previous_manifest.get("artifact_name"),
+            "rootfs_sha256": previous_manifest.get("outputs", {}).get("rootfs.ext4", {}).get("sha256")},
         "kernel": kernel,
         "disk": {"disk_id": f"{layout.disk_id:08x}", "slot_mib": release.slot_size_mib},
         "layers": {layer.name: layer_hash(layer) for layer in layers},
@@ -217,6 +223,19 @@ def build_release(
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     result.outputs["manifest.json"] = out_dir / "manifest.json"
     return result
+
+
+def _previous_release(path: Path) -> dict[str, Any]:
+    manifest = path / "manifest.json"
+    try:
+        doc = json.loads(manifest.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--previous {path}: no manifest.json there; pass a release output directory (OUT/<version>)") from None
+    except ValueError:
+        raise UserError(f"--previous {path}: manifest.json is not valid JSON") from None
+    if not isinstance(doc, dict) or "version" not in doc:
+        raise UserError(f"--previous {path}: manifest.json is not a release manifest")
+    return doc
 
 
 def _install_trusted_keys(root: Path, release: ReleaseModel, base_dir: Path, signer: Signer | None) -> None:

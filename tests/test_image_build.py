@@ -141,14 +141,19 @@ def test_rpi_image_runs_debian_u_boot_and_boot_script_on_emulated_pi3(release_di
 
 def test_stage_commands_stop_where_asked(tmp_path: Path) -> None:
     env = dict(os.environ, SOURCE_DATE_EPOCH=EPOCH, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(REPO / "build.py"), "image", "--board", "qemu-virt", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=REPO)
+    previous = tmp_path / "prev"
+    previous.mkdir()
+    (previous / "manifest.json").write_text(json.dumps(
+        {"version": "0.9.0", "artifact_name": "vv-video-ai-0.9.0", "outputs": {"rootfs.ext4": {"sha256": "ab" * 32}}}))
+    proc = subprocess.run([sys.executable, str(REPO / "build.py"), "image", "--board", "qemu-virt", "--out", str(tmp_path),
+                           "--previous", str(previous)], capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "1.0.0"
     assert (out / "qemu-virt" / "disk.img").exists() and (out / "rootfs.ext4").exists()
     assert not list(out.glob("*.mender")) and not (out / "rpi4").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["outputs"]) == {"rootfs.ext4", "qemu-virt/disk.img", "qemu-virt/disk.img.bmap", "qemu-virt/disk.img.gz"}
+    assert manifest["previous"] == {"version": "0.9.0", "artifact_name": "vv-video-ai-0.9.0", "rootfs_sha256": "ab" * 32}
 
 
 def test_bad_release_configuration_fails_before_building(tmp_path: Path) -> None:
