@@ -218,6 +218,13 @@ def _parse_pax(data: bytes, what: str) -> dict[str, str]:
     return records
 
 
+def _check_unused_numeric(block: bytes) -> None:
+    """Fields we do not use must still be well-formed numbers: garbage there is corruption."""
+    for what, field in (("uid", block[108:116]), ("gid", block[116:124]), ("devmajor", block[329:337]),
+                        ("devminor", block[337:345])):
+        _parse_numeric(field, what)
+
+
 @dataclass(frozen=True)
 class TarEntry:
     name: str
@@ -307,6 +314,7 @@ class TarReader:
                 raise MalformedArtifact(f"{self.what}: member {name!r} has a negative size")
             if self._max is not None and size > self._max:
                 raise MalformedArtifact(f"{self.what}: member {name!r} claims {size} bytes, which is absurd")
+            _check_unused_numeric(block)
             self.entry = TarEntry(
                 name=name,
                 size=size,
@@ -389,7 +397,7 @@ class TarReader:
             raise MalformedArtifact(f"{self.what}: malformed tar header checksum field {field!r}")
         stored = int(next(g for g in m.groups() if g), 8)
         blanked = block[:148] + b" " * 8 + block[156:]
-        unsigned = sum(blanked)
-        signed = sum(b - 256 if b > 127 else b for b in blanked)
-        if stored not in (unsigned, signed):
+        # the unsigned sum only: every writer of artifacts (Go, GNU tar, Python) uses it, and also accepting
+        # the historical signed sum would let some two-byte corruptions pass
+        if stored != sum(blanked):
             raise MalformedArtifact(f"{self.what}: tar header checksum mismatch (corrupted header)")

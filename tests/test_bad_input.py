@@ -346,12 +346,32 @@ def _refused_or_identical(original: Path, mutated: bytes, keys, tmp_path: Path, 
         return
     what = f"{length} byte(s) changed at {pos}"
     assert got == _content(original, keys), f"{what} changed verified content"
-    # Only the compressed payload stream has bytes the v3 format does not authenticate (its gzip header
-    # fields, or alternative encodings of the same data); everything else must be refused.
+    # The v3 format authenticates content, not container bytes. What may be accepted: (1) bytes of a
+    # compressed payload stream (gzip header fields, other encodings of the same data), (2) edits confined to
+    # the metadata fields of tar headers (mode, owner, times, checksum) that keep the header checksum right.
+    # Names, sizes, types, padding and everything else must be refused.
     with tarfile.open(original) as tf:
-        data = tf.getmember(next(n for n in tf.getnames() if n.startswith("data/0000.tar")))
-    assert original.suffix and not original.name.startswith("none"), f"{what} accepted in an uncompressed artifact"
-    assert data.offset_data <= pos and pos + length <= data.offset_data + data.size, f"{what} accepted outside the payload"
+        members = tf.getmembers()
+    data = next(m for m in members if m.name.startswith("data/0000.tar"))
+    in_payload = data.offset_data <= pos and pos + length <= data.offset_data + data.size
+    compressed = not original.name.startswith("none")
+    metadata = [range(m.offset + a, m.offset + b) for m in members for a, b in _METADATA_FIELDS]
+    in_metadata = all(any(i in r for r in metadata) for i in changed)
+    assert (compressed and in_payload) or in_metadata, f"{what} accepted outside unauthenticated bytes"
+
+
+#: tar header fields that carry no content: mode, uid, gid, mtime, chksum, uname, gname, devmajor, devminor
+_METADATA_FIELDS = ((100, 124), (136, 156), (265, 345))
+
+
+def test_two_byte_edit_balanced_in_the_signed_tar_checksum_is_refused(any_compression: Path, keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Found by the mutation test: 'm\xf3' over the gid digits keeps the *signed* header sum; we accept only
+    the unsigned sum (what every writer uses) and parse every numeric field."""
+    raw = any_compression.read_bytes()
+    bad = tmp_path / "gid.mender"
+    bad.write_bytes(raw[:116] + b"m\xf3" + raw[118:])
+    with pytest.raises(MalformedArtifact, match="checksum mismatch|invalid number"):
+        verify(bad, keys)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
