@@ -14,6 +14,7 @@ Memory stays bounded: at most a few chunks are in flight whatever the size of th
 from __future__ import annotations
 
 import contextlib
+import io
 import lzma
 import os
 import queue
@@ -554,8 +555,6 @@ def iter_decompressed(compression: Compression, raw: RawReader, what: str, *, ba
 
 def decompress_bytes(compression: Compression, data: bytes, what: str, limit: int) -> bytes:
     """Decompress a small member (the header) fully, refusing more than ``limit`` bytes of output."""
-    import io
-
     out = bytearray()
     for chunk in iter_decompressed(compression, io.BytesIO(data), what, background=False):
         out += chunk

@@ -41,6 +41,10 @@ class Signer(Protocol):
 
     def sign(self, message: bytes) -> bytes: ...
 
+    def public_key_pem(self) -> bytes:
+        """The public half, to bake into images as a trusted key."""
+        ...
+
     @property
     def description(self) -> str: ...
 
@@ -86,6 +90,11 @@ class KeySigner:
         der = self.key.sign(message, ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
         return r.to_bytes(_P256_COORD, "big") + s.to_bytes(_P256_COORD, "big")
+
+    def public_key_pem(self) -> bytes:
+        return self.key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
 
 @dataclass(frozen=True)

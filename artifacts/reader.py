@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import io
 import os
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -293,8 +294,6 @@ class ArtifactReader:
             raise ChecksumMismatch(path, expected, actual)
 
     def _parse_header(self, stored: bytes, compression: fmt.Compression) -> ArtifactHeader:
-        import io
-
         raw = decompress_bytes(compression, stored, self.header_member, fmt.MAX_HEADER_UNCOMPRESSED)
         tar = TarReader(ByteSource(io.BytesIO(raw), self.header_member), self.header_member)
         entry = tar.next()

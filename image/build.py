@@ -17,7 +17,7 @@ from device_hooks.bootenv import ENV_SIZE, INITIAL_STATE, encode
 from ota_common.errors import UserError
 from ota_common.tools import run
 
-from .config import BoardModel
+from .config import BoardModel, ReleaseModel
 from .disk import DiskLayout, assemble, bmap, make_ext4, make_vfat
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def build_disk(
     return BoardImage(board_name, rootfs_image, disk, bmap(disk))
 
 
-def template_context(release: Any, layout: DiskLayout, variables: dict[str, str]) -> dict[str, Any]:
+def template_context(release: ReleaseModel, layout: DiskLayout, variables: dict[str, str]) -> dict[str, Any]:
     """What layer templates see. Nothing board-specific: one rootfs serves every board (the device type is
     written to the data partition instead)."""
     return {

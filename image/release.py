@@ -247,13 +247,7 @@ def _install_trusted_keys(root: Path, release: ReleaseModel, base_dir: Path, sig
             raise UserError(f"trusted key not found: {src}")
         shutil.copyfile(src, keys_dir / f"trusted-{i}.pem")
     if signer is not None:
-        from cryptography.hazmat.primitives import serialization
-
-        private = getattr(signer, "key", None)
-        if private is not None:
-            pem = private.public_key().public_bytes(serialization.Encoding.PEM,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-            (keys_dir / "release.pem").write_bytes(pem)
+        (keys_dir / "release.pem").write_bytes(signer.public_key_pem())
 
 
 def _gzip(src: Path, dst: Path) -> None:

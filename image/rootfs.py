@@ -116,7 +116,7 @@ def _inside(root: Path, dest: str) -> Path:
     path = root / dest.lstrip("/")
     # a symlinked parent inside the rootfs must not lead outside it
     real_parent = path.parent.resolve()
-    if not str(real_parent).startswith(str(root.resolve())):
+    if not real_parent.is_relative_to(root.resolve()):
         raise UserError(f"{dest} resolves outside the rootfs")
     return path
 

@@ -396,3 +396,9 @@ def test_signing_refuses_a_corrupt_artifact_and_writes_nothing(signed: Path, key
     with pytest.raises(ArtifactError):
         sign_artifact(bad, out_dir / "x.mender", load_signer(keys["rsa"][0]))
     assert list(out_dir.iterdir()) == []
+
+
+def test_signer_gives_the_public_key_that_verifies_it(keys) -> None:  # type: ignore[no-untyped-def]
+    for name in ("ec", "rsa"):
+        private, public = keys[name]
+        assert load_signer(private).public_key_pem() == public.read_bytes()
