@@ -1,0 +1,162 @@
+"""The agent's configuration: ``/etc/ota/ota.conf`` (INI), rendered into each rootfs at build time.
+
+Every path the agent touches is a setting, so that host tests run the same code against files (slot files,
+env files, a fake ``/proc/cmdline``) and a device runs it against its block devices. Unknown sections or keys
+are errors: a typo in a fleet's configuration must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ota_common.errors import UserError
+
+DEFAULT_CONFIG = Path("/etc/ota/ota.conf")
+
+
+class ConfigError(UserError):
+    """The agent's configuration file is missing or invalid."""
+
+
+def _seconds(value: str) -> float:
+    """``30``, ``30s``, ``5m``, ``2h``, ``1d``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30, 30s, 5m, 2h)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "yes", "true", "on"):
+        return True
+    if v in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(v for v in re.split(r"[\s,]+", value.strip()) if v)
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    url: str = ""
+    tenant_token: str = ""
+    poll_interval: float = 1800.0
+    inventory_interval: float = 8 * 3600.0
+    retry_interval: float = 30.0
+    request_timeout: float = 30.0
+    download_retry_timeout: float = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    artifact_name: str = ""
+    version: str = ""
+    device_type_file: str = "/data/ota/device_type"
+    identity_command: str = "/usr/lib/vv-ota/identity"
+    inventory_dir: str = "/usr/lib/vv-ota/inventory.d"
+
+
+@dataclass(frozen=True)
+class PathsSection:
+    trusted_keys: str = "/etc/ota/keys"
+    state_dir: str = "/data/ota"
+    fw_env_config: str = "/etc/fw_env.config"
+    cmdline: str = "/proc/cmdline"
+    boot_id: str = "/proc/sys/kernel/random/boot_id"
+    # empty: derived from root=PARTUUID=<disk id>-0N on the kernel command line (/dev/disk/by-partuuid/...)
+    slot_a: str = ""
+    slot_b: str = ""
+    journal_dir: str = "/var/log/journal"
+    data_mount: str = "/data"
+    device_env: str = "/data/ota/device.env"
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    units: tuple[str, ...] = ("vv-video-ai.service",)
+    url: str = "http://127.0.0.1:8081/health"
+    hooks_dir: str = "/etc/ota/health.d"
+    hook_timeout: float = 60.0
+    deadline: float = 300.0
+    check_server: bool = True
+    check_data_mount: bool = True
+    retry_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class CommandsSection:
+    reboot: str = "systemctl reboot"
+    restart_on_config: tuple[str, ...] = ("vv-video-ai.service",)
+    script_timeout: float = 3600.0
+    script_retry_interval: float = 60.0
+    script_retry_timeout: float = 1800.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSection = field(default_factory=ServerSection)
+    device: DeviceSection = field(default_factory=DeviceSection)
+    paths: PathsSection = field(default_factory=PathsSection)
+    health: HealthSection = field(default_factory=HealthSection)
+    commands: CommandsSection = field(default_factory=CommandsSection)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.paths.state_dir)
+
+
+_SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def _convert(section: str, key: str, raw: str, default: object) -> object:
+    try:
+        if isinstance(default, bool):
+            return _bool(raw)
+        if isinstance(default, float):
+            return _seconds(raw)
+        if isinstance(default, tuple):
+            return _list(raw)
+        return raw.strip()
+    except ValueError as e:
+        raise ConfigError(f"[{section}] {key}: {e}") from None
+
+
+def parse_config(text: str, source: str = "ota.conf") -> Config:
+    cp = configparser.ConfigParser(interpolation=None, comment_prefixes=("#", ";"), inline_comment_prefixes=None)
+    try:
+        cp.read_string(text, source=source)
+    except configparser.Error as e:
+        raise ConfigError(f"{source}: {e}") from None
+    sections: dict[str, object] = {}
+    defaults = Config()
+    for name in cp.sections():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
+        current = getattr(defaults, name)
+        known = {f.name for f in fields(current)}
+        values: dict[str, object] = {}
+        for key, raw in cp.items(name):
+            if key not in known:
+                raise ConfigError(f"{source}: [{name}] unknown key {key!r} (known: {', '.join(sorted(known))})")
+            values[key] = _convert(name, key, raw, getattr(current, key))
+        sections[name] = type(current)(**values)
+    cfg = Config(**sections)  # type: ignore[arg-type]
+    if cfg.server.url and not re.match(r"^https?://[^/\s]+", cfg.server.url):
+        raise ConfigError(f"{source}: [server] url must be an http(s) URL, got {cfg.server.url!r}")
+    return cfg
+
+
+def load_config(path: Path = DEFAULT_CONFIG) -> Config:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"configuration not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    return parse_config(text, str(path))

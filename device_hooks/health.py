@@ -1,0 +1,199 @@
+"""Health verdict after a trial boot: check, then commit or roll back. Runs as ``ota-health.service``.
+
+Checks (all must pass, retried until the deadline so a slow application gets its time):
+- every unit in ``[health] units`` is active;
+- the application's ``/health`` URL answers 2xx;
+- the update server answers HTTP at all (any status below 500: the device can still be managed);
+- ``/data`` is mounted;
+- every executable in ``/etc/ota/health.d`` (run-parts naming and order), each within ``hook_timeout``.
+
+Pass ▸ ArtifactCommit_Enter scripts, ``upgrade_available=0`` (the commit), ArtifactCommit_Leave.
+Fail ▸ ArtifactRollback_Enter, ``mender_boot_part=<other>``, ``upgrade_available=0``, ArtifactRollback_Leave,
+ArtifactRollbackReboot_Enter, reboot. The verdict and the collected output go to ``health.json`` on ``/data``;
+the agent reports it to the server (``success`` after the commit, ``failure`` with the output after the
+rollback reboot).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bootenv import BootEnv
+from .config import Config
+from .identity import boot_id
+from .scripts import ScriptError, ScriptRunner
+from .slots import detect, other, slot_name
+from .state import StateFile, write_json
+
+log = logging.getLogger("ota-health")
+
+RUN_PARTS_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, ok: bool, what: str) -> None:
+        self.lines.append(f"{'ok  ' if ok else 'FAIL'} {what}")
+        if not ok:
+            self.ok = False
+
+    @property
+    def summary(self) -> str:
+        failed = [line[5:] for line in self.lines if line.startswith("FAIL")]
+        return "; ".join(failed)[:800] if failed else "all checks passed"
+
+
+def run_checks(cfg: Config) -> CheckResult:
+    h = cfg.health
+    res = CheckResult(True)
+    for unit in h.units:
+        try:
+            proc = subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True, timeout=30,
+                                  check=False)
+            state = proc.stdout.strip() or proc.stderr.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            state = f"cannot ask systemd: {e}"
+        res.add(state == "active", f"unit {unit}: {state}")
+    if h.url:
+        res.add(*_http_ok(h.url, lambda s: 200 <= s < 300, "application health"))
+    if h.check_server and cfg.server.url:
+        res.add(*_http_ok(cfg.server.url.rstrip("/") + "/", lambda s: s < 500, "update server"))
+    if h.check_data_mount:
+        mounted = os.path.ismount(cfg.paths.data_mount)
+        res.add(mounted, f"{cfg.paths.data_mount} mounted" if mounted else f"{cfg.paths.data_mount} is not mounted")
+    hooks = Path(h.hooks_dir)
+    if hooks.is_dir():
+        for hook in sorted(hooks.iterdir()):
+            if not (RUN_PARTS_NAME.match(hook.name) and hook.is_file() and os.access(hook, os.X_OK)):
+                continue
+            try:
+                proc = subprocess.run([str(hook)], capture_output=True, text=True, errors="replace",
+                                      timeout=h.hook_timeout, check=False)
+                out = (proc.stdout + proc.stderr).strip()
+                res.add(proc.returncode == 0, f"hook {hook.name}: exit {proc.returncode}" + (f": {out[-500:]}" if out else ""))
+            except subprocess.TimeoutExpired:
+                res.add(False, f"hook {hook.name}: timed out after {h.hook_timeout:.0f}s")
+            except OSError as e:
+                res.add(False, f"hook {hook.name}: cannot run: {e.strerror}")
+    return res
+
+
+def _http_ok(url: str, good: object, what: str) -> tuple[bool, str]:
+    assert callable(good)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return False, f"{what} {url}: {reason}"
+    return bool(good(status)), f"{what} {url}: HTTP {status}"
+
+
+@dataclass
+class HealthRun:
+    cfg: Config
+    sleep: object = time.sleep
+
+    def __post_init__(self) -> None:
+        self.env = BootEnv.from_fw_env_config(Path(self.cfg.paths.fw_env_config))
+        self.slots = detect(self.cfg)
+        self.state = StateFile(self.cfg.state_dir / "state.json")
+        self.boot = boot_id(Path(self.cfg.paths.boot_id))
+
+    def in_trial(self) -> bool:
+        env = self.env.read()
+        return env.get("upgrade_available") == "1" and env.get("mender_boot_part") == str(self.slots.running)
+
+    def verdict(self) -> int:
+        """0: healthy (committed if this was a trial); 1: unhealthy outside a trial; on a failed trial this
+        rolls back and reboots."""
+        if not self.in_trial():
+            res = run_checks(self.cfg)
+            for line in res.lines:
+                log.info("%s", line)
+            return 0 if res.ok else 1
+        dep = self.state.get("deployment") or {}
+        dep_id = str(dep.get("id", "manual"))
+        runner = ScriptRunner(self.cfg.state_dir / "scripts" / dep_id, self.cfg.commands.script_timeout,
+                              self.cfg.commands.script_retry_interval, self.cfg.commands.script_retry_timeout)
+        log.info("trial boot of slot %s: running health checks (deadline %.0fs)", slot_name(self.slots.running),
+                 self.cfg.health.deadline)
+        output: list[str] = []
+        try:
+            output.append(runner.run("ArtifactReboot", "Leave"))
+            res = self._checks_until_deadline()
+            output.extend(res.lines)
+            if not res.ok:
+                return self._fail(dep_id, runner, res.summary, output)
+            output.append(runner.run("ArtifactCommit", "Enter"))
+        except ScriptError as e:
+            output.append(str(e))
+            return self._fail(dep_id, runner, str(e)[:800], output)
+        self.env.update({"upgrade_available": "0", "bootcount": "0"})
+        log.info("slot %s committed", slot_name(self.slots.running))
+        try:
+            output.append(runner.run("ArtifactCommit", "Leave"))
+        except ScriptError as e:  # after the commit there is no going back; report it in the log
+            output.append(str(e))
+        write_json(self.cfg.state_dir / "health.json", {
+            "boot_id": self.boot, "deployment": dep_id, "verdict": "pass", "summary": "all checks passed",
+            "output": "\n".join(o for o in output if o), "time": time.time()})
+        return 0
+
+    def _checks_until_deadline(self) -> CheckResult:
+        deadline = time.monotonic() + self.cfg.health.deadline
+        while True:
+            res = run_checks(self.cfg)
+            if res.ok or time.monotonic() + self.cfg.health.retry_interval > deadline:
+                for line in res.lines:
+                    (log.info if res.ok else log.warning)("%s", line)
+                return res
+            log.info("not healthy yet (%s); checking again", res.summary)
+            assert callable(self.sleep)
+            self.sleep(self.cfg.health.retry_interval)
+
+    def _fail(self, dep_id: str, runner: ScriptRunner, summary: str, output: list[str]) -> int:
+        back = other(self.slots.running)
+        log.error("trial of slot %s failed: %s; rolling back to slot %s", slot_name(self.slots.running), summary,
+                  slot_name(back))
+        for state, action in (("ArtifactReboot", "Error"), ("ArtifactRollback", "Enter")):
+            try:
+                output.append(runner.run(state, action))
+            except ScriptError as e:
+                output.append(str(e))
+        write_json(self.cfg.state_dir / "health.json", {
+            "boot_id": self.boot, "deployment": dep_id, "verdict": "fail", "summary": summary,
+            "output": "\n".join(o for o in output if o), "time": time.time()})
+        self.env.update({"mender_boot_part": str(back), "upgrade_available": "0", "bootcount": "0"})
+        for state, action in (("ArtifactRollback", "Leave"), ("ArtifactRollbackReboot", "Enter")):
+            try:
+                output.append(runner.run(state, action))
+            except ScriptError as e:
+                log.warning("%s", e)
+        subprocess.run(shlex.split(self.cfg.commands.reboot), check=False, timeout=120)
+        return 2
+
+
+def deadline_reached(cfg: Config) -> int:
+    """``ota-deadline.service``: a trial boot that has no verdict by now reboots (boot.scr counts attempts)."""
+    run = HealthRun(cfg)
+    if not run.in_trial():
+        return 0
+    log.error("trial boot of slot %s reached its deadline without a health verdict: rebooting",
+              slot_name(run.slots.running))
+    subprocess.run(shlex.split(cfg.commands.reboot), check=False, timeout=120)
+    return 1

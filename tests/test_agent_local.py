@@ -1,0 +1,251 @@
+"""The update agent on a file-backed device, without a server (``ota-agent install``): verification before any
+write, the streaming install, arming, health verdict, rollbacks, state scripts and power cuts at each step."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+
+from artifacts import Compression, load_signer
+from artifacts.writer import rootfs_image_spec, write_artifact
+from device_hooks.faults import EXIT_CODE
+
+from .agent_device import FileDevice
+from .tampering import inner_tar, members, pack, replace
+
+UNREACHABLE = "http://127.0.0.1:9"  # nothing listens on the discard port
+
+
+def flip_payload_byte(art: Path, payload: Path) -> None:
+    """A valid container whose rootfs image differs from the signed manifest in one byte (in the middle)."""
+    data = bytearray(payload.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    items = members(art)
+    packed = gzip.compress(inner_tar((payload.name, bytes(data))))
+    pack(art, replace(items, "data/0000.tar.gz", packed))
+
+
+def make_rootfs(path: Path, size: int = 3 * 1024 * 1024, seed: int = 7) -> Path:
+    rng = random.Random(seed)
+    blocks = [rng.randbytes(4096) if rng.random() < 0.5 else bytes(4096) for _ in range(size // 4096)]
+    path.write_bytes(b"".join(blocks))
+    return path
+
+
+def make_artifact(tmp: Path, key: Path | None, *, name: str = "vv-2.0.0", version: str = "2.0.0",
+                  device_types: tuple[str, ...] = ("test-board",), scripts: dict[str, str] | None = None,
+                  payload: Path | None = None, seed: int = 7) -> tuple[Path, Path]:
+    payload = payload or make_rootfs(tmp / f"{name}.ext4", seed=seed)
+    script_paths = []
+    for sname, body in (scripts or {}).items():
+        p = tmp / "scripts" / name / sname
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(body)
+        p.chmod(0o755)
+        script_paths.append(p)
+    out = tmp / f"{name}.mender"
+    write_artifact(rootfs_image_spec(file=payload, name=name, device_types=list(device_types),
+                                     software_version=version, scripts=script_paths),
+                   out, compression=Compression.GZIP, signer=load_signer(key) if key else None)
+    return out, payload
+
+
+@pytest.fixture
+def device(tmp_path: Path, keys) -> FileDevice:  # type: ignore[no-untyped-def]
+    return FileDevice(tmp_path / "dev", UNREACHABLE, [keys["ec"][1]], check_server=False)
+
+
+def snapshot(dev: FileDevice) -> tuple[str, bytes, bytes, bytes]:
+    env = dev.root / "boot"
+    return (hashlib.sha256(dev.slot_path(3).read_bytes()).hexdigest(), (env / "uboot.env.a").read_bytes(),
+            (env / "uboot.env.b").read_bytes(), dev.slot_path(2).read_bytes()[:4096])
+
+
+def test_install_arm_trial_commit(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    art, payload = make_artifact(tmp_path, keys["ec"][0])
+    slot_a = device.slot_path(2).read_bytes()
+    proc = device.agent("install", str(art))
+    assert proc.returncode == 0, proc.stderr
+    assert "armed" in proc.stdout
+    env = device.bootenv.read()
+    assert (env["mender_boot_part"], env["upgrade_available"], env["bootcount"]) == ("3", "1", "0")
+    data = payload.read_bytes()
+    assert device.slot_path(3).read_bytes()[: len(data)] == data
+    assert device.slot_path(2).read_bytes() == slot_a, "the running slot was touched"
+    assert device.boot() == 3
+    assert device.bootenv.read()["bootcount"] == "1"
+    proc = device.agent("health")
+    assert proc.returncode == 0, proc.stderr
+    env = device.bootenv.read()
+    assert (env["mender_boot_part"], env["upgrade_available"]) == ("3", "0")
+    assert device.boot() == 3 and device.boot() == 3, "a committed slot must stay"
+    show = device.agent("show")
+    assert '"artifact_name": "vv-2.0.0"' in show.stdout and '"running_slot": "B"' in show.stdout
+
+
+BAD = ["tampered", "truncated", "wrong-key", "unsigned", "foreign-device", "older", "too-large", "bad-signature"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_artifact_changes_nothing(device: FileDevice, tmp_path: Path, keys, kind: str) -> None:  # type: ignore[no-untyped-def]
+    key = keys["ec"][0]
+    if kind == "wrong-key":
+        key = keys["ec2"][0]
+    elif kind == "unsigned":
+        key = None
+    kw: dict = {}
+    if kind == "foreign-device":
+        kw["device_types"] = ("raspberrypi4",)
+    elif kind == "older":
+        kw.update(name="vv-0.9.0", version="0.9.0")
+    elif kind == "too-large":
+        kw["payload"] = make_rootfs(tmp_path / "big.ext4", size=device.slot_size + 4096)
+    art, payload = make_artifact(tmp_path, key, **kw)
+    if kind == "tampered":
+        flip_payload_byte(art, payload)
+    elif kind == "truncated":
+        art.write_bytes(art.read_bytes()[: art.stat().st_size * 2 // 3])
+    elif kind == "bad-signature":
+        blob = bytearray(art.read_bytes())
+        i = blob.index(b"manifest.sig") + 512 + 10  # inside the base64 signature
+        blob[i] = ord("A") if blob[i] != ord("A") else ord("B")
+        art.write_bytes(bytes(blob))
+    before = snapshot(device)
+    proc = device.agent("install", str(art))
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stdout.strip() == "failure"
+    expected = {"tampered": "checksum", "truncated": "truncated", "wrong-key": "signature", "unsigned": "not signed",
+                "foreign-device": "raspberrypi4", "older": "older", "too-large": "holds only",
+                "bad-signature": "signature"}[kind]
+    assert expected in proc.stderr.lower(), proc.stderr
+    assert "untouched" in proc.stderr
+    after = snapshot(device)
+    assert after[1:] == before[1:], "boot state or running slot changed"
+    if kind not in ("tampered", "truncated", "too-large"):  # refused before the first byte was written
+        assert after[0] == before[0], "inactive slot written before the artifact was accepted"
+    assert device.boot() == 2 and device.state().get("phase") is None
+
+
+def test_older_artifact_with_explicit_downgrade(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    art, _ = make_artifact(tmp_path, keys["ec"][0], name="vv-0.9.0", version="0.9.0")
+    proc = device.agent("install", "--allow-downgrade", str(art))
+    assert proc.returncode == 0, proc.stderr
+    assert device.bootenv.read()["mender_boot_part"] == "3"
+
+
+def test_failed_health_check_rolls_back(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    device.add_hook("10-camera", "#!/bin/sh\necho camera stream missing >&2\nexit 3\n")
+    art, _ = make_artifact(tmp_path, keys["ec"][0])
+    assert device.agent("install", str(art)).returncode == 0
+    assert device.boot() == 3
+    proc = device.agent("health")
+    assert proc.returncode == 2
+    assert "camera stream missing" in proc.stderr
+    env = device.bootenv.read()
+    assert (env["mender_boot_part"], env["upgrade_available"]) == ("2", "0")
+    assert device.reboots() == 1
+    assert device.boot() == 2
+    verdict = (device.data / "health.json").read_text()
+    assert '"verdict": "fail"' in verdict and "camera stream missing" in verdict
+
+
+def test_bootloader_rolls_back_a_slot_that_never_reports(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    art, _ = make_artifact(tmp_path, keys["ec"][0])
+    assert device.agent("install", str(art)).returncode == 0
+    assert device.boot() == 3  # attempt 1: hangs, the watchdog resets
+    assert device.boot() == 2  # attempt 2 > bootlimit 1: back to A
+    env = device.bootenv.read()
+    assert (env["mender_boot_part"], env["upgrade_available"]) == ("2", "0")
+    # health on the old slot outside a trial: checks only, nothing changes
+    assert device.agent("health").returncode == 0
+    assert device.bootenv.read()["mender_boot_part"] == "2"
+
+
+def test_deadline_reboots_a_trial_without_verdict(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    art, _ = make_artifact(tmp_path, keys["ec"][0])
+    assert device.agent("install", str(art)).returncode == 0
+    assert device.agent("deadline").returncode == 0 and device.reboots() == 0, "not in a trial yet"
+    device.boot()
+    proc = device.agent("deadline")
+    assert proc.returncode == 1 and device.reboots() == 1
+    assert "deadline" in proc.stderr
+
+
+def test_state_scripts(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    scripts = {
+        "ArtifactInstall_Enter_01_mark": f"#!/bin/sh\necho install-enter >> {marks}/log\n",
+        # exit 21 = retry later: succeeds on the second run
+        "ArtifactInstall_Leave_10_retry": f"#!/bin/sh\nif [ -e {marks}/tried ]; then echo leave >> {marks}/log; exit 0; fi\n"
+                                          f"touch {marks}/tried; exit 21\n",
+        "ArtifactReboot_Enter_01": f"#!/bin/sh\necho reboot-enter >> {marks}/log\n",
+        "ArtifactCommit_Enter_01": f"#!/bin/sh\necho commit-enter >> {marks}/log\n",
+        "ArtifactCommit_Leave_01": f"#!/bin/sh\necho commit-leave >> {marks}/log\n",
+    }
+    art, _ = make_artifact(tmp_path, keys["ec"][0], scripts=scripts)
+    assert device.agent("install", str(art)).returncode == 0
+    device.boot()
+    assert device.agent("health").returncode == 0
+    assert (marks / "log").read_text().split() == ["install-enter", "leave", "reboot-enter", "commit-enter",
+                                                   "commit-leave"]
+
+
+def test_failing_install_script_refuses_before_writing(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    scripts = {"ArtifactInstall_Enter_01_check": "#!/bin/sh\necho 'not enough disk for the models' >&2\nexit 1\n",
+               "ArtifactFailure_Enter_01": f"#!/bin/sh\ntouch {tmp_path}/failure-ran\n"}
+    art, _ = make_artifact(tmp_path, keys["ec"][0], scripts=scripts)
+    before = snapshot(device)
+    proc = device.agent("install", str(art))
+    assert proc.returncode == 1 and "not enough disk for the models" in proc.stderr
+    assert snapshot(device) == before
+    assert (tmp_path / "failure-ran").exists()
+
+
+@pytest.mark.parametrize("point", ["install-write", "before-arm", "after-arm"])
+def test_power_cut_at_each_step(device: FileDevice, tmp_path: Path, keys, point: str) -> None:  # type: ignore[no-untyped-def]
+    art, payload = make_artifact(tmp_path, keys["ec"][0])
+    proc = device.agent("install", str(art), fault=point)
+    assert proc.returncode == EXIT_CODE, proc.stderr
+    # power comes back: U-Boot runs, the agent starts
+    booted = device.boot()
+    env = device.bootenv.read()
+    if point == "after-arm":
+        # the boot state was armed: the trial slot boots (and is complete: it was verified before arming)
+        assert booted == 3 and env["upgrade_available"] == "1"
+        assert device.agent("health").returncode == 0
+        assert device.bootenv.read()["upgrade_available"] == "0"
+        return
+    assert booted == 2 and env["upgrade_available"] == "0", "an unarmed install must not change the boot"
+    proc = device.agent("check-update")  # recovers: the interrupted local install is forgotten or re-armed
+    state = device.state()
+    if point == "before-arm":
+        # armed in the state but not in the env, and a reboot happened: reported as not booted, cleaned up
+        assert state.get("phase") is None, state
+    proc = device.agent("install", str(art))
+    assert proc.returncode == 0, proc.stderr
+    assert device.boot() == 3
+    assert device.agent("health").returncode == 0
+    data = payload.read_bytes()
+    assert device.slot_path(3).read_bytes()[: len(data)] == data
+
+
+def test_restart_after_arming_in_the_same_boot_rearms_and_reboots(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    art, _ = make_artifact(tmp_path, keys["ec"][0])
+    assert device.agent("install", str(art), fault="before-arm").returncode == EXIT_CODE
+    assert device.bootenv.read()["upgrade_available"] == "0"
+    proc = device.agent("check-update")  # same boot: the agent restarted (crash), not the device
+    assert proc.stdout.strip() == "rebooting", proc.stderr
+    env = device.bootenv.read()
+    assert (env["mender_boot_part"], env["upgrade_available"]) == ("3", "1")
+    assert device.reboots() == 1
+
+
+def test_config_errors_are_clear(device: FileDevice) -> None:
+    device.config_path.write_text(device.config_path.read_text() + "\n[health]\nbogus = 1\n")
+    proc = device.agent("show")
+    assert proc.returncode == 2 and "error:" in proc.stderr
