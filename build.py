@@ -9,6 +9,7 @@ from cli.artifact import artifact
 from cli.common import ErrorHandlingGroup, setup_logging
 from cli.keys import keys
 from cli.release import image, release, rootfs
+from cli.server import server
 from ota_common.runtime import tune_malloc_for_streaming
 
 
@@ -25,6 +26,7 @@ main.add_command(artifact)
 main.add_command(release)
 main.add_command(rootfs)
 main.add_command(image)
+main.add_command(server)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,128 @@
+"""The FastAPI application: routers, JSON errors, body limits, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import device_api, management, metrics, releases
+from .context import ServerContext
+from .errors import APIError
+from .settings import Settings, load_or_create_secrets
+
+log = logging.getLogger("ota_server")
+
+#: paths whose bodies are streamed and limited by their handler instead
+STREAMED = frozenset({releases.ARTIFACTS})
+
+
+class BodyLimit:
+    """Refuse request bodies (Content-Length or chunked) larger than ``limit`` with 413."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in STREAMED:
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _json(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
+                return
+        seen = 0
+        refused = False
+
+        async def limited() -> Message:
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    # answer now; the handler sees a disconnected client and whatever it sends is dropped
+                    refused = True
+                    await _json(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, limited, guarded_send)
+
+
+def _json(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    for sub in ("artifacts", "tmp"):
+        (settings.storage / sub).mkdir(parents=True, exist_ok=True)
+    ctx = ServerContext.create(settings, load_or_create_secrets(settings.storage))
+    app = FastAPI(
+        title="vv-ota update server",
+        version="1",
+        description="Mender-compatible device API and management API. Management endpoints need "
+        "`Authorization: Bearer <admin token>`; device endpoints a device token from auth_requests.",
+    )
+    app.state.ctx = ctx
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return _json(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return _json(400, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return _json(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return _json(500, "internal server error")
+
+    @app.get("/health", tags=["service"])
+    def health() -> dict[str, Any]:
+        with ctx.db.read() as c:
+            c.execute(sa.text("SELECT 1"))
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["service"], responses={200: {"content": {"text/plain": {}}}})
+    def prometheus() -> Response:
+        data, ctype = metrics.render(ctx.db)
+        return Response(data, media_type=ctype)
+
+    app.include_router(device_api.router)
+    app.include_router(management.router)
+    app.include_router(releases.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body)
+    app.add_middleware(metrics.MetricsMiddleware)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for uvicorn worker processes (``OTA_SERVER_SETTINGS`` carries the settings)."""
+    return create_app(Settings.from_env())

@@ -1,0 +1,160 @@
+"""Device authentication (signed auth requests, HS256 JWT) and the admin token."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from .errors import APIError, bad_request, unauthorized
+
+ISSUER = "vv-ota"
+MAX_PUBKEY_PEM = 16 * 1024
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    identity: dict[str, Any]
+    identity_json: str  # canonical (sorted keys, compact)
+    identity_hash: str
+    pubkey_pem: str  # normalized SubjectPublicKeyInfo PEM
+    pubkey_hash: str
+    tenant_token: str
+
+
+def canonical_json(doc: Any) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def load_device_pubkey(pem: str) -> Any:
+    """A device public key (RSA, ECDSA P-256/P-384/P-521, ed25519) or a 400 saying what is wrong."""
+    if not isinstance(pem, str) or not pem.strip():
+        raise bad_request("pubkey must be a PEM public key")
+    if len(pem) > MAX_PUBKEY_PEM:
+        raise bad_request("pubkey is too large")
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except (ValueError, TypeError, UnicodeError):
+        raise bad_request("pubkey is not a PEM public key") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise bad_request(f"RSA device keys must have at least 2048 bits, not {key.key_size}")
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)):
+            raise bad_request(f"unsupported elliptic curve {key.curve.name} (P-256, P-384, P-521)")
+    elif not isinstance(key, ed25519.Ed25519PublicKey):
+        raise bad_request("unsupported key type (RSA, ECDSA P-256/P-384/P-521 or ed25519)")
+    return key
+
+
+def normalize_pubkey(key: Any) -> str:
+    return str(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode())
+
+
+def verify_signature(key: Any, signature: bytes, body: bytes) -> bool:
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, body, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, body, ec.ECDSA(hashes.SHA256()))  # DER-encoded (r, s), as the Mender client signs
+        else:
+            key.verify(signature, body)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def parse_auth_request(body: bytes, signature_header: str | None) -> AuthRequest:
+    """Validate an auth request body and its ``X-MEN-Signature``. A bad signature is a 401, a malformed
+    request a 400."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise bad_request("the body must be a JSON object")
+    id_data, pem, tenant = doc.get("id_data"), doc.get("pubkey"), doc.get("tenant_token", "")
+    if not isinstance(id_data, str):
+        raise bad_request("id_data must be a string holding a JSON object")
+    try:
+        identity = json.loads(id_data)
+    except ValueError:
+        raise bad_request("id_data is not valid JSON") from None
+    if not isinstance(identity, dict) or not identity:
+        raise bad_request("id_data must hold a non-empty JSON object")
+    if not isinstance(tenant, str):
+        raise bad_request("tenant_token must be a string")
+    if not isinstance(pem, str):
+        raise bad_request("pubkey must be a PEM public key")
+    key = load_device_pubkey(pem)
+    if not signature_header:
+        raise unauthorized("missing X-MEN-Signature header")
+    try:
+        signature = base64.b64decode(signature_header.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise unauthorized("X-MEN-Signature is not base64") from None
+    if not verify_signature(key, signature, body):
+        raise unauthorized("the request signature does not verify with the given public key")
+    ident = canonical_json(identity)
+    pubkey = normalize_pubkey(key)
+    return AuthRequest(identity, ident, sha256_hex(ident), pubkey, sha256_hex(pubkey), tenant)
+
+
+class TokenCodec:
+    def __init__(self, key: bytes, ttl: int) -> None:
+        self._key = key
+        self.ttl = ttl
+
+    def issue(self, device_id: str, auth_set_id: str) -> str:
+        now = int(time.time())
+        claims = {
+            "jti": str(uuid.uuid4()),
+            "sub": device_id,
+            "iat": now,
+            "exp": now + self.ttl,
+            "iss": ISSUER,
+            "mender.device": True,
+            "mender.auth_set": auth_set_id,
+        }
+        return jwt.encode(claims, self._key, algorithm="HS256")
+
+    def device_id(self, authorization: str | None) -> str:
+        """The device id in a valid, unexpired token, else a 401."""
+        if not authorization or not authorization.startswith("Bearer "):
+            raise unauthorized("missing device token (Authorization: Bearer ...)")
+        try:
+            claims = jwt.decode(authorization[7:].strip(), self._key, algorithms=["HS256"],
+                                options={"require": ["exp", "sub"]}, issuer=ISSUER)
+        except jwt.ExpiredSignatureError:
+            raise unauthorized("device token expired") from None
+        except jwt.PyJWTError:
+            raise unauthorized("invalid device token") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not claims.get("mender.device"):
+            raise unauthorized("invalid device token")
+        return sub
+
+
+def check_admin(authorization: str | None, token: str) -> None:
+    if not authorization or not authorization.startswith("Bearer "):
+        raise unauthorized("missing admin token (Authorization: Bearer ...)")
+    if not hmac.compare_digest(authorization[7:].strip().encode(), token.encode()):
+        raise unauthorized("invalid admin token")
+
+
+__all__ = ["APIError", "AuthRequest", "TokenCodec", "check_admin", "parse_auth_request"]

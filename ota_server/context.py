@@ -1,0 +1,49 @@
+"""What every request handler needs, built once per worker process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from artifacts.keys import load_verifiers
+
+from .auth import TokenCodec
+from .configvars import ConfigStore
+from .db import Database
+from .downloads import LinkSigner
+from .settings import ServerSecrets, Settings
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    db: Database
+    tokens: TokenCodec
+    links: LinkSigner
+    config: ConfigStore
+    verifiers: list[Any]
+
+    @classmethod
+    def create(cls, settings: Settings, secrets: ServerSecrets) -> ServerContext:
+        return cls(
+            settings=settings,
+            db=Database(settings.db_url),
+            tokens=TokenCodec(secrets.jwt_key, settings.device_token_ttl),
+            links=LinkSigner(secrets.link_key, settings.link_ttl),
+            config=ConfigStore(secrets.fernet_key),
+            verifiers=list(load_verifiers(settings.release_keys)),
+        )
+
+    def base_url(self, request: Request) -> str:
+        return self.settings.public_url or str(request.base_url)
+
+    @property
+    def artifact_dir(self) -> str:
+        return str(self.settings.storage / "artifacts")
+
+
+def get_ctx(request: Request) -> ServerContext:
+    ctx: ServerContext = request.app.state.ctx
+    return ctx

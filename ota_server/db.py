@@ -1,0 +1,122 @@
+"""Engine, connections and migrations.
+
+SQLite is tuned for several worker processes sharing one file: WAL journal (readers never block the writer),
+``busy_timeout`` (a writer waits for the lock instead of failing), ``synchronous=FULL`` (a commit survives a
+power cut: a status report answered 204 is on disk), foreign keys on. Write transactions start with
+``BEGIN IMMEDIATE`` so that two writers never deadlock on a read-then-write lock upgrade.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from ota_common.errors import UserError
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 (the driver we ship in the ``postgres`` extra)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as e:
+        raise UserError(f"invalid database URL {url!r}: {e}") from None
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if not db or db == ":memory:":
+            raise UserError("the SQLite database must be a file (sqlite:///PATH): several processes share it")
+        Path(db).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False},
+                                  pool_size=8, max_overflow=16)
+        _tune_sqlite(engine)
+        return engine
+    if parsed.get_backend_name() != "postgresql":
+        raise UserError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:///PATH or postgresql://...")
+    try:
+        return sa.create_engine(parsed, pool_size=8, max_overflow=16, pool_pre_ping=True)
+    except ModuleNotFoundError as e:
+        raise UserError(f"PostgreSQL needs the psycopg driver (pip install 'vv-ota[postgres]'): {e}") from None
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+        cur = dbapi_conn.cursor()
+        for pragma in ("journal_mode=WAL", "busy_timeout=30000", "synchronous=FULL", "foreign_keys=ON"):
+            cur.execute(f"PRAGMA {pragma}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One short write transaction, committed when the block ends without an exception."""
+        with self._write_engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def session(self, write: bool = False) -> Iterator[Session]:
+        """An ORM session; with ``write=True`` it commits at the end of the block."""
+        with Session(self._write_engine if write else self.engine, expire_on_commit=False) as s:
+            if write:
+                with s.begin():
+                    yield s
+            else:
+                yield s
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest migration (run once at server start, before the workers)."""
+    from alembic import command
+    from alembic.config import Config
+
+    engine = make_engine(url)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    except sa.exc.OperationalError as e:
+        raise UserError(f"cannot open the database: {e.orig}") from None
+    finally:
+        engine.dispose()
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,406 @@
+"""The device API: the subset of Mender's that the stock mender-client 3.x and our agent use.
+
+Hot path (``next``, status): one HS256 check, one primary-key read of the device's status (so a decommission or
+a rejection is honoured at the very next request, by every worker), one indexed read of the device's active
+deployments; nothing is written unless something changed. Handlers are ``async`` and call the database
+directly: the queries are short, and skipping the thread pool is what keeps the poll cheap.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .auth import canonical_json, parse_auth_request, sha256_hex
+from .context import ServerContext, get_ctx
+from .deployments import REPORTABLE, TERMINAL, mark_started, set_device_final
+from .downloads import ArtifactFileResponse
+from .errors import APIError, bad_request, not_found, unauthorized
+from .models import artifacts as art_t
+from .models import auth_sets, devices
+from .models import deployment_devices as dd
+from .models import deployment_logs as logs_t
+from .models import deployments as dep
+from .timeutil import now, rfc3339
+
+router = APIRouter(tags=["device API"])
+NO_CONTENT = 204
+
+
+def derive_status(statuses: list[str]) -> str:
+    for s in ("accepted", "preauthorized", "pending"):
+        if s in statuses:
+            return s
+    return "rejected" if statuses else "pending"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Authentication
+
+
+class AuthRequestBody(BaseModel):
+    """Documented for OpenAPI; the handler verifies the signature over the raw bytes."""
+
+    id_data: str = Field(description="JSON string of the identity object")
+    pubkey: str = Field(description="PEM public key of the device")
+    tenant_token: str = ""
+
+
+@router.post(
+    "/api/devices/v1/authentication/auth_requests",
+    responses={200: {"content": {"application/jwt": {}}, "description": "the device token"},
+               401: {"description": "unknown (now pending), rejected or badly signed"}},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": AuthRequestBody.model_json_schema()}}}},
+)
+async def auth_request(request: Request) -> Response:
+    """Signed with the device key (``X-MEN-Signature``: RSA PKCS#1 v1.5, ECDSA DER or ed25519 over the body).
+    An unknown device is recorded as pending; a preauthorized one is accepted."""
+    ctx = get_ctx(request)
+    body = await request.body()
+    req = parse_auth_request(body, request.headers.get("x-men-signature"))
+    t = now()
+    token: str | None = None
+    with ctx.db.write() as c:
+        device = c.execute(sa.select(devices.c.id).where(devices.c.identity_hash == req.identity_hash)).first()
+        if device is None:
+            device_id = str(uuid.uuid4())
+            c.execute(devices.insert().values(
+                id=device_id, identity_json=req.identity_json, identity_hash=req.identity_hash, status="pending",
+                inventory={}, created=t, updated=t))
+        else:
+            device_id = device.id
+        aset = c.execute(sa.select(auth_sets.c.id, auth_sets.c.status).where(
+            auth_sets.c.device_id == device_id, auth_sets.c.pubkey_hash == req.pubkey_hash)).first()
+        if aset is None:
+            c.execute(auth_sets.insert().values(id=str(uuid.uuid4()), device_id=device_id, pubkey=req.pubkey_pem,
+                                                pubkey_hash=req.pubkey_hash, status="pending", created=t))
+            _refresh_status(c, device_id)
+        elif aset.status in ("accepted", "preauthorized"):
+            if aset.status == "preauthorized":
+                accept_auth_set(c, device_id, aset.id)
+            token = ctx.tokens.issue(device_id, aset.id)
+    if token is None:
+        raise unauthorized("device is not authorized (pending or rejected); an administrator must accept it")
+    return Response(token, media_type="application/jwt")
+
+
+def _refresh_status(c: sa.Connection, device_id: str) -> str:
+    statuses = [r[0] for r in c.execute(sa.select(auth_sets.c.status).where(auth_sets.c.device_id == device_id))]
+    status = derive_status(statuses)
+    c.execute(devices.update().where(devices.c.id == device_id).values(status=status, updated=now()))
+    return status
+
+
+def accept_auth_set(c: sa.Connection, device_id: str, auth_set_id: str) -> None:
+    """Accept one auth set; the device's other accepted sets are rejected (one key at a time)."""
+    c.execute(auth_sets.update().where(auth_sets.c.device_id == device_id, auth_sets.c.id != auth_set_id,
+                                       auth_sets.c.status == "accepted").values(status="rejected"))
+    c.execute(auth_sets.update().where(auth_sets.c.id == auth_set_id).values(status="accepted"))
+    _refresh_status(c, device_id)
+
+
+def set_auth_status(c: sa.Connection, device_id: str, auth_set_id: str, status: str) -> str:
+    if status == "accepted":
+        accept_auth_set(c, device_id, auth_set_id)
+    else:
+        c.execute(auth_sets.update().where(auth_sets.c.id == auth_set_id).values(status=status))
+    return _refresh_status(c, device_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The authenticated device
+
+
+@dataclass(frozen=True)
+class CurrentDevice:
+    id: str
+    provides_hash: str | None
+    group: str | None
+
+
+async def current_device(request: Request) -> CurrentDevice:
+    ctx = get_ctx(request)
+    device_id = ctx.tokens.device_id(request.headers.get("authorization"))
+    with ctx.db.read() as c:
+        row = c.execute(sa.select(devices.c.status, devices.c.provides_hash, devices.c.group_name)
+                        .where(devices.c.id == device_id)).first()
+    if row is None:
+        raise unauthorized("unknown or decommissioned device")
+    if row.status != "accepted":
+        raise unauthorized(f"device is {row.status}, not accepted")
+    return CurrentDevice(device_id, row.provides_hash, row.group_name)
+
+
+Device = Annotated[CurrentDevice, Depends(current_device)]
+Ctx = Annotated[ServerContext, Depends(get_ctx)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deployments
+
+
+class NextBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    device_provides: dict[str, Any]
+    update_control_map: bool = False
+
+    @field_validator("device_provides")
+    @classmethod
+    def _provides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("device_type", "artifact_name"):
+            if not isinstance(v.get(key), str) or not v[key]:
+                raise ValueError(f"device_provides.{key} must be a non-empty string")
+        if len(v) > 200 or any(len(k) > 1024 for k in v):
+            raise ValueError("too many or too long device_provides")
+        return v
+
+
+def _record_provides(ctx: ServerContext, device: CurrentDevice, provides: dict[str, Any]) -> None:
+    h = sha256_hex(canonical_json(provides))
+    if h == device.provides_hash:
+        return
+    with ctx.db.write() as c:
+        inv = c.execute(sa.select(devices.c.inventory).where(devices.c.id == device.id)).scalar() or {}
+        inv = {**inv, **provides}
+        c.execute(devices.update().where(devices.c.id == device.id).values(
+            inventory=inv, provides_hash=h, device_type=str(provides["device_type"]), inventory_updated=now()))
+
+
+def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides: dict[str, Any]) -> Response:
+    _record_provides(ctx, device, provides)
+    t = now()
+    with ctx.db.read() as c:
+        rows = c.execute(
+            sa.select(dd.c.deployment_id, dd.c.status.label("dstatus"), dd.c.not_before, dep.c.status,
+                      dep.c.artifact_name, dep.c.allow_downgrade)
+            .join(dep, dep.c.id == dd.c.deployment_id)
+            .where(dd.c.device_id == device.id, dd.c.active.is_(True))
+            .order_by(dep.c.created)
+        ).all()
+    for r in rows:
+        if r.dstatus == "pending" and (r.not_before > t or r.status != "pending" and r.status != "inprogress"):
+            continue  # phase not started yet, or the deployment is paused
+        if r.dstatus == "pending" and provides["artifact_name"] == r.artifact_name:
+            with ctx.db.write() as c:
+                set_device_final(c, r.deployment_id, device.id, "already-installed",
+                                 f"the device already runs {r.artifact_name}")
+            continue
+        device_type = str(provides["device_type"])
+        with ctx.db.read() as c:
+            candidates = c.execute(sa.select(art_t.c.id, art_t.c.device_types)
+                                   .where(art_t.c.name == r.artifact_name).order_by(art_t.c.created)).all()
+        match = next((a for a in candidates if device_type in a.device_types), None)
+        if match is None:
+            with ctx.db.write() as c:
+                set_device_final(c, r.deployment_id, device.id, "noartifact",
+                                 f"no artifact {r.artifact_name} for device type {device_type}")
+            continue
+        if r.status == "pending":
+            with ctx.db.write() as c:
+                mark_started(c, r.deployment_id)
+        uri, expires = ctx.links.link(ctx.base_url(request), match.id, t)
+        body = {
+            "id": r.deployment_id,
+            "artifact": {
+                "id": match.id,
+                "artifact_name": r.artifact_name,
+                "source": {"uri": uri, "expire": rfc3339(expires)},
+                "device_types_compatible": list(match.device_types),
+            },
+            "allow_downgrade": bool(r.allow_downgrade),
+        }
+        return JSONResponse(body)
+    return Response(status_code=NO_CONTENT)
+
+
+NEXT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "a deployment for this device"}, 204: {"description": "nothing to do"},
+    401: {"description": "missing/invalid token, or the device is not accepted"},
+}
+
+
+@router.post("/api/devices/v2/deployments/device/deployments/next", responses=NEXT_RESPONSES)
+async def next_v2(body: NextBody, request: Request, device: Device, ctx: Ctx) -> Response:
+    """The deployment this device should install now (204: none)."""
+    return _next(ctx, request, device, body.device_provides)
+
+
+@router.post("/api/devices/v1/deployments/device/deployments/next", responses=NEXT_RESPONSES)
+async def next_v1_post(body: NextBody, request: Request, device: Device, ctx: Ctx) -> Response:
+    return _next(ctx, request, device, body.device_provides)
+
+
+@router.get("/api/devices/v1/deployments/device/deployments/next", responses=NEXT_RESPONSES)
+async def next_v1_get(request: Request, device: Device, ctx: Ctx,
+                      artifact_name: Annotated[str, Query(min_length=1, max_length=256)],
+                      device_type: Annotated[str, Query(min_length=1, max_length=128)]) -> Response:
+    return _next(ctx, request, device, {"artifact_name": artifact_name, "device_type": device_type})
+
+
+class StatusBody(BaseModel):
+    status: str
+    substate: str | None = Field(None, max_length=4096)
+
+    @field_validator("status")
+    @classmethod
+    def _status(cls, v: str) -> str:
+        if v not in REPORTABLE:
+            raise ValueError(f"unknown status {v!r}; one of {', '.join(sorted(REPORTABLE))}")
+        return v
+
+
+def _own_deployment(c: sa.Connection, deployment_id: str, device_id: str) -> Any:
+    row = c.execute(
+        sa.select(dd.c.status, dd.c.active, dd.c.attempts, dep.c.status.label("dep_status"), dep.c.retries)
+        .join(dep, dep.c.id == dd.c.deployment_id)
+        .where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
+    ).first()
+    if row is None:
+        raise not_found("deployment for this device")
+    return row
+
+
+@router.put("/api/devices/v1/deployments/device/deployments/{deployment_id}/status", status_code=204,
+            responses={204: {"description": "stored"}, 400: {"description": "invalid, or the device's status is already final"},
+                       404: {"description": "not a deployment of this device"}, 409: {"description": "aborted"}})
+async def put_status(deployment_id: str, body: StatusBody, device: Device, ctx: Ctx) -> Response:
+    """Report progress. Final statuses are final: repeating the same final status is accepted (204, nothing
+    changes), a different status after a final one is refused with 400; 409 once the deployment was aborted."""
+    error: APIError | None = None
+    with ctx.db.write() as c:
+        row = _own_deployment(c, deployment_id, device.id)
+        if row.status == "aborted" or row.dep_status == "aborted":
+            error = APIError(409, "the deployment was aborted")
+        elif not row.active:
+            if row.status != body.status:
+                error = bad_request(f"the deployment already finished on this device with status {row.status}")
+        elif body.status == "failure" and row.attempts < row.retries:
+            c.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device.id).values(
+                status="pending", attempts=row.attempts + 1, not_before=now(),
+                substate=f"attempt {row.attempts + 1} failed ({body.substate or 'no details'}); retrying"))
+        elif body.status in TERMINAL:
+            set_device_final(c, deployment_id, device.id, body.status, body.substate)
+        else:
+            t = now()
+            c.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device.id).values(
+                status=body.status, substate=body.substate, started=sa.func.coalesce(dd.c.started, t)))
+            mark_started(c, deployment_id)
+    if error is not None:
+        raise error
+    return Response(status_code=NO_CONTENT)
+
+
+class LogMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    timestamp: str = Field(max_length=64)
+    level: str = Field(max_length=32)
+    message: str
+
+
+class LogBody(BaseModel):
+    messages: list[LogMessage] = Field(max_length=100_000)
+
+
+@router.put("/api/devices/v1/deployments/device/deployments/{deployment_id}/log", status_code=204)
+async def put_log(deployment_id: str, body: LogBody, device: Device, ctx: Ctx) -> Response:
+    """Store the deployment log (appended to what the device sent before for this deployment)."""
+    with ctx.db.write() as c:
+        _own_deployment(c, deployment_id, device.id)
+        c.execute(logs_t.insert().values(deployment_id=deployment_id, device_id=device.id, created=now(),
+                                         messages=[m.model_dump() for m in body.messages]))
+        c.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device.id)
+                  .values(has_log=True))
+    return Response(status_code=NO_CONTENT)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inventory and configuration
+
+
+Scalar = str | int | float
+
+
+class Attribute(BaseModel):
+    name: str = Field(min_length=1, max_length=1024)
+    value: Scalar | list[Scalar]
+    description: str | None = None
+
+
+def _put_inventory(ctx: ServerContext, device: CurrentDevice, attrs: list[Attribute], merge: bool) -> Response:
+    new = {a.name: a.value for a in attrs}
+    if len(new) > 1000:
+        raise bad_request("at most 1000 attributes")
+    with ctx.db.write() as c:
+        inv: dict[str, Any] = {}
+        if merge:
+            inv = c.execute(sa.select(devices.c.inventory).where(devices.c.id == device.id)).scalar() or {}
+        inv = {**inv, **new}
+        values: dict[str, Any] = {"inventory": inv, "inventory_updated": now()}
+        if not merge:
+            values["provides_hash"] = None  # the next poll records the provides again
+        c.execute(devices.update().where(devices.c.id == device.id).values(**values))
+    return Response(status_code=200)
+
+
+@router.put("/api/devices/v1/inventory/device/attributes", status_code=200)
+async def put_inventory(attrs: list[Attribute], device: Device, ctx: Ctx) -> Response:
+    """Replace the device's inventory attributes."""
+    return _put_inventory(ctx, device, attrs, merge=False)
+
+
+@router.patch("/api/devices/v1/inventory/device/attributes", status_code=200)
+async def patch_inventory(attrs: list[Attribute], device: Device, ctx: Ctx) -> Response:
+    """Add or update some inventory attributes."""
+    return _put_inventory(ctx, device, attrs, merge=True)
+
+
+@router.get("/api/devices/v1/deviceconfig/configuration", response_model=dict[str, str])
+async def get_configuration(device: Device, ctx: Ctx) -> Response:
+    """The device's configuration variables: its group's, overridden by its own; secrets decrypted."""
+    with ctx.db.read() as c:
+        values = ctx.config.for_device(c, device.id, device.group)
+    return JSONResponse(values)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Downloads
+
+
+@router.head("/api/devices/v1/download/{artifact_id}", include_in_schema=False)
+@router.get("/api/devices/v1/download/{artifact_id}",
+            responses={200: {"content": {"application/vnd.mender-artifact": {}}}, 206: {}, 403: {}, 416: {}})
+async def download(artifact_id: str, ctx: Ctx, expires: str | None = None, sig: str | None = None) -> Response:
+    """The artifact behind a signed link (from ``next``). Range requests: one range → 206."""
+    ctx.links.check(artifact_id, expires, sig)
+    with ctx.db.read() as c:
+        row = c.execute(sa.select(art_t.c.name, art_t.c.sha256).where(art_t.c.id == artifact_id)).first()
+    if row is None:
+        raise not_found("artifact")
+    path = f"{ctx.artifact_dir}/{artifact_id}.mender"
+    return ArtifactFileResponse(path, row.sha256, f"{row.name}.mender")
+
+
+def format_log(rows: list[list[dict[str, Any]]]) -> str:
+    lines = []
+    for messages in rows:
+        for m in messages:
+            lines.append(f"{m.get('timestamp', '')} {m.get('level', '')}: {m.get('message', '')}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def device_log(ctx: ServerContext, deployment_id: str, device_id: str) -> PlainTextResponse:
+    with ctx.db.read() as c:
+        rows = [r[0] for r in c.execute(sa.select(logs_t.c.messages).where(
+            logs_t.c.deployment_id == deployment_id, logs_t.c.device_id == device_id).order_by(logs_t.c.id))]
+    if not rows:
+        raise not_found("log")
+    return PlainTextResponse(format_log(rows))
+
+

@@ -1,0 +1,340 @@
+"""The management API (``Authorization: Bearer <admin token>``): devices, inventory, configuration variables,
+artifacts and deployments. Paths and JSON shapes follow Mender's management API where it has the operation;
+our extensions are extra fields. Lists are plain JSON arrays; errors are ``{"error": "message"}``."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import deployments as rollout
+from .auth import canonical_json, check_admin, load_device_pubkey, normalize_pubkey, sha256_hex
+from .configvars import (
+    GROUP_RE,
+    check_group_name,
+    match_hosts,
+    parse_ansible_inventory,
+    parse_config_body,
+)
+from .context import ServerContext, get_ctx
+from .device_api import set_auth_status
+from .errors import APIError, bad_request, conflict, not_found
+from .models import auth_sets, devices
+from .models import config_values as cv
+from .timeutil import now, rfc3339
+
+
+async def require_admin(request: Request) -> None:
+    check_admin(request.headers.get("authorization"), get_ctx(request).settings.admin_token)
+
+
+router = APIRouter(dependencies=[Depends(require_admin)])
+Ctx = Annotated[ServerContext, Depends(get_ctx)]
+Page = Annotated[int, Query(ge=1, le=1_000_000)]
+PerPage = Annotated[int, Query(ge=1, le=10_000)]
+DEFAULT_PER_PAGE = 500
+ID_MAX = 64
+
+
+def _json_body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the body is not valid JSON") from None
+
+
+def _created(location: str, body: dict[str, Any] | None = None) -> Response:
+    if body is None:
+        return Response(status_code=201, headers={"Location": location})
+    return JSONResponse(body, status_code=201, headers={"Location": location})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device authentication (devauth v2)
+
+DEVAUTH = "/api/management/v2/devauth/devices"
+
+
+def _device_doc(row: Any, sets: list[Any]) -> dict[str, Any]:
+    identity = json.loads(row.identity_json)
+    return {
+        "id": row.id,
+        "identity_data": identity,
+        "status": row.status,
+        "auth_sets": [{"id": s.id, "identity_data": identity, "pubkey": s.pubkey, "status": s.status,
+                       "ts": rfc3339(s.created)} for s in sets],
+        "created_ts": rfc3339(row.created),
+        "updated_ts": rfc3339(row.updated),
+        "decommissioning": False,
+    }
+
+
+def _devices(conn: sa.Connection, where: Any = None, page: int = 1, per_page: int = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
+    q = sa.select(devices).order_by(devices.c.created, devices.c.id).limit(per_page).offset((page - 1) * per_page)
+    if where is not None:
+        q = q.where(where)
+    rows = conn.execute(q).all()
+    sets: dict[str, list[Any]] = {r.id: [] for r in rows}
+    if rows:
+        for s in conn.execute(sa.select(auth_sets).where(auth_sets.c.device_id.in_(list(sets)))
+                              .order_by(auth_sets.c.created)):
+            sets[s.device_id].append(s)
+    return [_device_doc(r, sets[r.id]) for r in rows]
+
+
+class Preauth(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    identity_data: dict[str, Any] = Field(min_length=1)
+    pubkey: str
+    force: bool = False
+
+
+@router.post(DEVAUTH, status_code=201, tags=["devices"])
+def preauthorize(body: Preauth, ctx: Ctx) -> Response:
+    """Preauthorize a device (identity + public key): it is accepted at its first auth request."""
+    pem = normalize_pubkey(load_device_pubkey(body.pubkey))
+    ident = canonical_json(body.identity_data)
+    t = now()
+    device_id = str(uuid.uuid4())
+    with ctx.db.write() as c:
+        existing = c.execute(sa.select(devices.c.id).where(devices.c.identity_hash == sha256_hex(ident))).first()
+        if existing is not None:
+            raise conflict(f"a device with this identity already exists: {existing.id}")
+        c.execute(devices.insert().values(id=device_id, identity_json=ident, identity_hash=sha256_hex(ident),
+                                          status="preauthorized", inventory={}, created=t, updated=t))
+        c.execute(auth_sets.insert().values(id=str(uuid.uuid4()), device_id=device_id, pubkey=pem,
+                                            pubkey_hash=sha256_hex(pem), status="preauthorized", created=t))
+    return _created(f"{DEVAUTH}/{device_id}")
+
+
+@router.get(DEVAUTH, tags=["devices"])
+def list_devices(ctx: Ctx, status: Annotated[str | None, Query(pattern="^(pending|accepted|rejected|preauthorized)$")] = None,
+                 page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
+    with ctx.db.read() as c:
+        return _devices(c, None if status is None else devices.c.status == status, page, per_page)
+
+
+@router.get(DEVAUTH + "/{device_id}", tags=["devices"])
+def get_device(device_id: str, ctx: Ctx) -> dict[str, Any]:
+    with ctx.db.read() as c:
+        found = _devices(c, devices.c.id == device_id)
+    if not found:
+        raise not_found("device")
+    return found[0]
+
+
+class AuthStatus(BaseModel):
+    status: str = Field(pattern="^(accepted|rejected|pending)$")
+
+
+@router.put(DEVAUTH + "/{device_id}/auth/{auth_id}/status", status_code=204, tags=["devices"])
+def put_auth_status(device_id: str, auth_id: str, body: AuthStatus, ctx: Ctx) -> Response:
+    """Accept, reject (or return to pending) one auth set. Accepting one rejects the device's other accepted
+    set; a device that is no longer accepted gets 401 at its next request."""
+    with ctx.db.write() as c:
+        found = c.execute(sa.select(auth_sets.c.id).where(auth_sets.c.id == auth_id,
+                                                          auth_sets.c.device_id == device_id)).first()
+        if found is None:
+            raise not_found("device or auth set")
+        set_auth_status(c, device_id, auth_id, body.status)
+    return Response(status_code=204)
+
+
+@router.delete(DEVAUTH + "/{device_id}", status_code=204, tags=["devices"])
+def decommission(device_id: str, ctx: Ctx) -> Response:
+    """Decommission: the device, its keys, inventory and variables are removed, its tokens stop working at
+    once, and its unfinished deployments count it as ``decommissioned``."""
+    with ctx.db.write() as c:
+        if c.execute(sa.delete(devices).where(devices.c.id == device_id)).rowcount == 0:
+            raise not_found("device")
+        c.execute(sa.delete(auth_sets).where(auth_sets.c.device_id == device_id))
+        c.execute(sa.delete(cv).where(cv.c.scope == "device", cv.c.owner == device_id))
+        rollout.decommission_device(c, device_id)
+    return Response(status_code=204)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inventory
+
+INVENTORY = "/api/management/v1/inventory"
+
+
+def _inventory_doc(row: Any) -> dict[str, Any]:
+    attrs: list[dict[str, Any]] = []
+    for name, value in sorted(json.loads(row.identity_json).items()):
+        attrs.append({"name": name, "value": value, "scope": "identity"})
+    attrs.append({"name": "status", "value": row.status, "scope": "identity"})
+    for name, value in sorted((row.inventory or {}).items()):
+        attrs.append({"name": name, "value": value, "scope": "inventory"})
+    if row.group_name:
+        attrs.append({"name": "group", "value": row.group_name, "scope": "system"})
+    attrs.append({"name": "created_ts", "value": rfc3339(row.created), "scope": "system"})
+    updated = max(row.updated, row.inventory_updated or 0)
+    attrs.append({"name": "updated_ts", "value": rfc3339(updated), "scope": "system"})
+    return {"id": row.id, "attributes": attrs, "updated_ts": rfc3339(updated)}
+
+
+@router.get(INVENTORY + "/devices", tags=["inventory"])
+def inventory_devices(ctx: Ctx, group: Annotated[str | None, Query(pattern=GROUP_RE.pattern)] = None,
+                      page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
+    q = sa.select(devices).order_by(devices.c.created, devices.c.id).limit(per_page).offset((page - 1) * per_page)
+    if group is not None:
+        q = q.where(devices.c.group_name == group)
+    with ctx.db.read() as c:
+        return [_inventory_doc(r) for r in c.execute(q)]
+
+
+@router.get(INVENTORY + "/devices/{device_id}", tags=["inventory"])
+def inventory_device(device_id: str, ctx: Ctx) -> dict[str, Any]:
+    with ctx.db.read() as c:
+        row = c.execute(sa.select(devices).where(devices.c.id == device_id)).first()
+    if row is None:
+        raise not_found("device")
+    return _inventory_doc(row)
+
+
+class GroupBody(BaseModel):
+    group: str = Field(pattern=GROUP_RE.pattern)
+
+
+@router.put(INVENTORY + "/devices/{device_id}/group", status_code=204, tags=["inventory"])
+def put_group(device_id: str, body: GroupBody, ctx: Ctx) -> Response:
+    with ctx.db.write() as c:
+        if c.execute(devices.update().where(devices.c.id == device_id)
+                     .values(group_name=body.group, updated=now())).rowcount == 0:
+            raise not_found("device")
+    return Response(status_code=204)
+
+
+@router.delete(INVENTORY + "/devices/{device_id}/group/{name}", status_code=204, tags=["inventory"])
+def delete_group(device_id: str, name: str, ctx: Ctx) -> Response:
+    with ctx.db.write() as c:
+        if c.execute(devices.update().where(devices.c.id == device_id, devices.c.group_name == name)
+                     .values(group_name=None, updated=now())).rowcount == 0:
+            raise not_found("device in this group")
+    return Response(status_code=204)
+
+
+@router.get(INVENTORY + "/groups", tags=["inventory"])
+def groups(ctx: Ctx) -> list[str]:
+    """Groups that have devices or configuration variables."""
+    with ctx.db.read() as c:
+        names = {r[0] for r in c.execute(sa.select(devices.c.group_name).where(devices.c.group_name.is_not(None))
+                                         .distinct())}
+        names |= {r[0] for r in c.execute(sa.select(cv.c.owner).where(cv.c.scope == "group").distinct())}
+    return sorted(names)
+
+
+@router.post(INVENTORY + "/import/ansible", tags=["inventory", "configuration"],
+             openapi_extra={"requestBody": {"required": True, "content": {"application/yaml": {
+                 "schema": {"type": "string"}}}}})
+async def import_ansible(request: Request, ctx: Ctx) -> dict[str, Any]:
+    """Import groups, group variables and host variables from an Ansible YAML inventory (the body).
+
+    A host matches a device when its name, or its ``DEVICE_ID`` variable, equals the device id or the
+    identity attribute ``hostname``, ``device_id``, ``DEVICE_ID``, ``serial``, ``serial_number`` or ``mac``.
+    Matched devices join the host's group; group variables (with inherited ones) become the group's variables,
+    host variables the device's (only the names the inventory mentions are replaced). ``_secrets: [names]`` in
+    any ``vars`` marks secrets."""
+    raw = await request.body()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise bad_request("the inventory is not UTF-8 text") from None
+    inv = parse_ansible_inventory(text)
+
+    def as_values(vars_: dict[str, Any], where: str) -> dict[str, str]:
+        try:
+            values, _ = parse_config_body({k: v for k, v in vars_.items()})
+        except APIError as e:
+            raise bad_request(f"{where}: {e.message}") from None
+        return values
+
+    group_values = {g: as_values(v, f"group {g}") for g, v in inv.groups.items()}
+    host_values = {h.name: as_values(h.vars, f"host {h.name}") for h in inv.hosts.values()}
+    with ctx.db.write() as c:
+        matched, unmatched = match_hosts(c, list(inv.hosts), {h.name: h.vars for h in inv.hosts.values()})
+        for g, values in group_values.items():
+            secret = inv.group_secrets.get(g, set()) & set(values)
+            ctx.config.replace(c, "group", g, values, secret, merge=True)
+        for host, device_id in matched.items():
+            h = inv.hosts[host]
+            ctx.config.replace(c, "device", device_id, host_values[host], h.secrets & set(host_values[host]), merge=True)
+            if h.group is not None:
+                c.execute(devices.update().where(devices.c.id == device_id).values(group_name=h.group, updated=now()))
+    return {
+        "matched": [{"host": h, "device_id": d, "group": inv.hosts[h].group,
+                     "variables": sorted(host_values[h])} for h, d in sorted(matched.items())],
+        "unmatched": [{"host": h, "reason": r} for h, r in sorted(unmatched.items())],
+        "groups": {g: sorted(v) for g, v in sorted(group_values.items())},
+        "warnings": inv.warnings,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration variables
+
+CONFIG = "/api/management/v1/deviceconfig/configurations"
+CONFIG_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "array"]},
+    "example": {"DEVICE_ID": "cam-17", "DVR_IP": "10.0.0.5", "DVR_PASSWORD": "s3cret", "_secrets": ["DVR_PASSWORD"]},
+}}}}}
+
+
+def _device_group(c: sa.Connection, device_id: str) -> str | None:
+    row = c.execute(sa.select(devices.c.group_name).where(devices.c.id == device_id)).first()
+    if row is None:
+        raise not_found("device")
+    return row.group_name  # type: ignore[no-any-return]
+
+
+@router.put(CONFIG + "/device/{device_id}", status_code=204, tags=["configuration"], openapi_extra=CONFIG_BODY)
+async def put_device_config(device_id: str, request: Request, ctx: Ctx) -> Response:
+    """Replace the device's variables: ``{name: value, ..., "_secrets": [names]}``."""
+    values, secrets = parse_config_body(_json_body(await request.body()))
+    with ctx.db.write() as c:
+        _device_group(c, device_id)
+        ctx.config.replace(c, "device", device_id, values, secrets)
+    return Response(status_code=204)
+
+
+@router.get(CONFIG + "/device/{device_id}", tags=["configuration"])
+def get_device_config(device_id: str, ctx: Ctx) -> dict[str, Any]:
+    """``configured``: the device's own variables; ``effective``: what the device receives (its group's
+    overridden by its own). Secrets are masked."""
+    with ctx.db.read() as c:
+        group = _device_group(c, device_id)
+        own = ctx.config.load(c, "device", device_id)
+        grp = ctx.config.load(c, "group", group) if group else None
+    effective = ctx.config.masked(grp) if grp else {}
+    effective.update(ctx.config.masked(own))
+    secrets = sorted(own.secrets | (grp.secrets - set(own.values) if grp else set()))
+    return {"id": device_id, "group": group, "configured": ctx.config.masked(own), "secrets": sorted(own.secrets),
+            "effective": dict(sorted(effective.items())), "effective_secrets": secrets,
+            "updated_ts": rfc3339(own.updated)}
+
+
+@router.put(CONFIG + "/group/{group}", status_code=204, tags=["configuration"], openapi_extra=CONFIG_BODY)
+async def put_group_config(group: str, request: Request, ctx: Ctx) -> Response:
+    """Replace a group's variables (our extension): the devices of the group receive them."""
+    check_group_name(group)
+    values, secrets = parse_config_body(_json_body(await request.body()))
+    with ctx.db.write() as c:
+        ctx.config.replace(c, "group", group, values, secrets)
+    return Response(status_code=204)
+
+
+@router.get(CONFIG + "/group/{group}", tags=["configuration"])
+def get_group_config(group: str, ctx: Ctx) -> dict[str, Any]:
+    check_group_name(group)
+    with ctx.db.read() as c:
+        stored = ctx.config.load(c, "group", group)
+    return {"group": group, "configured": ctx.config.masked(stored), "secrets": sorted(stored.secrets),
+            "updated_ts": rfc3339(stored.updated)}
+

@@ -1,0 +1,140 @@
+"""Tables. Portable types only (SQLite and PostgreSQL): string ids (UUID text), timestamps as epoch seconds
+(``Double``), JSON columns through SQLAlchemy's ``JSON`` type. The migrations in ``migrations/`` create them."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    })
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    identity_json: Mapped[str] = mapped_column(sa.Text)
+    identity_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    #: derived from the auth sets: accepted > preauthorized > pending > rejected
+    status: Mapped[str] = mapped_column(sa.String(16), index=True)
+    group_name: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    inventory: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    #: hash of the last ``device_provides`` merged into the inventory (so an unchanged poll writes nothing)
+    provides_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    device_type: Mapped[str | None] = mapped_column(sa.String(128))
+    created: Mapped[float] = mapped_column(sa.Double)
+    updated: Mapped[float] = mapped_column(sa.Double)
+    inventory_updated: Mapped[float | None] = mapped_column(sa.Double)
+
+
+class AuthSet(Base):
+    __tablename__ = "auth_sets"
+    __table_args__ = (sa.UniqueConstraint("device_id", "pubkey_hash"),)
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    device_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    pubkey: Mapped[str] = mapped_column(sa.Text)
+    pubkey_hash: Mapped[str] = mapped_column(sa.String(64))
+    status: Mapped[str] = mapped_column(sa.String(16))
+    created: Mapped[float] = mapped_column(sa.Double)
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(256), index=True)
+    description: Mapped[str] = mapped_column(sa.Text, default="")
+    device_types: Mapped[list[str]] = mapped_column(sa.JSON)
+    size: Mapped[int] = mapped_column(sa.BigInteger)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    signed: Mapped[bool] = mapped_column(sa.Boolean)
+    signed_by: Mapped[str | None] = mapped_column(sa.String(64))
+    #: provides, depends, payload types, clears_provides (as ``build.py artifact show --json`` names them)
+    info: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    created: Mapped[float] = mapped_column(sa.Double)
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(256))
+    artifact_name: Mapped[str] = mapped_column(sa.String(256), index=True)
+    #: pending, inprogress, paused, finished, aborted
+    status: Mapped[str] = mapped_column(sa.String(16), index=True)
+    created: Mapped[float] = mapped_column(sa.Double)
+    finished: Mapped[float | None] = mapped_column(sa.Double)
+    device_count: Mapped[int] = mapped_column(sa.Integer)
+    #: [{"batch_size": %, "start_ts": epoch, "device_count": n}]
+    phases: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON)
+    failure_threshold: Mapped[float | None] = mapped_column(sa.Double)
+    allow_downgrade: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    retries: Mapped[int] = mapped_column(sa.Integer, default=0)
+    #: what the request targeted: {"devices": [...]} | {"all_devices": true} | {"group": name}
+    target: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+
+
+class DeploymentDevice(Base):
+    """One device in one deployment. ``active`` is true until the device's status is final; the poll path
+    asks only ``WHERE device_id = ? AND active`` (indexed)."""
+
+    __tablename__ = "deployment_devices"
+    __table_args__ = (
+        sa.Index("ix_deployment_devices_device_active", "device_id", "active"),
+        sa.Index("ix_deployment_devices_deployment_status", "deployment_id", "status"),
+        sa.Index("ix_deployment_devices_deployment_active", "deployment_id", "active"),
+    )
+    deployment_id: Mapped[str] = mapped_column(
+        sa.String(36), sa.ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
+    )
+    #: no foreign key: the history outlives a decommissioned device
+    device_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(32))
+    substate: Mapped[str | None] = mapped_column(sa.Text)
+    active: Mapped[bool] = mapped_column(sa.Boolean)
+    phase: Mapped[int] = mapped_column(sa.Integer)
+    #: the device's phase start: it gets the deployment from then on
+    not_before: Mapped[float] = mapped_column(sa.Double)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    created: Mapped[float] = mapped_column(sa.Double)
+    started: Mapped[float | None] = mapped_column(sa.Double)
+    finished: Mapped[float | None] = mapped_column(sa.Double)
+    has_log: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+
+
+class DeploymentLog(Base):
+    __tablename__ = "deployment_logs"
+    __table_args__ = (sa.Index("ix_deployment_logs_deployment_device", "deployment_id", "device_id"),)
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("deployments.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(sa.String(36))
+    created: Mapped[float] = mapped_column(sa.Double)
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON)
+
+
+class ConfigValue(Base):
+    """A configuration variable of a device (``scope="device"``, owner = device id) or of a group
+    (``scope="group"``, owner = group name). Secret values hold a Fernet token, never the plaintext."""
+
+    __tablename__ = "config_values"
+    scope: Mapped[str] = mapped_column(sa.String(8), primary_key=True)
+    owner: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(sa.Text)
+    secret: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    updated: Mapped[float] = mapped_column(sa.Double)
+
+
+devices = cast(sa.Table, Device.__table__)
+auth_sets = cast(sa.Table, AuthSet.__table__)
+artifacts = cast(sa.Table, Artifact.__table__)
+deployments = cast(sa.Table, Deployment.__table__)
+deployment_devices = cast(sa.Table, DeploymentDevice.__table__)
+deployment_logs = cast(sa.Table, DeploymentLog.__table__)
+config_values = cast(sa.Table, ConfigValue.__table__)

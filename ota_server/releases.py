@@ -1,0 +1,452 @@
+"""Management API: artifacts (releases) and deployments."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+
+from artifacts import ArtifactReader
+from ota_common.errors import ArtifactError
+
+from . import deployments as rollout
+from .context import ServerContext, get_ctx
+from .device_api import device_log
+from .errors import APIError, bad_request, conflict, not_found
+from .management import DEFAULT_PER_PAGE, Page, PerPage, require_admin
+from .models import artifacts as art_t
+from .models import deployment_devices as dd
+from .models import deployments as dep
+from .models import devices
+from .timeutil import now, rfc3339
+
+router = APIRouter(dependencies=[Depends(require_admin)])
+Ctx = Annotated[ServerContext, Depends(get_ctx)]
+ARTIFACTS = "/api/management/v1/deployments/artifacts"
+DEPLOYMENTS = "/api/management/v1/deployments/deployments"
+MAX_FIELD = 64 * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Artifacts
+
+
+def _artifact_doc(r: Any) -> dict[str, Any]:
+    info = r.info
+    return {
+        "id": r.id,
+        "name": r.name,
+        "description": r.description,
+        "device_types_compatible": list(r.device_types),
+        "info": {"format": "mender", "version": 3},
+        "signed": bool(r.signed),
+        "signed_by": r.signed_by,
+        "size": r.size,
+        "sha256": r.sha256,
+        "modified": rfc3339(r.created),
+        "artifact_provides": info.get("artifact_provides", {}),
+        "artifact_depends": info.get("artifact_depends", {}),
+        "clears_artifact_provides": info.get("clears_artifact_provides", []),
+        "updates": info.get("updates", []),
+    }
+
+
+class _Upload:
+    """Streams a multipart body: the ``artifact`` part to a temporary file in storage (hashing it on the
+    way), small text fields (``description``, ``size``) to memory."""
+
+    def __init__(self, tmp_dir: Path, max_size: int) -> None:
+        self.file = tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="upload-", suffix=".mender", delete=False)  # noqa: SIM115
+        self.path = Path(self.file.name)
+        self.max_size = max_size
+        self.size = 0
+        self.sha = hashlib.sha256()
+        self.fields: dict[str, bytes] = {}
+        self.artifact_parts = 0
+        self._headers: dict[str, bytes] = {}
+        self._field = b""
+        self._value = b""
+        self._part: str | None = None
+        self._error: str | None = None
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self._begin, "on_header_field": self._hfield, "on_header_value": self._hvalue,
+            "on_header_end": self._hend, "on_headers_finished": self._hdone, "on_part_data": self._data,
+        }
+
+    def _begin(self) -> None:
+        self._headers, self._part = {}, None
+
+    def _hfield(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _hvalue(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _hend(self) -> None:
+        self._headers[self._field.decode("latin-1").lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def _hdone(self) -> None:
+        _, params = parse_options_header(self._headers.get("content-disposition", b""))
+        self._part = params.get(b"name", b"").decode("latin-1")
+        if self._part == "artifact":
+            self.artifact_parts += 1
+        else:
+            self.fields.setdefault(self._part, b"")
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._part == "artifact":
+            if self.artifact_parts > 1:
+                return
+            chunk = data[start:end]
+            self.size += len(chunk)
+            if self.size > self.max_size:
+                raise APIError(413, f"artifact larger than {self.max_size} bytes")
+            self.sha.update(chunk)
+            self.file.write(chunk)
+        elif self._part is not None:
+            value = self.fields[self._part] + data[start:end]
+            if len(value) > MAX_FIELD:
+                raise bad_request(f"form field {self._part!r} is too large")
+            self.fields[self._part] = value
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _read_artifact(path: Path, size: int, ctx: ServerContext) -> dict[str, Any]:
+    """Verify signature, structure and every payload checksum; the description of what was verified."""
+    require = bool(ctx.verifiers) and not ctx.settings.allow_unsigned
+    with open(path, "rb") as f:
+        r = ArtifactReader(f, verifiers=ctx.verifiers, require_signature=require, source_size=size, what="artifact")
+        h = r.read_header()
+        files: list[list[dict[str, Any]]] = [[] for _ in h.type_infos]
+        for pf in r.files():
+            for _ in pf.chunks():
+                pass
+            files[pf.payload_index].append({"name": pf.name, "checksum": pf.sha256, "size": pf.size})
+        if not r.complete:
+            raise ArtifactError("artifact did not end cleanly")
+    provides: dict[str, Any] = {"artifact_name": h.info.artifact_name}
+    if h.info.artifact_group:
+        provides["artifact_group"] = h.info.artifact_group
+    depends: dict[str, Any] = {"device_type": list(h.info.device_types)}
+    if h.info.depends_artifact_names:
+        depends["artifact_name"] = list(h.info.depends_artifact_names)
+    clears: list[str] = []
+    for ti in h.type_infos:
+        provides.update(ti.provides)
+        depends.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in ti.depends.items()})
+        clears.extend(ti.clears_provides)
+    return {
+        "name": h.info.artifact_name,
+        "device_types": list(h.info.device_types),
+        "signed": r.signature_status.value != "unsigned",
+        "signed_by": r.signed_by,
+        "info": {
+            "artifact_provides": provides, "artifact_depends": depends, "clears_artifact_provides": clears,
+            "updates": [{"type_info": {"type": ti.type}, "files": files[i], "meta_data": h.meta_data[i]}
+                        for i, ti in enumerate(h.type_infos)],
+            "scripts": sorted(h.scripts),
+        },
+    }
+
+
+@router.post(ARTIFACTS, status_code=201, tags=["artifacts"],
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                 "type": "object", "required": ["artifact"],
+                 "properties": {"artifact": {"type": "string", "format": "binary"},
+                                "description": {"type": "string"}}}}}}})
+async def upload_artifact(request: Request, ctx: Ctx) -> Response:
+    """Upload a release (multipart field ``artifact``, optional ``description``). Streamed to storage, then
+    its signature (against the server's release keys), structure and payload checksums are verified; 400 with
+    the reason otherwise; 409 if an artifact with this name and an overlapping device type exists."""
+    ctype, params = parse_options_header(request.headers.get("content-type"))
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise bad_request("expected a multipart/form-data body with an 'artifact' field")
+    if not ctx.verifiers and not ctx.settings.allow_unsigned:
+        async for _ in request.stream():  # read the body so that the client sees the answer
+            pass
+        raise bad_request("this server has no release keys: start it with --release-key (or --allow-unsigned)")
+    tmp_dir = ctx.settings.storage / "tmp"
+    upload = _Upload(tmp_dir, ctx.settings.max_artifact)
+    try:
+        parser = MultipartParser(params[b"boundary"], upload.callbacks())  # type: ignore[arg-type]
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+            parser.finalize()
+        except MultipartParseError as e:
+            raise bad_request(f"malformed multipart body: {e}") from None
+        upload.file.flush()
+        os.fsync(upload.file.fileno())
+        upload.file.close()
+        if upload.artifact_parts != 1:
+            raise bad_request("the form must have exactly one 'artifact' file field")
+        description = upload.fields.get("description", b"").decode("utf-8", "replace")
+        if "size" in upload.fields:
+            try:
+                declared = int(upload.fields["size"])
+            except ValueError:
+                raise bad_request("size must be an integer") from None
+            if declared != upload.size:
+                raise bad_request(f"size says {declared} bytes but the artifact has {upload.size}")
+        try:
+            meta = await run_in_threadpool(_read_artifact, upload.path, upload.size, ctx)
+        except ArtifactError as e:
+            raise bad_request(f"artifact rejected: {e}") from None
+        artifact_id = str(uuid.uuid4())
+        final = Path(ctx.artifact_dir) / f"{artifact_id}.mender"
+        with ctx.db.write() as c:
+            for other in c.execute(sa.select(art_t.c.id, art_t.c.device_types).where(art_t.c.name == meta["name"])):
+                common = sorted(set(other.device_types) & set(meta["device_types"]))
+                if common:
+                    raise conflict(f"artifact {meta['name']} for device type {common[0]} already exists ({other.id})")
+            c.execute(art_t.insert().values(
+                id=artifact_id, name=meta["name"], description=description, device_types=meta["device_types"],
+                size=upload.size, sha256=upload.sha.hexdigest(), signed=meta["signed"], signed_by=meta["signed_by"],
+                info=meta["info"], created=now()))
+            os.replace(upload.path, final)  # inside the transaction: a failed move rolls the row back
+        return Response(status_code=201, headers={"Location": f"{ARTIFACTS}/{artifact_id}"})
+    finally:
+        upload.discard()
+
+
+@router.get(ARTIFACTS, tags=["artifacts"])
+def list_artifacts(ctx: Ctx, name: str | None = None) -> list[dict[str, Any]]:
+    q = sa.select(art_t).order_by(art_t.c.created)
+    if name is not None:
+        q = q.where(art_t.c.name == name)
+    with ctx.db.read() as c:
+        return [_artifact_doc(r) for r in c.execute(q)]
+
+
+@router.get(ARTIFACTS + "/{artifact_id}", tags=["artifacts"])
+def get_artifact(artifact_id: str, ctx: Ctx) -> dict[str, Any]:
+    with ctx.db.read() as c:
+        r = c.execute(sa.select(art_t).where(art_t.c.id == artifact_id)).first()
+    if r is None:
+        raise not_found("artifact")
+    return _artifact_doc(r)
+
+
+@router.delete(ARTIFACTS + "/{artifact_id}", status_code=204, tags=["artifacts"])
+def delete_artifact(artifact_id: str, ctx: Ctx) -> Response:
+    """Delete an artifact no unfinished deployment uses (409 otherwise)."""
+    with ctx.db.write() as c:
+        r = c.execute(sa.select(art_t.c.name).where(art_t.c.id == artifact_id)).first()
+        if r is None:
+            raise not_found("artifact")
+        using = c.execute(sa.select(dep.c.id).where(dep.c.artifact_name == r.name,
+                                                    dep.c.status.in_(rollout.OPEN)).limit(1)).first()
+        if using is not None:
+            raise conflict(f"deployment {using.id} still uses artifact {r.name}; abort it or wait until it finishes")
+        c.execute(sa.delete(art_t).where(art_t.c.id == artifact_id))
+    (Path(ctx.artifact_dir) / f"{artifact_id}.mender").unlink(missing_ok=True)
+    return Response(status_code=204)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deployments
+
+
+class PhaseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int | None = Field(None, ge=1, le=100, description="percent of the target devices")
+    start_ts: AwareDatetime | None = None
+    wait_s: float | None = Field(None, ge=0, le=366 * 86400, description="seconds after the previous phase started")
+
+    @model_validator(mode="after")
+    def _one_start(self) -> PhaseIn:
+        if self.start_ts is not None and self.wait_s is not None:
+            raise ValueError("give start_ts or wait_s, not both")
+        return self
+
+
+class NewDeployment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256)
+    artifact_name: str = Field(min_length=1, max_length=256)
+    devices: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, min_length=1, max_length=100_000)
+    all_devices: bool = False
+    group: str | None = Field(None, pattern="^[A-Za-z0-9_-]{1,64}$")
+    phases: list[PhaseIn] | None = Field(None, min_length=1, max_length=100)
+    failure_threshold: float | None = Field(None, ge=0, le=100, description="percent of finished devices")
+    allow_downgrade: bool = False
+    retries: int = Field(0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> NewDeployment:
+        targets = (self.devices is not None) + self.all_devices + (self.group is not None)
+        if targets != 1:
+            raise ValueError("give exactly one target: devices, all_devices or group")
+        if self.phases:
+            for i, p in enumerate(self.phases[:-1]):
+                if p.batch_size is None:
+                    raise ValueError(f"phase {i + 1} needs batch_size (only the last phase takes the rest)")
+            used = sum(p.batch_size or 0 for p in self.phases[:-1])
+            if len(self.phases) > 1 and used >= 100:
+                raise ValueError("the batch sizes before the last phase must add up to less than 100")
+            last = self.phases[-1].batch_size
+            if last is not None and last != 100 - used:
+                raise ValueError(f"the last phase takes the remaining {100 - used}% (omit its batch_size)")
+        return self
+
+
+def _deployment_doc(r: Any) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "name": r.name,
+        "artifact_name": r.artifact_name,
+        "created": rfc3339(r.created),
+        "finished": rfc3339(r.finished),
+        "status": r.status,
+        "device_count": r.device_count,
+        "type": "software",
+        "phases": [{**p, "start_ts": rfc3339(p["start_ts"])} for p in r.phases],
+        "failure_threshold": r.failure_threshold,
+        "allow_downgrade": bool(r.allow_downgrade),
+        "retries": r.retries,
+        "target": r.target,
+    }
+
+
+@router.post(DEPLOYMENTS, status_code=201, tags=["deployments"])
+def create_deployment(body: NewDeployment, ctx: Ctx) -> Response:
+    """Deploy a release to devices, a group or all accepted devices, optionally in phases with a failure
+    threshold. Targets are resolved now: devices accepted later are not included."""
+    t = now()
+    phases = [{"batch_size": p.batch_size, "wait_s": p.wait_s,
+               "start_ts": p.start_ts.timestamp() if p.start_ts else None} for p in body.phases or []]
+    deployment_id = str(uuid.uuid4())
+    with ctx.db.write() as c:
+        if c.execute(sa.select(art_t.c.id).where(art_t.c.name == body.artifact_name).limit(1)).first() is None:
+            raise bad_request(f"no artifact named {body.artifact_name!r}: upload it first")
+        if body.devices is not None:
+            ids = list(dict.fromkeys(body.devices))
+            found = {r.id: r.status for r in c.execute(sa.select(devices.c.id, devices.c.status)
+                                                         .where(devices.c.id.in_(ids)))}
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise bad_request(f"unknown device(s): {', '.join(missing[:5])}")
+            unaccepted = [i for i in ids if found[i] != "accepted"]
+            if unaccepted:
+                raise bad_request(f"device(s) not accepted: {', '.join(unaccepted[:5])}")
+            target: dict[str, Any] = {"devices": ids}
+        else:
+            q = sa.select(devices.c.id).where(devices.c.status == "accepted").order_by(devices.c.id)
+            if body.group is not None:
+                q = q.where(devices.c.group_name == body.group)
+                target = {"group": body.group}
+            else:
+                target = {"all_devices": True}
+            ids = [r[0] for r in c.execute(q)]
+        if not ids:
+            raise bad_request("no accepted devices match the target")
+        planned, assignment = rollout.plan_phases(ids, phases, t)
+        starts = [p["start_ts"] for p in planned]
+        if starts != sorted(starts):
+            raise bad_request("phases must start in order")
+        c.execute(dep.insert().values(
+            id=deployment_id, name=body.name, artifact_name=body.artifact_name, status="pending", created=t,
+            device_count=len(ids), phases=planned, failure_threshold=body.failure_threshold,
+            allow_downgrade=body.allow_downgrade, retries=body.retries, target=target))
+        c.execute(dd.insert(), [
+            {"deployment_id": deployment_id, "device_id": d, "status": "pending", "active": True, "phase": ph,
+             "not_before": nb, "attempts": 0, "created": t, "has_log": False}
+            for d, ph, nb in assignment])
+    return Response(status_code=201, headers={"Location": f"{DEPLOYMENTS}/{deployment_id}"})
+
+
+@router.get(DEPLOYMENTS, tags=["deployments"])
+def list_deployments(ctx: Ctx, status: Annotated[str | None, Query(
+        pattern="^(pending|inprogress|paused|finished|aborted)$")] = None,
+        page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
+    q = sa.select(dep).order_by(dep.c.created.desc()).limit(per_page).offset((page - 1) * per_page)
+    if status is not None:
+        q = q.where(dep.c.status == status)
+    with ctx.db.read() as c:
+        return [_deployment_doc(r) for r in c.execute(q)]
+
+
+def _get_deployment(c: sa.Connection, deployment_id: str) -> Any:
+    r = c.execute(sa.select(dep).where(dep.c.id == deployment_id)).first()
+    if r is None:
+        raise not_found("deployment")
+    return r
+
+
+@router.get(DEPLOYMENTS + "/{deployment_id}", tags=["deployments"])
+def get_deployment(deployment_id: str, ctx: Ctx) -> dict[str, Any]:
+    with ctx.db.read() as c:
+        return _deployment_doc(_get_deployment(c, deployment_id))
+
+
+@router.get(DEPLOYMENTS + "/{deployment_id}/statistics", tags=["deployments"])
+def deployment_statistics(deployment_id: str, ctx: Ctx) -> dict[str, int]:
+    with ctx.db.read() as c:
+        _get_deployment(c, deployment_id)
+        return rollout.statistics(c, deployment_id)
+
+
+@router.get(DEPLOYMENTS + "/{deployment_id}/devices", tags=["deployments"])
+def deployment_devices(deployment_id: str, ctx: Ctx, status: str | None = None,
+                       page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
+    q = (sa.select(dd).where(dd.c.deployment_id == deployment_id).order_by(dd.c.phase, dd.c.device_id)
+         .limit(per_page).offset((page - 1) * per_page))
+    if status is not None:
+        q = q.where(dd.c.status == status)
+    with ctx.db.read() as c:
+        _get_deployment(c, deployment_id)
+        return [{"id": r.device_id, "status": r.status, "substate": r.substate, "created": rfc3339(r.created),
+                 "started": rfc3339(r.started), "finished": rfc3339(r.finished), "log": bool(r.has_log),
+                 "phase": r.phase + 1, "attempts": r.attempts} for r in c.execute(q)]
+
+
+@router.get(DEPLOYMENTS + "/{deployment_id}/devices/{device_id}/log", tags=["deployments"],
+            responses={200: {"content": {"text/plain": {}}}})
+def get_device_log(deployment_id: str, device_id: str, ctx: Ctx) -> Response:
+    """The device's deployment log, one ``<timestamp> <level>: <message>`` line per message."""
+    return device_log(ctx, deployment_id, device_id)
+
+
+class DeploymentStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: str = Field(pattern="^(aborted|inprogress)$")
+    failure_threshold: float | None = Field(None, ge=0, le=100)
+
+
+@router.put(DEPLOYMENTS + "/{deployment_id}/status", status_code=204, tags=["deployments"])
+def put_deployment_status(deployment_id: str, body: DeploymentStatus, ctx: Ctx) -> Response:
+    """``aborted``: unfinished devices become ``aborted`` (they get 409 on their next report).
+    ``inprogress`` (our extension): resume a paused deployment, optionally with a new ``failure_threshold``
+    (otherwise the next failure pauses it again while the failure ratio stays above the threshold)."""
+    with ctx.db.write() as c:
+        r = _get_deployment(c, deployment_id)
+        if body.status == "aborted":
+            if r.status not in rollout.OPEN:
+                raise conflict(f"the deployment is already {r.status}")
+            rollout.abort(c, deployment_id)
+        else:
+            if r.status != "paused":
+                raise conflict(f"only a paused deployment can be resumed; this one is {r.status}")
+            values: dict[str, Any] = {"status": "inprogress"}
+            if "failure_threshold" in body.model_fields_set:
+                values["failure_threshold"] = body.failure_threshold
+            c.execute(dep.update().where(dep.c.id == deployment_id).values(**values))
+    return Response(status_code=204)
+

@@ -1,0 +1,112 @@
+"""Server configuration (from ``build.py server``) and the secrets persisted in the storage directory.
+
+Worker processes are started by uvicorn in fresh interpreters, so the settings travel as JSON in the
+``OTA_SERVER_SETTINGS`` environment variable; the secrets live in ``<storage>/server-secrets.json`` (mode 0600),
+created once, so that every worker and every restart agree on them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ota_common.errors import UserError
+
+SETTINGS_ENV = "OTA_SERVER_SETTINGS"
+SECRETS_FILE = "server-secrets.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_url: str
+    storage: Path
+    admin_token: str
+    release_keys: tuple[Path, ...] = ()
+    allow_unsigned: bool = False
+    public_url: str | None = None
+    #: lifetime of a device token (seconds); the Mender client re-authenticates on 401
+    device_token_ttl: int = 7 * 24 * 3600
+    #: lifetime of a signed download link (seconds); a device asks `next` again for a fresh one
+    link_ttl: int = 24 * 3600
+    #: largest JSON/YAML request body accepted (artifact uploads are streamed and not limited by this)
+    max_body: int = 16 * 1024 * 1024
+    #: largest artifact accepted
+    max_artifact: int = 8 * 1024 * 1024 * 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_env(self) -> str:
+        d = asdict(self)
+        d["storage"] = str(self.storage)
+        d["release_keys"] = [str(p) for p in self.release_keys]
+        return json.dumps(d)
+
+    @classmethod
+    def from_env(cls, value: str | None = None) -> Settings:
+        raw = value if value is not None else os.environ.get(SETTINGS_ENV)
+        if not raw:
+            raise UserError(f"{SETTINGS_ENV} is not set (start the server with `build.py server`)")
+        d = json.loads(raw)
+        d["storage"] = Path(d["storage"])
+        d["release_keys"] = tuple(Path(p) for p in d["release_keys"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ServerSecrets:
+    jwt_key: bytes
+    link_key: bytes
+    fernet_key: bytes
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` (mode 0600) atomically; if another process won the race, keep its file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_or_create_secrets(storage: Path) -> ServerSecrets:
+    path = storage / SECRETS_FILE
+    if not path.exists():
+        doc = {
+            "jwt_key": base64.b64encode(secrets.token_bytes(32)).decode(),
+            "link_key": base64.b64encode(secrets.token_bytes(32)).decode(),
+            "fernet_key": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
+        }
+        _write_private(path, json.dumps(doc).encode())
+    try:
+        doc = json.loads(path.read_text())
+        return ServerSecrets(
+            jwt_key=base64.b64decode(doc["jwt_key"]),
+            link_key=base64.b64decode(doc["link_key"]),
+            fernet_key=doc["fernet_key"].encode(),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read the server secrets in {path}: {e}") from None
+
+
+def load_or_create_admin_token(storage: Path) -> tuple[str, Path, bool]:
+    """The token in ``<storage>/admin-token``, generated (mode 0600) when missing. Returns (token, path, created)."""
+    path = storage / "admin-token"
+    created = False
+    if not path.exists():
+        _write_private(path, (secrets.token_urlsafe(32) + "\n").encode())
+        created = True
+    token = path.read_text().strip()
+    if not token:
+        raise UserError(f"{path} is empty")
+    return token, path, created

@@ -1,0 +1,214 @@
+"""Update server, device side: signed auth requests (RSA, ECDSA, ed25519), acceptance, preauthorization,
+decommissioning, tokens, inventory, chunked bodies, restart."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+
+from .server_helpers import Device, Server, server_fixture  # noqa: F401 - fixture
+
+NEXT = "/api/devices/v2/deployments/device/deployments/next"
+DEVAUTH = "/api/management/v2/devauth/devices"
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ec", "ec384", "ed25519"])
+def test_unknown_device_is_pending_until_accepted(server: Server, kind: str) -> None:
+    dev = Device(server, kind)
+    r = dev.auth()
+    assert r.status_code == 401 and "error" in r.json()
+    device_id = dev.id()
+    with server.admin() as a:
+        d = a.get(f"{DEVAUTH}/{device_id}").json()
+        assert d["status"] == "pending" and d["identity_data"] == dev.identity
+        (aset,) = d["auth_sets"]
+        assert aset["status"] == "pending" and aset["identity_data"] == dev.identity and "BEGIN PUBLIC KEY" in aset["pubkey"]
+        assert {"created_ts", "updated_ts"} <= set(d)
+        assert any(x["id"] == device_id for x in a.get(DEVAUTH, params={"status": "pending"}).json())
+    assert dev.auth().status_code == 401  # asking again changes nothing
+    with server.admin() as a:
+        assert len(a.get(f"{DEVAUTH}/{device_id}").json()["auth_sets"]) == 1
+        assert a.put(f"{DEVAUTH}/{device_id}/auth/{aset['id']}/status", json={"status": "accepted"}).status_code == 204
+    r = dev.auth()
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/jwt")
+    claims = jwt.decode(r.text, options={"verify_signature": False})
+    assert claims["sub"] == device_id and claims["exp"] > time.time()
+    assert dev.next().status_code == 204
+
+
+def test_bad_signatures_and_malformed_requests(server: Server) -> None:
+    dev, other = Device(server, "ec"), Device(server, "rsa")
+    body = dev.auth_body()
+    url = "/api/devices/v1/authentication/auth_requests"
+    c = server.client()
+    assert c.post(url, content=body, headers={"X-MEN-Signature": other.sign(body)}).status_code == 401
+    assert c.post(url, content=body).status_code == 401
+    assert c.post(url, content=body, headers={"X-MEN-Signature": "%%%"}).status_code == 401
+    tampered = body.replace(b"whatever", b"whatevex")
+    assert c.post(url, content=tampered, headers={"X-MEN-Signature": dev.sign(body)}).status_code == 401
+    # a raw r||s ECDSA signature is not what the Mender client sends: DER only
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+    r_, s_ = decode_dss_signature(base64.b64decode(dev.sign(body)))
+    raw = base64.b64encode(r_.to_bytes(32, "big") + s_.to_bytes(32, "big")).decode()
+    assert c.post(url, content=body, headers={"X-MEN-Signature": raw}).status_code == 401
+    for bad, msg in ((b"{", "JSON"), (b"[]", "object"), (json.dumps({"id_data": {"a": 1}, "pubkey": dev.pubkey}).encode(), "id_data"),
+                     (json.dumps({"id_data": "{}", "pubkey": dev.pubkey}).encode(), "id_data"),
+                     (json.dumps({"id_data": '{"a":1}', "pubkey": "nope"}).encode(), "pubkey")):
+        r = c.post(url, content=bad, headers={"X-MEN-Signature": dev.sign(bad)})
+        assert r.status_code == 400 and msg in r.json()["error"], (bad, r.text)
+    with server.admin() as a:  # none of these created a device
+        assert all(d["identity_data"] != dev.identity for d in a.get(DEVAUTH).json())
+
+
+def test_preauthorized_device_is_accepted_at_first_request(server: Server) -> None:
+    dev = Device(server, "ed25519")
+    with server.admin() as a:
+        r = a.post(DEVAUTH, json={"identity_data": dev.identity, "pubkey": dev.pubkey})
+        assert r.status_code == 201 and r.headers["Location"].startswith(DEVAUTH + "/")
+        device_id = r.headers["Location"].rsplit("/", 1)[1]
+        assert a.get(f"{DEVAUTH}/{device_id}").json()["status"] == "preauthorized"
+        assert a.post(DEVAUTH, json={"identity_data": dev.identity, "pubkey": dev.pubkey}).status_code == 409
+        assert a.post(DEVAUTH, json={"identity_data": {"x": 1}, "pubkey": "junk"}).status_code == 400
+        assert a.post(DEVAUTH, json={"identity_data": {}, "pubkey": dev.pubkey}).status_code == 400
+    # another key with the same identity is not the preauthorized one
+    impostor = Device(server, "ec", identity=dev.identity)
+    assert impostor.auth().status_code == 401
+    assert dev.auth().status_code == 200
+    with server.admin() as a:
+        d = a.get(f"{DEVAUTH}/{device_id}").json()
+        assert d["status"] == "accepted"
+        assert sorted(s["status"] for s in d["auth_sets"]) == ["accepted", "pending"]
+
+
+def test_tokens_refused_when_missing_bad_expired_rejected_or_decommissioned(server: Server) -> None:
+    dev = Device(server, "ec")
+    device_id = dev.accept()
+    c = server.client()
+    body = {"device_provides": {"device_type": "qemu-virt", "artifact_name": "a"}}
+    assert c.post(NEXT, json=body).status_code == 401
+    assert c.post(NEXT, json=body, headers={"Authorization": "Bearer junk"}).status_code == 401
+    forged = jwt.encode({"sub": device_id, "exp": int(time.time()) + 60, "iss": "vv-ota", "mender.device": True},
+                        "not-the-key-but-32-bytes-long-xxxxxx", algorithm="HS256")
+    assert c.post(NEXT, json=body, headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+    import base64
+    key = base64.b64decode(server.secrets()["jwt_key"])
+    expired = jwt.encode({"sub": device_id, "exp": int(time.time()) - 5, "iss": "vv-ota", "mender.device": True},
+                         key, algorithm="HS256")
+    r = c.post(NEXT, json=body, headers={"Authorization": f"Bearer {expired}"})
+    assert r.status_code == 401 and "expired" in r.json()["error"]
+    assert dev.next().status_code == 204
+    with server.admin() as a:
+        aid = a.get(f"{DEVAUTH}/{device_id}").json()["auth_sets"][0]["id"]
+        assert a.put(f"{DEVAUTH}/{device_id}/auth/{aid}/status", json={"status": "rejected"}).status_code == 204
+        assert dev.next().status_code == 401
+        assert dev.auth().status_code == 401
+        assert a.put(f"{DEVAUTH}/{device_id}/auth/{aid}/status", json={"status": "accepted"}).status_code == 204
+        assert dev.next().status_code == 204  # the old token works again once accepted
+        assert a.put(f"{DEVAUTH}/{device_id}/auth/{aid}/status", json={"status": "bogus"}).status_code == 400
+        assert a.put(f"{DEVAUTH}/{device_id}/auth/nope/status", json={"status": "accepted"}).status_code == 404
+        assert a.delete(f"{DEVAUTH}/{device_id}").status_code == 204
+        assert a.get(f"{DEVAUTH}/{device_id}").status_code == 404
+        assert a.delete(f"{DEVAUTH}/{device_id}").status_code == 404
+    assert dev.next().status_code == 401
+    assert dev.status("x", "downloading").status_code == 401
+    r = c.get("/api/devices/v1/deviceconfig/configuration", headers=dev.headers)
+    assert r.status_code == 401
+    # it may ask again: it is a new, pending device
+    assert dev.auth().status_code == 401
+    assert dev.id() != device_id
+
+
+def test_admin_token_required(server: Server) -> None:
+    c = server.client()
+    for path in (DEVAUTH, "/api/management/v1/inventory/devices", "/api/management/v1/deployments/deployments",
+                 "/api/management/v1/deployments/artifacts"):
+        r = c.get(path)
+        assert r.status_code == 401 and r.json()["error"]
+        assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    dev = Device(server)
+    dev.accept()
+    assert c.get(DEVAUTH, headers=dev.headers).status_code == 401  # a device token is not an admin token
+
+
+def test_inventory_put_patch_and_provides(server: Server) -> None:
+    dev = Device(server)
+    device_id = dev.accept()
+    url = "/api/devices/v1/inventory/device/attributes"
+    c = dev.http
+    r = c.put(url, headers=dev.headers, json=[{"name": "kernel", "value": "6.1"}, {"name": "ips", "value": ["10.0.0.2", "fe80::1"]}])
+    assert r.status_code == 200
+    assert c.patch(url, headers=dev.headers, json=[{"name": "mem_total_kB", "value": 1024}]).status_code == 200
+    with server.admin() as a:
+        doc = a.get(f"/api/management/v1/inventory/devices/{device_id}").json()
+    inv = {x["name"]: x["value"] for x in doc["attributes"] if x["scope"] == "inventory"}
+    assert inv == {"kernel": "6.1", "ips": ["10.0.0.2", "fe80::1"], "mem_total_kB": 1024}
+    ident = {x["name"]: x["value"] for x in doc["attributes"] if x["scope"] == "identity"}
+    assert ident["mac"] == dev.identity["mac"] and ident["status"] == "accepted"
+    assert c.put(url, headers=dev.headers, json=[{"name": "kernel", "value": "6.6"}]).status_code == 200
+    assert dev.next(artifact_name="vv-1.0", device_type="rpi4", **{"rootfs-image.version": "1.0"}).status_code == 204
+    with server.admin() as a:
+        doc = a.get(f"/api/management/v1/inventory/devices/{device_id}").json()
+        listed = a.get("/api/management/v1/inventory/devices").json()
+    inv = {x["name"]: x["value"] for x in doc["attributes"] if x["scope"] == "inventory"}
+    assert inv == {"kernel": "6.6", "artifact_name": "vv-1.0", "device_type": "rpi4", "rootfs-image.version": "1.0"}
+    assert any(d["id"] == device_id for d in listed)
+    for bad in ({"name": "x"}, [{"name": "", "value": 1}], [{"name": "x", "value": {"a": 1}}], "nope"):
+        r = c.put(url, headers=dev.headers, json=bad)
+        assert r.status_code == 400 and r.json()["error"].startswith("invalid request"), r.text
+    assert c.put(url, headers={"Authorization": "Bearer x"}, json=[]).status_code == 401
+
+
+def test_chunked_request_bodies_are_accepted(server: Server) -> None:
+    dev = Device(server, "rsa")
+    body = dev.auth_body()
+
+    def chunks():  # httpx sends an iterator with Transfer-Encoding: chunked
+        for i in range(0, len(body), 100):
+            yield body[i:i + 100]
+
+    r = dev.http.post("/api/devices/v1/authentication/auth_requests", content=chunks(),
+                      headers={"X-MEN-Signature": dev.sign(body), "Content-Type": "application/json"})
+    assert r.status_code == 401  # now pending
+    dev.accept()
+    payload = json.dumps({"device_provides": {"device_type": "qemu-virt", "artifact_name": "a"}}).encode()
+    r = dev.http.post(NEXT, content=iter([payload[:10], payload[10:]]),
+                      headers={**dev.headers, "Content-Type": "application/json"})
+    assert r.status_code == 204
+    r = dev.http.patch("/api/devices/v1/inventory/device/attributes", headers={**dev.headers, "Content-Type": "application/json"},
+                       content=iter([b'[{"name": "chunked", ', b'"value": "yes"}]']))
+    assert r.status_code == 200
+
+
+def test_oversized_body_refused(server: Server) -> None:
+    dev = Device(server)
+    dev.accept()
+    big = b"[" + b'{"name": "x", "value": "' + b"a" * (17 * 1024 * 1024) + b'"}]'
+    r = dev.http.put("/api/devices/v1/inventory/device/attributes", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                     headers={**dev.headers, "Content-Type": "application/json"})
+    assert r.status_code == 413 and "larger" in r.json()["error"]
+
+
+def test_restart_keeps_state(tmp_path: Path) -> None:
+    s = Server(tmp_path).start()
+    try:
+        dev = Device(s, "ec")
+        device_id = dev.accept()
+        token = dev.token
+    finally:
+        assert s.stop() == 0  # SIGTERM is a clean exit
+    s2 = Server(tmp_path)
+    s2.port, s2.url = s.port, s.url
+    s2.start()
+    try:
+        dev.server = s2
+        assert dev.token == token and dev.next().status_code == 204  # same JWT key after restart
+        with s2.admin() as a:
+            assert a.get(f"{DEVAUTH}/{device_id}").json()["status"] == "accepted"
+    finally:
+        s2.stop()
