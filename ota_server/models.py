@@ -55,7 +55,7 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(sa.BigInteger)
     sha256: Mapped[str] = mapped_column(sa.String(64))
     signed: Mapped[bool] = mapped_column(sa.Boolean)
-    signed_by: Mapped[str | None] = mapped_column(sa.String(64))
+    signed_by: Mapped[str | None] = mapped_column(sa.String(255))
     #: provides, depends, payload types, clears_provides (as ``build.py artifact show --json`` names them)
     info: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
     created: Mapped[float] = mapped_column(sa.Double)

@@ -218,7 +218,7 @@ async def upload_artifact(request: Request, ctx: Ctx) -> Response:
                     raise conflict(f"artifact {meta['name']} for device type {common[0]} already exists ({other.id})")
             c.execute(art_t.insert().values(
                 id=artifact_id, name=meta["name"], description=description, device_types=meta["device_types"],
-                size=upload.size, sha256=upload.sha.hexdigest(), signed=meta["signed"], signed_by=meta["signed_by"],
+                size=upload.size, sha256=upload.sha.hexdigest(), signed=meta["signed"], signed_by=(meta["signed_by"] or "")[:255] or None,
                 info=meta["info"], created=now()))
             os.replace(upload.path, final)  # inside the transaction: a failed move rolls the row back
         return Response(status_code=201, headers={"Location": f"{ARTIFACTS}/{artifact_id}"})

@@ -53,6 +53,7 @@ class Server:
         env.update(self.env or {})
         cmd = [sys.executable, str(BUILD_PY), "server", "--db", f"sqlite:///{self.db_path}", "--storage",
                str(self.storage), "--port", str(self.port), "--workers", str(self.workers), *self.args]
+        self.base.mkdir(parents=True, exist_ok=True)
         self._log_f = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log_f, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

@@ -26,7 +26,7 @@ def upgrade() -> None:
     sa.Column('size', sa.BigInteger(), nullable=False),
     sa.Column('sha256', sa.String(length=64), nullable=False),
     sa.Column('signed', sa.Boolean(), nullable=False),
-    sa.Column('signed_by', sa.String(length=64), nullable=True),
+    sa.Column('signed_by', sa.String(length=255), nullable=True),
     sa.Column('info', sa.JSON(), nullable=False),
     sa.Column('created', sa.Double(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_artifacts'))
