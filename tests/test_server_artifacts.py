@@ -64,9 +64,9 @@ def test_upload_refuses_untrusted_artifacts(server: Server, keys: dict[str, tupl
 
     items = members(good)
     data = dict(items)["data/0000.tar.gz"]
-    inner = tarfile.open(fileobj=io.BytesIO(gzip.decompress(data)))
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as out:
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data))) as inner, \
+            tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as out:
         for m in inner.getmembers():
             content = bytearray(inner.extractfile(m).read())  # type: ignore[union-attr]
             content[len(content) // 2] ^= 0x01
