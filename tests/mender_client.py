@@ -33,14 +33,16 @@ REPO = Path(__file__).resolve().parent.parent
 DEB_CACHE = REPO / "var" / "cache" / "debs"
 
 # A trivial update module (v3 protocol): records every state it is called with, copies the payload files on
-# ArtifactInstall, never asks for a reboot, no rollback support. FAIL_WITH makes ArtifactInstall fail.
+# ArtifactInstall, never asks for a reboot. With fail_with, ArtifactInstall prints it to stderr and exits 3;
+# rollback is then supported (a no-op), so the client rolls back and keeps its artifact name instead of
+# recording "<name>_INCONSISTENT".
 UPDATE_MODULE = r"""#!/bin/sh
 STATE="$1"
 FILES="$2"
 echo "$STATE" >> "{states}"
 case "$STATE" in
   NeedsArtifactReboot) echo No ;;
-  SupportsRollback) echo No ;;
+  SupportsRollback) if [ -n "{fail_with}" ]; then echo Yes; else echo No; fi ;;
   ArtifactInstall)
     if [ -n "{fail_with}" ]; then
       echo "{fail_with}" >&2
