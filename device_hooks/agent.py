@@ -392,6 +392,7 @@ class Agent:
             raise
         if resumes:
             self.dlog(dep.id, "info", f"download resumed {resumes} time(s) with HTTP Range")
+        (spool_dir / f"{dep.id}.mender").unlink(missing_ok=True)  # installed and verified: free /data
         assert runner is not None
         try:
             out = runner.run("ArtifactInstall", "Leave")
@@ -511,6 +512,8 @@ class Agent:
 
     def cycle(self) -> str:
         """One poll: reports, inventory and configuration when due, then the next deployment."""
+        if not self.cfg.server.url:
+            return "no-server"
         self.flush_reports()
         now = self.clock.now()
         if now >= float(self.state.get("inventory_due", 0)):
