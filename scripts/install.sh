@@ -12,6 +12,9 @@ APT_PACKAGES=(
   mmdebstrap qemu-user-static binfmt-support arch-test   # arm64 rootfs under emulation
   qemu-system-arm u-boot-qemu u-boot-tools qemu-utils    # boot scripts and QEMU boots
   libubootenv-tool                                       # fw_printenv/fw_setenv interop
+  libglib2.0-0 libssl3 liblzma5                          # the unpacked stock mender client (interop test)
+  postgresql                                             # the server's PostgreSQL test starts its own cluster
+  chromium                                               # the dashboard test renders pages headless
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -24,6 +27,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing apt packages: ${missing[*]}"
   sudo_ apt-get update -qq
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# the stock Mender client for the interop test: downloaded, never installed (its postinst would start a daemon)
+if ! ls var/cache/debs/mender-client_*.deb >/dev/null 2>&1; then
+  mkdir -p var/cache/debs
+  (cd var/cache/debs && apt-get download -qq mender-client 2>/dev/null) \
+    || { sudo_ apt-get update -qq; (cd var/cache/debs && apt-get download -qq mender-client); }
 fi
 
 # arm64 binaries run through qemu-user: binfmt_misc must be mounted and the handler enabled
