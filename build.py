@@ -8,6 +8,7 @@ import click
 from cli.artifact import artifact
 from cli.common import ErrorHandlingGroup, setup_logging
 from cli.keys import keys
+from cli.publish import publish_command
 from cli.release import image, release, rootfs
 from cli.server import server
 from ota_common.runtime import tune_malloc_for_streaming
@@ -27,6 +28,7 @@ main.add_command(release)
 main.add_command(rootfs)
 main.add_command(image)
 main.add_command(server)
+main.add_command(publish_command)
 
 if __name__ == "__main__":
     main()

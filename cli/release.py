@@ -41,14 +41,27 @@ _OPTIONS = [
     click.option("--previous", type=click.Path(exists=True, file_okay=False, path_type=Path),
                  help="The previous release's output directory (OUT/<old version>); recorded in manifest.json."),
 ]
+_PUBLISH = click.option("--publish", "publish_url", metavar="URL",
+                        help="Upload the release's artifacts to the update server at URL (token: $OTA_ADMIN_TOKEN).")
 
 
 @click.command()
 @_options
+@_PUBLISH
 def release(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
-             cache_dir: Path | None, server_url: str | None, previous: Path | None) -> None:
+            cache_dir: Path | None, server_url: str | None, previous: Path | None, publish_url: str | None) -> None:
     """Build disk images, the rootfs and signed artifacts for every board into OUT/<version>/."""
-    _run("release", config, version, boards, key, out, cache_dir, server_url, previous)
+    from cli.publish import admin_token, check_server, check_url, publish
+
+    token = None
+    if publish_url is not None:  # fail before a long build, not after it
+        check_url(publish_url)
+        token = admin_token()
+        check_server(publish_url, token)
+    outputs = _run("release", config, version, boards, key, out, cache_dir, server_url, previous)
+    if publish_url is not None:
+        publish(publish_url, sorted(p for p in outputs if p.suffix == ".mender"), token,
+                progress=lambda m: console.log(m))
 
 
 @click.command()
@@ -68,7 +81,7 @@ def image(config: Path | None, version: str | None, boards: Sequence[str], key: 
 
 
 def _run(kind: str, config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
-         cache_dir: Path | None, server_url: str | None, previous: Path | None) -> None:
+         cache_dir: Path | None, server_url: str | None, previous: Path | None) -> list[Path]:
     from image.release import DEFAULT_CONFIG, build_release
 
     signer = load_signer(key) if key else None
@@ -82,3 +95,4 @@ def _run(kind: str, config: Path | None, version: str | None, boards: Sequence[s
         table.add_row(name, f"{path.stat().st_size / 1e6:,.1f} MB")
     console.print(table)
     console.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    return list(result.outputs.values())
