@@ -35,10 +35,12 @@ def free_port() -> int:
 class Server:
     """``python build.py server`` on 127.0.0.1, with a temporary database and storage."""
 
-    def __init__(self, base: Path, *args: str, env: dict[str, str] | None = None, workers: int = 1) -> None:
+    def __init__(self, base: Path, *args: str, env: dict[str, str] | None = None, workers: int = 1,
+                 db_url: str | None = None) -> None:
         self.base = base
         self.storage = base / "storage"
         self.db_path = base / "ota.db"
+        self.db_url = db_url or f"sqlite:///{self.db_path}"
         self.args = list(args)
         self.env = env
         self.workers = workers
@@ -51,7 +53,7 @@ class Server:
         env = dict(os.environ, PYTHONPATH=str(REPO), OTA_ADMIN_TOKEN=ADMIN_TOKEN)
         env.pop("OTA_RELEASE_KEYS", None)
         env.update(self.env or {})
-        cmd = [sys.executable, str(BUILD_PY), "server", "--db", f"sqlite:///{self.db_path}", "--storage",
+        cmd = [sys.executable, str(BUILD_PY), "server", "--db", self.db_url, "--storage",
                str(self.storage), "--port", str(self.port), "--workers", str(self.workers), *self.args]
         self.base.mkdir(parents=True, exist_ok=True)
         self._log_f = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
@@ -85,6 +87,27 @@ class Server:
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30)
+
+    def query(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        """Read the server's database directly (SQLite file or PostgreSQL)."""
+        import sqlalchemy as sa
+
+        from ota_server.db import normalize_url
+
+        engine = sa.create_engine(normalize_url(self.db_url))
+        try:
+            with engine.connect() as c:
+                return [tuple(r) for r in c.execute(sa.text(sql), params)]
+        finally:
+            engine.dispose()
+
+    def stored_bytes(self) -> bytes:
+        """Everything the database holds on disk (SQLite: the file and its WAL), or the text of every
+        configuration row (PostgreSQL), to check that a plaintext is not there."""
+        if self.db_url.startswith("sqlite"):
+            wal = self.db_path.with_name(self.db_path.name + "-wal")
+            return self.db_path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+        return repr(self.query("SELECT * FROM config_values")).encode()
 
     def secrets(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads((self.storage / "server-secrets.json").read_text())

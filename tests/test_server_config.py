@@ -3,8 +3,6 @@ inventory import."""
 
 from __future__ import annotations
 
-import sqlite3
-
 from .server_helpers import Device, Server, server_fixture  # noqa: F401 - fixture
 
 CONFIG = "/api/management/v1/deviceconfig/configurations"
@@ -41,11 +39,9 @@ def test_device_and_group_variables_with_secrets(server: Server) -> None:
     assert other.http.get(DEVICE_CONFIG, headers=other.headers).json() == {}
     assert dev.http.get(DEVICE_CONFIG).status_code == 401
     # secrets are encrypted at rest: the plaintext is nowhere in the database file
-    raw = server.db_path.read_bytes() + (server.db_path.with_name(server.db_path.name + "-wal").read_bytes()
-                                         if server.db_path.with_name(server.db_path.name + "-wal").exists() else b"")
+    raw = server.stored_bytes()
     assert b"hunter2-plaintext" not in raw and b"grp-secret-77" not in raw
-    with sqlite3.connect(server.db_path) as db:
-        rows = dict(db.execute("SELECT name, value FROM config_values WHERE owner = ?", (dev_id,)).fetchall())
+    rows = dict(server.query("SELECT name, value FROM config_values WHERE owner = :o", o=dev_id))
     assert rows["DEVICE_ID"] == "cam-17" and rows["DVR_PASSWORD"].startswith("gAAAA")  # a Fernet token
     # writing the mask back keeps the secret (GET, edit, PUT round trip)
     with server.admin() as a:
@@ -144,10 +140,7 @@ def test_ansible_import(server: Server) -> None:
         "NTP": "ntp.example.org", "TZ": "UTC", "DEVICE_ID": "south-7", "PORT": "554"}
     assert lonely.http.get(DEVICE_CONFIG, headers=lonely.headers).json() == {
         "NTP": "ntp.example.org", "TZ": "UTC", "DEVICE_ID": "lonely"}
-    raw = server.db_path.read_bytes()
-    wal = server.db_path.with_name(server.db_path.name + "-wal")
-    raw += wal.read_bytes() if wal.exists() else b""
-    assert b"north-secret" not in raw
+    assert b"north-secret" not in server.stored_bytes()
 
 
 def test_ansible_import_rejects_bad_input(server: Server) -> None:
