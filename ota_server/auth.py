@@ -21,6 +21,7 @@ from .errors import APIError, bad_request, unauthorized
 
 ISSUER = "vv-ota"
 MAX_PUBKEY_PEM = 16 * 1024
+TOKEN_CACHE_SIZE = 100_000
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class TokenCodec:
     def __init__(self, key: bytes, ttl: int) -> None:
         self._key = key
         self.ttl = ttl
+        self._verified: dict[str, tuple[str, float]] = {}
 
     def issue(self, device_id: str, auth_set_id: str) -> str:
         now = int(time.time())
@@ -134,12 +136,17 @@ class TokenCodec:
         return jwt.encode(claims, self._key, algorithm="HS256")
 
     def device_id(self, authorization: str | None) -> str:
-        """The device id in a valid, unexpired token, else a 401."""
+        """The device id in a valid, unexpired token, else a 401. A device sends the same token on every
+        poll, so verified tokens are remembered (bounded cache; the expiry is still checked every time)."""
         if not authorization or not authorization.startswith("Bearer "):
             raise unauthorized("missing device token (Authorization: Bearer ...)")
+        token = authorization[7:].strip()
+        hit = self._verified.get(token)
+        if hit is not None and hit[1] > time.time():
+            return hit[0]
         try:
-            claims = jwt.decode(authorization[7:].strip(), self._key, algorithms=["HS256"],
-                                options={"require": ["exp", "sub"]}, issuer=ISSUER)
+            claims = jwt.decode(token, self._key, algorithms=["HS256"], options={"require": ["exp", "sub"]},
+                                issuer=ISSUER)
         except jwt.ExpiredSignatureError:
             raise unauthorized("device token expired") from None
         except jwt.PyJWTError:
@@ -147,6 +154,9 @@ class TokenCodec:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not claims.get("mender.device"):
             raise unauthorized("invalid device token")
+        if len(self._verified) >= TOKEN_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (sub, float(claims["exp"]))
         return sub
 
 

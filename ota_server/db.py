@@ -66,7 +66,8 @@ def _tune_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if mode != "NONE":  # NONE: each statement is its own (implicit) transaction, as reads on the hot path
+            conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 class Database:
@@ -74,11 +75,31 @@ class Database:
         self.engine = make_engine(url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
+        self._read_engine = self.engine.execution_options(sqlite_begin="NONE") if self.is_sqlite else self.engine
+        self._pg_sql: dict[str, str] = {}
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
+        """A connection for reading. On SQLite no transaction is opened (one round trip less per query):
+        every statement sees the latest commit, so use :meth:`write` when several reads must agree."""
+        with self._read_engine.connect() as conn:
             yield conn
+
+    def fetch(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Hot-path read through the driver directly (no statement building, no result processing):
+        ``sql`` uses ``?`` placeholders, rewritten once per statement for drivers that want ``%s``."""
+        if not self.is_sqlite:
+            sql = self._pg_sql.get(sql) or self._pg_sql.setdefault(sql, sql.replace("%", "%%").replace("?", "%s"))
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            try:
+                cur.execute(sql, params)
+                return list(cur.fetchall())
+            finally:
+                cur.close()
+        finally:
+            raw.close()
 
     @contextmanager
     def write(self) -> Iterator[Connection]:

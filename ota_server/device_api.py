@@ -125,17 +125,25 @@ class CurrentDevice:
     group: str | None
 
 
+#: hot-path statements, run through the driver (see Database.fetch)
+DEVICE_SQL = "SELECT status, provides_hash, group_name FROM devices WHERE id = ?"
+ACTIVE_SQL = (
+    "SELECT dd.deployment_id, dd.status, dd.not_before, d.status, d.artifact_name, d.allow_downgrade "
+    "FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id "
+    "WHERE dd.device_id = ? AND dd.active = ? ORDER BY d.created"
+)
+
+
 async def current_device(request: Request) -> CurrentDevice:
     ctx = get_ctx(request)
     device_id = ctx.tokens.device_id(request.headers.get("authorization"))
-    with ctx.db.read() as c:
-        row = c.execute(sa.select(devices.c.status, devices.c.provides_hash, devices.c.group_name)
-                        .where(devices.c.id == device_id)).first()
-    if row is None:
+    rows = ctx.db.fetch(DEVICE_SQL, (device_id,))
+    if not rows:
         raise unauthorized("unknown or decommissioned device")
-    if row.status != "accepted":
-        raise unauthorized(f"device is {row.status}, not accepted")
-    return CurrentDevice(device_id, row.provides_hash, row.group_name)
+    status, provides_hash, group = rows[0]
+    if status != "accepted":
+        raise unauthorized(f"device is {status}, not accepted")
+    return CurrentDevice(device_id, provides_hash, group)
 
 
 Device = Annotated[CurrentDevice, Depends(current_device)]
@@ -176,45 +184,38 @@ def _record_provides(ctx: ServerContext, device: CurrentDevice, provides: dict[s
 def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides: dict[str, Any]) -> Response:
     _record_provides(ctx, device, provides)
     t = now()
-    with ctx.db.read() as c:
-        rows = c.execute(
-            sa.select(dd.c.deployment_id, dd.c.status.label("dstatus"), dd.c.not_before, dep.c.status,
-                      dep.c.artifact_name, dep.c.allow_downgrade)
-            .join(dep, dep.c.id == dd.c.deployment_id)
-            .where(dd.c.device_id == device.id, dd.c.active.is_(True))
-            .order_by(dep.c.created)
-        ).all()
-    for r in rows:
-        if r.dstatus == "pending" and (r.not_before > t or r.status != "pending" and r.status != "inprogress"):
+    for deployment_id, dstatus, not_before, status, artifact_name, allow_downgrade in ctx.db.fetch(
+            ACTIVE_SQL, (device.id, True)):
+        if dstatus == "pending" and (not_before > t or status not in ("pending", "inprogress")):
             continue  # phase not started yet, or the deployment is paused
-        if r.dstatus == "pending" and provides["artifact_name"] == r.artifact_name:
+        if dstatus == "pending" and provides["artifact_name"] == artifact_name:
             with ctx.db.write() as c:
-                set_device_final(c, r.deployment_id, device.id, "already-installed",
-                                 f"the device already runs {r.artifact_name}")
+                set_device_final(c, deployment_id, device.id, "already-installed",
+                                 f"the device already runs {artifact_name}")
             continue
         device_type = str(provides["device_type"])
         with ctx.db.read() as c:
             candidates = c.execute(sa.select(art_t.c.id, art_t.c.device_types)
-                                   .where(art_t.c.name == r.artifact_name).order_by(art_t.c.created)).all()
+                                   .where(art_t.c.name == artifact_name).order_by(art_t.c.created)).all()
         match = next((a for a in candidates if device_type in a.device_types), None)
         if match is None:
             with ctx.db.write() as c:
-                set_device_final(c, r.deployment_id, device.id, "noartifact",
-                                 f"no artifact {r.artifact_name} for device type {device_type}")
+                set_device_final(c, deployment_id, device.id, "noartifact",
+                                 f"no artifact {artifact_name} for device type {device_type}")
             continue
-        if r.status == "pending":
+        if status == "pending":
             with ctx.db.write() as c:
-                mark_started(c, r.deployment_id)
+                mark_started(c, deployment_id)
         uri, expires = ctx.links.link(ctx.base_url(request), match.id, t)
         body = {
-            "id": r.deployment_id,
+            "id": deployment_id,
             "artifact": {
                 "id": match.id,
-                "artifact_name": r.artifact_name,
+                "artifact_name": artifact_name,
                 "source": {"uri": uri, "expire": rfc3339(expires)},
                 "device_types_compatible": list(match.device_types),
             },
-            "allow_downgrade": bool(r.allow_downgrade),
+            "allow_downgrade": bool(allow_downgrade),
         }
         return JSONResponse(body)
     return Response(status_code=NO_CONTENT)
