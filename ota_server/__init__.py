@@ -4,5 +4,5 @@ Modules: :mod:`.settings` (configuration and persisted secrets), :mod:`.db` (eng
 migrations), :mod:`.models` (tables), :mod:`.app` (the FastAPI application), :mod:`.auth` (device signatures,
 JWT, admin token), :mod:`.device_api`, :mod:`.management`, :mod:`.deployments` (rollout logic),
 :mod:`.downloads` (signed links), :mod:`.configvars` (configuration variables, secrets, Ansible import),
-:mod:`.metrics`. Run it with ``python build.py server``; see ``docs/server.md``.
+:mod:`.metrics`, :mod:`.dashboard` (fleet pages under /ui/). Run it with ``python build.py server``; see ``docs/server.md``.
 """

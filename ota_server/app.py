@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import device_api, management, metrics, releases
+from . import dashboard, device_api, management, metrics, releases
 from .context import ServerContext
 from .errors import APIError
 from .settings import Settings, load_or_create_secrets
@@ -118,6 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(device_api.router)
     app.include_router(management.router)
     app.include_router(releases.router)
+    app.include_router(dashboard.router)
     app.add_middleware(BodyLimit, limit=settings.max_body)
     app.add_middleware(metrics.MetricsMiddleware)
     return app

@@ -1,0 +1,345 @@
+"""The fleet dashboard: server-rendered HTML pages under ``/ui/`` (jinja2, autoescaped, no JavaScript).
+
+Authentication uses the admin token of the management API, in one of three ways:
+
+- ``Authorization: Bearer <admin token>`` on any page (for scripts and proxies);
+- the login form (``POST /ui/login``): the token is compared in constant time and the browser receives a
+  session cookie ``ota_session`` (HttpOnly, SameSite=Strict, Path=/ui, Secure when served over https,
+  12 hours). Its value is ``s1.<expiry>.<HMAC-SHA256>`` keyed with a key derived from the admin token, so the
+  server keeps no session state, every worker process accepts it, and changing the admin token ends every
+  session. Logging out deletes the cookie in the browser (a copied cookie stays valid until it expires);
+- a one-time-use-ish login link: ``POST /ui/login-link`` (Bearer admin token) answers a URL
+  ``/ui/login/ticket?t=...`` valid for 60 seconds that sets the session cookie and redirects. It lets a tool
+  hand a browser a session without putting the admin token itself into a URL (history, proxy logs); the
+  Chromium test uses it.
+
+Without credentials a page answers ``303`` to ``/ui/login?next=<page>``; a wrong Bearer token is a ``401``.
+Every page is sent with a strict Content-Security-Policy (no scripts at all, styles only from ``/ui/static``),
+``X-Frame-Options: DENY``, ``Referrer-Policy: no-referrer`` and ``Cache-Control: no-store``: device-supplied
+strings (identity, inventory, substates, logs) are escaped by jinja2's autoescape, and even a bug there could
+not run a script.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import jinja2
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from . import dashboard_queries as q
+from .context import ServerContext, get_ctx
+from .deployments import OPEN
+from .errors import APIError, unauthorized
+from .management import require_admin
+
+HERE = Path(__file__).resolve().parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+SESSION_COOKIE = "ota_session"
+SESSION_TTL = 12 * 3600
+TICKET_TTL = 60
+LOGIN = "/ui/login"
+DEPLOYMENTS_PER_PAGE = 50
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+Ctx = Annotated[ServerContext, Depends(get_ctx)]
+PageNo = Annotated[int, Query(ge=1, le=1_000_000)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sessions
+
+
+def _key(admin_token: str) -> bytes:
+    return hmac.new(admin_token.encode(), b"vv-ota dashboard session key v1", hashlib.sha256).digest()
+
+
+def _mac(admin_token: str, kind: str, expires: int) -> str:
+    digest = hmac.new(_key(admin_token), f"{kind}.{expires}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def issue(admin_token: str, kind: str, ttl: int, now: float | None = None) -> str:
+    """A signed value ``<kind>.<expiry>.<mac>``: ``s1`` for session cookies, ``t1`` for login tickets."""
+    expires = int(now if now is not None else time.time()) + ttl
+    return f"{kind}.{expires}.{_mac(admin_token, kind, expires)}"
+
+
+def verify(admin_token: str, kind: str, value: str | None, now: float | None = None) -> bool:
+    if not value or len(value) > 128:
+        return False
+    parts = value.split(".")
+    if len(parts) != 3 or parts[0] != kind or not parts[1].isdigit() or len(parts[1]) > 12:
+        return False
+    expires = int(parts[1])
+    if expires < (now if now is not None else time.time()):
+        return False
+    return hmac.compare_digest(parts[2].encode(), _mac(admin_token, kind, expires).encode())
+
+
+def _token_matches(given: str, admin_token: str) -> bool:
+    return hmac.compare_digest(given.strip().encode(), admin_token.encode())
+
+
+def authenticated(request: Request) -> bool:
+    """True for a valid session cookie or Bearer admin token; a *wrong* Bearer token is a 401."""
+    token = get_ctx(request).settings.admin_token
+    authorization = request.headers.get("authorization")
+    if authorization:
+        if authorization.startswith("Bearer ") and _token_matches(authorization[7:], token):
+            return True
+        raise unauthorized("invalid admin token")
+    return verify(token, "s1", request.cookies.get(SESSION_COOKIE))
+
+
+def safe_next(value: str | None) -> str:
+    """Only a dashboard path of this server is a redirect target (no open redirect)."""
+    if value and value.startswith("/ui/") and not value.startswith("//") and "\\" not in value \
+            and all(32 < ord(ch) < 127 for ch in value):
+        return value
+    return "/ui/"
+
+
+async def require_session(request: Request) -> None:
+    if not authenticated(request):
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise APIError(303, "login required", {"Location": f"{LOGIN}?{urlencode({'next': here})}"})
+
+
+def _session_response(request: Request, ctx: ServerContext, target: str) -> Response:
+    resp = RedirectResponse(safe_next(target), status_code=303)
+    secure = request.url.scheme == "https" or (ctx.settings.public_url or "").startswith("https://")
+    resp.set_cookie(SESSION_COOKIE, issue(ctx.settings.admin_token, "s1", SESSION_TTL), max_age=SESSION_TTL,
+                    path="/ui", httponly=True, samesite="strict", secure=secure)
+    resp.headers.update(SECURITY_HEADERS)
+    return resp
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "—"
+    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    delta = now - float(ts)
+    future = delta < 0
+    delta = abs(delta)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if delta >= size:
+            text = f"{int(delta // size)} {unit}"
+            break
+    else:
+        text = f"{int(delta)} s"
+    return f"in {text}" if future else f"{text} ago"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "—"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _identity(identity: dict[str, Any], limit: int = 90) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in sorted(identity.items()))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _query(**params: Any) -> str:
+    """``?a=1&b=2`` from the non-None parameters (values are URL-encoded; jinja2 escapes the result)."""
+    kept = {k: v for k, v in params.items() if v is not None}
+    return "?" + urlencode(kept) if kept else "?"
+
+
+def _page_link(params: dict[str, Any], key: str, n: int) -> str:
+    return _query(**{**params, key: n})
+
+
+def _inconsistent(name: Any) -> bool:
+    return isinstance(name, str) and name.endswith(q.INCONSISTENT)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, list):
+        return ", ".join(str(x) for x in v)
+    return str(v)
+
+
+ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+ENV.filters.update(when=_when, size=_size, identity=_identity, value=_value)
+ENV.globals.update(query=_query, page_link=_page_link, inconsistent=_inconsistent, INCONSISTENT=q.INCONSISTENT)
+ENV.tests["inconsistent"] = _inconsistent
+
+
+def render(template: str, status: int = 200, **context: Any) -> HTMLResponse:
+    now = time.time()
+    context.setdefault("refresh", None)
+    context.setdefault("logged_in", True)
+    html = ENV.get_template(template).render(now=now, ago=lambda ts: _ago(ts, now), **context)
+    return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public routes: redirects, login, logout, static files
+
+public = APIRouter(include_in_schema=False)
+
+
+@public.get("/")
+def root() -> Response:
+    return RedirectResponse("/ui/", status_code=302)
+
+
+@public.get("/ui")
+def ui_root() -> Response:
+    return RedirectResponse("/ui/", status_code=302)
+
+
+@public.get("/ui/static/dashboard.css")
+def stylesheet() -> Response:
+    return Response((STATIC / "dashboard.css").read_bytes(), media_type="text/css",
+                    headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+
+@public.get(LOGIN)
+def login_form(request: Request, next: str | None = None) -> Response:
+    target = safe_next(next)
+    try:
+        if authenticated(request):
+            return RedirectResponse(target, status_code=303)
+    except APIError:
+        pass
+    return render("login.html", next=target, error=None, logged_in=False)
+
+
+@public.post(LOGIN)
+async def login(request: Request) -> Response:
+    ctx = get_ctx(request)
+    form = await request.form()
+    token, target = form.get("token"), form.get("next")
+    target = safe_next(target if isinstance(target, str) else None)
+    if not isinstance(token, str) or not token.strip() or not _token_matches(token, ctx.settings.admin_token):
+        return render("login.html", status=401, next=target, error="Wrong admin token.", logged_in=False)
+    return _session_response(request, ctx, target)
+
+
+@public.post("/ui/logout")
+def logout() -> Response:
+    resp = RedirectResponse(LOGIN, status_code=303)
+    resp.delete_cookie(SESSION_COOKIE, path="/ui", httponly=True, samesite="strict")
+    resp.headers.update(SECURITY_HEADERS)
+    return resp
+
+
+@public.get("/ui/login/ticket")
+def login_ticket(request: Request, ctx: Ctx, t: str | None = None, next: str | None = None) -> Response:
+    if not verify(ctx.settings.admin_token, "t1", t):
+        return render("login.html", status=401, next=safe_next(next), logged_in=False,
+                      error="This login link is invalid or has expired: log in with the admin token.")
+    return _session_response(request, ctx, safe_next(next))
+
+
+api = APIRouter(dependencies=[Depends(require_admin)], tags=["dashboard"])
+
+
+@api.post("/ui/login-link")
+def login_link(ctx: Ctx, next: Annotated[str | None, Query(max_length=2048)] = None) -> dict[str, Any]:
+    """A dashboard login link valid for 60 seconds (``url`` is relative to the server): it sets a session
+    cookie in the browser that opens it and redirects to ``next`` (a ``/ui/`` path), so that the admin token
+    itself never travels in a URL."""
+    params = {"t": issue(ctx.settings.admin_token, "t1", TICKET_TTL), "next": safe_next(next)}
+    return {"url": f"/ui/login/ticket?{urlencode(params)}", "expires_in": TICKET_TTL}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pages (session or Bearer token required)
+
+pages = APIRouter(dependencies=[Depends(require_session)], include_in_schema=False)
+
+
+@pages.get("/ui/")
+def overview(ctx: Ctx, page: PageNo = 1,
+             status: Annotated[str | None, Query(pattern="^(pending|accepted|rejected|preauthorized)$")] = None,
+             group: Annotated[str | None, Query(max_length=64)] = None,
+             artifact: Annotated[str | None, Query(max_length=256)] = None) -> Response:
+    flt = q.DeviceFilter(status=status, group=group, artifact=artifact)
+    with ctx.db.read() as c:
+        counts = q.fleet_counts(c)
+        total, rows = q.device_rows(c, flt, page)
+        deployments_total, recent = q.deployment_rows(c)
+    return render("overview.html", refresh=30, counts=counts, devices=rows, filter=flt, page=page,
+                  pages=max(1, math.ceil(total / q.PER_PAGE)), matching=total, per_page=q.PER_PAGE,
+                  deployments=recent, deployments_total=deployments_total)
+
+
+@pages.get("/ui/deployments")
+def deployment_list(ctx: Ctx, page: PageNo = 1) -> Response:
+    with ctx.db.read() as c:
+        total, rows = q.deployment_rows(c, page, DEPLOYMENTS_PER_PAGE)
+    return render("deployments.html", deployments=rows, page=page,
+                  pages=max(1, math.ceil(total / DEPLOYMENTS_PER_PAGE)), total=total)
+
+
+@pages.get("/ui/devices/{device_id}")
+def device_page(device_id: str, ctx: Ctx) -> Response:
+    with ctx.db.read() as c:
+        d = q.device_detail(c, device_id)
+    if d is None:
+        return render("not_found.html", status=404, what="device", ident=device_id)
+    return render("device.html", d=d)
+
+
+@pages.get("/ui/deployments/{deployment_id}")
+def deployment_page(deployment_id: str, ctx: Ctx, failures_page: PageNo = 1) -> Response:
+    with ctx.db.read() as c:
+        d = q.deployment_detail(c, deployment_id, failures_page, time.time())
+    if d is None:
+        return render("not_found.html", status=404, what="deployment", ident=deployment_id)
+    open_ = d["row"].status in OPEN
+    return render("deployment.html", d=d, refresh=15 if open_ else None, failures_page=failures_page,
+                  failures_pages=max(1, math.ceil(d["failures_total"] / q.FAILURES_PER_PAGE)))
+
+
+@pages.get("/ui/deployments/{deployment_id}/devices/{device_id}/log")
+def log_page(deployment_id: str, device_id: str, ctx: Ctx) -> Response:
+    with ctx.db.read() as c:
+        row = q.deployment_device(c, deployment_id, device_id)
+        messages, dropped = q.log_messages(c, deployment_id, device_id) if row is not None else ([], 0)
+    if row is None:
+        return render("not_found.html", status=404, what="device in this deployment", ident=device_id)
+    return render("log.html", row=row, identity=q.identity_of(row.identity_json), messages=messages, dropped=dropped)
+
+
+router = APIRouter()
+router.include_router(public)
+router.include_router(api)
+router.include_router(pages)
