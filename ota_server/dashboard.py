@@ -8,7 +8,7 @@ Authentication uses the admin token of the management API, in one of three ways:
   12 hours). Its value is ``s1.<expiry>.<HMAC-SHA256>`` keyed with a key derived from the admin token, so the
   server keeps no session state, every worker process accepts it, and changing the admin token ends every
   session. Logging out deletes the cookie in the browser (a copied cookie stays valid until it expires);
-- a one-time-use-ish login link: ``POST /ui/login-link`` (Bearer admin token) answers a URL
+- a short-lived login link (reusable for its 60 seconds, not single-use): ``POST /ui/login-link`` (Bearer admin token) answers a URL
   ``/ui/login/ticket?t=...`` valid for 60 seconds that sets the session cookie and redirects. It lets a tool
   hand a browser a session without putting the admin token itself into a URL (history, proxy logs); the
   Chromium test uses it.
