@@ -69,10 +69,30 @@ def _json(status: int, message: str, headers: dict[str, str] | None = None) -> J
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for e in exc.errors()[:5]:
+        if e.get("type") == "json_invalid":
+            pos = e.get("loc", ("body", "?"))[-1]
+            return f"the body is not valid JSON: {e.get('ctx', {}).get('error', 'decode error')} at character {pos}"
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
     return "invalid request: " + "; ".join(parts)
+
+
+#: the dependencies that check credentials (admin token, device token of an accepted device)
+AUTH_DEPENDENCIES = (management.require_admin, device_api.current_device)
+
+
+async def _credentials_error(request: Request) -> Response | None:
+    """FastAPI reports an unparsable body before it runs the route's dependencies: check the route's
+    credentials first, so that a request without them gets 401 whatever its body (and learns nothing)."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    for dep in getattr(dependant, "dependencies", ()):
+        if dep.call in AUTH_DEPENDENCIES:
+            try:
+                await dep.call(request)
+            except APIError as e:
+                return _json(e.status, e.message, e.headers)
+    return None
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -93,10 +113,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return _json(400, _validation_message(exc))
+        return await _credentials_error(request) or _json(400, _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and (denied := await _credentials_error(request)):
+            return denied  # "There was an error parsing the body" (e.g. not UTF-8), raised before the auth check
         return _json(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
