@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import dashboard, device_api, management, metrics, releases
 from .context import ServerContext
-from .errors import APIError
+from .errors import ERROR_RESPONSES, APIError
 from .settings import Settings, load_or_create_secrets
 
 log = logging.getLogger("ota_server")
@@ -103,7 +103,9 @@ def create_app(settings: Settings) -> FastAPI:
         title="vv-ota update server",
         version="1",
         description="Mender-compatible device API and management API. Management endpoints need "
-        "`Authorization: Bearer <admin token>`; device endpoints a device token from auth_requests.",
+        "`Authorization: Bearer <admin token>`; device endpoints a device token from auth_requests. "
+        'Errors are `{"error": "message"}`.',
+        responses=ERROR_RESPONSES,
     )
     app.state.ctx = ctx
 
@@ -132,7 +134,8 @@ def create_app(settings: Settings) -> FastAPI:
             c.execute(sa.text("SELECT 1"))
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["service"], responses={200: {"content": {"text/plain": {}}}})
+    @app.get("/metrics", tags=["service"], response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     def prometheus() -> Response:
         data, ctype = metrics.render(ctx.db)
         return Response(data, media_type=ctype)

@@ -21,7 +21,7 @@ from .auth import canonical_json, parse_auth_request, sha256_hex
 from .context import ServerContext, get_ctx
 from .deployments import REPORTABLE, TERMINAL, mark_started, set_device_final
 from .downloads import ArtifactFileResponse
-from .errors import APIError, bad_request, not_found, unauthorized
+from .errors import APIError, bad_request, error_doc, not_found, unauthorized
 from .models import artifacts as art_t
 from .models import auth_sets, devices
 from .models import deployment_devices as dd
@@ -53,9 +53,9 @@ class AuthRequestBody(BaseModel):
 
 
 @router.post(
-    "/api/devices/v1/authentication/auth_requests",
-    responses={200: {"content": {"application/jwt": {}}, "description": "the device token"},
-               401: {"description": "unknown (now pending), rejected or badly signed"}},
+    "/api/devices/v1/authentication/auth_requests", response_class=Response,
+    responses={200: {"content": {"application/jwt": {"schema": {"type": "string"}}}, "description": "the device token"},
+               401: error_doc("unknown (now pending), rejected or badly signed")},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": AuthRequestBody.model_json_schema()}}}},
 )
@@ -223,7 +223,7 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
 
 NEXT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "a deployment for this device"}, 204: {"description": "nothing to do"},
-    401: {"description": "missing/invalid token, or the device is not accepted"},
+    401: error_doc("missing/invalid token, or the device is not accepted"),
 }
 
 
@@ -269,8 +269,8 @@ def _own_deployment(c: sa.Connection, deployment_id: str, device_id: str) -> Any
 
 
 @router.put("/api/devices/v1/deployments/device/deployments/{deployment_id}/status", status_code=204,
-            responses={204: {"description": "stored"}, 400: {"description": "invalid, or the device's status is already final"},
-                       404: {"description": "not a deployment of this device"}, 409: {"description": "aborted"}})
+            responses={204: {"description": "stored"}, 400: error_doc("invalid, or the device's status is already final"),
+                       404: error_doc("not a deployment of this device"), 409: error_doc("aborted")})
 async def put_status(deployment_id: str, body: StatusBody, device: Device, ctx: Ctx) -> Response:
     """Report progress. Final statuses are final: repeating the same final status is accepted (204, nothing
     changes), a different status after a final one is refused with 400; 409 once the deployment was aborted."""
@@ -350,13 +350,13 @@ def _put_inventory(ctx: ServerContext, device: CurrentDevice, attrs: list[Attrib
     return Response(status_code=200)
 
 
-@router.put("/api/devices/v1/inventory/device/attributes", status_code=200)
+@router.put("/api/devices/v1/inventory/device/attributes", status_code=200, response_class=Response)
 async def put_inventory(attrs: list[Attribute], device: Device, ctx: Ctx) -> Response:
     """Replace the device's inventory attributes."""
     return _put_inventory(ctx, device, attrs, merge=False)
 
 
-@router.patch("/api/devices/v1/inventory/device/attributes", status_code=200)
+@router.patch("/api/devices/v1/inventory/device/attributes", status_code=200, response_class=Response)
 async def patch_inventory(attrs: list[Attribute], device: Device, ctx: Ctx) -> Response:
     """Add or update some inventory attributes."""
     return _put_inventory(ctx, device, attrs, merge=True)
@@ -375,8 +375,11 @@ async def get_configuration(device: Device, ctx: Ctx) -> Response:
 
 
 @router.head("/api/devices/v1/download/{artifact_id}", include_in_schema=False)
-@router.get("/api/devices/v1/download/{artifact_id}",
-            responses={200: {"content": {"application/vnd.mender-artifact": {}}}, 206: {}, 403: {}, 416: {}})
+@router.get("/api/devices/v1/download/{artifact_id}", response_class=Response,
+            responses={200: {"content": {"application/vnd.mender-artifact": {}}},
+                       206: {"content": {"application/vnd.mender-artifact": {}}},
+                       403: error_doc("bad or expired link"), 404: error_doc("no such artifact"),
+                       416: error_doc("unsatisfiable range")})
 async def download(artifact_id: str, ctx: Ctx, expires: str | None = None, sig: str | None = None) -> Response:
     """The artifact behind a signed link (from ``next``). Range requests: one range → 206."""
     ctx.links.check(artifact_id, expires, sig)

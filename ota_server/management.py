@@ -95,7 +95,7 @@ class Preauth(BaseModel):
     force: bool = False
 
 
-@router.post(DEVAUTH, status_code=201, tags=["devices"])
+@router.post(DEVAUTH, status_code=201, tags=["devices"], response_class=Response)
 def preauthorize(body: Preauth, ctx: Ctx) -> Response:
     """Preauthorize a device (identity + public key): it is accepted at its first auth request."""
     pem = normalize_pubkey(load_device_pubkey(body.pubkey))

@@ -166,7 +166,7 @@ def _read_artifact(path: Path, size: int, ctx: ServerContext) -> dict[str, Any]:
     }
 
 
-@router.post(ARTIFACTS, status_code=201, tags=["artifacts"],
+@router.post(ARTIFACTS, status_code=201, tags=["artifacts"], response_class=Response,
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["artifact"],
                  "properties": {"artifact": {"type": "string", "format": "binary"},
@@ -325,7 +325,7 @@ def _deployment_doc(r: Any) -> dict[str, Any]:
     }
 
 
-@router.post(DEPLOYMENTS, status_code=201, tags=["deployments"])
+@router.post(DEPLOYMENTS, status_code=201, tags=["deployments"], response_class=Response)
 def create_deployment(body: NewDeployment, ctx: Ctx) -> Response:
     """Deploy a release to devices, a group or all accepted devices, optionally in phases with a failure
     threshold. Targets are resolved now: devices accepted later are not included."""
@@ -417,8 +417,8 @@ def deployment_devices(deployment_id: str, ctx: Ctx, status: str | None = None,
                  "phase": r.phase + 1, "attempts": r.attempts} for r in c.execute(q)]
 
 
-@router.get(DEPLOYMENTS + "/{deployment_id}/devices/{device_id}/log", tags=["deployments"],
-            responses={200: {"content": {"text/plain": {}}}})
+@router.get(DEPLOYMENTS + "/{deployment_id}/devices/{device_id}/log", tags=["deployments"], response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 def get_device_log(deployment_id: str, device_id: str, ctx: Ctx) -> Response:
     """The device's deployment log, one ``<timestamp> <level>: <message>`` line per message."""
     return device_log(ctx, deployment_id, device_id)
