@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import time
 from collections.abc import Mapping
 from urllib.parse import urlencode
 
 from starlette.responses import FileResponse, MalformedRangeHeader
+from starlette.types import Message, Receive, Scope, Send
 
 from .errors import APIError
 
@@ -56,6 +58,25 @@ class ArtifactFileResponse(FileResponse):
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(path, media_type="application/vnd.mender-artifact", filename=filename, headers=headers)
         self.headers["etag"] = f'"{sha256}"'
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Starlette answers an unsatisfiable range with an empty text/plain 416: send our JSON error."""
+        replaced = False
+
+        async def json_416(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 416:
+                replaced = True
+                size = dict(message["headers"]).get(b"content-range", b"bytes */?").decode("latin-1")[8:]
+                body = json.dumps({"error": f"range not satisfiable: the artifact has {size} bytes"}).encode()
+                headers = [(k, v) for k, v in message["headers"] if k not in (b"content-type", b"content-length")]
+                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                await send({**message, "headers": headers})
+                await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+            elif not replaced:
+                await send(message)
+
+        await super().__call__(scope, receive, json_416)
 
     @classmethod
     def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
