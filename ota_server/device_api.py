@@ -156,7 +156,9 @@ Ctx = Annotated[ServerContext, Depends(get_ctx)]
 
 class NextBody(BaseModel):
     model_config = ConfigDict(extra="allow")
-    device_provides: dict[str, Any]
+    device_provides: dict[str, Any] = Field(json_schema_extra={  # documented; checked by _provides
+        "required": ["device_type", "artifact_name"], "maxProperties": 200, "propertyNames": {"maxLength": 1024},
+        "properties": {"device_type": {"type": "string", "minLength": 1}, "artifact_name": {"type": "string", "minLength": 1}}})
     update_control_map: bool = False
 
     @field_validator("device_provides")
@@ -246,7 +248,7 @@ async def next_v1_get(request: Request, device: Device, ctx: Ctx,
 
 
 class StatusBody(BaseModel):
-    status: str
+    status: str = Field(json_schema_extra={"enum": sorted(REPORTABLE)})  # documented; checked by _status
     substate: str | None = Field(None, max_length=4096)
 
     @field_validator("status")
