@@ -21,6 +21,7 @@ from .errors import APIError, bad_request, unauthorized
 
 ISSUER = "vv-ota"
 MAX_PUBKEY_PEM = 16 * 1024
+MAX_IDENTITY = 16 * 1024
 TOKEN_CACHE_SIZE = 100_000
 
 
@@ -36,6 +37,20 @@ class AuthRequest:
 
 def canonical_json(doc: Any) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def canonical_identity(identity: dict[str, Any]) -> str:
+    """The canonical JSON of identity data, or a 400: it must be storable text (no lone UTF-16 surrogate
+    escape such as ``"\\ud800"``: not UTF-8, refused by the database) of a sane size. Control characters
+    (NUL ...) are fine: JSON escapes them."""
+    text = canonical_json(identity)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise bad_request("identity data is not valid Unicode (a lone \\uD800-\\uDFFF escape)") from None
+    if len(text) > MAX_IDENTITY:
+        raise bad_request(f"identity data is larger than {MAX_IDENTITY} characters")
+    return text
 
 
 def sha256_hex(data: str | bytes) -> str:
@@ -85,7 +100,7 @@ def parse_auth_request(body: bytes, signature_header: str | None) -> AuthRequest
     request a 400."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         raise bad_request("the body is not valid JSON") from None
     if not isinstance(doc, dict):
         raise bad_request("the body must be a JSON object")
@@ -94,7 +109,7 @@ def parse_auth_request(body: bytes, signature_header: str | None) -> AuthRequest
         raise bad_request("id_data must be a string holding a JSON object")
     try:
         identity = json.loads(id_data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise bad_request("id_data is not valid JSON") from None
     if not isinstance(identity, dict) or not identity:
         raise bad_request("id_data must hold a non-empty JSON object")
@@ -111,7 +126,7 @@ def parse_auth_request(body: bytes, signature_header: str | None) -> AuthRequest
         raise unauthorized("X-MEN-Signature is not base64") from None
     if not verify_signature(key, signature, body):
         raise unauthorized("the request signature does not verify with the given public key")
-    ident = canonical_json(identity)
+    ident = canonical_identity(identity)
     pubkey = normalize_pubkey(key)
     return AuthRequest(identity, ident, sha256_hex(ident), pubkey, sha256_hex(pubkey), tenant)
 

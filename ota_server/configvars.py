@@ -176,6 +176,8 @@ def parse_ansible_inventory(text: str) -> ParsedInventory:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise bad_request(f"not a valid YAML inventory: {e}".splitlines()[0]) from None
+    except RecursionError:
+        raise bad_request("not a valid YAML inventory: nested too deeply") from None
     doc = _mapping(doc, "the inventory")
     if set(doc) - {"all"} and "all" not in doc:  # top-level groups without `all:` are allowed too
         doc = {"all": {"children": doc}}

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import deployments as rollout
-from .auth import canonical_json, check_admin, load_device_pubkey, normalize_pubkey, sha256_hex
+from .auth import canonical_identity, check_admin, load_device_pubkey, normalize_pubkey, sha256_hex
 from .configvars import (
     GROUP_RE,
     check_group_name,
@@ -45,7 +45,7 @@ ID_MAX = 64
 def _json_body(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         raise bad_request("the body is not valid JSON") from None
 
 
@@ -99,7 +99,7 @@ class Preauth(BaseModel):
 def preauthorize(body: Preauth, ctx: Ctx) -> Response:
     """Preauthorize a device (identity + public key): it is accepted at its first auth request."""
     pem = normalize_pubkey(load_device_pubkey(body.pubkey))
-    ident = canonical_json(body.identity_data)
+    ident = canonical_identity(body.identity_data)
     t = now()
     device_id = str(uuid.uuid4())
     with ctx.db.write() as c:
