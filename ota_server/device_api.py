@@ -248,7 +248,7 @@ async def next_v1_get(request: Request, device: Device, ctx: Ctx,
 
 
 class StatusBody(BaseModel):
-    status: str = Field(json_schema_extra={"enum": sorted(REPORTABLE)})  # documented; checked by _status
+    status: str = Field(json_schema_extra={"enum": list[Any](sorted(REPORTABLE))})  # documented; checked by _status
     substate: str | None = Field(None, max_length=4096)
 
     @field_validator("status")
