@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from typing import Any
 
 import sqlalchemy as sa
@@ -60,6 +62,60 @@ class BodyLimit:
                 await send(message)
 
         await self.app(scope, limited, guarded_send)
+
+
+#: a UTF-16 surrogate escape in JSON text: fine in a pair (an emoji), not alone
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _not_unicode(body: bytes) -> bool:
+    """A JSON body holding a string with a lone surrogate (``"\\ud800"``): valid JSON, but not text that
+    can be stored or sent back as UTF-8. Only bodies with such an escape are decoded here."""
+    if not SURROGATE_ESCAPE.search(body):
+        return False
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    except (ValueError, RecursionError):
+        return False  # not JSON: the handler says so
+    return False
+
+
+class UnicodeCheck:
+    """Refuse (400) request bodies whose JSON strings are not valid Unicode, before any handler stores them
+    (SQLite and PostgreSQL refuse them, a JSON or text answer cannot encode them: a 500 later)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in STREAMED:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:  # the handlers read the whole body anyway; BodyLimit (outside) bounds it
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left, or BodyLimit refused the body with 413
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if _not_unicode(body):
+            await _json(400, "the body is not valid Unicode text: a string holds a lone surrogate escape "
+                        "(\\uD800-\\uDFFF)")(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # http.disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _json(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -144,6 +200,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(management.router)
     app.include_router(releases.router)
     app.include_router(dashboard.router)
+    app.add_middleware(device_api.FastPoll)  # innermost: the checks below wrap it as they wrap routes
+    app.add_middleware(UnicodeCheck)  # inside BodyLimit: never buffers more than max_body
     app.add_middleware(BodyLimit, limit=settings.max_body)
     app.add_middleware(metrics.MetricsMiddleware)
     return app

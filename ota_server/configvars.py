@@ -8,6 +8,7 @@ directory), shown to administrators only as ``SECRET_MASK``, decrypted only for 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,11 +41,19 @@ def check_group_name(name: Any) -> str:
 def scalar_to_str(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):  # 1e999, NaN
+            raise bad_request(f"value of {name} must be a finite number")
         return str(value)
     if isinstance(value, str):
         if len(value) > MAX_VALUE:
             raise bad_request(f"value of {name} is longer than {MAX_VALUE} characters")
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in YAML)
+            raise bad_request(f"value of {name} is not valid Unicode text") from None
         return value
     raise bad_request(f"value of {name} must be a string, number or boolean, not {type(value).__name__}")
 
