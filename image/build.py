@@ -157,8 +157,11 @@ def build_disk(
     boot_files: dict[str, Path],
     out_dir: Path,
     seed: str,
+    data_files: dict[str, bytes] | None = None,
 ) -> BoardImage:
-    """boot FAT + slot A (the rootfs) + empty slot B + empty data → disk.img and its bmap."""
+    """boot FAT + slot A (the rootfs) + empty slot B + empty data → disk.img and its bmap.
+
+    ``data_files`` (relative path → content) are placed on the data partition besides ``ota/device_type``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="disk-", dir=out_dir) as tmp:
         work = Path(tmp)
@@ -174,6 +177,11 @@ def build_disk(
         data_tree = work / "data"
         (data_tree / "ota").mkdir(parents=True)
         (data_tree / "ota" / "device_type").write_text(f"device_type={board.device_type}\n")
+        (data_tree / "log" / "journal").mkdir(parents=True)  # the persistent journal, shared by both slots
+        for rel, content in (data_files or {}).items():
+            dest = data_tree / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(content)
         data_img = work / "data.ext4"
         make_ext4(data_img, data_tree, size_mib=layout.by_name("data").size_mib, label="data", seed=f"{seed}:data")
         disk = out_dir / "disk.img"

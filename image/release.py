@@ -172,13 +172,19 @@ def build_release(
     done()
 
     artifact_name = f"{release.name}-{release.version}"
+    # what the agent knows about the factory slot A (an installed slot gets the same record from its artifact)
+    slot_a = {"artifact_name": artifact_name,
+              "provides": {"artifact_name": artifact_name, "rootfs-image.version": release.version,
+                           "rootfs-image.checksum": sha256_file(rootfs_img)}}
+    data_files = {"ota/slots.json": (json.dumps({"2": slot_a}, indent=1, sort_keys=True) + "\n").encode()}
     for board_name, board in board_models.items():
         if "images" not in stages:
             break
         done = step(f"{board_name}: disk image")
         files = firmware_files(board, work / board_name, cache, root=root, mirror=release.mirror, suite=release.suite)
         image = build_disk(board_name=board_name, board=board, layout=layout, rootfs_image=rootfs_img,
-                           boot_files=files, out_dir=out_dir / board_name, seed=release.name)
+                           boot_files=files, out_dir=out_dir / board_name, seed=release.name,
+                           data_files=data_files)
         gz = image.disk.with_name("disk.img.gz")
         _gzip(image.disk, gz)
         result.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
@@ -188,7 +194,8 @@ def build_release(
             continue
         done = step(f"{board_name}: artifact")
         art = out_dir / f"{artifact_name}-{board_name}.mender"
-        write_artifact(rootfs_image_spec(file=rootfs_img, name=artifact_name, device_types=[board.device_type]),
+        write_artifact(rootfs_image_spec(file=rootfs_img, name=artifact_name, device_types=[board.device_type],
+                                         software_version=release.version),
                        art, compression=Compression(release.compression), signer=signer)
         result.outputs[art.name] = art
         done()

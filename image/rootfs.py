@@ -35,26 +35,34 @@ RECIPE_VERSION = "1"
 ARCH = "arm64"
 
 
+INITRAMFS_CONFIG = "/etc/initramfs-tools/"
+
+
 @dataclass(frozen=True)
 class BaseSpec:
+    """What the cached base depends on. The layers' files under ``/etc/initramfs-tools/`` (the module list,
+    hook and boot scripts) belong here: the initramfs is generated once, inside the bootstrap."""
+
     suite: str
     mirror: str
     packages: tuple[str, ...]
-    initramfs_modules: str
+    initramfs_files: tuple[tuple[str, bytes, int], ...] = ()  # (dest, content, mode)
 
     @property
     def key(self) -> str:
+        files = [[dest, hashlib.sha256(data).hexdigest(), mode] for dest, data, mode in self.initramfs_files]
         doc = json.dumps(
             {"recipe": RECIPE_VERSION, "arch": ARCH, "suite": self.suite, "mirror": self.mirror,
-             "packages": sorted(self.packages), "modules": self.initramfs_modules},
+             "packages": sorted(self.packages), "initramfs": files},
             sort_keys=True,
         )
         return hashlib.sha256(doc.encode()).hexdigest()[:20]
 
 
 def base_spec(suite: str, mirror: str, merged: MergedLayers) -> BaseSpec:
-    modules = next((f.source.read_text() for f in merged.files if f.dest == "/etc/initramfs-tools/modules"), "")
-    return BaseSpec(suite, mirror, merged.packages, modules)
+    files = tuple(sorted((f.dest, f.source.read_bytes(), f.mode) for f in merged.files
+                         if f.dest.startswith(INITRAMFS_CONFIG) and not f.template))
+    return BaseSpec(suite, mirror, merged.packages, files)
 
 
 def bootstrap(spec: BaseSpec, cache_dir: Path) -> Path:
@@ -65,8 +73,16 @@ def bootstrap(spec: BaseSpec, cache_dir: Path) -> Path:
         return target
     require_tools(["mmdebstrap"], "bootstrapping the base rootfs")
     target.parent.mkdir(parents=True, exist_ok=True)
-    modules_file = target.with_suffix(".modules")
-    modules_file.write_text(spec.initramfs_modules)
+    staged = target.with_suffix(".initramfs")
+    if staged.exists():
+        shutil.rmtree(staged)
+    copy_hooks = []
+    for i, (dest, data, mode) in enumerate(spec.initramfs_files):
+        src = staged / str(i)
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(data)
+        copy_hooks.append(f"--customize-hook=mkdir -p \"$1{os.path.dirname(dest)}\" && cp {src} \"$1{dest}\""
+                          f" && chmod {mode:o} \"$1{dest}\"")
     tmp = target.with_suffix(".tmp.tar")
     mode = "root" if os.geteuid() == 0 else "unshare"
     args = [
@@ -77,7 +93,7 @@ def bootstrap(spec: BaseSpec, cache_dir: Path) -> Path:
         "--customize-hook=rm \"$1/usr/sbin/update-initramfs\""
         " && chroot \"$1\" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs",
         "--customize-hook=sed -i 's/^MODULES=.*/MODULES=list/' \"$1/etc/initramfs-tools/initramfs.conf\"",
-        f"--customize-hook=cp {modules_file} \"$1/etc/initramfs-tools/modules\"",
+        *copy_hooks,
         "--customize-hook=chroot \"$1\" update-initramfs -c -k all",
         "--customize-hook=rm -rf \"$1/var/lib/apt/lists\"/*_* \"$1/var/cache/apt\"/*.bin",
         spec.suite, str(tmp),
@@ -156,7 +172,8 @@ def apply_layers(root: Path, merged: MergedLayers, context: Mapping[str, Any]) -
         os.chown(dest, *_ids(root, f.owner))
     for t in merged.trees:
         dest = _inside(root, t.dest)
-        shutil.copytree(t.source, dest, dirs_exist_ok=True, symlinks=True)
+        shutil.copytree(t.source, dest, dirs_exist_ok=True, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         uid, gid = _ids(root, t.owner)
         for p in [dest, *dest.rglob("*")]:
             os.lchown(p, uid, gid)

@@ -76,3 +76,22 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
         return proc
 
     return run
+
+
+EPOCH = "1700000000"
+
+
+def build_release(out: Path, key: Path, *extra: str) -> Path:
+    """``build.py release`` as a release engineer runs it (reproducible: SOURCE_DATE_EPOCH); returns the
+    version directory."""
+    env = dict(os.environ, SOURCE_DATE_EPOCH=EPOCH, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(BUILD_PY), "release", "--key", str(key), "--out", str(out), *extra],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out / "1.0.0"
+
+
+@pytest.fixture(scope="session")
+def release_dir(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, tuple[Path, Path]]) -> Path:
+    """The default release (both boards), built once per test session and shared by the image tests."""
+    return build_release(tmp_path_factory.mktemp("release"), keys["ec"][0])

@@ -22,23 +22,12 @@ from artifacts import load_verifier, read_artifact
 from image.disk import partitions_of
 from image.release import sha256_file
 
-from .conftest import REPO
+from .conftest import REPO, build_release
+
+_release = build_release
 
 pytestmark = pytest.mark.slow
 EPOCH = "1700000000"
-
-
-def _release(out: Path, key: Path, *extra: str) -> Path:
-    env = dict(os.environ, SOURCE_DATE_EPOCH=EPOCH, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(REPO / "build.py"), "release", "--key", str(key), "--out", str(out), *extra],
-                          capture_output=True, text=True, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out / "1.0.0"
-
-
-@pytest.fixture(scope="session")
-def release_dir(tmp_path_factory: pytest.TempPathFactory, keys) -> Path:  # type: ignore[no-untyped-def]
-    return _release(tmp_path_factory.mktemp("release"), keys["ec"][0])
 
 
 def test_release_outputs_and_manifest(release_dir: Path, keys, mender_artifact: str) -> None:  # type: ignore[no-untyped-def]
