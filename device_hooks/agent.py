@@ -501,7 +501,7 @@ class Agent:
         try:
             old = path.read_text()
         except FileNotFoundError:
-            old = None
+            old = ""  # no file and no values: nothing changed
         if old == text:
             return False
         atomic_write(path, text.encode(), 0o640)
