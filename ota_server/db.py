@@ -8,6 +8,7 @@ power cut: a status report answered 204 is on disk), foreign keys on. Write tran
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,6 +78,7 @@ class Database:
         self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
         self._read_engine = self.engine.execution_options(sqlite_begin="NONE") if self.is_sqlite else self.engine
         self._pg_sql: dict[str, str] = {}
+        self._local = threading.local()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -88,8 +90,9 @@ class Database:
     def fetch(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Hot-path read through the driver directly (no statement building, no result processing):
         ``sql`` uses ``?`` placeholders, rewritten once per statement for drivers that want ``%s``."""
-        if not self.is_sqlite:
-            sql = self._pg_sql.get(sql) or self._pg_sql.setdefault(sql, sql.replace("%", "%%").replace("?", "%s"))
+        if self.is_sqlite:
+            return self._fetch_sqlite(sql, params)
+        sql = self._pg_sql.get(sql) or self._pg_sql.setdefault(sql, sql.replace("%", "%%").replace("?", "%s"))
         raw = self.engine.raw_connection()
         try:
             cur = raw.cursor()
@@ -100,6 +103,27 @@ class Database:
                 cur.close()
         finally:
             raw.close()
+
+    def _fetch_sqlite(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """SQLite: each thread keeps one connection of its own for these reads (taken out of the pool once,
+        with the pragmas applied), so a poll skips the pool's checkout, reset and checkin. The connection is in
+        autocommit mode: every statement sees the latest commit of any process."""
+        fairy = getattr(self._local, "fairy", None)
+        if fairy is None:
+            fairy = self.engine.raw_connection()
+            fairy.detach()  # the pool forgets it; it lives as long as this thread
+            self._local.fairy = fairy
+        try:
+            cur = fairy.cursor()
+            try:
+                cur.execute(sql, params)
+                return list(cur.fetchall())
+            finally:
+                cur.close()
+        except Exception:
+            self._local.fairy = None
+            fairy.close()
+            raise
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
