@@ -77,12 +77,12 @@ def bootstrap(spec: BaseSpec, cache_dir: Path) -> Path:
     if staged.exists():
         shutil.rmtree(staged)
     copy_hooks = []
-    for i, (dest, data, mode) in enumerate(spec.initramfs_files):
+    for i, (dest, data, fmode) in enumerate(spec.initramfs_files):
         src = staged / str(i)
         src.parent.mkdir(parents=True, exist_ok=True)
         src.write_bytes(data)
         copy_hooks.append(f"--customize-hook=mkdir -p \"$1{os.path.dirname(dest)}\" && cp {src} \"$1{dest}\""
-                          f" && chmod {mode:o} \"$1{dest}\"")
+                          f" && chmod {fmode:o} \"$1{dest}\"")
     tmp = target.with_suffix(".tmp.tar")
     mode = "root" if os.geteuid() == 0 else "unshare"
     args = [
