@@ -83,6 +83,7 @@ class Agent:
         self._api: DeviceAPI | None = None
         self._verifiers: list[Verifier] | None = None
         self.reboot_command: str | None = self.cfg.commands.reboot
+        self._inventory_due = 0.0
 
     # ------------------------------------------------------------------ facts
     @property
@@ -250,6 +251,7 @@ class Agent:
         self.dlog(dep_id, "info", f"slot {slot_name(target)} committed by the health verdict")
         self.state.update(phase="committed")
         self._clear(dep_id)
+        self._inventory_due = 0.0  # the new version shows on the server right away
         self.report(dep_id, "success")
 
     def finish_rollback(self, dep_id: str, env: dict[str, str]) -> None:
@@ -516,13 +518,14 @@ class Agent:
             return "no-server"
         self.flush_reports()
         now = self.clock.now()
-        if now >= float(self.state.get("inventory_due", 0)):
+        if now >= self._inventory_due:
             self.api.send_inventory(self.inventory())
             try:
                 self.sync_configuration()
             except (ServerError, OSError) as e:
                 log.warning("configuration not updated: %s", e)
-            self.state.update(inventory_due=now + self.cfg.server.inventory_interval)
+            # in memory: every start (a reboot into a new slot) reports at once
+            self._inventory_due = now + self.cfg.server.inventory_interval
         dep = self.api.next_deployment(self.device_provides())
         if dep is None:
             return "idle"
