@@ -340,7 +340,7 @@ class SimDevice:
             "rootfs-image.version": artifact_name,
             "rootfs-image.checksum": f"{self.index:064x}",
         }, "update_control_map": False}).encode()
-        return http_request("POST", NEXT, port, body, {"Authorization": f"Bearer {self.token}",
+        return http_request("POST", NEXT, port, body, {"Authorization": f"Bearer {self.token or '-'}",
                                                        "Content-Type": "application/json",
                                                        "Accept-Encoding": "gzip"})
 
