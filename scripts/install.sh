@@ -12,6 +12,7 @@ APT_PACKAGES=(
   mmdebstrap qemu-user-static binfmt-support arch-test   # arm64 rootfs under emulation
   qemu-system-arm u-boot-qemu u-boot-tools qemu-utils    # boot scripts and QEMU boots
   libubootenv-tool                                       # fw_printenv/fw_setenv interop
+  systemd-journal-remote                                 # writes real journal files for the forensics test
   libglib2.0-0 libssl3 liblzma5                          # the unpacked stock mender client (interop test)
   postgresql                                             # the server's PostgreSQL test starts its own cluster
   chromium                                               # the dashboard test renders pages headless
