@@ -75,6 +75,9 @@ class PathsSection:
     journal_dir: str = "/var/log/journal"
     data_mount: str = "/data"
     device_env: str = "/data/ota/device.env"
+    # per-device settings provisioned onto the data partition (server URL, tenant token, intervals...):
+    # same format, its keys override the image's; it survives updates because /data does
+    local_config: str = "/data/ota/ota.conf"
 
 
 @dataclass(frozen=True)
@@ -127,12 +130,14 @@ def _convert(section: str, key: str, raw: str, default: object) -> object:
         raise ConfigError(f"[{section}] {key}: {e}") from None
 
 
-def parse_config(text: str, source: str = "ota.conf") -> Config:
+def parse_config(text: str, source: str = "ota.conf", overrides: tuple[tuple[str, str], ...] = ()) -> Config:
+    """Parse ``text``; each ``(text, source)`` in ``overrides`` is read after it, its keys replacing earlier ones."""
     cp = configparser.ConfigParser(interpolation=None, comment_prefixes=("#", ";"), inline_comment_prefixes=None)
-    try:
-        cp.read_string(text, source=source)
-    except configparser.Error as e:
-        raise ConfigError(f"{source}: {e}") from None
+    for t, src in ((text, source), *overrides):
+        try:
+            cp.read_string(t, source=src)
+        except configparser.Error as e:
+            raise ConfigError(f"{src}: {e}") from None
     sections: dict[str, object] = {}
     defaults = Config()
     for name in cp.sections():
@@ -159,4 +164,12 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
         raise ConfigError(f"configuration not found: {path}") from None
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    return parse_config(text, str(path))
+    cfg = parse_config(text, str(path))
+    local = Path(cfg.paths.local_config) if cfg.paths.local_config else None
+    if local is None or local == path or not local.is_file():
+        return cfg
+    try:
+        extra = local.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {local}: {e.strerror}") from None
+    return parse_config(text, str(path), ((extra, str(local)),))

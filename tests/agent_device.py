@@ -113,6 +113,7 @@ slot_b = {self.slot_path(3)}
 journal_dir = {r}/journal
 data_mount = {r}/data
 device_env = {r}/data/ota/device.env
+local_config = {r}/data/ota/ota.conf
 
 [health]
 units =

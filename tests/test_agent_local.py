@@ -249,3 +249,16 @@ def test_config_errors_are_clear(device: FileDevice) -> None:
     device.config_path.write_text(device.config_path.read_text() + "\n[health]\nbogus = 1\n")
     proc = device.agent("show")
     assert proc.returncode == 2 and "error:" in proc.stderr
+
+
+def test_per_device_settings_on_data_override_the_image(device: FileDevice) -> None:
+    from device_hooks.config import ConfigError, load_config
+
+    base = load_config(device.config_path)
+    (device.data / "ota.conf").write_text("[server]\nurl = http://10.0.2.2:8123\npoll_interval = 5m\n")
+    cfg = load_config(device.config_path)
+    assert cfg.server.url == "http://10.0.2.2:8123" and cfg.server.poll_interval == 300
+    assert cfg.health == base.health and cfg.paths == base.paths, "only the keys given are replaced"
+    (device.data / "ota.conf").write_text("[server]\npoll_intervall = 5m\n")
+    with pytest.raises(ConfigError, match="ota.conf.*poll_intervall"):
+        load_config(device.config_path)
