@@ -7,6 +7,7 @@ import click
 
 from cli.artifact import artifact
 from cli.common import ErrorHandlingGroup, setup_logging
+from cli.demo import demo
 from cli.keys import keys
 from cli.publish import publish_command
 from cli.release import image, release, rootfs
@@ -27,6 +28,7 @@ main.add_command(artifact)
 main.add_command(release)
 main.add_command(rootfs)
 main.add_command(image)
+main.add_command(demo)
 main.add_command(server)
 main.add_command(publish_command)
 

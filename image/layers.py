@@ -156,7 +156,8 @@ class Layer:
     model: LayerModel
 
     def source(self, src: str) -> Path:
-        return (self.path.parent / src).resolve()
+        """``src`` relative to the layer file itself (a symlinked layer file keeps its real neighbours)."""
+        return (self.path.resolve().parent / src).resolve()
 
 
 def _loc(loc: Sequence[int | str]) -> str:

@@ -9,15 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
+from cli.demo import demo_config
 from device_hooks.bootenv import BootEnv
 from image.disk import partitions_of
+from image.vm import Vm
 
 from .conftest import REPO
 from .server_process import MGMT, OtaServer, free_port
@@ -36,57 +36,14 @@ def build(config: Path, out: Path, key: Path, version: str) -> Path:
     return out / version
 
 
-class Console:
-    """qemu-system-aarch64 with the serial console in a file; stopped by PID in the fixture."""
-
-    def __init__(self, disk: Path, log: Path) -> None:
-        self.log = log
-        self.out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024", "-nographic",
-             "-bios", "/usr/lib/u-boot/qemu_arm64/u-boot.bin", "-drive", f"if=virtio,format=raw,file={disk}",
-             "-device", "i6300esb", "-watchdog-action", "reset",
-             "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"],
-            stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log.read_bytes().decode(errors="replace")
-
-    def wait_for(self, what: str | Callable[[], bool], timeout: float, start: int = 0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if callable(what) and what():
-                return
-            if isinstance(what, str) and what in self.text()[start:]:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(2)
-        raise AssertionError(f"not seen within {timeout:.0f}s: {what}\nconsole tail:\n{self.text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.out.close()
-
-
 @pytest.fixture
 def setup(tmp_path: Path, keys) -> Iterator[tuple[OtaServer, Path, Path]]:  # type: ignore[no-untyped-def]
     port = free_port()
     server = OtaServer(tmp_path / "server", keys["ec"][1], port=port)
     server.start()
     # a release configuration like the default, pointed at this server (QEMU's host address 10.0.2.2) with
-    # short polling; the layers are the repository's own
-    cfg_dir = tmp_path / "config"
-    cfg_dir.mkdir()
-    (cfg_dir / "layers").symlink_to(REPO / "layers")
-    cfg = yaml.safe_load((REPO / "release.yaml").read_text())
-    cfg.update(server_url=f"http://10.0.2.2:{port}", boards=["qemu-virt"])
-    cfg["variables"] = {**cfg.get("variables", {}), "OTA_POLL_INTERVAL": "5s", "OTA_INVENTORY_INTERVAL": "20s",
-                        "OTA_HEALTH_DEADLINE": "4m"}
-    config = cfg_dir / "release.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    # short polling (the demo's); the layers are the repository's own
+    config = demo_config(tmp_path / "config", REPO / "release.yaml", f"http://10.0.2.2:{port}", {})
     try:
         yield server, config, tmp_path
     finally:
@@ -100,7 +57,7 @@ def test_agent_installs_reboots_commits_in_qemu(setup: tuple[OtaServer, Path, Pa
     disk = tmp / "disk.img"
     shutil.copyfile(v1 / "qemu-virt" / "disk.img", disk)
     os.truncate(disk, disk.stat().st_size + GROW)  # a bigger card than the image: /data grows on first boot
-    console = Console(disk, tmp / "serial.log")
+    console = Vm(disk, tmp, writable=True).start()
     try:
         console.wait_for("ota-boot: slot=A part=2 upgrade_available=0 bootcount=0", 180)
 
@@ -134,18 +91,18 @@ def test_agent_installs_reboots_commits_in_qemu(setup: tuple[OtaServer, Path, Pa
         def stats() -> dict[str, int]:
             return {k: v for k, v in server.get(f"{MGMT}/v1/deployments/deployments/{dep}/statistics").json().items() if v}
 
-        mark = len(console.text())
+        mark = console.mark()
         # install (download, decompress into slot B, read back) and reboot into the trial
-        console.wait_for("ota-boot: slot=B part=3 upgrade_available=1 bootcount=1", 1200, start=mark)
+        console.wait_for("ota-boot: slot=B part=3 upgrade_available=1 bootcount=1", 1200, since=mark)
         assert stats().get("success") is None, "success reported before the health verdict"
         console.wait_for(lambda: stats() == {"success": 1}, 600)
         inv = attrs()
         console.wait_for(lambda: attrs().get("artifact_name") == "vv-video-ai-2.0.0", 120)
         inv = attrs()
         assert inv["ota_slot"] == "B" and inv["rootfs-image.version"] == "2.0.0"
-        assert "Kernel panic" not in console.text()
+        assert "Kernel panic" not in console.console()
     finally:
-        console.stop()
+        console.kill()
     # the boot state on the FAT partition, read with the stock tools' format: slot B committed
     boot = partitions_of(disk)[0]
     env = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,29 +19,17 @@ import pytest
 from device_hooks.bootenv import encode
 from image.disk import partitions_of
 
+from .conftest import boot_until as run_until
+
 pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 
 
 def boot_until(disk: Path, log: Path, markers: list[str], timeout: float) -> str:
+    """The device contract's QEMU line, nothing added."""
     cmd = ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-m", "1024", "-nographic",
            "-bios", "/usr/lib/u-boot/qemu_arm64/u-boot.bin", "-drive", f"if=virtio,format=raw,file={disk}",
            "-device", "i6300esb", "-watchdog-action", "reset"]
-    text = ""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                text = log.read_bytes().decode(errors="replace")
-                if all(m in text for m in markers):
-                    return text
-                if proc.poll() is not None:
-                    break
-                time.sleep(1)
-            raise AssertionError(f"markers {markers} not seen within {timeout} s; console tail:\n{text[-4000:]}")
-        finally:
-            proc.kill()
-            proc.wait()
+    return run_until(cmd, log, markers, timeout)
 
 
 def _break(kind: str, rootfs: Path, tmp: Path) -> None:

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,10 @@ from artifacts import load_verifier, read_artifact
 from image.disk import partitions_of
 from image.release import sha256_file
 
-from .conftest import REPO, build_release
+from .conftest import REPO, boot_until, build_release
 
 _release = build_release
+_boot = boot_until
 
 pytestmark = pytest.mark.slow
 EPOCH = "1700000000"
@@ -66,24 +66,6 @@ def test_rebuild_is_bit_identical(release_dir: Path, tmp_path: Path, keys) -> No
     art = "vv-video-ai-1.0.0-qemu-virt.mender"
     assert _manifest_of(again / art) == _manifest_of(release_dir / art)
     assert filecmp.cmp(again / "qemu-virt" / "disk.img", release_dir / "qemu-virt" / "disk.img", shallow=False)
-
-
-def _boot(cmd: list[str], log: Path, markers: list[str], timeout: float) -> str:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                text = log.read_bytes().decode(errors="replace")
-                if all(m in text for m in markers):
-                    return text
-                if proc.poll() is not None:
-                    break
-                time.sleep(1)
-            raise AssertionError(f"markers {markers} not seen within {timeout} s; console tail:\n{text[-3000:]}")
-        finally:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.qemu

@@ -1,0 +1,154 @@
+"""``build.py demo``: the whole product in one command, on this machine.
+
+Builds (or reuses, through the build cache) three releases of the default configuration for ``qemu-virt`` —
+v1, v2, and a broken v3 whose application fails its health check — starts the update server, boots a QEMU
+device from v1, accepts it, deploys v2 and follows it to ``success``, then deploys v3 and shows the automatic
+rollback to v2 with the failure reported. Everything it starts is stopped at the end (or on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from rich.console import Console
+
+from ota_common.errors import UserError
+
+console = Console(stderr=True)
+REPO = Path(__file__).resolve().parent.parent
+SERIES = (("1.0.0", {}), ("2.0.0", {}), ("2.1.0", {"DVR_IP": ""}))  # v3: empty DVR_IP, the app answers 503
+
+
+def demo_config(workdir: Path, base: Path, server_url: str, variables: dict[str, str]) -> Path:
+    """A release configuration like ``base`` pointed at ``server_url`` with demo-friendly timings."""
+    cfg = yaml.safe_load(base.read_text())
+    cfg.update(server_url=server_url, boards=["qemu-virt"])
+    cfg["variables"] = {**(cfg.get("variables") or {}), "OTA_POLL_INTERVAL": "5s", "OTA_INVENTORY_INTERVAL": "30s",
+                        "OTA_HEALTH_DEADLINE": "3m", **variables}
+    workdir.mkdir(parents=True, exist_ok=True)
+    layers = workdir / "layers"
+    if not layers.exists():
+        layers.symlink_to(base.resolve().parent / "layers")
+    path = workdir / "release.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+class Demo:
+    def __init__(self, out: Path, cache_dir: Path | None) -> None:
+        self.out = out.resolve()
+        self.cache_dir = cache_dir
+        self.started = time.monotonic()
+
+    def say(self, msg: str) -> None:
+        console.log(f"[{time.monotonic() - self.started:6.0f} s] {msg}")
+
+    def build(self, key: Path, server_url: str) -> dict[str, Path]:
+        from artifacts import load_signer
+        from image.release import DEFAULT_CONFIG, build_release
+
+        signer = load_signer(key)
+        releases = {}
+        for version, variables in SERIES:
+            config = demo_config(self.out / "config" / version, DEFAULT_CONFIG, server_url, variables)
+            self.say(f"building release {version}{' (broken: the app will fail its health check)' if variables else ''}")
+            result = build_release(config=config, version=version, boards=["qemu-virt"], signer=signer,
+                                   out=self.out / "releases", cache_dir=self.cache_dir, server_url=server_url,
+                                   progress=lambda m: None, stages=frozenset({"rootfs", "images", "artifacts"}))
+            releases[version] = result.out_dir
+        return releases
+
+    def wait(self, what: str, check: Any, timeout: float, vm: Any) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            if not vm.running:
+                raise UserError(f"the device stopped while waiting for {what}\n{vm.tail()}")
+            time.sleep(2)
+        raise UserError(f"timed out after {timeout:.0f} s waiting for {what}\n{vm.tail()}")
+
+    def follow(self, server: Any, dep: str, vm: Any, until: set[str], timeout: float) -> dict[str, int]:
+        """Print each new deployment status and console milestone until a final one."""
+        seen: dict[str, int] = {}
+        mark = vm.mark()
+        milestones = ("ota-boot: slot=", "rolling back", "committed", "trial of slot", "boot state armed")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = server.statistics(dep)
+            if stats != seen:
+                self.say("deployment: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+                seen = stats
+            text = vm.console()
+            for line in text[mark:].splitlines():
+                if any(m in line for m in milestones):
+                    self.say("device: " + line.split("] ", 1)[-1].strip())
+            mark = len(text)
+            if set(stats) & until:
+                return stats
+            if not vm.running:
+                raise UserError(f"the device stopped\n{vm.tail()}")
+            time.sleep(3)
+        raise UserError(f"deployment {dep} did not finish in {timeout:.0f} s\n{vm.tail()}")
+
+    def run(self) -> None:
+        from artifacts import KeyType, generate_keypair
+        from image.vm import Vm
+        from ota_server.process import OtaServer, free_port
+
+        keys = self.out / "keys"
+        if not (keys / "private.pem").exists():
+            generate_keypair(KeyType.ECDSA_P256, keys)
+        port = free_port()
+        server_url = f"http://10.0.2.2:{port}"  # the host's loopback as QEMU's user network shows it
+        releases = self.build(keys / "private.pem", server_url)
+        server = OtaServer(self.out / "server", keys / "public.pem", admin_token=secrets.token_hex(16), port=port)
+        self.say(f"starting the update server on 127.0.0.1:{port} (log: {server.log_path})")
+        server.start()
+        vm = Vm(releases["1.0.0"] / "qemu-virt" / "disk.img", self.out / "vm", name="device", grow_bytes=256 << 20)
+        try:
+            self.say(f"dashboard: http://127.0.0.1:{port}/ui/  (admin token: {server.admin_token})")
+            self.say(f"booting a device from release 1.0.0 (console: {vm.console_log})")
+            vm.start()
+            device = self.wait("the device to ask for admission",
+                               lambda: next((d for d in server.devices() if d["status"] == "pending"), None), 600, vm)
+            self.say(f"device {device['id']} {device['identity_data']} is pending: accepting it")
+            server.accept(device)
+            attrs = self.wait("the device's inventory",
+                              lambda: server.attributes(device["id"]).get("artifact_name"), 300, vm)
+            self.say(f"device reports {attrs}")
+            for version, broken in (("2.0.0", False), ("2.1.0", True)):
+                art = releases[version] / f"vv-video-ai-{version}-qemu-virt.mender"
+                resp = server.upload_artifact(art)
+                if resp.status != 201:
+                    raise UserError(f"upload of {art.name} refused: {resp}")
+                dep = server.deploy(f"rollout {version}", f"vv-video-ai-{version}", [device["id"]])
+                self.say(f"deployed vv-video-ai-{version} ({art.stat().st_size / 1e6:.0f} MB){' — broken on purpose' if broken else ''}")
+                stats = self.follow(server, dep, vm, {"success", "failure"}, 1800)
+                if broken:
+                    log = server.device_log(dep, device["id"])
+                    reason = next((line for line in log.splitlines() if "rolled back" in line), "")
+                    self.say(f"rollback reported: {reason.strip()[:200]}")
+                time.sleep(5)
+                current = self.wait("the device's version", lambda: server.attributes(device["id"]).get("artifact_name"), 120, vm)
+                self.say(f"deployment {stats}; the device now runs {current} "
+                         f"from slot {server.attributes(device['id']).get('ota_slot')}")
+            self.say("demo complete: v1 → v2 updated and committed; v2 → broken v3 rolled back to v2")
+        finally:
+            vm.kill()
+            server.stop()
+
+
+@click.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True,
+              help="Releases, keys, server state and console logs.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Build cache (default: XDG cache).")
+def demo(out: Path, cache_dir: Path | None) -> None:
+    """Build v1/v2/broken v3, start the server, boot a QEMU device, update it, and show a rollback."""
+    Demo(out, cache_dir).run()
