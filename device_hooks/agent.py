@@ -299,9 +299,7 @@ class Agent:
         self.state.save()
 
     def scripts(self, dep_id: str) -> ScriptRunner:
-        c = self.cfg.commands
-        return ScriptRunner(self.dir / "scripts" / dep_id, c.script_timeout, c.script_retry_interval,
-                            c.script_retry_timeout, self.clock.sleep)
+        return ScriptRunner.for_deployment(self.cfg, dep_id, self.clock.sleep)
 
     # ------------------------------------------------------------------ the deployment
     def process(self, dep: Deployment) -> str:

@@ -128,8 +128,7 @@ class HealthRun:
             return 0 if res.ok else 1
         dep = self.state.get("deployment") or {}
         dep_id = str(dep.get("id", "manual"))
-        runner = ScriptRunner(self.cfg.state_dir / "scripts" / dep_id, self.cfg.commands.script_timeout,
-                              self.cfg.commands.script_retry_interval, self.cfg.commands.script_retry_timeout)
+        runner = ScriptRunner.for_deployment(self.cfg, dep_id)
         log.info("trial boot of slot %s: running health checks (deadline %.0fs)", slot_name(self.slots.running),
                  self.cfg.health.deadline)
         output: list[str] = []

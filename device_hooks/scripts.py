@@ -21,6 +21,8 @@ from pathlib import Path
 
 from ota_common.errors import OTAError
 
+from .config import Config
+
 log = logging.getLogger(__name__)
 
 STATES = ("ArtifactInstall", "ArtifactReboot", "ArtifactCommit", "ArtifactRollback", "ArtifactRollbackReboot",
@@ -56,6 +58,13 @@ class ScriptRunner:
     retry_interval: float = 60.0
     retry_timeout: float = 1800.0
     sleep: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def for_deployment(cls, cfg: Config, dep_id: str, sleep: Callable[[float], None] = time.sleep) -> ScriptRunner:
+        """The runner of a deployment's kept scripts (``<state_dir>/scripts/<id>``) with the configured timeouts."""
+        c = cfg.commands
+        return cls(cfg.state_dir / "scripts" / dep_id, c.script_timeout, c.script_retry_interval,
+                   c.script_retry_timeout, sleep)
 
     def names(self, state: str, action: str) -> list[str]:
         if not self.directory.is_dir():
