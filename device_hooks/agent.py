@@ -54,6 +54,7 @@ log = logging.getLogger("ota-agent")
 
 VERSION = "1.0"
 LOCAL_PREFIX = "local-"
+MAX_ARM_ATTEMPTS = 3  # boot-state writes that did not land (power cuts) before the deployment fails
 
 
 class Rebooting(Exception):
@@ -229,7 +230,25 @@ class Agent:
                 if env.get("mender_boot_part") == str(target):
                     self.finish_success(dep_id)
                     return
+            elif self._arming_lost(dep_id, env, target):
+                attempts = int(self.state.get("arm_attempts", 0)) + 1
+                self.dlog(dep_id, "warning", "the boot state does not show the arming (power lost while it was "
+                                             f"written?): slot {slot_name(target)} was verified, arming it again")
+                self.state.update(arm_attempts=attempts, boot_id=self.boot, armed_at=self.clock.now())
+                arm(self.env, target)
+                fault("after-arm")
+                self.reboot(dep_id)
             self.finish_rollback(dep_id, env)
+
+    def _arming_lost(self, dep_id: str, env: dict[str, str], target: int) -> bool:
+        """Armed on /data, but the bootloader never tried the target: the boot-state write did not land.
+        A tried target leaves ``bootcount`` > 0 (the bootloader counts before it rolls back) or a verdict."""
+        if env.get("mender_boot_part") == str(target) or env.get("upgrade_available") == "1":
+            return False
+        if int(env.get("bootcount", "0") or 0) != 0 or int(self.state.get("arm_attempts", 0)) >= MAX_ARM_ATTEMPTS:
+            return False
+        verdict = read_json(self.dir / "health.json")
+        return verdict.get("deployment") != dep_id
 
     def wait_for_verdict(self, timeout: float) -> bool:
         """In a trial boot, wait until the health unit committed (True) or gave up (False, it reboots)."""
@@ -293,7 +312,7 @@ class Agent:
     def _clear(self, dep_id: str) -> None:
         spool = self.dir / "download" / f"{dep_id}.mender"
         spool.unlink(missing_ok=True)
-        for key in ("phase", "deployment", "target_part", "from_part", "boot_id", "armed_at"):
+        for key in ("phase", "deployment", "target_part", "from_part", "boot_id", "armed_at", "arm_attempts"):
             self.state.data.pop(key, None)
         self.state.data["last_deployment"] = dep_id
         self.state.save()
@@ -348,7 +367,8 @@ class Agent:
             return self._install_failed(dep.id, e)
         arm(self.env, target)
         self.dlog(dep.id, "info", f"boot state armed: next boot tries slot {slot_name(target)} "
-                                  f"({result.size} bytes written and read back in {result.seconds:.1f}s)")
+                                  f"({result.size} bytes, {result.zeroed} of them as zero ranges, streamed in "
+                                  f"{result.write_seconds:.1f}s and read back in {result.verify_seconds:.1f}s)")
         fault("after-arm")
         self.reboot(dep.id)
         raise AssertionError("unreachable")
@@ -424,7 +444,7 @@ class Agent:
             try:
                 size = dl.start()
                 fault("download-started")
-                self.dlog(dep.id, "info", f"downloading {size} bytes" + (f", {dl._spooled} kept from before" if dl._spooled else ""))
+                self.dlog(dep.id, "info", f"downloading {size} bytes" + (f", {dl.kept} kept from before" if dl.kept else ""))
                 result = stream_install(dl, verifiers=self.verifiers(), device=facts, target=dev,
                                         allow_downgrade=dep.allow_downgrade, source_size=size, on_header=on_header)
             except LinkGone as e:
@@ -540,11 +560,11 @@ class Agent:
                 break
         if self.state.get("phase") == "armed":
             return "trial"
-        backoff = self.cfg.server.retry_interval
+        backoff = min(self.cfg.server.retry_interval, self.cfg.server.poll_interval)
         while True:
             try:
                 result = self.cycle()
-                backoff = self.cfg.server.retry_interval
+                backoff = min(self.cfg.server.retry_interval, self.cfg.server.poll_interval)
                 wait = self.cfg.server.poll_interval
             except Rebooting:
                 return self._rebooting(once)

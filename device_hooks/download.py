@@ -116,6 +116,11 @@ class ResumableDownload:
         self.close()
 
     # -- network
+    @property
+    def kept(self) -> int:
+        """Bytes found on the spool from an earlier attempt (not downloaded again)."""
+        return self._spooled
+
     def start(self) -> int:
         """Connect (at the end of what is spooled) and learn the artifact's size; returns it."""
         try:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .bootenv import BootEnv
 from .config import Config
+from .faults import fault
 from .identity import boot_id
 from .scripts import ScriptError, ScriptRunner
 from .slots import detect, other, slot_name
@@ -144,6 +145,7 @@ class HealthRun:
             return self._fail(dep_id, runner, str(e)[:800], output)
         self.env.update({"upgrade_available": "0", "bootcount": "0"})
         log.info("slot %s committed", slot_name(self.slots.running))
+        fault("after-commit")
         try:
             output.append(runner.run("ArtifactCommit", "Leave"))
         except ScriptError as e:  # after the commit there is no going back; report it in the log

@@ -13,6 +13,9 @@ Order of events, each a precondition of the next (nothing on the device changes 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import logging
 import os
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 ROOTFS = "rootfs-image"
 WRITE_SYNC_EVERY = 32 * 1024 * 1024
 VERIFY_CHUNK = 1024 * 1024
+ZERO_BLOCK = 64 * 1024  # all-zero blocks of this size (aligned) become zero-range requests
+_ZEROS = bytes(ZERO_BLOCK)
+_FALLOC_FL_ZERO_RANGE = 0x10
 
 
 class SlotVerifyError(ArtifactError):
@@ -59,6 +65,108 @@ class InstallResult:
     sha256: str
     scripts: dict[str, bytes]
     seconds: float
+    write_seconds: float = 0.0  # download + decompress + write (they run as one stream)
+    verify_seconds: float = 0.0  # the read-back
+    zeroed: int = 0  # bytes zeroed by range requests instead of written
+
+
+class _Libc:
+    fallocate: Callable[..., int] | None = None
+
+    @classmethod
+    def load(cls) -> Callable[..., int] | None:
+        if cls.fallocate is None:
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                fn = libc.fallocate64
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+                fn.restype = ctypes.c_int
+                cls.fallocate = fn
+            except (OSError, AttributeError):
+                return None
+        return cls.fallocate
+
+
+class SlotWriter:
+    """Writes a slot front to back. Aligned all-zero blocks are not copied through the page cache: they are
+    collected into ranges and zeroed with ``fallocate(FALLOC_FL_ZERO_RANGE)`` (on a block device the kernel
+    issues WRITE ZEROES or writes zero pages itself; the medium may not even be written). About 40 % of a
+    root filesystem image is free space, so this saves that much CPU on a slow board. Where the call is not
+    supported the zeros are written as usual."""
+
+    def __init__(self, fd: int, *, on_write: Callable[[], None] | None = None) -> None:
+        self.fd = fd
+        self.pos = 0  # everything before it is written or zeroed (or queued in the zero range)
+        self.zero_from: int | None = None
+        self.zeroed = 0
+        self.since_sync = 0
+        self.on_write = on_write
+        self._range_ok = True
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        if isinstance(chunk, memoryview):
+            chunk = chunk.tobytes()
+        n, base = len(chunk), self.pos  # chunk[i] goes to base + i
+        i = run = 0  # [run, i) is data not yet written
+        while i < n:
+            misalign = (base + i) % ZERO_BLOCK
+            if misalign:
+                i = min(n, i + ZERO_BLOCK - misalign)
+                continue
+            if i + ZERO_BLOCK <= n and chunk.startswith(_ZEROS, i):
+                self._data(chunk, run, i)
+                self._zero(ZERO_BLOCK)
+                i += ZERO_BLOCK
+                run = i
+            else:
+                i = min(n, i + ZERO_BLOCK)
+        self._data(chunk, run, n)
+
+    def _data(self, chunk: bytes | bytearray, start: int, end: int) -> None:
+        if start == end:
+            return
+        self._flush_zeros()
+        view = memoryview(chunk)[start:end]
+        while view:
+            done = os.pwrite(self.fd, view, self.pos)
+            self.pos += done
+            view = view[done:]
+        self.since_sync += end - start
+        if self.since_sync >= WRITE_SYNC_EVERY:  # bound the dirty page cache on a small board
+            os.fdatasync(self.fd)
+            self.since_sync = 0
+        if self.on_write:
+            self.on_write()
+
+    def _zero(self, length: int) -> None:
+        if self.zero_from is None:
+            self.zero_from = self.pos
+        self.pos += length
+
+    def _flush_zeros(self) -> None:
+        if self.zero_from is None:
+            return
+        start, length = self.zero_from, self.pos - self.zero_from
+        self.zero_from = None
+        fallocate = _Libc.load() if self._range_ok else None
+        if fallocate is not None and fallocate(self.fd, _FALLOC_FL_ZERO_RANGE, start, length) == 0:
+            self.zeroed += length
+            return
+        if fallocate is not None:
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+                raise OSError(err, f"zeroing {length} bytes at {start}: {os.strerror(err)}")
+            self._range_ok = False  # this medium or file system cannot: write zeros from now on
+        while length:
+            done = os.pwrite(self.fd, memoryview(_ZEROS)[: min(length, ZERO_BLOCK)], start)
+            start += done
+            length -= done
+
+    def finish(self) -> int:
+        """Flush and fsync; returns the number of bytes the slot now holds from offset 0."""
+        self._flush_zeros()
+        os.fsync(self.fd)
+        return self.pos
 
 
 def version_key(v: str) -> tuple[tuple[int, int | str], ...]:
@@ -155,21 +263,15 @@ def stream_install(
             raise IncompatibleArtifact(
                 f"the root filesystem image is {pf.size} bytes but slot {target} holds only {capacity}"
             )
-        os.lseek(fd, 0, os.SEEK_SET)
-        written = since_sync = 0
+        writer = SlotWriter(fd)
+        writer.on_write = lambda: fault("install-write", writer.pos)
+        reported = 0
         for chunk in pf.chunks():
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
-            written += len(chunk)
-            fault("install-write")
-            since_sync += len(chunk)
-            if since_sync >= WRITE_SYNC_EVERY:  # bound the dirty page cache on a small board
-                os.fdatasync(fd)
-                since_sync = 0
-                if progress:
-                    progress(written, pf.size)
-        os.fsync(fd)
+            writer.write(chunk)
+            if progress and writer.pos - reported >= WRITE_SYNC_EVERY:
+                reported = writer.pos
+                progress(writer.pos, pf.size)
+        written = writer.finish()
     finally:
         os.close(fd)
     assert pf.sha256 is not None
@@ -177,10 +279,14 @@ def stream_install(
         raise ArtifactError("the artifact has more than one payload file")
     if not reader.complete:
         raise ArtifactError("the artifact did not end cleanly")
+    if written != pf.size:
+        raise ArtifactError(f"the payload ended after {written} of {pf.size} bytes")
+    streamed = time.monotonic()
     verify_slot(target, pf.size, pf.sha256)
     provides.setdefault("rootfs-image.checksum", pf.sha256)
+    done = time.monotonic()
     return InstallResult(header.info.artifact_name, provides, pf.size, pf.sha256, dict(header.scripts),
-                         time.monotonic() - started)
+                         done - started, streamed - started, done - streamed, writer.zeroed)
 
 
 def verify_slot(target: Path, size: int, sha256: str) -> None:
