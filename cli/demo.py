@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 SERIES = (("1.0.0", {}), ("2.0.0", {}), ("2.1.0", {"DVR_IP": ""}))  # v3: empty DVR_IP, the app answers 503
 
 
-def demo_config(workdir: Path, base: Path, server_url: str, variables: dict[str, str]) -> Path:
-    """A release configuration like ``base`` pointed at ``server_url`` with demo-friendly timings."""
+def demo_config(workdir: Path, base: Path, server_url: str, variables: dict[str, str],
+                extra_layers: Sequence[Path] = ()) -> Path:
+    """A release configuration like ``base`` pointed at ``server_url`` with demo-friendly timings.
+
+    ``extra_layers`` (layer files; their ``src`` paths resolve next to them) are appended to the layer list."""
     cfg = yaml.safe_load(base.read_text())
     cfg.update(server_url=server_url, boards=["qemu-virt"])
     cfg["variables"] = {**(cfg.get("variables") or {}), "OTA_POLL_INTERVAL": "5s", "OTA_INVENTORY_INTERVAL": "30s",
@@ -33,7 +37,14 @@ def demo_config(workdir: Path, base: Path, server_url: str, variables: dict[str,
     workdir.mkdir(parents=True, exist_ok=True)
     layers = workdir / "layers"
     if not layers.exists():
-        layers.symlink_to(base.resolve().parent / "layers")
+        layers.mkdir()
+        for entry in (base.resolve().parent / "layers").iterdir():
+            (layers / entry.name).symlink_to(entry)
+    for extra in extra_layers:
+        link = layers / extra.name
+        link.unlink(missing_ok=True)
+        link.symlink_to(extra.resolve())
+        cfg["layers"] = [*cfg["layers"], extra.stem]
     path = workdir / "release.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

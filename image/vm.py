@@ -28,7 +28,7 @@ class VmError(ToolError):
 
 class Vm:
     def __init__(self, disk: Path, workdir: Path, *, name: str = "vm", writable: bool = False, smp: int = 2,
-                 grow_bytes: int = 0) -> None:
+                 grow_bytes: int = 0, ssh_key: Path | None = None, ssh_port: int | None = None) -> None:
         require_tools(["qemu-system-aarch64", "qemu-img"], "booting images in QEMU")
         if not UBOOT.exists():
             raise ToolError(f"{UBOOT} is missing: apt-get install u-boot-qemu")
@@ -46,7 +46,9 @@ class Vm:
         self.cmd = ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", str(smp), "-m", "1024",
                     "-nographic", "-bios", str(UBOOT), "-drive", f"if=virtio,format={fmt},file={self.disk}",
                     "-device", "i6300esb", "-watchdog-action", "reset",
-                    "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]
+                    "-netdev", "user,id=n0" + (f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22" if ssh_port else ""),
+                    "-device", "virtio-net-pci,netdev=n0"]
+        self.ssh_key, self.ssh_port = ssh_key, ssh_port
         self.proc: subprocess.Popen[bytes] | None = None
         self._out: IO[bytes] | None = None
 
@@ -78,6 +80,30 @@ class Vm:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    # -- commands in the guest
+    def ssh(self, command: str, *, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``command`` as root in the guest over SSH (the port forwarded to the guest's port 22; the
+        image must authorize ``ssh_key``)."""
+        if self.ssh_key is None or self.ssh_port is None:
+            raise VmError("this VM was started without an SSH key and port")
+        cmd = ["ssh", "-q", "-i", str(self.ssh_key), "-p", str(self.ssh_port), "-o", "BatchMode=yes",
+               "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=20",
+               "root@127.0.0.1", command]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise VmError(f"in the guest, {command!r} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+        return proc
+
+    def wait_for_ssh(self, timeout: float) -> None:
+        def up() -> bool:
+            try:
+                return self.ssh("true", timeout=60, check=False).returncode == 0
+            except subprocess.TimeoutExpired:
+                return False
+
+        up.__doc__ = "SSH in the guest"
+        self.wait_for(up, timeout, poll=3)
 
     # -- console
     def console(self) -> str:

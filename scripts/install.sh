@@ -11,6 +11,7 @@ APT_PACKAGES=(
   e2fsprogs dosfstools mtools fdisk bmap-tools xz-utils zstd
   mmdebstrap qemu-user-static binfmt-support arch-test   # arm64 rootfs under emulation
   qemu-system-arm u-boot-qemu u-boot-tools qemu-utils    # boot scripts and QEMU boots
+  openssh-client                                         # the QEMU tests run commands in the guest
   libubootenv-tool                                       # fw_printenv/fw_setenv interop
   systemd-journal-remote                                 # writes real journal files for the forensics test
   libglib2.0-0 libssl3 liblzma5                          # the unpacked stock mender client (interop test)
