@@ -114,8 +114,9 @@ class BootEnv:
         a, b = self._copies()
         return dict((a, b)[newer(a, b)].variables)
 
-    def update(self, changes: Mapping[str, str | None]) -> dict[str, str]:
-        """Set (or with ``None`` delete) variables in one write to the older copy. Returns the new state."""
+    def update(self, changes: Mapping[str, str | None], *, fault_point: str = "bootenv-write") -> dict[str, str]:
+        """Set (or with ``None`` delete) variables in one write to the older copy. Returns the new state.
+        ``fault_point`` names the write for the tests' power cuts (:mod:`.faults`)."""
         a, b = self._copies()
         current = newer(a, b)
         state = dict((a, b)[current].variables)
@@ -125,7 +126,7 @@ class BootEnv:
             else:
                 state[name] = value
         flags = ((a, b)[current].flags + 1) & 0xFF
-        self._write(1 - current, encode(state, flags, self.size))
+        self._write(1 - current, encode(state, flags, self.size), fault_point)
         return state
 
     def create(self, variables: Mapping[str, str]) -> None:
@@ -134,14 +135,14 @@ class BootEnv:
         for i in (0, 1):
             self._write(i, blob)
 
-    def _write(self, index: int, blob: bytes) -> None:
+    def _write(self, index: int, blob: bytes, fault_point: str = "bootenv-write") -> None:
         path = self.copies[index]
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             if "OTA_AGENT_FAULT" in os.environ:  # tests: power lost in the middle of this write (the new
                 os.pwrite(fd, blob[:_HEADER], 0)  # CRC and flags landed, the variables did not: a torn copy)
                 os.fsync(fd)
-                fault("bootenv-write")
+                fault(fault_point)
             os.pwrite(fd, blob, 0)
             os.fsync(fd)
         finally:

@@ -12,9 +12,10 @@
 When ``OTA_AGENT_FAULT_ONCE`` names a file, each spec fires once: it is recorded there (fsynced) before it
 fires, so the agent that starts after the cut carries on (the harness chains several cuts in one run).
 
-Points: ``download-started``, ``install-write``, ``before-arm``, ``bootenv-write`` (half of a boot
-environment copy written: a torn write), ``after-arm``, ``after-commit`` (the commit is in the boot
-environment, the verdict not yet on /data).
+Points: ``download-started``, ``install-write``, ``before-arm``, ``arm-write`` (the arming copy of the boot
+environment torn: its new CRC and flags written, its variables not), ``after-arm``, ``commit-write`` (the
+committing copy torn), ``after-commit`` (the commit is in the boot environment, the verdict not yet on
+/data), ``rollback-write``, ``bootenv-write`` (any other boot-environment write).
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ class HealthRun:
         except ScriptError as e:
             output.append(str(e))
             return self._fail(dep_id, runner, str(e)[:800], output)
-        self.env.update({"upgrade_available": "0", "bootcount": "0"})
+        self.env.update({"upgrade_available": "0", "bootcount": "0"}, fault_point="commit-write")
         log.info("slot %s committed", slot_name(self.slots.running))
         fault("after-commit")
         try:
@@ -179,7 +179,8 @@ class HealthRun:
         write_json(self.cfg.state_dir / "health.json", {
             "boot_id": self.boot, "deployment": dep_id, "verdict": "fail", "summary": summary,
             "output": "\n".join(o for o in output if o), "time": time.time()})
-        self.env.update({"mender_boot_part": str(back), "upgrade_available": "0", "bootcount": "0"})
+        self.env.update({"mender_boot_part": str(back), "upgrade_available": "0", "bootcount": "0"},
+                        fault_point="rollback-write")
         for state, action in (("ArtifactRollback", "Leave"), ("ArtifactRollbackReboot", "Enter")):
             try:
                 output.append(runner.run(state, action))

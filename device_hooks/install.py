@@ -311,4 +311,5 @@ def verify_slot(target: Path, size: int, sha256: str) -> None:
 
 def arm(env: BootEnv, target_part: int) -> dict[str, str]:
     """One atomic write of the boot state: boot ``target_part`` next, as a trial."""
-    return env.update({"mender_boot_part": str(target_part), "upgrade_available": "1", "bootcount": "0"})
+    return env.update({"mender_boot_part": str(target_part), "upgrade_available": "1", "bootcount": "0"},
+                      fault_point="arm-write")

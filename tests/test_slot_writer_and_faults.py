@@ -87,9 +87,9 @@ def test_torn_boot_state_write_leaves_the_previous_state(tmp_path: Path) -> None
     before = BootEnv(copies).read()
     code = (f"from pathlib import Path\nfrom device_hooks.bootenv import BootEnv\n"
             f"BootEnv([Path({str(copies[0])!r}), Path({str(copies[1])!r})]).update("
-            "{'mender_boot_part': '3', 'upgrade_available': '1'})")
+            "{'mender_boot_part': '3', 'upgrade_available': '1'}, fault_point='arm-write')")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO),
-                                                              "OTA_AGENT_FAULT": "bootenv-write"},
+                                                              "OTA_AGENT_FAULT": "arm-write"},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 99, proc.stderr
     assert BootEnv(copies).read() == before, "half a copy written must leave the older state in force"
