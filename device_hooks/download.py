@@ -212,6 +212,7 @@ class ResumableDownload:
                 resp.close()
                 raise DownloadError(f"bad Content-Range {resp.headers.get('Content-Range')!r} for offset {offset}")
             total = int(m.group(3))
+            log.info("resumed at byte %d of %d with HTTP Range", offset, total)
         elif resp.status_code == 200:
             total = int(resp.headers.get("Content-Length", "-1"))
             if offset:
