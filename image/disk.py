@@ -93,9 +93,12 @@ def _epoch_env() -> dict[str, str]:
     return {"E2FSPROGS_FAKE_TIME": sde} if sde else {}
 
 
-def make_ext4(image: Path, tree: Path, *, size_mib: int, label: str, seed: str) -> None:
+def make_ext4(image: Path, tree: Path, *, size_mib: int, label: str, seed: str, clamp_mtime: bool = True) -> None:
     """An ext4 filesystem of ``size_mib`` holding ``tree`` (owners and modes as in the tree).
 
+    With ``SOURCE_DATE_EPOCH`` set, inode times are made reproducible: ctime, atime and crtime are set to
+    the file's mtime, and mtimes later than the epoch are clamped to it — unless ``clamp_mtime`` is False,
+    for a tree whose times were already made reproducible (:func:`image.rootfs.normalise`).
     Raises :class:`UserError` when the tree does not fit."""
     image.unlink(missing_ok=True)
     used = _tree_size(tree)
@@ -114,22 +117,32 @@ def make_ext4(image: Path, tree: Path, *, size_mib: int, label: str, seed: str) 
         env=_epoch_env(),
     )
     if "SOURCE_DATE_EPOCH" in os.environ:
-        _clamp_inode_times(image, tree, int(os.environ["SOURCE_DATE_EPOCH"]), label)
+        _clamp_inode_times(image, tree, int(os.environ["SOURCE_DATE_EPOCH"]), label, clamp_mtime)
 
 
-def _clamp_inode_times(image: Path, tree: Path, epoch: int, label: str) -> None:
-    """mkfs.ext4 1.47.0 copies each file's ctime and atime from the host, where they are "now": set them to
-    ``epoch``, and clamp later mtimes to it, with one debugfs run, so that the same tree gives the same
-    bytes (~1 s per 20k files)."""
-    lines = [f"sif / ctime {epoch}", f"sif / atime {epoch}"]
+def _clamp_inode_times(image: Path, tree: Path, epoch: int, label: str, clamp_mtime: bool = True) -> None:
+    """mkfs.ext4 1.47.0 copies each file's ctime and atime from the host, where they are "now", and sets
+    crtime to the (fake) current time: set all three to the file's mtime — clamped to ``epoch`` (as
+    SOURCE_DATE_EPOCH means) when ``clamp_mtime`` — with one debugfs run (~1 s per 15k files). The same tree
+    gives the same bytes, and — what delta updates need — a file that did not change between two releases
+    keeps an identical inode although the releases have different epochs, so the inode tables differ only
+    where files changed (docs/delta.md)."""
+
+    def fields(path: str, rel: str) -> list[str]:
+        mtime = os.lstat(path).st_mtime
+        t = min(int(mtime), epoch) if clamp_mtime else int(mtime)
+        lines = [f'sif "{rel}" {field} @{t}' for field in ("ctime", "atime", "crtime")]
+        if clamp_mtime and mtime > epoch:
+            lines.append(f'sif "{rel}" mtime @{epoch}')
+        return lines
+
+    lines = fields(str(tree), "/")
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in [*dirnames, *filenames]:
             rel = "/" + os.path.relpath(os.path.join(dirpath, name), tree)
             if '"' in rel or "\n" in rel:
                 raise UserError(f"{label}: path {rel!r} cannot be stored reproducibly (quote or newline in its name)")
-            lines += [f'sif "{rel}" ctime {epoch}', f'sif "{rel}" atime {epoch}']
-            if os.lstat(os.path.join(dirpath, name)).st_mtime > epoch:  # clamp, as SOURCE_DATE_EPOCH means
-                lines.append(f'sif "{rel}" mtime {epoch}')
+            lines += fields(os.path.join(dirpath, name), rel)
     script = image.with_name(image.name + ".debugfs")
     script.write_text("\n".join(lines) + "\n")
     try:

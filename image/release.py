@@ -156,18 +156,20 @@ def build_release(
                          data_mib=release.data_size_mib, seed=release.name)
     work = cache / "work" / release.name
     root = work / "root"
+    unpacked = time.time() - 2  # file times have a coarse clock: anything from here on is this build's
     rootfs_mod.extract(base, root)
     variables = {**merged.variables, **release.variables}
     rootfs_mod.apply_layers(root, merged, template_context(release, layout, variables))
     _install_trusted_keys(root, release, config.parent, signer)
     kernel = rootfs_mod.place_kernel(root)
     packages = rootfs_mod.package_list(root)
-    rootfs_mod.normalise(root, epoch)
+    rootfs_mod.normalise(root, epoch, touched_since=unpacked)
     done()
 
     done = step("rootfs.ext4")
     rootfs_img = out_dir / "rootfs.ext4"
-    make_ext4(rootfs_img, root, size_mib=release.slot_size_mib, label="rootfs", seed=f"{release.name}:rootfs")
+    make_ext4(rootfs_img, root, size_mib=release.slot_size_mib, label="rootfs", seed=f"{release.name}:rootfs",
+              clamp_mtime=False)
     result.outputs["rootfs.ext4"] = rootfs_img
     done()
 

@@ -207,8 +207,14 @@ def place_kernel(root: Path) -> str:
     return version
 
 
-def normalise(root: Path, epoch: int | None) -> None:
-    """Remove per-machine and per-build state and clamp timestamps, for reproducible, shareable images."""
+def normalise(root: Path, epoch: int | None, touched_since: float | None = None) -> None:
+    """Remove per-machine and per-build state and clamp timestamps, for reproducible, shareable images.
+
+    With ``touched_since`` (the time the base was unpacked), only what this build created or changed is
+    clamped to ``epoch``; files and directories as the cached base has them keep their times, which come
+    from the base (an input of the build), not from the clock. That is what keeps two releases on the same
+    base delta-friendly: with different epochs, clamping every file the bootstrap created (dpkg's lists,
+    compiled Python, generated configuration: ~17,000 entries) would change all their inodes."""
     (root / "etc/machine-id").write_text("")  # systemd creates one on first boot
     for rel in ("var/lib/dbus/machine-id",):
         (root / rel).unlink(missing_ok=True)
@@ -222,12 +228,16 @@ def normalise(root: Path, epoch: int | None) -> None:
                     child.unlink()
     if epoch is None:
         return
+
+    def clamp(entry: str) -> None:
+        mtime = os.lstat(entry).st_mtime
+        if (mtime > epoch) if touched_since is None else (mtime >= touched_since):
+            os.utime(entry, (epoch, epoch), follow_symlinks=False)
+
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:
-            entry = os.path.join(dirpath, name)
-            if os.lstat(entry).st_mtime > epoch:
-                os.utime(entry, (epoch, epoch), follow_symlinks=False)
-    os.utime(root, (epoch, epoch))
+            clamp(os.path.join(dirpath, name))
+    clamp(str(root))
 
 
 def package_list(root: Path) -> list[dict[str, str]]:
