@@ -115,6 +115,35 @@ def sign(source: Path, key: Path, output: Path) -> None:
 
 
 @artifact.command()
+@click.option("--from", "old", type=_existing_file, required=True, metavar="OLD.mender",
+              help="Full rootfs-image artifact the devices run now (the source).")
+@click.option("--to", "new", type=_existing_file, required=True, metavar="NEW.mender",
+              help="Full rootfs-image artifact to update them to (the target).")
+@click.option("--key", "-k", type=_existing_file, required=True, help="Private key to sign the delta with (PEM).")
+@click.option("--verify-key", "verify_keys", type=_existing_file, multiple=True,
+              help="Public key the two inputs must be signed with; repeatable (default: the public half of --key).")
+@click.option("--level", type=click.IntRange(0, 9), default=6, show_default=True, help="xz preset of the op stream.")
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def delta(old: Path, new: Path, key: Path, verify_keys: Sequence[Path], level: int, output: Path) -> None:
+    """Delta artifact (payload type rootfs-delta) from OLD's image to NEW's: installable only on a device
+    running exactly OLD's image (it depends on OLD's rootfs-image.checksum); named like NEW."""
+    from artifacts.delta import write_delta_artifact
+    from artifacts.keys import load_verifier
+
+    signer = load_signer(key)
+    verifiers = load_verifiers(verify_keys) if verify_keys else [load_verifier(key)]
+    result = write_delta_artifact(old, new, signer=signer, out=output, level=level, verifiers=tuple(verifiers))
+    full = new.stat().st_size
+    st = result.stats
+    click.echo(
+        f"wrote {result.artifact.path} ({result.artifact.size} bytes, {100 * result.artifact.size / full:.1f}% of "
+        f"{new.name}, signed): {result.source.name} -> {result.target.name}, "
+        f"{st.copied_bytes} bytes copied from the source, {st.literal_bytes} new, {st.zero_bytes} zero, "
+        f"made in {st.seconds:.1f} s"
+    )
+
+
+@artifact.command()
 @click.argument("source", type=_existing_file)
 @click.option("--key", "-k", "keys", type=_existing_file, multiple=True, required=True,
               help="Trusted public key (PEM); repeat to trust several.")
