@@ -32,6 +32,7 @@ from .models import deployments as dep
 from .timeutil import now, rfc3339
 
 router = APIRouter(tags=["device API"])
+ROOTFS_CHECKSUM = "rootfs-image.checksum"
 NO_CONTENT = 204
 
 
@@ -204,9 +205,9 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
             continue
         device_type = str(provides["device_type"])
         with ctx.db.read() as c:
-            candidates = c.execute(sa.select(art_t.c.id, art_t.c.device_types)
+            candidates = c.execute(sa.select(art_t.c.id, art_t.c.device_types, art_t.c.info)
                                    .where(art_t.c.name == artifact_name).order_by(art_t.c.created)).all()
-        match = next((a for a in candidates if device_type in a.device_types), None)
+        match = _choose_artifact(ctx, device, provides, [a for a in candidates if device_type in a.device_types])
         if match is None:
             with ctx.db.write() as c:
                 set_device_final(c, deployment_id, device.id, "noartifact",
@@ -228,6 +229,39 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
         }
         return JSONResponse(body)
     return Response(status_code=NO_CONTENT)
+
+
+def source_checksum(info: dict[str, Any]) -> str | None:
+    """The ``rootfs-image.checksum`` an artifact depends on (a delta: installable only on that image)."""
+    value = (info.get("artifact_depends") or {}).get(ROOTFS_CHECKSUM)
+    return value if isinstance(value, str) else None
+
+
+def _update_modules(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return {v for v in value.replace(",", " ").split() if v}
+    if isinstance(value, list):
+        return {v for v in value if isinstance(v, str)}
+    return set()
+
+
+def _choose_artifact(ctx: ServerContext, device: CurrentDevice, provides: dict[str, Any], fitting: list[Any]) -> Any:
+    """Of the artifacts with the deployment's name that fit the device type: a delta whose source is the
+    image the device runs (its ``rootfs-image.checksum`` provide equals the delta's depends) when the device
+    says it installs that payload type (inventory ``update_modules``, as the Mender client reports update
+    modules), else the full artifact. An artifact that depends on another image is never offered otherwise."""
+    full = next((a for a in fitting if source_checksum(a.info) is None), None)
+    running = provides.get(ROOTFS_CHECKSUM)
+    deltas = [a for a in fitting if running and source_checksum(a.info) == running]
+    if deltas:
+        with ctx.db.read() as c:
+            inventory = c.execute(sa.select(devices.c.inventory).where(devices.c.id == device.id)).scalar() or {}
+        modules = _update_modules(inventory.get("update_modules")) | {"rootfs-image"}
+        for a in deltas:
+            types = {u.get("type_info", {}).get("type") for u in a.info.get("updates", [])}
+            if types and types <= modules:
+                return a
+    return full
 
 
 NEXT_RESPONSES: dict[int | str, dict[str, Any]] = {

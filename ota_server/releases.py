@@ -22,7 +22,7 @@ from ota_common.errors import ArtifactError
 
 from . import deployments as rollout
 from .context import ServerContext, get_ctx
-from .device_api import device_log
+from .device_api import device_log, source_checksum
 from .errors import APIError, bad_request, conflict, not_found
 from .management import DEFAULT_PER_PAGE, Page, PerPage, require_admin
 from .models import artifacts as art_t
@@ -174,7 +174,9 @@ def _read_artifact(path: Path, size: int, ctx: ServerContext) -> dict[str, Any]:
 async def upload_artifact(request: Request, ctx: Ctx) -> Response:
     """Upload a release (multipart field ``artifact``, optional ``description``). Streamed to storage, then
     its signature (against the server's release keys), structure and payload checksums are verified; 400 with
-    the reason otherwise; 409 if an artifact with this name and an overlapping device type exists."""
+    the reason otherwise; 409 if an artifact with this name and an overlapping device type exists. A delta
+    artifact (it depends on a ``rootfs-image.checksum``) is stored next to the full artifact of the same name;
+    ``next`` offers it to devices running its source image."""
     ctype, params = parse_options_header(request.headers.get("content-type"))
     if ctype != b"multipart/form-data" or not params.get(b"boundary"):
         raise bad_request("expected a multipart/form-data body with an 'artifact' field")
@@ -212,10 +214,14 @@ async def upload_artifact(request: Request, ctx: Ctx) -> Response:
         artifact_id = str(uuid.uuid4())
         final = Path(ctx.artifact_dir) / f"{artifact_id}.mender"
         with ctx.db.write() as c:
-            for other in c.execute(sa.select(art_t.c.id, art_t.c.device_types).where(art_t.c.name == meta["name"])):
+            source = source_checksum(meta["info"])
+            for other in c.execute(sa.select(art_t.c.id, art_t.c.device_types, art_t.c.info)
+                                   .where(art_t.c.name == meta["name"])):
                 common = sorted(set(other.device_types) & set(meta["device_types"]))
-                if common:
-                    raise conflict(f"artifact {meta['name']} for device type {common[0]} already exists ({other.id})")
+                # a full artifact and deltas of it (from different source images) share the name
+                if common and source_checksum(other.info) == source:
+                    what = "" if source is None else f" (a delta from image {source[:16]}…)"
+                    raise conflict(f"artifact {meta['name']}{what} for device type {common[0]} already exists ({other.id})")
             c.execute(art_t.insert().values(
                 id=artifact_id, name=meta["name"], description=description, device_types=meta["device_types"],
                 size=upload.size, sha256=upload.sha.hexdigest(), signed=meta["signed"], signed_by=(meta["signed_by"] or "")[:255] or None,
