@@ -39,7 +39,8 @@ _OPTIONS = [
                  help="Build cache (default: $XDG_CACHE_HOME/vv-ota)."),
     click.option("--server-url", help="Update server URL baked into the image's agent configuration."),
     click.option("--previous", type=click.Path(exists=True, file_okay=False, path_type=Path),
-                 help="The previous release's output directory (OUT/<old version>); recorded in manifest.json."),
+                 help="The previous release's output directory (OUT/<old version>): a delta artifact from it is "
+                      "written next to each board's full artifact (delta-from-<old>-<board>.mender)."),
 ]
 _PUBLISH = click.option("--publish", "publish_url", metavar="URL",
                         help="Upload the release's artifacts to the update server at URL (token: $OTA_ADMIN_TOKEN).")

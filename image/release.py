@@ -23,7 +23,7 @@ from typing import Any
 
 from artifacts.compression import ParallelGzipEncoder
 from artifacts.format import Compression
-from artifacts.keys import Signer
+from artifacts.keys import Signer, Verifier, load_verifier
 from ota_common.errors import UserError
 from ota_common.tools import require_tools
 
@@ -202,6 +202,14 @@ def build_release(
         result.outputs[art.name] = art
         done()
 
+    deltas: dict[str, dict[str, Any]] = {}
+    if previous is not None and previous_manifest is not None:
+        full = {b: result.outputs[f"{artifact_name}-{b}.mender"] for b in board_models
+                if f"{artifact_name}-{b}.mender" in result.outputs}
+        deltas = write_release_deltas(previous, previous_manifest, full, out_dir, work / "delta", signer=signer,
+                                      verifiers=_release_verifiers(release, config.parent, signer), step=step,
+                                      progress=progress)
+        result.outputs.update({entry["file"]: out_dir / entry["file"] for entry in deltas.values()})
     manifest = {
         "name": release.name,
         "version": release.version,
@@ -211,10 +219,11 @@ def build_release(
         "built_at": int(time.time()),
         "build_seconds": round(time.monotonic() - t0, 1),
         "signed": signer is not None,
-        # delta artifacts from this previous release are the delta issue's; the lineage is recorded now
+        # the release this one updates from, and the delta artifacts from it (delta-from-<old>-<board>.mender)
         "previous": None if previous_manifest is None else {
             "version": previous_manifest.get("version"), "artifact_name": previous_manifest.get("artifact_name"),
-            "rootfs_sha256": previous_manifest.get("outputs", {}).get("rootfs.ext4", {}).get("sha256")},
+            "rootfs_sha256": previous_manifest.get("outputs", {}).get("rootfs.ext4", {}).get("sha256"),
+            "deltas": deltas},
         "kernel": kernel,
         "disk": {"disk_id": f"{layout.disk_id:08x}", "slot_mib": release.slot_size_mib},
         "layers": {layer.name: layer_hash(layer) for layer in layers},
@@ -247,6 +256,76 @@ def _previous_release(path: Path) -> dict[str, Any]:
     return doc
 
 
+def _release_verifiers(release: ReleaseModel, base_dir: Path, signer: Signer | None) -> list[Verifier]:
+    """The keys a release's devices trust (the release key and ``trusted_keys``): the previous release's
+    artifacts must verify with one of them before a delta is made from them. None for an unsigned release."""
+    if signer is None:
+        return []
+    from cryptography.hazmat.primitives import serialization
+
+    from artifacts.keys import KeyVerifier
+
+    key = serialization.load_pem_public_key(signer.public_key_pem())
+    return [KeyVerifier(key, "the release key"),  # type: ignore[arg-type]
+            *(load_verifier((base_dir / k).resolve()) for k in release.trusted_keys)]
+
+
+def write_release_deltas(
+    previous: Path,
+    previous_manifest: dict[str, Any],
+    full: dict[str, Path],
+    out_dir: Path,
+    work: Path,
+    *,
+    signer: Signer | None,
+    verifiers: Sequence[Verifier] = (),
+    step: Callable[[str], Callable[[], None]] = lambda name: lambda: None,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> dict[str, dict[str, Any]]:
+    """For each board's new full artifact (``full``: board → path), ``delta-from-<old>-<board>.mender`` in
+    ``out_dir`` from the previous release's full artifact of the same board. The images are the same for every
+    board, so the delta payload is made once (in ``work``) and reused. A board without a previous artifact,
+    or with the same image as before, gets none. Returns the manifest entries, by board."""
+    from artifacts.delta import make_delta_payload, write_delta_artifact
+
+    old_version = str(previous_manifest.get("version"))
+    out: dict[str, dict[str, Any]] = {}
+    payloads: dict[tuple[str | None, str | None], tuple[Path, Any]] = {}
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        for board, art in full.items():
+            old_art = previous / f"{previous_manifest.get('artifact_name')}-{board}.mender"
+            if not old_art.is_file():
+                progress(f"{board}: no delta: the previous release has no artifact {old_art.name}")
+                continue
+            old_sha = previous_manifest.get("outputs", {}).get("rootfs.ext4", {}).get("sha256")
+            done = step(f"{board}: delta from {old_version}")
+            key = (old_sha, None)
+            if key not in payloads:
+                payload = work / f"rootfs-{len(payloads)}.delta"
+                try:
+                    stats, _, _ = make_delta_payload(old_art, art, payload, verifiers=tuple(verifiers))
+                except UserError as e:
+                    if "the same image" not in str(e):
+                        raise
+                    progress(f"{board}: no delta: the image is the same as {old_version}'s")
+                    done()
+                    continue
+                payloads[key] = (payload, stats)
+            payload, stats = payloads[key]
+            target = out_dir / f"delta-from-{old_version}-{board}.mender"
+            res = write_delta_artifact(old_art, art, signer=signer, out=target, verifiers=tuple(verifiers),
+                                       payload=payload)
+            out[board] = {"file": target.name, "from": old_art.name, "size": res.artifact.size,
+                          "literal_bytes": stats.literal_bytes, "copied_bytes": stats.copied_bytes,
+                          "zero_bytes": stats.zero_bytes}
+            done()
+    finally:
+        for payload, _ in payloads.values():
+            payload.unlink(missing_ok=True)
+    return out
+
+
 def _install_trusted_keys(root: Path, release: ReleaseModel, base_dir: Path, signer: Signer | None) -> None:
     keys_dir = root / "etc" / "ota" / "keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
@@ -268,4 +347,4 @@ def _gzip(src: Path, dst: Path) -> None:
         enc.close()
 
 
-__all__ = ["DEFAULT_CONFIG", "build_release", "default_cache_dir", "sha256_file"]
+__all__ = ["DEFAULT_CONFIG", "build_release", "default_cache_dir", "sha256_file", "write_release_deltas"]

@@ -124,7 +124,8 @@ def test_stage_commands_stop_where_asked(tmp_path: Path) -> None:
     assert not list(out.glob("*.mender")) and not (out / "rpi4").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["outputs"]) == {"rootfs.ext4", "qemu-virt/disk.img", "qemu-virt/disk.img.bmap", "qemu-virt/disk.img.gz"}
-    assert manifest["previous"] == {"version": "0.9.0", "artifact_name": "vv-video-ai-0.9.0", "rootfs_sha256": "ab" * 32}
+    assert manifest["previous"] == {"version": "0.9.0", "artifact_name": "vv-video-ai-0.9.0", "rootfs_sha256": "ab" * 32,
+                                    "deltas": {}}
 
 
 def test_bad_release_configuration_fails_before_building(tmp_path: Path) -> None:
