@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import Verifier, load_verifiers
-from ota_common.errors import ArtifactError, DownloadError, OTAError
+from ota_common.errors import ArtifactError, DownloadError, IncompatibleArtifact, OTAError
 
 from . import journal
 from .api import Aborted, Deployment, DeviceAPI, ServerError, Unauthorized
 from .bootenv import BootEnv
 from .config import Config
-from .download import LinkGone, ResumableDownload
+from .download import LinkGone, ResumableDownload, remove_spool
 from .faults import fault
 from .identity import boot_id, identity_data, identity_json, load_or_create_key
 from .install import DeviceFacts, arm, stream_install
@@ -310,8 +310,7 @@ class Agent:
             write_json(path, slots)
 
     def _clear(self, dep_id: str) -> None:
-        spool = self.dir / "download" / f"{dep_id}.mender"
-        spool.unlink(missing_ok=True)
+        remove_spool(self.dir / "download" / f"{dep_id}.mender")
         for key in ("phase", "deployment", "target_part", "from_part", "boot_id", "armed_at", "arm_attempts"):
             self.state.data.pop(key, None)
         self.state.data["last_deployment"] = dep_id
@@ -379,7 +378,7 @@ class Agent:
         spool_dir.mkdir(exist_ok=True)
         for stale in spool_dir.glob("*.mender"):
             if stale.name != f"{dep.id}.mender":
-                stale.unlink()
+                remove_spool(stale)
 
         def refresh() -> str | None:
             try:
@@ -412,7 +411,7 @@ class Agent:
             raise
         if resumes:
             self.dlog(dep.id, "info", f"download resumed {resumes} time(s) with HTTP Range")
-        (spool_dir / f"{dep.id}.mender").unlink(missing_ok=True)  # installed and verified: free /data
+        remove_spool(spool_dir / f"{dep.id}.mender")  # installed and verified: free /data
         assert runner is not None
         try:
             out = runner.run("ArtifactInstall", "Leave")
@@ -434,24 +433,36 @@ class Agent:
             with open(path, "rb") as f:
                 result = stream_install(f, verifiers=self.verifiers(), device=facts, target=dev,
                                         allow_downgrade=dep.allow_downgrade, source_size=os.fstat(f.fileno()).st_size,
-                                        on_header=on_header)
+                                        on_header=on_header, active=self.slots.device(self.slots.running))
             resumes = 0
         else:
-            dl = ResumableDownload(dep.uri, session=self.api.session, refresh_url=refresh,
-                                   spool=spool_dir / f"{dep.id}.mender",
-                                   retry_timeout=self.cfg.server.download_retry_timeout,
-                                   timeout=self.cfg.server.request_timeout, sleep=self.clock.sleep)
-            try:
-                size = dl.start()
-                fault("download-started")
-                self.dlog(dep.id, "info", f"downloading {size} bytes" + (f", {dl.kept} kept from before" if dl.kept else ""))
-                result = stream_install(dl, verifiers=self.verifiers(), device=facts, target=dev,
-                                        allow_downgrade=dep.allow_downgrade, source_size=size, on_header=on_header)
-            except LinkGone as e:
-                raise Aborted(str(e)) from None
-            finally:
-                dl.close()
-            resumes = dl.resumes
+            resumes = 0
+            for attempt in (1, 2):
+                dl = ResumableDownload(dep.uri, session=self.api.session, refresh_url=refresh,
+                                       spool=spool_dir / f"{dep.id}.mender",
+                                       retry_timeout=self.cfg.server.download_retry_timeout,
+                                       timeout=self.cfg.server.request_timeout, sleep=self.clock.sleep)
+                try:
+                    size = dl.start()
+                    fault("download-started")
+                    self.dlog(dep.id, "info", f"downloading {size} bytes"
+                              + (f", {dl.kept} kept from before" if dl.kept else ""))
+                    result = stream_install(dl, verifiers=self.verifiers(), device=facts, target=dev,
+                                            allow_downgrade=dep.allow_downgrade, source_size=size,
+                                            on_header=on_header, active=self.slots.device(self.slots.running))
+                    resumes += dl.resumes
+                    break
+                except LinkGone as e:
+                    raise Aborted(str(e)) from None
+                except ArtifactError as e:
+                    if not dl.kept or attempt == 2 or isinstance(e, IncompatibleArtifact):
+                        raise
+                    # the bytes kept from before are the only suspect: fetch everything again, once
+                    self.dlog(dep.id, "warning", f"install from the kept download failed ({e}); "
+                                                 "downloading the whole artifact again")
+                    dl.discard_spool()
+                finally:
+                    dl.close()
         return result, resumes
 
     def _install_failed(self, dep_id: str, e: BaseException) -> str:
@@ -464,7 +475,7 @@ class Agent:
             except ScriptError as se:
                 self.dlog(dep_id, "error", str(se))
         if isinstance(e, ArtifactError):  # the kept download is bad or refused: never reuse it
-            (self.dir / "download" / f"{dep_id}.mender").unlink(missing_ok=True)
+            remove_spool(self.dir / "download" / f"{dep_id}.mender")
         self._clear(dep_id)
         with contextlib.suppress(Aborted):
             self.report(dep_id, "failure", reason[:900], upload_log=True)

@@ -23,13 +23,15 @@ import requests
 
 from ota_common.errors import DownloadError
 
+from .state import atomic_write
+
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 CHUNK = 256 * 1024
 SPOOL_RESERVE = 64 * 1024 * 1024  # keep this much of /data free
-SYNC_EVERY = 16 * 1024 * 1024
+SYNC_EVERY = 4 * 1024 * 1024  # the spool is fsynced and its durable length recorded this often
 
 
 class LinkGone(DownloadError):
@@ -78,7 +80,10 @@ class ResumableDownload:
         self._since_sync = 0
         if spool is not None and spool.exists():
             self._spool_fd = os.open(spool, os.O_RDWR | os.O_CLOEXEC)
-            self._spooled = os.fstat(self._spool_fd).st_size
+            # only what was fsynced and then recorded is trusted: after a power cut the file can be longer,
+            # with pages of its tail never written (holes) or stale
+            self._spooled = min(os.fstat(self._spool_fd).st_size, _durable_length(spool))
+            os.ftruncate(self._spool_fd, self._spooled)
             log.info("resuming from %d bytes already downloaded to %s", self._spooled, spool)
 
     # -- file-like
@@ -100,14 +105,15 @@ class ResumableDownload:
     def close(self) -> None:
         self._close_response()
         if self._spool_fd is not None:
-            os.fsync(self._spool_fd)
+            self._sync_spool()
             os.close(self._spool_fd)
             self._spool_fd = None
 
     def discard_spool(self) -> None:
         self.close()
         if self._spool_path is not None:
-            self._spool_path.unlink(missing_ok=True)
+            remove_spool(self._spool_path)
+        self._spooled = 0
 
     def __enter__(self) -> ResumableDownload:
         return self
@@ -269,7 +275,7 @@ class ResumableDownload:
             os.close(self._spool_fd)
             self._spool_fd = None
         if self._spool_path is not None:
-            self._spool_path.unlink(missing_ok=True)
+            remove_spool(self._spool_path)
         self._spooled = 0
 
     def _append_spool(self, data: bytes) -> None:
@@ -286,8 +292,33 @@ class ResumableDownload:
         self._spooled += len(data)
         self._since_sync += len(data)
         if self._since_sync >= SYNC_EVERY:
-            os.fdatasync(self._spool_fd)
-            self._since_sync = 0
+            self._sync_spool()
+
+    def _sync_spool(self) -> None:
+        """Make the spooled bytes durable, then record how many there are (the record is what a restart
+        trusts)."""
+        if self._spool_fd is None or self._spool_path is None:
+            return
+        os.fdatasync(self._spool_fd)
+        atomic_write(_length_file(self._spool_path), str(self._spooled).encode())
+        self._since_sync = 0
+
+
+def _length_file(spool: Path) -> Path:
+    return spool.with_name(spool.name + ".length")
+
+
+def _durable_length(spool: Path) -> int:
+    try:
+        return int(_length_file(spool).read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def remove_spool(spool: Path) -> None:
+    """Delete a spool and its length record."""
+    spool.unlink(missing_ok=True)
+    _length_file(spool).unlink(missing_ok=True)
 
 
 class _Retry(Exception):

@@ -5,6 +5,7 @@ keeps dropping, power cuts during the download, aborts, configuration delivery."
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import threading
 import time
@@ -228,25 +229,46 @@ def test_download_resumes_with_range_over_a_dropping_link(server: OtaServer, tmp
         proxy.close()
 
 
-def test_power_cut_during_download_resumes_from_the_kept_bytes(server: OtaServer, device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+def _cut_mid_download(server: OtaServer, device: FileDevice, tmp_path: Path, key: Path) -> tuple[str, Path, Path]:
     dev_id = onboard(server, device)
-    art, payload = make_artifact(tmp_path, keys["ec"][0])
+    payload = tmp_path / "noisy.ext4"  # incompressible, so the download is well past a spool record when cut
+    payload.write_bytes(random.Random(3).randbytes(device.slot_size))
+    art, payload = make_artifact(tmp_path, key, payload=payload)
     dep = deploy(server, art, dev_id)
-    proc = device.agent("check-update", fault="install-write")
-    assert proc.returncode == EXIT_CODE
-    spool = device.data / "download" / f"{dep}.mender"
-    kept = spool.stat().st_size
-    assert 0 < kept < art.stat().st_size
+    proc = device.agent("check-update", fault="install-write@6000000")
+    assert proc.returncode == EXIT_CODE, proc.stderr
     assert device.boot() == 2, "an unarmed install never changes the boot"
+    return dep, device.data / "download" / f"{dep}.mender", art
+
+
+def _finish(server: OtaServer, device: FileDevice, dep: str) -> str:
     proc = device.agent("check-update")
     assert proc.stdout.strip() == "rebooting", proc.stderr
-    log = (device.data / "logs" / f"{dep}.jsonl").read_text()
-    assert f"{kept} kept from before" in log
-    assert not spool.exists(), "the kept download is removed once installed"
     device.boot()
     device.agent("health")
     device.agent("check-update")
     assert stats(server, dep) == {"success": 1}
+    return (device.data / "logs" / f"{dep}.jsonl").read_text()
+
+
+def test_power_cut_during_download_resumes_from_the_kept_bytes(server: OtaServer, device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    dep, spool, art = _cut_mid_download(server, device, tmp_path, keys["ec"][0])
+    kept = int(spool.with_name(spool.name + ".length").read_text())
+    assert 0 < kept <= spool.stat().st_size < art.stat().st_size
+    with open(spool, "ab") as f:  # what a power cut can leave after the last fsync: a tail of junk
+        f.write(b"\xde\xad" * 100_000)
+    log = _finish(server, device, dep)
+    assert f"{kept} kept from before" in log, "only the fsynced, recorded bytes are trusted"
+    assert not spool.exists(), "the kept download is removed once installed"
+
+
+def test_damaged_kept_download_is_fetched_again(server: OtaServer, device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    dep, spool, _ = _cut_mid_download(server, device, tmp_path, keys["ec"][0])
+    with open(spool, "r+b") as f:  # a bad medium: bytes inside the trusted range changed
+        f.seek(1_000_000)
+        f.write(b"\0" * 4096)
+    log = _finish(server, device, dep)
+    assert "downloading the whole artifact again" in log
 
 
 def test_abort_before_reboot_leaves_the_boot_state_alone(server: OtaServer, device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
