@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ from .faults import fault
 log = logging.getLogger(__name__)
 
 ROOTFS = "rootfs-image"
+DELTA = "rootfs-delta"  # artifacts.delta.DELTA_PAYLOAD_TYPE (not imported: the full path stays lean)
 WRITE_SYNC_EVERY = 32 * 1024 * 1024
 VERIFY_CHUNK = 1024 * 1024
 ZERO_BLOCK = 64 * 1024  # all-zero blocks of this size (aligned) become zero-range requests
@@ -190,11 +192,14 @@ def check_compatible(header: ArtifactHeader, device: DeviceFacts, *, allow_downg
             f"artifact {info.artifact_name!r} is for device types {', '.join(info.device_types)}, "
             f"this device is {device.device_type!r}"
         )
-    if list(info.payload_types) != [ROOTFS] or len(header.type_infos) != 1:
+    if list(info.payload_types) not in ([ROOTFS], [DELTA]) or len(header.type_infos) != 1:
         raise IncompatibleArtifact(
             f"artifact {info.artifact_name!r} has payloads {list(info.payload_types)}; this agent installs "
-            f"exactly one {ROOTFS} payload"
+            f"exactly one {ROOTFS} or {DELTA} payload"
         )
+    if info.payload_types[0] == DELTA and "rootfs-image.checksum" not in header.type_infos[0].depends:
+        raise IncompatibleArtifact(f"delta artifact {info.artifact_name!r} does not name the image it applies to "
+                                   "(no rootfs-image.checksum in its depends)")
     if info.depends_artifact_names and device.artifact_name not in info.depends_artifact_names:
         raise IncompatibleArtifact(
             f"artifact {info.artifact_name!r} depends on artifact {', '.join(info.depends_artifact_names)}; "
@@ -237,8 +242,12 @@ def stream_install(
     source_size: int | None = None,
     on_header: Callable[[ArtifactHeader, dict[str, str]], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    active: Path | None = None,
 ) -> InstallResult:
     """Verify and write the artifact read from ``source`` into the slot device ``target``.
+
+    A ``rootfs-delta`` artifact is applied with the running slot ``active`` as its source (see
+    :func:`_apply_delta`); it is armed only if the result equals the signed target checksum.
 
     ``on_header`` runs after the signature and compatibility checks and before the first write (the agent
     runs the ArtifactInstall_Enter scripts there and reports ``installing``). Raises :class:`ArtifactError`
@@ -256,6 +265,10 @@ def stream_install(
         raise ArtifactError("the artifact has no payload file")
     if on_header is not None:
         on_header(header, provides)
+    if header.info.payload_types[0] == DELTA:
+        if active is None:
+            raise IncompatibleArtifact("a delta artifact needs the running slot as its source; none was given")
+        return _apply_delta(reader, files, pf, header, provides, active, target, started, progress)
     fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     try:
         capacity = _device_size(fd)
@@ -287,6 +300,60 @@ def stream_install(
     done = time.monotonic()
     return InstallResult(header.info.artifact_name, provides, pf.size, pf.sha256, dict(header.scripts),
                          done - started, streamed - started, done - streamed, writer.zeroed)
+
+
+def _apply_delta(reader: ArtifactReader, files: Any, pf: Any, header: ArtifactHeader, provides: dict[str, str],
+                 active: Path, target: Path, started: float,
+                 progress: Callable[[int, int], None] | None) -> InstallResult:
+    """Rebuild the target image from the running slot and the delta, straight into ``target``: memory stays at a
+    few MiB (the source is read with ``pread`` where the delta says). The result must hash to the target
+    checksum the artifact's signed header provides; it is then read back like a full install."""
+    from artifacts.delta import DeltaError, apply_delta, parse_header
+
+    want = header.type_infos[0].provides.get("rootfs-image.checksum")
+    if not want:
+        raise IncompatibleArtifact("delta artifact does not provide rootfs-image.checksum: nothing to check against")
+    chunks = iter(pf.chunks())
+    head = b""
+    while len(head) < 4096:
+        more = next(chunks, b"")
+        if not more:
+            break
+        head += bytes(more)
+    dh = parse_header(head)
+    if dh.target_sha256 != want:
+        raise DeltaError(f"the delta's target checksum {dh.target_sha256[:16]}… is not the signed one {want[:16]}…")
+    src = os.open(active, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if dh.target_size > _device_size(fd):
+                raise IncompatibleArtifact(
+                    f"the delta makes a {dh.target_size}-byte image but slot {target} holds only {_device_size(fd)}")
+
+            def step(written: int, total: int) -> None:
+                fault("install-write", written)
+                if progress:
+                    progress(written, total)
+
+            applied = apply_delta(itertools.chain([head], chunks), src, fd, progress=step)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(src)
+    if next(files, None) is not None:
+        raise ArtifactError("the artifact has more than one payload file")
+    if not reader.complete:
+        raise ArtifactError("the artifact did not end cleanly")
+    if applied.target_sha256 != want:  # apply_delta checked its own header; this is the signed value
+        raise DeltaError(f"the delta produced {applied.target_sha256[:16]}…, the artifact promises {want[:16]}…")
+    streamed = time.monotonic()
+    verify_slot(target, applied.target_size, want)
+    done = time.monotonic()
+    log.info("delta applied: %d bytes copied from the running slot, %d new, %d zero", applied.copied_bytes,
+             applied.literal_bytes, applied.zero_bytes)
+    return InstallResult(header.info.artifact_name, provides, applied.target_size, want, dict(header.scripts),
+                         done - started, streamed - started, done - streamed, applied.zero_bytes)
 
 
 def verify_slot(target: Path, size: int, sha256: str) -> None:

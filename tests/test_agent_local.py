@@ -267,3 +267,61 @@ def test_per_device_settings_on_data_override_the_image(device: FileDevice) -> N
     (device.data / "ota.conf").write_text("[server]\npoll_intervall = 5m\n")
     with pytest.raises(ConfigError, match="ota.conf.*poll_intervall"):
         load_config(device.config_path)
+
+
+def _delta_pair(tmp: Path, key: Path) -> tuple[Path, Path, Path, Path]:
+    """Full artifacts 2.0.0 and 3.0.0 (3.0.0: some blocks moved, changed and added) and the delta between."""
+    from artifacts.delta import write_delta_artifact
+
+    old_art, old_img = make_artifact(tmp, key)
+    data = bytearray(old_img.read_bytes())
+    rng = random.Random(11)
+    for _ in range(40):  # changed blocks
+        at = rng.randrange(len(data) // 4096) * 4096
+        data[at : at + 4096] = rng.randbytes(4096)
+    data[4096 * 10 : 4096 * 20], data[4096 * 100 : 4096 * 110] = data[4096 * 100 : 4096 * 110], data[4096 * 10 : 4096 * 20]
+    new_img = tmp / "vv-3.0.0.ext4"
+    new_img.write_bytes(bytes(data))
+    new_art, _ = make_artifact(tmp, key, name="vv-3.0.0", version="3.0.0", payload=new_img)
+    delta = tmp / "delta-from-2.0.0.mender"
+    write_delta_artifact(old_art, new_art, signer=load_signer(key), out=delta)
+    return old_art, new_art, delta, new_img
+
+
+def test_delta_installs_from_the_running_slot(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    old_art, _, delta, new_img = _delta_pair(tmp_path, keys["ec"][0])
+    assert device.agent("install", str(old_art)).returncode == 0
+    assert device.boot() == 3 and device.agent("health").returncode == 0  # 2.0.0 runs from slot B
+    device.agent("check-update")  # the agent closes the deployment after the commit
+    running = device.slot_path(3).read_bytes()
+    proc = device.agent("install", str(delta))
+    assert proc.returncode == 0, proc.stderr
+    assert "delta applied" in proc.stderr
+    assert device.slot_path(3).read_bytes() == running, "the source slot must only be read"
+    assert device.boot() == 2 and device.agent("health").returncode == 0
+    data = new_img.read_bytes()
+    assert device.slot_path(2).read_bytes()[: len(data)] == data
+    shown = device.agent("show").stdout
+    assert hashlib.sha256(data).hexdigest() in shown  # the slot record provides the new checksum
+
+
+def test_delta_for_another_source_is_refused_before_any_write(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    _, _, delta, _ = _delta_pair(tmp_path, keys["ec"][0])
+    before = snapshot(device)  # the device runs its factory image, not 2.0.0
+    proc = device.agent("install", str(delta))
+    assert proc.returncode == 1 and "rootfs-image.checksum" in proc.stderr, proc.stderr
+    assert snapshot(device) == before
+
+
+def test_delta_on_a_modified_source_fails_and_changes_nothing_active(device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    old_art, _, delta, _ = _delta_pair(tmp_path, keys["ec"][0])
+    assert device.agent("install", str(old_art)).returncode == 0
+    assert device.boot() == 3 and device.agent("health").returncode == 0
+    device.agent("check-update")
+    with open(device.slot_path(3), "r+b") as f:  # the running root was changed behind the record's back
+        f.seek(4096 * 3)
+        f.write(b"mounted read-write once" * 100)
+    running, env = device.slot_path(3).read_bytes(), device.bootenv.read()
+    proc = device.agent("install", str(delta))
+    assert proc.returncode == 1 and "source" in proc.stderr, proc.stderr
+    assert device.slot_path(3).read_bytes() == running and device.bootenv.read() == env
