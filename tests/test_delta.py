@@ -136,6 +136,32 @@ def test_round_trip_on_ext4_images(images: dict[str, Path], tmp_path: Path, fast
     assert calls[-1] == (len(new), len(new)) and chunks[0] == len(calls) > 1
 
 
+def test_errors_of_the_caller_and_of_the_stream_pass_through(images: dict[str, Path], tmp_path: Path) -> None:
+    """on_chunk (fault injection) and the payload iterator (a dropped download) raise through apply_delta,
+    and the reader thread is gone when it returns."""
+    import threading
+
+    delta = _make(images["old"], images["new"])
+    before = threading.active_count()
+    calls = [0]
+
+    def boom() -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        _apply(delta, images["old"], tmp_path / "out", on_chunk=boom)
+
+    def dropped() -> Iterator[bytes]:
+        yield delta[: len(delta) // 2]
+        raise ConnectionError("network drop")
+
+    with pytest.raises(ConnectionError, match="network drop"):
+        _apply(dropped(), images["old"], tmp_path / "out")
+    assert threading.active_count() == before
+
+
 def test_odd_sizes_and_blocks_found_anywhere(tmp_path: Path) -> None:
     """Images that are not multiples of 4 KiB, blocks moved backwards and forwards, duplicates, zero runs."""
     rng = random.Random(9)
