@@ -45,7 +45,7 @@ from .config import Config
 from .download import LinkGone, ResumableDownload, remove_spool
 from .faults import fault
 from .identity import boot_id, identity_data, identity_json, load_or_create_key
-from .install import DeviceFacts, arm, stream_install
+from .install import DELTA, DeviceFacts, arm, stream_install
 from .scripts import ScriptError, ScriptRunner, store_scripts
 from .slots import Slots, check_writable_target, detect, other, slot_name
 from .state import StateFile, atomic_write, read_json, write_json
@@ -512,6 +512,8 @@ class Agent:
             "hostname": socket.gethostname(),
             "ota_slot": slot_name(self.slots.running),
             "agent_version": VERSION,
+            # payload types this agent installs (the server offers a delta only to a device that lists it)
+            "update_modules": ["rootfs-image", DELTA],
         }
         if "rootfs-image.checksum" in p:
             inv["rootfs-image.checksum"] = p["rootfs-image.checksum"]

@@ -320,3 +320,27 @@ def test_reports_survive_a_server_outage(server: OtaServer, device: FileDevice, 
     device.agent("check-update")
     assert stats(server, dep) == {"success": 1}
     assert not device.state().get("outbox")
+
+
+def test_server_offers_the_delta_to_a_device_on_its_source(server: OtaServer, device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    from .test_agent_local import _delta_pair
+
+    old_art, new_art, delta, new_img = _delta_pair(tmp_path, keys["ec"][0])
+    dev_id = onboard(server, device)
+    dep = deploy(server, old_art, dev_id)
+    assert device.agent("check-update").stdout.strip() == "rebooting"
+    device.boot()
+    device.agent("health")
+    device.agent("check-update")
+    assert stats(server, dep) == {"success": 1}
+    assert "rootfs-delta" in inventory(server, dev_id)["update_modules"]
+    assert server.upload_artifact(delta).status == 201  # the delta and the full artifact, same name
+    dep = deploy(server, new_art, dev_id)
+    assert device.agent("check-update").stdout.strip() == "rebooting"
+    log = (device.data / "logs" / f"{dep}.jsonl").read_text()  # the device's own log of the deployment
+    assert f"downloading {delta.stat().st_size} bytes" in log, log
+    assert device.boot() == 2 and device.agent("health").returncode == 0
+    device.agent("check-update")
+    assert stats(server, dep) == {"success": 1}
+    data = new_img.read_bytes()
+    assert device.slot_path(2).read_bytes()[: len(data)] == data
