@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 #: bump when the bootstrap recipe below changes, so cached bases are rebuilt
 RECIPE_VERSION = "1"
 ARCH = "arm64"
+#: SOURCE_DATE_EPOCH of every bootstrap (2023-01-01), whatever the release: mmdebstrap and mkinitramfs then
+#: give the same bytes for the same packages, so a base bootstrapped again for one more package differs from
+#: the old one only by that package (the initrd, dpkg's database and every generated file stay identical),
+#: and base files are never newer than a release's epoch. (Bases cached before this was fixed are still
+#: valid: only their timestamps and initrd bytes depend on when they were made.)
+BASE_EPOCH = 1672531200
 
 
 INITRAMFS_CONFIG = "/etc/initramfs-tools/"
@@ -100,7 +106,7 @@ def bootstrap(spec: BaseSpec, cache_dir: Path) -> Path:
     ]
     if spec.mirror:
         args.append(spec.mirror)
-    run(args, stage="bootstrap (mmdebstrap)", timeout=3600)
+    run(args, stage="bootstrap (mmdebstrap)", timeout=3600, env={"SOURCE_DATE_EPOCH": str(BASE_EPOCH)})
     tmp.rename(target)
     return target
 
