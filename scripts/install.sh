@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
   mender-artifact          # interop tests and benchmark run the real tool
+  xdelta3                  # bench/delta.py compares our deltas with it
   e2fsprogs dosfstools mtools fdisk bmap-tools xz-utils zstd
   mmdebstrap qemu-user-static binfmt-support arch-test   # arm64 rootfs under emulation
   qemu-system-arm u-boot-qemu u-boot-tools qemu-utils    # boot scripts and QEMU boots
