@@ -16,7 +16,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,10 @@ def build_release(
     layers = load_layers([layers_dir / f"{n}.yaml" for n in release.layers])
     merged = merge_layers(layers)
     previous_manifest = _previous_release(previous) if previous else None
+    if previous is not None and previous_manifest is not None and "artifacts" in stages:
+        # fail before the build, not after it, when a delta could not be made from the previous artifacts
+        check_previous_artifacts(previous, previous_manifest, board_models,
+                                 _release_verifiers(release, config.parent, signer))
     require_tools(TOOLS, "building a release")
     cache = cache_dir or default_cache_dir()
     epoch = source_date_epoch()
@@ -268,6 +272,22 @@ def _release_verifiers(release: ReleaseModel, base_dir: Path, signer: Signer | N
     key = serialization.load_pem_public_key(signer.public_key_pem())
     return [KeyVerifier(key, "the release key"),  # type: ignore[arg-type]
             *(load_verifier((base_dir / k).resolve()) for k in release.trusted_keys)]
+
+
+def check_previous_artifacts(previous: Path, previous_manifest: dict[str, Any], boards: Iterable[str],
+                             verifiers: Sequence[Verifier]) -> None:
+    """The previous release's full artifacts that deltas will be made from must be full rootfs-image
+    artifacts signed by a key the devices trust (header only: quick). Raises UserError or ArtifactError."""
+    from artifacts.reader import ArtifactReader
+
+    for board in boards:
+        art = previous / f"{previous_manifest.get('artifact_name')}-{board}.mender"
+        if not art.is_file():
+            continue
+        with ArtifactReader.open(art, verifiers=verifiers, require_signature=bool(verifiers)) as r:
+            types = r.read_header().info.payload_types
+        if types != ("rootfs-image",):
+            raise UserError(f"--previous {previous}: {art.name} is not a full rootfs-image artifact ({', '.join(types)})")
 
 
 def write_release_deltas(

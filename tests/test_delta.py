@@ -35,8 +35,8 @@ from artifacts.delta import (
     write_delta_artifact,
 )
 from artifacts.writer import rootfs_image_spec, write_artifact
-from image.release import write_release_deltas
-from ota_common.errors import UserError
+from image.release import check_previous_artifacts, write_release_deltas
+from ota_common.errors import BadSignature, UserError
 
 from .conftest import REPO
 from .server_helpers import Device, Server, deploy, server_fixture, upload  # noqa: F401 - fixture
@@ -395,6 +395,13 @@ def test_release_deltas_one_per_board(artifacts_: dict[str, Path], keys: dict[st
     with pytest.raises(UserError, match="not the delta from"):
         write_delta_artifact(artifacts_["old"], artifacts_["other"], signer=None, out=tmp_path / "z.mender",
           payload=_payload_of(out / "delta-from-1.0-rpi4.mender", tmp_path))
+    # checked before a release is built: signed by a trusted key, full rootfs-image artifacts
+    check_previous_artifacts(prev, manifest, ["qemu-virt", "rpi4", "rpi3"], [load_verifier(keys["ec"][1])])
+    with pytest.raises(BadSignature):
+        check_previous_artifacts(prev, manifest, ["rpi4"], [load_verifier(keys["ec2"][1])])
+    shutil.copyfile(out / "delta-from-1.0-rpi4.mender", prev / "rel-1.0-rpi4.mender")
+    with pytest.raises(UserError, match="not a full rootfs-image artifact"):
+        check_previous_artifacts(prev, manifest, ["rpi4"], [])
 
 
 def _payload_of(art: Path, tmp: Path) -> Path:
