@@ -29,6 +29,7 @@ from artifacts.delta import (
     OP_END,
     DeltaError,
     DeltaHeader,
+    Ext4FileBlocks,
     apply_delta,
     make_delta,
     parse_header,
@@ -185,22 +186,44 @@ def test_wrong_or_short_source_is_refused_with_the_reason(images: dict[str, Path
     delta = _make(images["old"], images["new"])
     with pytest.raises(DeltaError, match="not the image the delta was made from"):
         _apply(delta, images["other"], tmp_path / "out")
-    # the same image with one block changed (a slot that was mounted read-write)
+    # the same image with the data of a file the delta copies changed in place
     touched = tmp_path / "touched"
     shutil.copyfile(images["old"], touched)
     old, new = images["old"].read_bytes(), images["new"].read_bytes()
     blocks = [old[i : i + 4096] for i in range(0, len(old), 4096)]
     in_new = {new[i : i + 4096] for i in range(0, len(new), 4096)}
-    pos = next(i * 4096 for i, b in enumerate(blocks) if any(b) and b in in_new and blocks.count(b) == 1)
-    with open(touched, "r+b") as f:  # a block the delta copies
+    files = Ext4FileBlocks(4096)
+    for n, b in enumerate(blocks):
+        files.feed(n, memoryview(b))
+    pos = next(i * 4096 for i, b in enumerate(blocks)
+               if files.is_file_data(i) and b in in_new and blocks.count(b) == 1)
+    with open(touched, "r+b") as f:
         f.seek(pos)
         f.write(b"\xff" * 64)
-    with pytest.raises(DeltaError, match="mounted read-write"):
+    with pytest.raises(DeltaError, match="not the image the delta was made from"):
         _apply(delta, touched, tmp_path / "out")
     short = tmp_path / "short"
     short.write_bytes(images["old"].read_bytes()[: 8 << 20])
     with pytest.raises(DeltaError, match="the source ends at byte"):
         _apply(delta, short, tmp_path / "out")
+
+
+def test_applies_to_a_source_slot_that_was_mounted_read_write(images: dict[str, Path], tmp_path: Path) -> None:
+    """A device runs its root filesystem read-write: atimes, new files, directories, bitmaps, superblock and
+    journal change. The delta copies only file data from the source, so it still applies."""
+    delta = _make(images["old"], images["new"])
+    used = tmp_path / "used.ext4"
+    shutil.copyfile(images["old"], used)
+    (tmp_path / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    cmds = [f'sif "/d{i % 7}/f{i}.bin" atime @1800000000' for i in range(60) if i != 8]
+    cmds += ["mkdir /var", f"write {tmp_path / 'machine-id'} /var/machine-id", f"write {tmp_path / 'machine-id'} /d2/new",
+             "rm /d1/f15.bin", "ssv mnt_count 7", "ssv mtime @1800000000", "ssv state 0"]
+    (tmp_path / "cmds").write_text("\n".join(cmds) + "\n")
+    subprocess.run(["debugfs", "-w", "-f", str(tmp_path / "cmds"), str(used)], check=True, capture_output=True)
+    changed = sum(a != b for a, b in zip(_chunks(images["old"], 4096), _chunks(used, 4096), strict=True))
+    assert changed > 10
+    res = _apply(delta, used, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == images["new"].read_bytes() and res.copied_bytes > 1 << 20
 
 
 def _ops_delta(ops: bytes, *, source_size: int = 8192, target_size: int = 8192) -> bytes:
