@@ -465,9 +465,19 @@ class Agent:
                     dl.close()
         return result, resumes
 
+    def deltas_work(self) -> bool:
+        """False once a delta failed on the running image (changed in place): from then on this image asks
+        for full artifacts, or every retry of the deployment would get the same delta."""
+        return bool(self.state.get("no_delta_for") != self.running_provides().get("rootfs-image.checksum"))
+
     def _install_failed(self, dep_id: str, e: BaseException) -> str:
         reason = str(e) or type(e).__name__
         self.dlog(dep_id, "error", f"install failed: {reason}; active slot and boot state untouched")
+        if type(e).__name__ == "DeltaError":  # artifacts.delta, not imported unless a delta was installed
+            self.state.update(no_delta_for=self.running_provides().get("rootfs-image.checksum"))
+            self._inventory_due = 0.0
+            self.dlog(dep_id, "warning", "deltas no longer requested for the running image; a retry gets the "
+                                         "full artifact")
         runner = self.scripts(dep_id)
         for state, action in (("ArtifactFailure", "Enter"), ("ArtifactFailure", "Leave")):
             try:
@@ -513,7 +523,7 @@ class Agent:
             "ota_slot": slot_name(self.slots.running),
             "agent_version": VERSION,
             # payload types this agent installs (the server offers a delta only to a device that lists it)
-            "update_modules": ["rootfs-image", DELTA],
+            "update_modules": ["rootfs-image", DELTA] if self.deltas_work() else ["rootfs-image"],
         }
         if "rootfs-image.checksum" in p:
             inv["rootfs-image.checksum"] = p["rootfs-image.checksum"]

@@ -344,3 +344,31 @@ def test_server_offers_the_delta_to_a_device_on_its_source(server: OtaServer, de
     assert stats(server, dep) == {"success": 1}
     data = new_img.read_bytes()
     assert device.slot_path(2).read_bytes()[: len(data)] == data
+
+
+def test_after_a_failed_delta_the_retry_gets_the_full_artifact(server: OtaServer, device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    from .test_agent_local import _delta_pair
+
+    old_art, new_art, delta, new_img = _delta_pair(tmp_path, keys["ec"][0])
+    dev_id = onboard(server, device)
+    dep = deploy(server, old_art, dev_id)
+    assert device.agent("check-update").stdout.strip() == "rebooting"
+    device.boot()
+    device.agent("health")
+    device.agent("check-update")
+    with open(device.slot_path(3), "r+b") as f:  # the running image changed in place
+        f.seek(4096 * 3)
+        f.write(b"edited on the device" * 200)
+    assert server.upload_artifact(delta).status == 201
+    dep = deploy(server, new_art, dev_id)
+    assert device.agent("check-update").stdout.strip() == "failure"
+    assert "source" in device_log(server, dep, dev_id)
+    device.agent("check-update")  # inventory goes out again at once
+    assert "rootfs-delta" not in inventory(server, dev_id)["update_modules"]
+    resp = server.send_json("POST", f"{MGMT}/v1/deployments/deployments",
+                            {"name": "retry", "artifact_name": new_art.stem, "devices": [dev_id]})
+    assert resp.status == 201, resp
+    retry = resp.headers["location"].rstrip("/").rsplit("/", 1)[-1]
+    assert device.agent("check-update").stdout.strip() == "rebooting"
+    log = (device.data / "logs" / f"{retry}.jsonl").read_text()
+    assert f"downloading {new_art.stat().st_size} bytes" in log, "the retry must get the full artifact"
