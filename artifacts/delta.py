@@ -42,7 +42,6 @@ import contextlib
 import hashlib
 import lzma
 import os
-import stat
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -51,6 +50,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from ota_common.errors import ArtifactError, UserError
+
+from .zeroing import Zeroer
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -241,54 +242,6 @@ class _OpStream:
             raise DeltaError("delta op stream is corrupt: data after the END op")
 
 
-_BLKZEROOUT = 0x127F  # _IO(0x12, 127)
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_ZERO_RANGE = 0x10
-
-
-class _Zeroer:
-    """Zeroes a range of the target without writing zero pages when the kernel can: ``BLKZEROOUT`` on a
-    block device, ``fallocate(FALLOC_FL_ZERO_RANGE)`` on a file. Falls back to writes (returns False) once
-    either fails."""
-
-    def __init__(self, fd: int, enabled: bool) -> None:
-        self.fd = fd
-        self.mode: str | None = None
-        if not enabled:
-            return
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            return
-        if stat.S_ISBLK(st.st_mode):
-            self.mode = "blk"
-        elif stat.S_ISREG(st.st_mode):
-            self.mode = "file"
-
-    def __call__(self, offset: int, length: int) -> bool:
-        if self.mode is None or offset % 4096 or length % 4096:
-            return False
-        try:
-            if self.mode == "blk":
-                import fcntl
-
-                fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("=QQ", offset, length))
-            else:
-                import ctypes
-
-                libc = ctypes.CDLL(None, use_errno=True)
-                fallocate = libc.fallocate
-                fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-                if fallocate(self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-                    raise OSError(ctypes.get_errno(), "fallocate")
-                if os.fstat(self.fd).st_size < offset + length:  # KEEP_SIZE: extend a short file explicitly
-                    os.ftruncate(self.fd, offset + length)
-        except (OSError, AttributeError):
-            self.mode = None
-            return False
-        return True
-
-
 class _Target:
     """Sequential writer of the target (the calling thread): hashes what it writes, syncs periodically."""
 
@@ -301,7 +254,7 @@ class _Target:
         self.unsynced = 0
         self.progress = progress
         self.on_chunk = on_chunk
-        self.zeroer = _Zeroer(fd, fast_zero)
+        self.zeroer = Zeroer(fd, fast_zero)
         self.zeros = bytes(WRITE_CHUNK)
 
     def zero(self, n: int) -> None:

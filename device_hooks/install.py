@@ -13,9 +13,6 @@ Order of events, each a precondition of the next (nothing on the device changes 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import hashlib
 import itertools
 import logging
@@ -29,6 +26,7 @@ from typing import Any
 
 from artifacts import ArtifactReader, Verifier
 from artifacts.header import ArtifactHeader
+from artifacts.zeroing import Zeroer
 from ota_common.errors import ArtifactError, IncompatibleArtifact
 
 from .bootenv import BootEnv
@@ -42,7 +40,6 @@ WRITE_SYNC_EVERY = 32 * 1024 * 1024
 VERIFY_CHUNK = 1024 * 1024
 ZERO_BLOCK = 64 * 1024  # all-zero blocks of this size (aligned) become zero-range requests
 _ZEROS = bytes(ZERO_BLOCK)
-_FALLOC_FL_ZERO_RANGE = 0x10
 
 
 class SlotVerifyError(ArtifactError):
@@ -72,29 +69,12 @@ class InstallResult:
     zeroed: int = 0  # bytes zeroed by range requests instead of written
 
 
-class _Libc:
-    fallocate: Callable[..., int] | None = None
-
-    @classmethod
-    def load(cls) -> Callable[..., int] | None:
-        if cls.fallocate is None:
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                fn = libc.fallocate64
-                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-                fn.restype = ctypes.c_int
-                cls.fallocate = fn
-            except (OSError, AttributeError):
-                return None
-        return cls.fallocate
-
-
 class SlotWriter:
     """Writes a slot front to back. Aligned all-zero blocks are not copied through the page cache: they are
-    collected into ranges and zeroed with ``fallocate(FALLOC_FL_ZERO_RANGE)`` (on a block device the kernel
-    issues WRITE ZEROES or writes zero pages itself; the medium may not even be written). About 40 % of a
-    root filesystem image is free space, so this saves that much CPU on a slow board. Where the call is not
-    supported the zeros are written as usual."""
+    collected into ranges and zeroed by the kernel (:class:`artifacts.zeroing.Zeroer`: ``BLKZEROOUT`` on a
+    block device, which issues WRITE ZEROES or writes zero pages itself; the medium may not even be
+    written). About 40 % of a root filesystem image is free space, so this saves that much CPU on a slow
+    board. Where the call is not supported the zeros are written as usual."""
 
     def __init__(self, fd: int, *, on_write: Callable[[], None] | None = None) -> None:
         self.fd = fd
@@ -103,7 +83,7 @@ class SlotWriter:
         self.zeroed = 0
         self.since_sync = 0
         self.on_write = on_write
-        self._range_ok = True
+        self.zeroer = Zeroer(fd, True)
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if isinstance(chunk, memoryview):
@@ -150,15 +130,9 @@ class SlotWriter:
             return
         start, length = self.zero_from, self.pos - self.zero_from
         self.zero_from = None
-        fallocate = _Libc.load() if self._range_ok else None
-        if fallocate is not None and fallocate(self.fd, _FALLOC_FL_ZERO_RANGE, start, length) == 0:
+        if self.zeroer(start, length):
             self.zeroed += length
             return
-        if fallocate is not None:
-            err = ctypes.get_errno()
-            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
-                raise OSError(err, f"zeroing {length} bytes at {start}: {os.strerror(err)}")
-            self._range_ok = False  # this medium or file system cannot: write zeros from now on
         while length:
             done = os.pwrite(self.fd, memoryview(_ZEROS)[: min(length, ZERO_BLOCK)], start)
             start += done
