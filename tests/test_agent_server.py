@@ -327,12 +327,7 @@ def test_server_offers_the_delta_to_a_device_on_its_source(server: OtaServer, de
 
     old_art, new_art, delta, new_img = _delta_pair(tmp_path, keys["ec"][0])
     dev_id = onboard(server, device)
-    dep = deploy(server, old_art, dev_id)
-    assert device.agent("check-update").stdout.strip() == "rebooting"
-    device.boot()
-    device.agent("health")
-    device.agent("check-update")
-    assert stats(server, dep) == {"success": 1}
+    _finish(server, device, deploy(server, old_art, dev_id))  # the device runs the delta's source
     assert "rootfs-delta" in inventory(server, dev_id)["update_modules"]
     assert server.upload_artifact(delta).status == 201  # the delta and the full artifact, same name
     dep = deploy(server, new_art, dev_id)
@@ -351,11 +346,7 @@ def test_after_a_failed_delta_the_retry_gets_the_full_artifact(server: OtaServer
 
     old_art, new_art, delta, new_img = _delta_pair(tmp_path, keys["ec"][0])
     dev_id = onboard(server, device)
-    dep = deploy(server, old_art, dev_id)
-    assert device.agent("check-update").stdout.strip() == "rebooting"
-    device.boot()
-    device.agent("health")
-    device.agent("check-update")
+    _finish(server, device, deploy(server, old_art, dev_id))  # the device runs the delta's source
     with open(device.slot_path(3), "r+b") as f:  # the running image changed in place
         f.seek(4096 * 3)
         f.write(b"edited on the device" * 200)
