@@ -465,10 +465,11 @@ class Agent:
                     dl.close()
         return result, resumes
 
-    def deltas_work(self) -> bool:
-        """False once a delta failed on the running image (changed in place): from then on this image asks
-        for full artifacts, or every retry of the deployment would get the same delta."""
-        return bool(self.state.get("no_delta_for") != self.running_provides().get("rootfs-image.checksum"))
+    def deltas_work(self, running: dict[str, str]) -> bool:
+        """False once a delta failed on the running image (``running``: its provides; changed in place): from
+        then on this image asks for full artifacts, or every retry of the deployment would get the same
+        delta."""
+        return bool(self.state.get("no_delta_for") != running.get("rootfs-image.checksum"))
 
     def _install_failed(self, dep_id: str, e: BaseException) -> str:
         reason = str(e) or type(e).__name__
@@ -523,7 +524,7 @@ class Agent:
             "ota_slot": slot_name(self.slots.running),
             "agent_version": VERSION,
             # payload types this agent installs (the server offers a delta only to a device that lists it)
-            "update_modules": ["rootfs-image", DELTA] if self.deltas_work() else ["rootfs-image"],
+            "update_modules": ["rootfs-image", DELTA] if self.deltas_work(p) else ["rootfs-image"],
         }
         if "rootfs-image.checksum" in p:
             inv["rootfs-image.checksum"] = p["rootfs-image.checksum"]
