@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # Install everything this repository needs on Debian bookworm: apt packages and a virtualenv in .venv.
 # Idempotent and quick when nothing changed (apt runs only for missing packages; pip only when
-# pyproject.toml changed).
+# pyproject.toml changed). apt installs without recommends, so every package a command of ours needs is named
+# here, recommended-only ones included (ipxe-qemu): tests/test_install_contract.py checks this list against the
+# tool table of ota_common/tools.py, and the last step below names any package whose programs are still missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  python3 python3-venv python3-dev gcc
+  python3 python3-venv python3-dev gcc git
   mender-artifact          # interop tests and benchmark run the real tool
   xdelta3                  # bench/delta.py compares our deltas with it
   e2fsprogs dosfstools mtools fdisk bmap-tools xz-utils zstd
   mmdebstrap qemu-user-static binfmt-support arch-test   # arm64 rootfs under emulation
   qemu-system-arm u-boot-qemu u-boot-tools qemu-utils    # boot scripts and QEMU boots
+  ipxe-qemu                # QEMU NIC option ROMs: only recommended by qemu-system-arm (our NICs pass romfile=)
+  systemd                  # systemctl --root enables units in images; journalctl reads journals
   openssh-client                                         # the QEMU tests run commands in the guest
   libubootenv-tool                                       # fw_printenv/fw_setenv interop
   systemd-journal-remote                                 # writes real journal files for the forensics test
   libglib2.0-0 libssl3 liblzma5                          # the unpacked stock mender client (interop test)
-  postgresql                                             # the server's PostgreSQL test starts its own cluster
+  postgresql postgresql-client                           # the server's PostgreSQL test starts its own cluster
+  iproute2 time                                          # ip (agent tests), /usr/bin/time (bench/delta.py peaks)
   chromium                                               # the dashboard test renders pages headless
 )
 
@@ -71,3 +76,6 @@ PY
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# the install contract: every program and data file the code needs, by Debian package (fails naming them)
+.venv/bin/python -m ota_common.tools

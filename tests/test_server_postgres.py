@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ota_common.tools import find_program, install_hint
+
 from .server_helpers import Server, free_port
 from .test_server_config import test_ansible_import, test_device_and_group_variables_with_secrets  # noqa: F401
 from .test_server_deployments import (  # noqa: F401
@@ -30,10 +32,10 @@ from .test_server_devices import (  # noqa: F401
 
 
 def _pg_tool(name: str) -> str:
-    path = shutil.which(name) or next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
+    path = find_program(name)
     if path is None:
-        pytest.fail(f"{name} not found: install PostgreSQL (apt-get install postgresql)")
-    return path
+        pytest.fail(f"{name} not found: {install_hint(name)}")
+    return str(path)
 
 
 @pytest.fixture(scope="module")
