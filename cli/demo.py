@@ -9,8 +9,6 @@ rollback to v2 with the failure reported. Everything it starts is stopped at the
 from __future__ import annotations
 
 import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,10 +18,13 @@ import click
 import yaml
 from rich.console import Console
 
-from ota_common.errors import UserError
+from ota_common.errors import ToolError, UserError
+from ota_common.progress import elapsed
+from ota_common.tools import require_tools, run
 
 console = Console(stderr=True)
 REPO = Path(__file__).resolve().parent.parent
+HEARTBEAT = 30.0  # seconds of silence after which a wait says it is still waiting
 SERIES: tuple[tuple[str, dict[str, str]], ...] = (("1.0.0", {}), ("2.0.0", {}), ("2.1.0", {"DVR_IP": ""}))  # v3: empty DVR_IP, the app answers 503
 
 
@@ -52,6 +53,11 @@ def demo_config(workdir: Path, base: Path, server_url: str, variables: dict[str,
     return path
 
 
+def _last_console_line(vm: Any) -> str:
+    lines = [line.strip() for line in vm.console().splitlines() if line.strip()]
+    return f"console: {lines[-1][-100:]}" if lines else "console still empty"
+
+
 class Demo:
     def __init__(self, out: Path, cache_dir: Path | None) -> None:
         self.out = out.resolve()
@@ -60,6 +66,20 @@ class Demo:
 
     def say(self, msg: str) -> None:
         console.log(f"[{time.monotonic() - self.started:6.0f} s] {msg}")
+
+    def preflight(self) -> None:
+        """Everything the demo needs, checked in about a second before the first build (minutes) starts:
+        the build tools and arm64 emulation, mender-artifact, and QEMU started with the device's exact options.
+        Raises :class:`ToolError` naming the Debian package to install."""
+        from image.release import preflight as build_preflight
+        from image.vm import preflight as qemu_preflight
+
+        started = time.monotonic()
+        build_preflight()
+        require_tools(["mender-artifact"], "checking artifacts with the stock tool")
+        qemu_preflight(self.out / "vm")
+        self.say(f"preflight: build tools, arm64 emulation, mender-artifact and QEMU ready "
+                 f"({time.monotonic() - started:.1f} s)")
 
     def build(self, key: Path, server_url: str) -> dict[str, Path]:
         from artifacts import load_signer
@@ -72,25 +92,32 @@ class Demo:
             self.say(f"building release {version}{' (broken: the app will fail its health check)' if variables else ''}")
             result = build_release(config=config, version=version, boards=["qemu-virt"], signer=signer,
                                    out=self.out / "releases", cache_dir=self.cache_dir, server_url=server_url,
-                                   progress=lambda m: None, stages=frozenset({"rootfs", "images", "artifacts"}))
+                                   progress=lambda m, v=version: self.say(f"  {v}: {m}"),
+                                   stages=frozenset({"rootfs", "images", "artifacts"}))
             releases[version] = result.out_dir
             art = result.out_dir / f"vv-video-ai-{version}-qemu-virt.mender"
-            if shutil.which("mender-artifact"):  # the stock tool agrees with our writer
-                proc = subprocess.run(["mender-artifact", "validate", "-k", str(key.with_name("public.pem")), str(art)],
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise UserError(f"mender-artifact refuses {art}: {proc.stderr.strip() or proc.stdout.strip()}")
-                self.say(f"{art.name}: {art.stat().st_size / 1e6:.0f} MB, signature checked by mender-artifact")
+            # the stock tool agrees with our writer
+            proc = run(["mender-artifact", "validate", "-k", key.with_name("public.pem"), art],
+                       stage="checking the artifact with the stock tool", check=False, timeout=600)
+            if proc.returncode != 0:
+                said = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+                raise ToolError(f"mender-artifact refuses {art}: {said}")
+            self.say(f"{art.name}: {art.stat().st_size / 1e6:.0f} MB, signature checked by mender-artifact")
         return releases
 
     def wait(self, what: str, check: Any, timeout: float, vm: Any) -> Any:
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        beat = started
         while time.monotonic() < deadline:
             value = check()
             if value:
                 return value
             if not vm.running:
                 raise UserError(f"the device stopped while waiting for {what}\n{vm.tail()}")
+            if time.monotonic() - beat >= HEARTBEAT:
+                beat = time.monotonic()
+                self.say(f"still waiting for {what} ({elapsed(beat - started)}; {_last_console_line(vm)})")
             time.sleep(2)
         raise UserError(f"timed out after {timeout:.0f} s waiting for {what}\n{vm.tail()}")
 
@@ -98,17 +125,22 @@ class Demo:
         """Print each new deployment status and console milestone until a final one."""
         seen: dict[str, int] = {}
         mark = vm.mark()
+        beat = started = time.monotonic()
         milestones = ("ota-boot: slot=", "rolling back", "committed", "trial of slot", "boot state armed")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stats: dict[str, int] = server.statistics(dep)
             if stats != seen:
                 self.say("deployment: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-                seen = stats
+                seen, beat = stats, time.monotonic()
             text = vm.console()
             for line in text[mark:].splitlines():
                 if any(m in line for m in milestones):
                     self.say("device: " + line.split("] ", 1)[-1].strip())
+                    beat = time.monotonic()
+            if time.monotonic() - beat >= HEARTBEAT:
+                beat = time.monotonic()
+                self.say(f"deployment still {', '.join(sorted(stats)) or 'pending'} ({elapsed(beat - started)})")
             mark = len(text)
             if set(stats) & until:
                 return stats
@@ -122,6 +154,7 @@ class Demo:
         from image.vm import Vm
         from ota_server.process import OtaServer, free_port
 
+        self.preflight()
         keys = self.out / "keys"
         if not (keys / "private.pem").exists():
             generate_keypair(KeyType.ECDSA_P256, keys)

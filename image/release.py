@@ -25,6 +25,7 @@ from artifacts.compression import ParallelGzipEncoder
 from artifacts.format import Compression
 from artifacts.keys import Signer, Verifier, load_verifier
 from ota_common.errors import UserError
+from ota_common.progress import Steps
 from ota_common.tools import require_tools
 
 from . import rootfs as rootfs_mod
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "release.yaml"
 TOOLS = ["mmdebstrap", "mkfs.ext4", "debugfs", "mkfs.vfat", "mcopy", "mmd", "sfdisk", "bmaptool", "mkimage", "dpkg-deb"]
+
+
+def preflight() -> None:
+    """What a build needs, checked in a fraction of a second before any work: the programs (with the packages
+    that provide them) and arm64 emulation. Raises :class:`ToolError`."""
+    require_tools(TOOLS, "building a release")
+    rootfs_mod.check_arm64_emulation()
 
 
 def default_cache_dir() -> Path:
@@ -132,7 +140,7 @@ def build_release(
         # fail before the build, not after it, when a delta could not be made from the previous artifacts
         check_previous_artifacts(previous, previous_manifest, board_models,
                                  _release_verifiers(release, config.parent, signer))
-    require_tools(TOOLS, "building a release")
+    preflight()
     cache = cache_dir or default_cache_dir()
     epoch = source_date_epoch()
     os.environ["SOURCE_DATE_EPOCH"] = str(epoch)
@@ -140,42 +148,30 @@ def build_release(
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ReleaseResult(release.version, out_dir)
 
-    def step(name: str) -> Callable[[], None]:
-        start = time.monotonic()
-        progress(f"{name} …")
+    steps = Steps(progress)
+    with steps.step("base rootfs (mmdebstrap, cached)") as note:
+        spec = rootfs_mod.base_spec(release.suite, release.mirror, merged)
+        base = rootfs_mod.bootstrap(spec, cache, progress=note)
 
-        def done() -> None:
-            result.timings[name] = time.monotonic() - start
-            progress(f"{name}: {result.timings[name]:.1f} s")
+    with steps.step("layers"):
+        layout = plan_layout(slot_mib=release.slot_size_mib, boot_mib=release.boot_size_mib,
+                             data_mib=release.data_size_mib, seed=release.name)
+        work = cache / "work" / release.name
+        root = work / "root"
+        unpacked = time.time() - 2  # file times have a coarse clock: anything from here on is this build's
+        rootfs_mod.extract(base, root)
+        variables = {**merged.variables, **release.variables}
+        rootfs_mod.apply_layers(root, merged, template_context(release, layout, variables))
+        _install_trusted_keys(root, release, config.parent, signer)
+        kernel = rootfs_mod.place_kernel(root)
+        packages = rootfs_mod.package_list(root)
+        rootfs_mod.normalise(root, epoch, touched_since=unpacked)
 
-        return done
-
-    done = step("base rootfs (mmdebstrap, cached)")
-    spec = rootfs_mod.base_spec(release.suite, release.mirror, merged)
-    base = rootfs_mod.bootstrap(spec, cache)
-    done()
-
-    done = step("layers")
-    layout = plan_layout(slot_mib=release.slot_size_mib, boot_mib=release.boot_size_mib,
-                         data_mib=release.data_size_mib, seed=release.name)
-    work = cache / "work" / release.name
-    root = work / "root"
-    unpacked = time.time() - 2  # file times have a coarse clock: anything from here on is this build's
-    rootfs_mod.extract(base, root)
-    variables = {**merged.variables, **release.variables}
-    rootfs_mod.apply_layers(root, merged, template_context(release, layout, variables))
-    _install_trusted_keys(root, release, config.parent, signer)
-    kernel = rootfs_mod.place_kernel(root)
-    packages = rootfs_mod.package_list(root)
-    rootfs_mod.normalise(root, epoch, touched_since=unpacked)
-    done()
-
-    done = step("rootfs.ext4")
-    rootfs_img = out_dir / "rootfs.ext4"
-    make_ext4(rootfs_img, root, size_mib=release.slot_size_mib, label="rootfs", seed=f"{release.name}:rootfs",
-              clamp_mtime=False)
-    result.outputs["rootfs.ext4"] = rootfs_img
-    done()
+    with steps.step("rootfs.ext4"):
+        rootfs_img = out_dir / "rootfs.ext4"
+        make_ext4(rootfs_img, root, size_mib=release.slot_size_mib, label="rootfs", seed=f"{release.name}:rootfs",
+                  clamp_mtime=False)
+        result.outputs["rootfs.ext4"] = rootfs_img
 
     artifact_name = f"{release.name}-{release.version}"
     # what the agent knows about the factory slot A (an installed slot gets the same record from its artifact)
@@ -186,33 +182,31 @@ def build_release(
     for board_name, board in board_models.items():
         if "images" not in stages:
             break
-        done = step(f"{board_name}: disk image")
-        files = firmware_files(board, work / board_name, cache, root=root, mirror=release.mirror, suite=release.suite)
-        image = build_disk(board_name=board_name, board=board, layout=layout, rootfs_image=rootfs_img,
-                           boot_files=files, out_dir=out_dir / board_name, seed=release.name,
-                           data_files=data_files)
-        gz = image.disk.with_name("disk.img.gz")
-        _gzip(image.disk, gz)
-        result.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
-                               f"{board_name}/disk.img.gz": gz})
-        done()
+        with steps.step(f"{board_name}: disk image"):
+            files = firmware_files(board, work / board_name, cache, root=root, mirror=release.mirror,
+                                   suite=release.suite)
+            image = build_disk(board_name=board_name, board=board, layout=layout, rootfs_image=rootfs_img,
+                               boot_files=files, out_dir=out_dir / board_name, seed=release.name,
+                               data_files=data_files)
+            gz = image.disk.with_name("disk.img.gz")
+            _gzip(image.disk, gz)
+            result.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
+                                   f"{board_name}/disk.img.gz": gz})
         if "artifacts" not in stages:
             continue
-        done = step(f"{board_name}: artifact")
-        art = out_dir / f"{artifact_name}-{board_name}.mender"
-        write_artifact(rootfs_image_spec(file=rootfs_img, name=artifact_name, device_types=[board.device_type],
-                                         software_version=release.version),
-                       art, compression=Compression(release.compression), signer=signer)
-        result.outputs[art.name] = art
-        done()
+        with steps.step(f"{board_name}: artifact"):
+            art = out_dir / f"{artifact_name}-{board_name}.mender"
+            write_artifact(rootfs_image_spec(file=rootfs_img, name=artifact_name, device_types=[board.device_type],
+                                             software_version=release.version),
+                           art, compression=Compression(release.compression), signer=signer)
+            result.outputs[art.name] = art
 
     deltas: dict[str, dict[str, Any]] = {}
     if previous is not None and previous_manifest is not None:
         full = {b: result.outputs[f"{artifact_name}-{b}.mender"] for b in board_models
                 if f"{artifact_name}-{b}.mender" in result.outputs}
         deltas = write_release_deltas(previous, previous_manifest, full, out_dir, work / "delta", signer=signer,
-                                      verifiers=_release_verifiers(release, config.parent, signer), step=step,
-                                      progress=progress)
+                                      verifiers=_release_verifiers(release, config.parent, signer), steps=steps)
         result.outputs.update({entry["file"]: out_dir / entry["file"] for entry in deltas.values()})
     manifest = {
         "name": release.name,
@@ -240,8 +234,9 @@ def build_release(
             "mke2fs": _tool_version(["mke2fs", "-V"]),
             "mkimage": _tool_version(["mkimage", "-V"]),
         },
-        "timings": {k: round(v, 1) for k, v in result.timings.items()},
+        "timings": {k: round(v, 1) for k, v in steps.timings.items()},
     }
+    result.timings.update(steps.timings)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     result.outputs["manifest.json"] = out_dir / "manifest.json"
     return result
@@ -299,16 +294,18 @@ def write_release_deltas(
     *,
     signer: Signer | None,
     verifiers: Sequence[Verifier] = (),
-    step: Callable[[str], Callable[[], None]] = lambda name: lambda: None,
+    steps: Steps | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, dict[str, Any]]:
     """For each board's new full artifact (``full``: board → path), ``delta-from-<old>-<board>.mender`` in
     ``out_dir`` from the previous release's full artifact of the same board. The images are the same for every
     board, so the delta payload is made once (in ``work``) and reused. A board without a previous artifact,
-    or with the same image as before, gets none. Returns the manifest entries, by board."""
+    or with the same image as before, gets none. Steps are timed in ``steps`` (else reported to ``progress``).
+    Returns the manifest entries, by board."""
     from artifacts.delta import make_delta_payload, write_delta_artifact
 
     old_version = str(previous_manifest.get("version"))
+    steps = steps or Steps(progress, heartbeat=None)
     out: dict[str, dict[str, Any]] = {}
     payloads: dict[tuple[str | None, str | None], tuple[Path, Any]] = {}
     work.mkdir(parents=True, exist_ok=True)
@@ -316,30 +313,28 @@ def write_release_deltas(
         for board, art in full.items():
             old_art = previous / f"{previous_manifest.get('artifact_name')}-{board}.mender"
             if not old_art.is_file():
-                progress(f"{board}: no delta: the previous release has no artifact {old_art.name}")
+                steps.emit(f"{board}: no delta: the previous release has no artifact {old_art.name}")
                 continue
             old_sha = previous_manifest.get("outputs", {}).get("rootfs.ext4", {}).get("sha256")
-            done = step(f"{board}: delta from {old_version}")
-            key = (old_sha, None)
-            if key not in payloads:
-                payload = work / f"rootfs-{len(payloads)}.delta"
-                try:
-                    stats, _, _ = make_delta_payload(old_art, art, payload, verifiers=tuple(verifiers))
-                except UserError as e:
-                    if "the same image" not in str(e):
-                        raise
-                    progress(f"{board}: no delta: the image is the same as {old_version}'s")
-                    done()
-                    continue
-                payloads[key] = (payload, stats)
-            payload, stats = payloads[key]
-            target = out_dir / f"delta-from-{old_version}-{board}.mender"
-            res = write_delta_artifact(old_art, art, signer=signer, out=target, verifiers=tuple(verifiers),
-                                       payload=payload)
-            out[board] = {"file": target.name, "from": old_art.name, "size": res.artifact.size,
-                          "literal_bytes": stats.literal_bytes, "copied_bytes": stats.copied_bytes,
-                          "zero_bytes": stats.zero_bytes}
-            done()
+            with steps.step(f"{board}: delta from {old_version}") as note:
+                key = (old_sha, None)
+                if key not in payloads:
+                    payload = work / f"rootfs-{len(payloads)}.delta"
+                    try:
+                        stats, _, _ = make_delta_payload(old_art, art, payload, verifiers=tuple(verifiers))
+                    except UserError as e:
+                        if "the same image" not in str(e):
+                            raise
+                        note(f"no delta: the image is the same as {old_version}'s")
+                        continue
+                    payloads[key] = (payload, stats)
+                payload, stats = payloads[key]
+                target = out_dir / f"delta-from-{old_version}-{board}.mender"
+                res = write_delta_artifact(old_art, art, signer=signer, out=target, verifiers=tuple(verifiers),
+                                           payload=payload)
+                out[board] = {"file": target.name, "from": old_art.name, "size": res.artifact.size,
+                              "literal_bytes": stats.literal_bytes, "copied_bytes": stats.copied_bytes,
+                              "zero_bytes": stats.zero_bytes}
     finally:
         for payload, _ in payloads.values():
             payload.unlink(missing_ok=True)

@@ -16,14 +16,14 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from ota_common.errors import UserError
+from ota_common.errors import ToolError, UserError
 from ota_common.tools import require_tools, run
 
 from .layers import MergedLayers
@@ -65,18 +65,33 @@ class BaseSpec:
         return hashlib.sha256(doc.encode()).hexdigest()[:20]
 
 
+def check_arm64_emulation() -> None:
+    """arm64 programs must run here (qemu-user through binfmt_misc): the bootstrap and the layers' commands run
+    them. Raises :class:`ToolError` with what to install or enable."""
+    require_tools(["arch-test"], "checking that arm64 programs run here")
+    proc = run(["arch-test", ARCH], stage="arm64 emulation check", check=False, timeout=60)
+    if proc.returncode != 0:
+        said = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+        raise ToolError(f"arm64 programs cannot run on this machine ({said}): apt-get install qemu-user-static "
+                        "binfmt-support, then update-binfmts --enable qemu-aarch64 (scripts/install.sh does both)")
+
+
 def base_spec(suite: str, mirror: str, merged: MergedLayers) -> BaseSpec:
     files = tuple(sorted((f.dest, f.source.read_bytes(), f.mode) for f in merged.files
                          if f.dest.startswith(INITRAMFS_CONFIG) and not f.template))
     return BaseSpec(suite, mirror, merged.packages, files)
 
 
-def bootstrap(spec: BaseSpec, cache_dir: Path) -> Path:
-    """The cached base tarball for ``spec``, bootstrapping it when missing (several minutes)."""
+def bootstrap(spec: BaseSpec, cache_dir: Path, progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """The cached base tarball for ``spec``, bootstrapping it when missing (several minutes; mmdebstrap's
+    stage lines, such as "installing remaining packages inside the chroot", go to ``progress``)."""
     target = cache_dir / "base" / f"{spec.suite}-{ARCH}-{spec.key}.tar"
     if target.exists():
         log.info("base rootfs from cache: %s", target)
+        progress(f"cached: {target.name}")
         return target
+    progress(f"not cached: bootstrapping {spec.suite} {ARCH} with {len(spec.packages)} packages "
+             "(about 6 minutes on 2 cores; later builds reuse it)")
     require_tools(["mmdebstrap"], "bootstrapping the base rootfs")
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = target.with_suffix(".initramfs")
@@ -106,9 +121,20 @@ def bootstrap(spec: BaseSpec, cache_dir: Path) -> Path:
     ]
     if spec.mirror:
         args.append(spec.mirror)
-    run(args, stage="bootstrap (mmdebstrap)", timeout=3600, env={"SOURCE_DATE_EPOCH": str(BASE_EPOCH)})
+    run(args, stage="bootstrap (mmdebstrap)", timeout=3600, env={"SOURCE_DATE_EPOCH": str(BASE_EPOCH)},
+        on_stderr_line=lambda line: _mmdebstrap_stage(line, progress))
     tmp.rename(target)
     return target
+
+
+def _mmdebstrap_stage(line: str, progress: Callable[[str], None]) -> None:
+    """mmdebstrap's info lines (``I: downloading packages with apt...``) as progress; hooks by their kind only."""
+    if not line.startswith("I: "):
+        return
+    text = line[3:].strip()
+    if text.startswith("running --"):
+        text = text.split(":", 1)[0].split(" directly")[0].split(" in shell")[0]
+    progress("mmdebstrap: " + text[:120])
 
 
 def extract(base: Path, root: Path) -> None:

@@ -9,6 +9,7 @@ written) unless ``writable`` is set. The serial console goes to a log file; call
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -17,9 +18,54 @@ from pathlib import Path
 from typing import IO
 
 from ota_common.errors import ToolError
-from ota_common.tools import require_tools
+from ota_common.tools import install_hint, require_files, require_tools
 
 UBOOT = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
+TOOLS = ("qemu-system-aarch64", "qemu-img")
+
+
+def virt_argv(disk: Path, *, smp: int = 2, ssh_port: int | None = None) -> list[str]:
+    """The QEMU line of a ``qemu-virt`` device booting ``disk`` (qcow2 by its suffix, else raw): the device
+    contract's machine, U-Boot, watchdog and a user-mode NIC. The NIC has no option ROM (``romfile=``): U-Boot
+    never boots from the network, and the run does not depend on ``ipxe-qemu``'s ``efi-virtio.rom``."""
+    fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
+    return ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", str(smp), "-m", "1024",
+            "-nographic", "-bios", str(UBOOT), "-drive", f"if=virtio,format={fmt},file={disk}",
+            "-device", "i6300esb", "-watchdog-action", "reset",
+            "-netdev", "user,id=n0" + (f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22" if ssh_port else ""),
+            "-device", "virtio-net-pci,netdev=n0,romfile="]
+
+
+def preflight(workdir: Path) -> None:
+    """Check in well under a second that a device can be started here: the programs, U-Boot, and QEMU itself
+    with the exact machine and device options of :func:`virt_argv` (started paused, then told to quit), so a
+    missing ROM, firmware or device shows up before any build instead of minutes later.
+
+    Raises :class:`ToolError` naming the Debian package to install."""
+    require_tools(TOOLS, "booting images in QEMU")
+    require_files([UBOOT], "booting images in QEMU")
+    workdir.mkdir(parents=True, exist_ok=True)
+    disk = workdir / "preflight.img"
+    disk.write_bytes(bytes(1 << 20))
+    try:
+        argv = [*virt_argv(disk, ssh_port=None), "-S", "-serial", "null", "-monitor", "stdio"]
+        try:
+            proc = subprocess.run(argv, input=b"quit\n", capture_output=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            raise ToolError("qemu-system-aarch64 did not start and quit within 30 s (preflight)") from None
+    finally:
+        disk.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()
+        raise ToolError(f"qemu-system-aarch64 cannot start a qemu-virt device here: {err}{_missing_file_hint(err)}")
+
+
+def _missing_file_hint(err: str) -> str:
+    """'failed to find romfile "x"' / 'Could not open 'x'': the package that provides the file."""
+    m = re.search(r'failed to find romfile "([^"]+)"|Could not open \'([^\']+)\'', err)
+    if not m:
+        return ""
+    return f"; {install_hint(m.group(1) or m.group(2))}"
 
 
 class VmError(ToolError):
@@ -29,9 +75,8 @@ class VmError(ToolError):
 class Vm:
     def __init__(self, disk: Path, workdir: Path, *, name: str = "vm", writable: bool = False, smp: int = 2,
                  grow_bytes: int = 0, ssh_key: Path | None = None, ssh_port: int | None = None) -> None:
-        require_tools(["qemu-system-aarch64", "qemu-img"], "booting images in QEMU")
-        if not UBOOT.exists():
-            raise ToolError(f"{UBOOT} is missing: apt-get install u-boot-qemu")
+        require_tools(TOOLS, "booting images in QEMU")
+        require_files([UBOOT], "booting images in QEMU")
         workdir.mkdir(parents=True, exist_ok=True)
         self.console_log = workdir / f"{name}-console.log"
         if writable:
@@ -42,12 +87,7 @@ class Vm:
             size = [str(disk.stat().st_size + grow_bytes)] if grow_bytes else []  # a bigger card than the image
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(disk), "-F", "raw",
                             str(self.disk), *size], check=True)
-        fmt = "qcow2" if self.disk.suffix == ".qcow2" else "raw"
-        self.cmd = ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", str(smp), "-m", "1024",
-                    "-nographic", "-bios", str(UBOOT), "-drive", f"if=virtio,format={fmt},file={self.disk}",
-                    "-device", "i6300esb", "-watchdog-action", "reset",
-                    "-netdev", "user,id=n0" + (f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22" if ssh_port else ""),
-                    "-device", "virtio-net-pci,netdev=n0"]
+        self.cmd = virt_argv(self.disk, smp=smp, ssh_port=ssh_port)
         self.ssh_key, self.ssh_port = ssh_key, ssh_port
         self.proc: subprocess.Popen[bytes] | None = None
         self._out: IO[bytes] | None = None

@@ -30,7 +30,9 @@ import pytest
 from artifacts import KeyType, generate_keypair, load_signer
 from cli.demo import demo_config
 from image.release import DEFAULT_CONFIG, build_release
+from image.release import preflight as build_preflight
 from image.vm import Vm
+from image.vm import preflight as qemu_preflight
 from ota_server.process import OtaServer, free_port
 
 NAME = "vv-video-ai"
@@ -91,6 +93,9 @@ SERIES: dict[str, tuple[dict[str, str], tuple[str, ...], str | None]] = {
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     base = tmp_path_factory.mktemp("e2e")
+    # a missing package fails here in a second, naming it, not after minutes of builds
+    build_preflight()
+    qemu_preflight(base / "preflight")
     private, public = generate_keypair(KeyType.ECDSA_P256, base / "keys")
     ssh_key = base / "keys" / "ssh"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qemu-tests", "-f", str(ssh_key)], check=True)
