@@ -9,6 +9,7 @@ rollback to v2 with the failure reported. Everything it starts is stopped at the
 from __future__ import annotations
 
 import secrets
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -204,4 +205,10 @@ class Demo:
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Build cache (default: XDG cache).")
 def demo(out: Path, cache_dir: Path | None) -> None:
     """Build v1/v2/broken v3, start the server, boot a QEMU device, update it, and show a rollback."""
+    # a SIGTERM (a CI timeout, kill) stops the server and the device like Ctrl-C does, instead of orphaning them
+    signal.signal(signal.SIGTERM, _interrupt)
     Demo(out, cache_dir).run()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
