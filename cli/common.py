@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -37,3 +38,8 @@ class ErrorHandlingGroup(click.Group):
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def progress_line(msg: str) -> None:
+    """One line of progress on stderr, ``HH:MM:SS msg``, never wrapped or decorated (a CI log reads the same)."""
+    click.echo(f"{time.strftime('%H:%M:%S')} {msg}", err=True)

@@ -17,13 +17,12 @@ from typing import Any
 
 import click
 import yaml
-from rich.console import Console
 
+from cli.common import progress_line
 from ota_common.errors import ToolError, UserError
 from ota_common.progress import elapsed
 from ota_common.tools import require_tools, run
 
-console = Console(stderr=True)
 REPO = Path(__file__).resolve().parent.parent
 HEARTBEAT = 30.0  # seconds of silence after which a wait says it is still waiting
 SERIES: tuple[tuple[str, dict[str, str]], ...] = (("1.0.0", {}), ("2.0.0", {}), ("2.1.0", {"DVR_IP": ""}))  # v3: empty DVR_IP, the app answers 503
@@ -66,7 +65,7 @@ class Demo:
         self.started = time.monotonic()
 
     def say(self, msg: str) -> None:
-        console.log(f"[{time.monotonic() - self.started:6.0f} s] {msg}")
+        progress_line(f"[{time.monotonic() - self.started:5.0f} s] {msg}")
 
     def preflight(self) -> None:
         """Everything the demo needs, checked in about a second before the first build (minutes) starts:

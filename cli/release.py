@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from artifacts.keys import load_signer
+from cli.common import progress_line
 
 console = Console(stderr=True)
 
@@ -62,7 +63,7 @@ def release(config: Path | None, version: str | None, boards: Sequence[str], key
     outputs = _run("release", config, version, boards, key, out, cache_dir, server_url, previous)
     if publish_url is not None:
         publish(publish_url, sorted(p for p in outputs if p.suffix == ".mender"), token,
-                progress=lambda m: console.log(m))
+                progress=progress_line)
 
 
 @click.command()
@@ -87,7 +88,7 @@ def _run(kind: str, config: Path | None, version: str | None, boards: Sequence[s
 
     signer = load_signer(key) if key else None
     result = build_release(config=config or DEFAULT_CONFIG, version=version, boards=boards, signer=signer, out=out,
-                           cache_dir=cache_dir, server_url=server_url, progress=lambda m: console.log(m),
+                           cache_dir=cache_dir, server_url=server_url, progress=progress_line,
                            stages=_STAGES[kind], previous=previous)
     table = Table(title=f"release {result.version} → {result.out_dir}")
     table.add_column("output")

@@ -149,7 +149,7 @@ def build_release(
     result = ReleaseResult(release.version, out_dir)
 
     steps = Steps(progress)
-    with steps.step("base rootfs (mmdebstrap, cached)") as note:
+    with steps.step("base rootfs") as note:
         spec = rootfs_mod.base_spec(release.suite, release.mirror, merged)
         base = rootfs_mod.bootstrap(spec, cache, progress=note)
 

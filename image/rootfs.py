@@ -88,7 +88,7 @@ def bootstrap(spec: BaseSpec, cache_dir: Path, progress: Callable[[str], None] =
     target = cache_dir / "base" / f"{spec.suite}-{ARCH}-{spec.key}.tar"
     if target.exists():
         log.info("base rootfs from cache: %s", target)
-        progress(f"cached: {target.name}")
+        progress(f"from the build cache ({target.name})")
         return target
     progress(f"not cached: bootstrapping {spec.suite} {ARCH} with {len(spec.packages)} packages "
              "(about 6 minutes on 2 cores; later builds reuse it)")
