@@ -122,19 +122,27 @@ def bootstrap(spec: BaseSpec, cache_dir: Path, progress: Callable[[str], None] =
     if spec.mirror:
         args.append(spec.mirror)
     run(args, stage="bootstrap (mmdebstrap)", timeout=3600, env={"SOURCE_DATE_EPOCH": str(BASE_EPOCH)},
-        on_stderr_line=lambda line: _mmdebstrap_stage(line, progress))
+        on_stderr_line=_mmdebstrap_stages(progress))
     tmp.rename(target)
     return target
 
 
-def _mmdebstrap_stage(line: str, progress: Callable[[str], None]) -> None:
-    """mmdebstrap's info lines (``I: downloading packages with apt...``) as progress; hooks by their kind only."""
-    if not line.startswith("I: "):
-        return
-    text = line[3:].strip()
-    if text.startswith("running --"):
-        text = text.split(":", 1)[0].split(" directly")[0].split(" in shell")[0]
-    progress("mmdebstrap: " + text[:120])
+def _mmdebstrap_stages(progress: Callable[[str], None]) -> Callable[[str], None]:
+    """mmdebstrap's info lines (``I: downloading packages with apt...``) as progress; hooks by their kind only,
+    a stage said once however many lines repeat it."""
+    last = [""]
+
+    def on_line(line: str) -> None:
+        if not line.startswith("I: "):
+            return
+        text = line[3:].strip()
+        if text.startswith("running --"):
+            text = text.split(":", 1)[0].split(" directly")[0].split(" in shell")[0]
+        if text != last[0]:
+            last[0] = text
+            progress("mmdebstrap: " + text[:120])
+
+    return on_line
 
 
 def extract(base: Path, root: Path) -> None:
