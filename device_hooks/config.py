@@ -46,6 +46,10 @@ def _list(value: str) -> tuple[str, ...]:
 class ServerSection:
     url: str = ""
     tenant_token: str = ""
+    # CA bundle (PEM) the server's TLS certificate must chain to; empty: the system's trust store
+    ca_file: str = ""
+    # plain http:// to the server (lab use only; logged at every start)
+    insecure_http: bool = False
     poll_interval: float = 1800.0
     inventory_interval: float = 8 * 3600.0
     retry_interval: float = 30.0
@@ -57,6 +61,12 @@ class ServerSection:
 class DeviceSection:
     artifact_name: str = ""
     version: str = ""
+    # the signed security version of this image (``rootfs-image.security_version`` of its artifact)
+    security_version: int = 0
+    # names of the configuration variables the server may set (written to [paths] device_env)
+    config_variables: tuple[str, ...] = ()
+    # an image built without a release key (build.py release --unsigned): it refuses every update
+    unsigned: bool = False
     device_type_file: str = "/data/ota/device_type"
     identity_command: str = "/usr/lib/vv-ota/identity"
     inventory_dir: str = "/usr/lib/vv-ota/inventory.d"
@@ -65,6 +75,8 @@ class DeviceSection:
 @dataclass(frozen=True)
 class PathsSection:
     trusted_keys: str = "/etc/ota/keys"
+    # revoked release keys shipped in the image: lines "sha256:<hex of the DER SubjectPublicKeyInfo> [comment]"
+    revoked_keys: str = "/etc/ota/keys.revoked"
     state_dir: str = "/data/ota"
     fw_env_config: str = "/etc/fw_env.config"
     cmdline: str = "/proc/cmdline"
@@ -88,6 +100,8 @@ class HealthSection:
     hook_timeout: float = 60.0
     deadline: float = 300.0
     check_server: bool = True
+    # how long a trial whose local checks pass waits for the server before it rolls back
+    server_grace: float = 3600.0
     check_data_mount: bool = True
     retry_interval: float = 5.0
 
@@ -123,6 +137,10 @@ def _convert(section: str, key: str, raw: str, default: object) -> object:
             return _bool(raw)
         if isinstance(default, float):
             return _seconds(raw)
+        if isinstance(default, int):
+            if not re.fullmatch(r"\s*\d{1,9}\s*", raw):
+                raise ValueError(f"not a non-negative integer: {raw!r}")
+            return int(raw)
         if isinstance(default, tuple):
             return _list(raw)
         return raw.strip()
