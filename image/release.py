@@ -8,6 +8,7 @@ signed artifact ``<name>-<version>-<board>.mender`` → ``manifest.json``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -16,7 +17,8 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,20 @@ def preflight() -> None:
     that provide them) and arm64 emulation. Raises :class:`ToolError`."""
     require_tools(TOOLS, "building a release")
     rootfs_mod.check_arm64_emulation()
+
+
+@contextmanager
+def cache_lock(cache: Path, progress: Callable[[str], None] = lambda msg: None) -> Iterator[None]:
+    """One build at a time per build cache: two would share its work tree and its bootstrap's temporary tar.
+    A second build waits (and says so) until the first is done."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".build.lock", "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"waiting for another build that uses the build cache {cache}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def default_cache_dir() -> Path:
@@ -118,128 +134,129 @@ def build_release(
 ) -> ReleaseResult:
     """Build a release, or only its first ``stages`` (``rootfs``; ``rootfs`` + ``images``) for debugging.
     Raises :class:`UserError` for bad configuration, :class:`ToolError` for tools."""
-    from artifacts.writer import rootfs_image_spec, write_artifact
+    with cache_lock(cache_dir or default_cache_dir(), progress):
+        from artifacts.writer import rootfs_image_spec, write_artifact
 
-    t0 = time.monotonic()
-    release = load_release(config)
-    overrides: dict[str, Any] = {}
-    if version:
-        overrides["version"] = version
-    if boards:
-        overrides["boards"] = tuple(boards)
-    if server_url is not None:
-        overrides["server_url"] = server_url
-    if overrides:
-        release = ReleaseModel.model_validate({**release.model_dump(), **overrides})
-    board_models = {b: load_board(b) for b in release.boards}
-    layers_dir = config.parent / "layers"
-    layers = load_layers([layers_dir / f"{n}.yaml" for n in release.layers])
-    merged = merge_layers(layers)
-    previous_manifest = _previous_release(previous) if previous else None
-    if previous is not None and previous_manifest is not None and "artifacts" in stages:
-        # fail before the build, not after it, when a delta could not be made from the previous artifacts
-        check_previous_artifacts(previous, previous_manifest, board_models,
-                                 _release_verifiers(release, config.parent, signer))
-    preflight()
-    cache = cache_dir or default_cache_dir()
-    epoch = source_date_epoch()
-    os.environ["SOURCE_DATE_EPOCH"] = str(epoch)
-    out_dir = (out / release.version).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = ReleaseResult(release.version, out_dir)
+        t0 = time.monotonic()
+        release = load_release(config)
+        overrides: dict[str, Any] = {}
+        if version:
+            overrides["version"] = version
+        if boards:
+            overrides["boards"] = tuple(boards)
+        if server_url is not None:
+            overrides["server_url"] = server_url
+        if overrides:
+            release = ReleaseModel.model_validate({**release.model_dump(), **overrides})
+        board_models = {b: load_board(b) for b in release.boards}
+        layers_dir = config.parent / "layers"
+        layers = load_layers([layers_dir / f"{n}.yaml" for n in release.layers])
+        merged = merge_layers(layers)
+        previous_manifest = _previous_release(previous) if previous else None
+        if previous is not None and previous_manifest is not None and "artifacts" in stages:
+            # fail before the build, not after it, when a delta could not be made from the previous artifacts
+            check_previous_artifacts(previous, previous_manifest, board_models,
+                                     _release_verifiers(release, config.parent, signer))
+        preflight()
+        cache = cache_dir or default_cache_dir()
+        epoch = source_date_epoch()
+        os.environ["SOURCE_DATE_EPOCH"] = str(epoch)
+        out_dir = (out / release.version).absolute()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = ReleaseResult(release.version, out_dir)
 
-    steps = Steps(progress)
-    with steps.step("base rootfs") as note:
-        spec = rootfs_mod.base_spec(release.suite, release.mirror, merged)
-        base = rootfs_mod.bootstrap(spec, cache, progress=note)
+        steps = Steps(progress)
+        with steps.step("base rootfs") as note:
+            spec = rootfs_mod.base_spec(release.suite, release.mirror, merged)
+            base = rootfs_mod.bootstrap(spec, cache, progress=note)
 
-    with steps.step("layers"):
-        layout = plan_layout(slot_mib=release.slot_size_mib, boot_mib=release.boot_size_mib,
-                             data_mib=release.data_size_mib, seed=release.name)
-        work = cache / "work" / release.name
-        root = work / "root"
-        unpacked = time.time() - 2  # file times have a coarse clock: anything from here on is this build's
-        rootfs_mod.extract(base, root)
-        variables = {**merged.variables, **release.variables}
-        rootfs_mod.apply_layers(root, merged, template_context(release, layout, variables))
-        _install_trusted_keys(root, release, config.parent, signer)
-        kernel = rootfs_mod.place_kernel(root)
-        packages = rootfs_mod.package_list(root)
-        rootfs_mod.normalise(root, epoch, touched_since=unpacked)
+        with steps.step("layers"):
+            layout = plan_layout(slot_mib=release.slot_size_mib, boot_mib=release.boot_size_mib,
+                                 data_mib=release.data_size_mib, seed=release.name)
+            work = cache / "work" / release.name
+            root = work / "root"
+            unpacked = time.time() - 2  # file times have a coarse clock: anything from here on is this build's
+            rootfs_mod.extract(base, root)
+            variables = {**merged.variables, **release.variables}
+            rootfs_mod.apply_layers(root, merged, template_context(release, layout, variables))
+            _install_trusted_keys(root, release, config.parent, signer)
+            kernel = rootfs_mod.place_kernel(root)
+            packages = rootfs_mod.package_list(root)
+            rootfs_mod.normalise(root, epoch, touched_since=unpacked)
 
-    with steps.step("rootfs.ext4"):
-        rootfs_img = out_dir / "rootfs.ext4"
-        make_ext4(rootfs_img, root, size_mib=release.slot_size_mib, label="rootfs", seed=f"{release.name}:rootfs",
-                  clamp_mtime=False)
-        result.outputs["rootfs.ext4"] = rootfs_img
+        with steps.step("rootfs.ext4"):
+            rootfs_img = out_dir / "rootfs.ext4"
+            make_ext4(rootfs_img, root, size_mib=release.slot_size_mib, label="rootfs", seed=f"{release.name}:rootfs",
+                      clamp_mtime=False)
+            result.outputs["rootfs.ext4"] = rootfs_img
 
-    artifact_name = f"{release.name}-{release.version}"
-    # what the agent knows about the factory slot A (an installed slot gets the same record from its artifact)
-    slot_a = {"artifact_name": artifact_name,
-              "provides": {"artifact_name": artifact_name, "rootfs-image.version": release.version,
-                           "rootfs-image.checksum": sha256_file(rootfs_img)}}
-    data_files = {"ota/slots.json": (json.dumps({"2": slot_a}, indent=1, sort_keys=True) + "\n").encode()}
-    for board_name, board in board_models.items():
-        if "images" not in stages:
-            break
-        with steps.step(f"{board_name}: disk image"):
-            files = firmware_files(board, work / board_name, cache, root=root, mirror=release.mirror,
-                                   suite=release.suite)
-            image = build_disk(board_name=board_name, board=board, layout=layout, rootfs_image=rootfs_img,
-                               boot_files=files, out_dir=out_dir / board_name, seed=release.name,
-                               data_files=data_files)
-            gz = image.disk.with_name("disk.img.gz")
-            _gzip(image.disk, gz)
-            result.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
-                                   f"{board_name}/disk.img.gz": gz})
-        if "artifacts" not in stages:
-            continue
-        with steps.step(f"{board_name}: artifact"):
-            art = out_dir / f"{artifact_name}-{board_name}.mender"
-            write_artifact(rootfs_image_spec(file=rootfs_img, name=artifact_name, device_types=[board.device_type],
-                                             software_version=release.version),
-                           art, compression=Compression(release.compression), signer=signer)
-            result.outputs[art.name] = art
+        artifact_name = f"{release.name}-{release.version}"
+        # what the agent knows about the factory slot A (an installed slot gets the same record from its artifact)
+        slot_a = {"artifact_name": artifact_name,
+                  "provides": {"artifact_name": artifact_name, "rootfs-image.version": release.version,
+                               "rootfs-image.checksum": sha256_file(rootfs_img)}}
+        data_files = {"ota/slots.json": (json.dumps({"2": slot_a}, indent=1, sort_keys=True) + "\n").encode()}
+        for board_name, board in board_models.items():
+            if "images" not in stages:
+                break
+            with steps.step(f"{board_name}: disk image"):
+                files = firmware_files(board, work / board_name, cache, root=root, mirror=release.mirror,
+                                       suite=release.suite)
+                image = build_disk(board_name=board_name, board=board, layout=layout, rootfs_image=rootfs_img,
+                                   boot_files=files, out_dir=out_dir / board_name, seed=release.name,
+                                   data_files=data_files)
+                gz = image.disk.with_name("disk.img.gz")
+                _gzip(image.disk, gz)
+                result.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
+                                       f"{board_name}/disk.img.gz": gz})
+            if "artifacts" not in stages:
+                continue
+            with steps.step(f"{board_name}: artifact"):
+                art = out_dir / f"{artifact_name}-{board_name}.mender"
+                write_artifact(rootfs_image_spec(file=rootfs_img, name=artifact_name, device_types=[board.device_type],
+                                                 software_version=release.version),
+                               art, compression=Compression(release.compression), signer=signer)
+                result.outputs[art.name] = art
 
-    deltas: dict[str, dict[str, Any]] = {}
-    if previous is not None and previous_manifest is not None:
-        full = {b: result.outputs[f"{artifact_name}-{b}.mender"] for b in board_models
-                if f"{artifact_name}-{b}.mender" in result.outputs}
-        deltas = write_release_deltas(previous, previous_manifest, full, out_dir, work / "delta", signer=signer,
-                                      verifiers=_release_verifiers(release, config.parent, signer), steps=steps)
-        result.outputs.update({entry["file"]: out_dir / entry["file"] for entry in deltas.values()})
-    manifest = {
-        "name": release.name,
-        "version": release.version,
-        "artifact_name": artifact_name,
-        "boards": {b: {"device_type": m.device_type} for b, m in board_models.items()},
-        "source_date_epoch": epoch,
-        "built_at": int(time.time()),
-        "build_seconds": round(time.monotonic() - t0, 1),
-        "signed": signer is not None,
-        # the release this one updates from, and the delta artifacts from it (delta-from-<old>-<board>.mender)
-        "previous": None if previous_manifest is None else {
-            "version": previous_manifest.get("version"), "artifact_name": previous_manifest.get("artifact_name"),
-            "rootfs_sha256": previous_manifest.get("outputs", {}).get("rootfs.ext4", {}).get("sha256"),
-            "deltas": deltas},
-        "kernel": kernel,
-        "disk": {"disk_id": f"{layout.disk_id:08x}", "slot_mib": release.slot_size_mib},
-        "layers": {layer.name: layer_hash(layer) for layer in layers},
-        "base": {"key": spec.key, "suite": release.suite, "mirror": release.mirror or "(apt default)"},
-        "outputs": {name: {"sha256": sha256_file(p), "size": p.stat().st_size} for name, p in sorted(result.outputs.items())},
-        "packages": packages,
-        "tools": {
-            "python": platform.python_version(),
-            "mmdebstrap": _tool_version(["mmdebstrap", "--version"]),
-            "mke2fs": _tool_version(["mke2fs", "-V"]),
-            "mkimage": _tool_version(["mkimage", "-V"]),
-        },
-        "timings": {k: round(v, 1) for k, v in steps.timings.items()},
-    }
-    result.timings.update(steps.timings)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    result.outputs["manifest.json"] = out_dir / "manifest.json"
-    return result
+        deltas: dict[str, dict[str, Any]] = {}
+        if previous is not None and previous_manifest is not None:
+            full = {b: result.outputs[f"{artifact_name}-{b}.mender"] for b in board_models
+                    if f"{artifact_name}-{b}.mender" in result.outputs}
+            deltas = write_release_deltas(previous, previous_manifest, full, out_dir, work / "delta", signer=signer,
+                                          verifiers=_release_verifiers(release, config.parent, signer), steps=steps)
+            result.outputs.update({entry["file"]: out_dir / entry["file"] for entry in deltas.values()})
+        manifest = {
+            "name": release.name,
+            "version": release.version,
+            "artifact_name": artifact_name,
+            "boards": {b: {"device_type": m.device_type} for b, m in board_models.items()},
+            "source_date_epoch": epoch,
+            "built_at": int(time.time()),
+            "build_seconds": round(time.monotonic() - t0, 1),
+            "signed": signer is not None,
+            # the release this one updates from, and the delta artifacts from it (delta-from-<old>-<board>.mender)
+            "previous": None if previous_manifest is None else {
+                "version": previous_manifest.get("version"), "artifact_name": previous_manifest.get("artifact_name"),
+                "rootfs_sha256": previous_manifest.get("outputs", {}).get("rootfs.ext4", {}).get("sha256"),
+                "deltas": deltas},
+            "kernel": kernel,
+            "disk": {"disk_id": f"{layout.disk_id:08x}", "slot_mib": release.slot_size_mib},
+            "layers": {layer.name: layer_hash(layer) for layer in layers},
+            "base": {"key": spec.key, "suite": release.suite, "mirror": release.mirror or "(apt default)"},
+            "outputs": {name: {"sha256": sha256_file(p), "size": p.stat().st_size} for name, p in sorted(result.outputs.items())},
+            "packages": packages,
+            "tools": {
+                "python": platform.python_version(),
+                "mmdebstrap": _tool_version(["mmdebstrap", "--version"]),
+                "mke2fs": _tool_version(["mke2fs", "-V"]),
+                "mkimage": _tool_version(["mkimage", "-V"]),
+            },
+            "timings": {k: round(v, 1) for k, v in steps.timings.items()},
+        }
+        result.timings.update(steps.timings)
+        (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        result.outputs["manifest.json"] = out_dir / "manifest.json"
+        return result
 
 
 def _previous_release(path: Path) -> dict[str, Any]:

@@ -43,3 +43,26 @@ def test_boot_script_renders_and_compiles(tmp_path: Path, board: str) -> None:
     assert f"root=PARTUUID={layout.disk_id:08x}-0${{ota_part}}" in text and "panic=10" in text
     info = subprocess.run(["mkimage", "-l", str(scr)], capture_output=True, text=True, check=True).stdout
     assert "Script" in info
+
+
+def test_second_build_on_one_cache_waits_for_the_first(tmp_path: Path) -> None:
+    """Two builds on one cache would share its work tree (a fresh machine's setup run twice at once failed with
+    mkfs.ext4 reading a tree the other build was unpacking): the second one waits and says so."""
+    import threading
+
+    from image.release import cache_lock
+
+    said: list[str] = []
+    entered = threading.Event()
+
+    def second() -> None:
+        with cache_lock(tmp_path, said.append):
+            entered.set()
+
+    with cache_lock(tmp_path):
+        t = threading.Thread(target=second)
+        t.start()
+        assert not entered.wait(0.5)
+        assert said == [f"waiting for another build that uses the build cache {tmp_path}"]
+    t.join(10)
+    assert entered.is_set()
