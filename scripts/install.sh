@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  python3 python3-venv python3-dev gcc git
+  python3 python3-venv python3-dev gcc git ca-certificates   # pip reaches the package index over HTTPS
   mender-artifact          # interop tests and benchmark run the real tool
   xdelta3                  # bench/delta.py compares our deltas with it
   e2fsprogs dosfstools mtools fdisk bmap-tools xz-utils zstd
