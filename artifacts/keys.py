@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,12 +98,29 @@ class KeySigner:
         )
 
 
+def key_fingerprint(key: PublicKey | PrivateKey) -> str:
+    """``sha256:<hex>`` of the key's DER SubjectPublicKeyInfo (of the public half for a private key): how
+    ``keys.revoked`` on a device and the release manifest name a key."""
+    public = key.public_key() if isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)) else key
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
 @dataclass(frozen=True)
 class KeyVerifier:
     """A verifier backed by a public key."""
 
     key: PublicKey
     description: str
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`key_fingerprint` of the key."""
+        return key_fingerprint(self.key)
+
+    def public_key_pem(self) -> bytes:
+        """The key as a PEM SubjectPublicKeyInfo (what an image installs; never a copy of the file read)."""
+        return self.key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def verify(self, message: bytes, signature: bytes) -> None:
         try:
@@ -158,21 +176,33 @@ def load_signer(path: Path) -> KeySigner:
 
 
 def load_verifier(path: Path) -> KeyVerifier:
-    """A verifier from a PEM public key file (a private key is accepted too: its public half is used).
+    """A verifier from a PEM public key file. A private key is refused: whatever verifies (a device, the
+    server, a release engineer's check) must never hold one.
 
-    Raises :class:`KeyFormatError` for unreadable or unsupported keys."""
+    Raises :class:`KeyFormatError` for private, unreadable or unsupported keys."""
     data = _read(path)
-    key: object
+    if b"PRIVATE KEY" in data:
+        raise KeyFormatError(f"{path}: is a private key; a device or a verifier must only hold public keys")
     try:
-        if b"PRIVATE KEY" in data:
-            key = serialization.load_pem_private_key(data, password=None).public_key()
-        else:
-            key = serialization.load_pem_public_key(data)
+        key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyFormatError(f"{path}: not a PEM public key") from None
     _check_supported(key, str(path))
     assert isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey))
     return KeyVerifier(key, f"{_describe(key)} key {path}")
+
+
+def signer_verifier(signer: Signer, description: str | None = None) -> KeyVerifier:
+    """A verifier for what ``signer`` signs, from its public half only (e.g. to check inputs signed by the
+    same key). Raises :class:`KeyFormatError` when the signer's public key is not a supported one."""
+    desc = description or f"the public half of {signer.description}"
+    try:
+        key = serialization.load_pem_public_key(signer.public_key_pem())
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFormatError(f"{signer.description}: its public key cannot be read") from None
+    _check_supported(key, desc)
+    assert isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey))
+    return KeyVerifier(key, desc)
 
 
 def load_verifiers(paths: Sequence[Path]) -> list[KeyVerifier]:

@@ -128,10 +128,10 @@ def delta(old: Path, new: Path, key: Path, verify_keys: Sequence[Path], level: i
     """Delta artifact (payload type rootfs-delta) from OLD's image to NEW's: installable only on a device
     running exactly OLD's image (it depends on OLD's rootfs-image.checksum); named like NEW."""
     from artifacts.delta import write_delta_artifact
-    from artifacts.keys import load_verifier
+    from artifacts.keys import signer_verifier
 
     signer = load_signer(key)
-    verifiers = load_verifiers(verify_keys) if verify_keys else [load_verifier(key)]
+    verifiers = load_verifiers(verify_keys) if verify_keys else [signer_verifier(signer)]
     result = write_delta_artifact(old, new, signer=signer, out=output, level=level, verifiers=tuple(verifiers))
     full = new.stat().st_size
     st = result.stats
@@ -194,7 +194,7 @@ def info_to_dict(info: ArtifactInfo) -> dict[str, Any]:
 
 @artifact.command()
 @click.argument("source", type=_existing_file)
-@click.option("--key", "-k", "keys", type=_existing_file, multiple=True, help="Also verify the signature.")
+@click.option("--key", "-k", "keys", type=_existing_file, multiple=True, help="Also verify the signature with this public key (PEM); repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(source: Path, keys: Sequence[Path], as_json: bool) -> None:
     """Print what an artifact holds (structure and checksums are verified while reading)."""
