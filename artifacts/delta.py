@@ -885,6 +885,8 @@ class RootfsArtifactInfo:
     version: str | None
     checksum: str | None
     size: int
+    #: ``rootfs-image.security_version`` of the artifact, when it provides one
+    security_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -901,6 +903,7 @@ def _open_rootfs(path: Path, role: str, verifiers: Sequence[Verifier]) -> Iterat
     manifest as they stream) and a function that checks the rest of the archive once the image was read."""
     from . import format as fmt
     from .reader import ArtifactReader
+    from .writer import SECURITY_VERSION_KEY
 
     with ArtifactReader.open(path, verifiers=verifiers, require_signature=bool(verifiers)) as r:
         h = r.read_header()
@@ -913,7 +916,8 @@ def _open_rootfs(path: Path, role: str, verifiers: Sequence[Verifier]) -> Iterat
             raise UserError(f"--{role} {path}: the rootfs-image payload has no file")
         provides = h.type_infos[0].provides
         info = RootfsArtifactInfo(path, h.info.artifact_name, h.info.device_types,
-                                  provides.get(fmt.ROOTFS_VERSION_KEY), provides.get(fmt.ROOTFS_CHECKSUM_KEY), pf.size)
+                                  provides.get(fmt.ROOTFS_VERSION_KEY), provides.get(fmt.ROOTFS_CHECKSUM_KEY), pf.size,
+                                  provides.get(SECURITY_VERSION_KEY))
 
         def finish() -> None:
             rest = next(files, None)
@@ -962,11 +966,13 @@ def make_delta_payload(old: Path, new: Path, out: Path, *, level: int = DEFAULT_
 def delta_artifact_spec(payload: Path, stats: DeltaStats, target: RootfsArtifactInfo) -> ArtifactSpec:
     """The artifact spec of a delta: named and typed like the target, installable only on its source."""
     from . import format as fmt
-    from .writer import ArtifactSpec, PayloadSpec
+    from .writer import SECURITY_VERSION_KEY, ArtifactSpec, PayloadSpec
 
     provides = {fmt.ROOTFS_CHECKSUM_KEY: stats.target_sha256}
     if target.version is not None:
         provides[fmt.ROOTFS_VERSION_KEY] = target.version
+    if target.security_version is not None:  # the device checks it on a delta as on a full artifact
+        provides[SECURITY_VERSION_KEY] = target.security_version
     return ArtifactSpec(
         name=target.name,
         device_types=target.device_types,
@@ -997,8 +1003,9 @@ def write_delta_artifact(
     full rootfs-image artifacts, verified while they are read).
 
     The delta artifact has the target's name and device types; its payload (type ``rootfs-delta``) depends on
-    the source's ``rootfs-image.checksum`` and provides the target's ``rootfs-image.version`` and
-    ``rootfs-image.checksum``, so it is offered to, and installs on, only a device running exactly the source.
+    the source's ``rootfs-image.checksum`` and provides the target's ``rootfs-image.version``,
+    ``rootfs-image.security_version`` (when it has one) and ``rootfs-image.checksum``, so it is offered to, and
+    installs on, only a device running exactly the source.
     The payload is already compressed, so the artifact is not (compression ``none``). With ``payload``, an
     existing delta payload file for the same two images is reused (e.g. one per board of a release)."""
     import tempfile
@@ -1026,6 +1033,7 @@ def _reuse_payload(old: Path, new: Path, payload: Path,
     that it is the delta between their images (their payloads were verified when it was made)."""
     from . import format as fmt
     from .reader import ArtifactReader
+    from .writer import SECURITY_VERSION_KEY
 
     infos = []
     for path, role in ((old, "from"), (new, "to")):
@@ -1035,7 +1043,8 @@ def _reuse_payload(old: Path, new: Path, payload: Path,
             raise UserError(f"--{role} {path}: not a full rootfs-image artifact")
         provides = h.type_infos[0].provides
         infos.append(RootfsArtifactInfo(path, h.info.artifact_name, h.info.device_types,
-                                        provides.get(fmt.ROOTFS_VERSION_KEY), provides.get(fmt.ROOTFS_CHECKSUM_KEY), 0))
+                                        provides.get(fmt.ROOTFS_VERSION_KEY), provides.get(fmt.ROOTFS_CHECKSUM_KEY), 0,
+                                        provides.get(SECURITY_VERSION_KEY)))
     with open(payload, "rb") as f:
         header = parse_header(f.read(HEADER_SIZE))
     if (infos[0].checksum, infos[1].checksum) != (header.source_sha256, header.target_sha256):

@@ -67,6 +67,11 @@ def _parse_pairs(pairs: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
+#: the provide that carries a release's security version (signed with the header; DESIGN.md section 6): a device
+#: refuses an artifact whose security version is below its own
+SECURITY_VERSION_KEY = "rootfs-image.security_version"
+
+
 def rootfs_image_spec(
     *,
     file: Path,
@@ -77,13 +82,21 @@ def rootfs_image_spec(
     depends_artifacts: Sequence[str] = (),
     scripts: Sequence[Path] = (),
     software_version: str | None = None,
+    security_version: int | None = None,
 ) -> ArtifactSpec:
     """The spec ``mender-artifact write rootfs-image`` would build: provides ``rootfs-image.version`` and
-    ``rootfs-image.checksum``, with mender's default clears-provides."""
+    ``rootfs-image.checksum``, with mender's default clears-provides; with ``security_version``, also
+    ``rootfs-image.security_version`` (its decimal string). Raises :class:`UserError` for a negative security
+    version or a malformed ``KEY:VALUE`` pair."""
+    extra: dict[str, str] = {}
+    if security_version is not None:
+        if security_version < 0:
+            raise UserError(f"security version must be a non-negative integer, got {security_version}")
+        extra[SECURITY_VERSION_KEY] = str(security_version)
     payload = PayloadSpec(
         type=fmt.ROOTFS_IMAGE,
         files=(file,),
-        provides={fmt.ROOTFS_VERSION_KEY: software_version or name, **_parse_pairs(provides, "--provides")},
+        provides={fmt.ROOTFS_VERSION_KEY: software_version or name, **extra, **_parse_pairs(provides, "--provides")},
         depends=_parse_pairs(depends, "--depends"),
         clears_provides=fmt.ROOTFS_DEFAULT_CLEARS,
         provide_checksum=True,
