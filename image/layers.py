@@ -1,12 +1,13 @@
 """Declarative layers (``layers/*.yaml``): validated on load, merged by rules written down once.
 
 A layer may declare Debian packages, files and directory trees to copy (mode, owner), jinja2 templates,
-systemd units to enable or mask, users and groups, variables, and a short list of commands run inside the
-rootfs. Every file is validated against the schema below *before* anything is merged; all problems of a file
+systemd units to enable or mask, users and groups, variables, the configuration variables the update server may
+set on a device (``config_variables``: names only, checked by :func:`device_hooks.envvars.name_problem`), and a
+short list of commands run inside the rootfs. Every file is validated against the schema below *before* anything is merged; all problems of a file
 are reported at once, each with the file and the key path (``layers/app.yaml: files[2].mode: ...``).
 
 Merge rules (:func:`merge_layers`), in layer order:
-- packages, units, users, groups: union, first occurrence wins the position;
+- packages, units, users, groups, config_variables: union, first occurrence wins the position;
 - files, trees and templates: a later layer may replace an earlier entry with the same ``dest``;
 - variables: later layers override earlier ones (the release and the device group override layers);
 - commands: concatenated in layer order;
@@ -24,6 +25,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from device_hooks.envvars import name_problem
 from ota_common.errors import UserError
 
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?(=[A-Za-z0-9.+~:-]+)?$")
@@ -63,9 +65,18 @@ def _owner(v: str) -> str:
     return v
 
 
+def _config_variable(v: str) -> str:
+    problem = name_problem(v)
+    if problem:
+        raise ValueError(f"{v!r}: {problem}")
+    return v
+
+
 RootfsPath = Annotated[str, AfterValidator(_abs_dest)]
 Mode = Annotated[str, AfterValidator(_mode)]
 Owner = Annotated[str, AfterValidator(_owner)]
+#: a variable the update server may set in the device's environment file (device_hooks/envvars.py)
+ConfigVariable = Annotated[str, AfterValidator(_config_variable)]
 
 
 class FileEntry(Model):
@@ -128,6 +139,8 @@ class LayerModel(Model):
     users: tuple[User, ...] = ()
     groups: tuple[Group, ...] = ()
     variables: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict)
+    #: names the update server may set on a device (rendered into ota.conf; everything else it sends is refused)
+    config_variables: tuple[ConfigVariable, ...] = ()
     commands: tuple[str, ...] = ()
 
     @field_validator("packages")
@@ -263,6 +276,7 @@ class MergedLayers:
     groups: tuple[Group, ...]
     variables: dict[str, str]
     commands: tuple[tuple[str, str], ...]  # (layer, command)
+    config_variables: tuple[str, ...] = ()
 
 
 def _union(seqs: Iterable[Iterable[str]]) -> tuple[str, ...]:
@@ -305,4 +319,5 @@ def merge_layers(layers: Sequence[Layer]) -> MergedLayers:
         groups=tuple(groups.values()),
         variables=variables,
         commands=tuple((layer.name, c) for layer in layers for c in layer.model.commands),
+        config_variables=_union(layer.model.config_variables for layer in layers),
     )

@@ -116,3 +116,42 @@ commands: [second]
     masker = _layer(tmp_path, "masker", "units: {mask: [ssh.service]}\n")
     with pytest.raises(LayerError, match="both enabled and masked: ssh.service"):
         merge_layers(load_layers([base, masker]))
+
+
+def test_config_variables_are_checked_names_merged_as_an_ordered_union(tmp_path: Path) -> None:
+    base = _layer(tmp_path, "base", "config_variables: [DVR_IP, SITE]\n")
+    app = _layer(tmp_path, "app", "config_variables: [DEVICE_ID, DVR_IP]\n")
+    merged = merge_layers(load_layers([base, app]))
+    assert merged.config_variables == ("DVR_IP", "SITE", "DEVICE_ID")
+    bad = _layer(tmp_path, "bad", "config_variables: [OK_NAME, LD_PRELOAD, lower, PYTHONPATH, 9LIVES]\n")
+    with pytest.raises(LayerError) as exc:
+        load_layer(bad)
+    msg = str(exc.value)
+    for i, name, why in ((1, "LD_PRELOAD", "changes how programs load code or run commands"),
+                         (2, "lower", "not a variable name"),
+                         (3, "PYTHONPATH", "changes how programs load code or run commands"),
+                         (4, "9LIVES", "not a variable name")):
+        assert f"{bad}: config_variables[{i}]: {name!r}: {why}" in msg, msg
+    assert "OK_NAME" not in msg
+    with pytest.raises(LayerError, match=r"config_variables: Input should be a valid tuple"):
+        load_layer(_layer(tmp_path, "scalar", "config_variables: DEVICE_ID\n"))
+
+
+def test_the_app_layer_declares_its_variables_and_the_base_key_ignores_them(tmp_path: Path) -> None:
+    from image.release import DEFAULT_CONFIG
+    from image.rootfs import base_spec
+
+    layers_dir = DEFAULT_CONFIG.parent / "layers"
+    layers = load_layers([layers_dir / f"{n}.yaml" for n in ("base", "boot", "ota", "app")])
+    merged = merge_layers(layers)
+    assert merged.config_variables == ("DEVICE_ID", "DVR_IP")
+    # the cached base rootfs is keyed by packages and initramfs files only: declaring (or changing) the
+    # configuration variables must not cost a new bootstrap
+    from dataclasses import replace
+
+    without = replace(merged, config_variables=())
+    assert base_spec("bookworm", "", merged).key == base_spec("bookworm", "", without).key
+    more = _layer(tmp_path, "more", "config_variables: [SITE]\n")
+    with_more = merge_layers([*layers, load_layer(more)])
+    assert with_more.config_variables == ("DEVICE_ID", "DVR_IP", "SITE")
+    assert base_spec("bookworm", "", with_more).key == base_spec("bookworm", "", merged).key
