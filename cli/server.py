@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -14,6 +15,9 @@ from pathlib import Path
 import click
 
 from ota_common.errors import UserError
+
+#: uvicorn's own default: a reverse proxy on this machine may say which scheme and client it saw
+DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"
 
 log = logging.getLogger("ota_server")
 
@@ -36,11 +40,27 @@ log = logging.getLogger("ota_server")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Server processes.")
 @click.option("--public-url", help="Base URL devices use to reach this server (for download links); default: "
               "the URL of each request.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve HTTPS with this certificate (PEM: the server's certificate, then any intermediates); "
+              "needs --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="The certificate's private key (PEM, unencrypted); needs --tls-cert.")
+@click.option("--forwarded-allow-ips", default=DEFAULT_FORWARDED_ALLOW_IPS, show_default=True,
+              help="Comma-separated addresses or networks of reverse proxies whose X-Forwarded-Proto and "
+              "X-Forwarded-For are believed ('*': any, '': none).")
 def server(db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path], allow_unsigned: bool,
-           admin_token_file: Path | None, workers: int, public_url: str | None) -> None:
+           admin_token_file: Path | None, workers: int, public_url: str | None, tls_cert: Path | None,
+           tls_key: Path | None, forwarded_allow_ips: str) -> None:
     """Run the update server: Mender-compatible device API, management API (OpenAPI at /docs)."""
     from ota_server.settings import SETTINGS_ENV, Settings, load_or_create_admin_token, load_or_create_secrets
 
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together: give both (HTTPS) or neither (HTTP)")
+    if tls_cert is not None and tls_key is not None:
+        from ota_common.tls import check_server_tls
+
+        check_server_tls(tls_cert, tls_key)
+    trusted_proxies = _trusted_proxies(forwarded_allow_ips)
     keys = list(release_keys)
     for p in filter(None, os.environ.get("OTA_RELEASE_KEYS", "").split(":")):
         if not Path(p).is_file():
@@ -89,16 +109,33 @@ def server(db_url: str, storage: Path, host: str, port: int, release_keys: Seque
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     import uvicorn
 
-    click.echo(f"serving on http://{host}:{port} ({workers} worker{'s' if workers > 1 else ''}, "
+    scheme = "https" if tls_cert is not None else "http"
+    click.echo(f"serving on {scheme}://{host}:{port} ({workers} worker{'s' if workers > 1 else ''}, "
                f"{'release keys: ' + str(len(keys)) if keys else 'no release keys'})", err=True)
     sys.stderr.flush()
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with the previous handlers
     # restored: make that a normal exit (status 0) instead of death by signal
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
-    uvicorn.run("ota_server.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+    from ota_server.http_protocol import PROTOCOL
+
+    uvicorn.run("ota_server.app:app_from_env", factory=True, host=host, port=port, workers=workers, http=PROTOCOL,
                 log_level="warning", access_log=False, timeout_graceful_shutdown=10,
-                server_header=False, proxy_headers=False)
+                server_header=False, proxy_headers=bool(trusted_proxies), forwarded_allow_ips=trusted_proxies or None,
+                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+
+
+def _trusted_proxies(value: str) -> list[str]:
+    """The --forwarded-allow-ips entries, checked (uvicorn silently takes a mistyped address as a name)."""
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    if entries == ["*"]:
+        return entries
+    for e in entries:
+        try:
+            ipaddress.ip_network(e, strict=False)
+        except ValueError:
+            raise UserError(f"--forwarded-allow-ips: {e!r} is not an IP address or network (or a lone '*')") from None
+    return entries
 
 
 def _exit_cleanly(signum: int, _frame: object) -> None:

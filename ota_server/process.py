@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -42,17 +43,27 @@ class Response:
 
 @dataclass
 class OtaServer:
-    """``python build.py server`` on a free port with its own SQLite file and storage directory."""
+    """``python build.py server`` on a free port with its own SQLite file and storage directory.
+
+    With ``tls=(certificate, key)`` the server speaks HTTPS (``--tls-cert/--tls-key``) and this client verifies
+    it against ``ca_file`` (else the system's CAs)."""
 
     workdir: Path
     release_key: Path
     admin_token: str = field(default_factory=lambda: uuid.uuid4().hex)
     port: int = field(default_factory=free_port)
+    tls: tuple[Path, Path] | None = None
+    ca_file: Path | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file is not None else None)
 
     @property
     def log_path(self) -> Path:
@@ -64,21 +75,25 @@ class OtaServer:
         cmd = [sys.executable, str(REPO / "build.py"), "server",
                "--db", f"sqlite:///{self.workdir / 'ota.sqlite'}", "--storage", str(self.workdir / "storage"),
                "--host", "127.0.0.1", "--port", str(self.port), "--release-key", str(self.release_key)]
+        if self.tls is not None:
+            cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         env = dict(os.environ, OTA_ADMIN_TOKEN=self.admin_token, PYTHONPATH=str(REPO))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, cwd=self.workdir, start_new_session=True)
         deadline = time.monotonic() + timeout
+        last: OSError | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if self.get(f"{MGMT}/v2/devauth/devices").status == 200:
                     return
-            except OSError:
-                pass
+            except OSError as e:  # also a TLS verification failure
+                last = e
             time.sleep(0.2)
-        raise AssertionError(f"server not answering on {self.url} after {timeout}s:\n{self.log_tail()}")
+        raise AssertionError(f"server not answering on {self.url} after {timeout}s (last error: {last}):\n"
+                             f"{self.log_tail()}")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -108,7 +123,7 @@ class OtaServer:
             hdrs["Content-Type"] = content_type
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=hdrs)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self._ssl_context()) as resp:
                 return Response(resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read())
         except urllib.error.HTTPError as err:
             return Response(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -33,10 +34,12 @@ def free_port() -> int:
 
 
 class Server:
-    """``python build.py server`` on 127.0.0.1, with a temporary database and storage."""
+    """``python build.py server`` on 127.0.0.1, with a temporary database and storage; with
+    ``tls=(certificate, key)`` it serves HTTPS and the clients made here trust ``ca_file``."""
 
     def __init__(self, base: Path, *args: str, env: dict[str, str] | None = None, workers: int = 1,
-                 db_url: str | None = None) -> None:
+                 db_url: str | None = None, tls: tuple[Path, Path] | None = None,
+                 ca_file: Path | None = None) -> None:
         self.base = base
         self.storage = base / "storage"
         self.db_path = base / "ota.db"
@@ -45,7 +48,11 @@ class Server:
         self.env = env
         self.workers = workers
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        #: what the clients verify the server with: the run's CA (TLS) or nothing to verify (HTTP)
+        self.verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(ca_file) if ca_file else None) if tls else True)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = base / "server.log"
 
@@ -55,6 +62,8 @@ class Server:
         env.update(self.env or {})
         cmd = [sys.executable, str(BUILD_PY), "server", "--db", self.db_url, "--storage",
                str(self.storage), "--port", str(self.port), "--workers", str(self.workers), *self.args]
+        if self.tls is not None:
+            cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         self.base.mkdir(parents=True, exist_ok=True)
         self._log_f = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log_f, stderr=subprocess.STDOUT)
@@ -63,7 +72,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1, verify=self.verify).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -83,10 +92,11 @@ class Server:
         return self.proc.returncode
 
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30,
+                            verify=self.verify)
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+        return httpx.Client(base_url=self.url, timeout=30, verify=self.verify)
 
     def query(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
         """Read the server's database directly (SQLite file or PostgreSQL)."""
