@@ -15,13 +15,14 @@ configuration present" and only module-image updates are possible, which is what
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import json
 import os
 import shutil
 import signal
-import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -147,6 +148,8 @@ class MenderClient:
     device_type: str = "test-device"
     artifact_name: str = "initial"
     verify_key: Path | None = None
+    #: the CA (or certificate) the client trusts for an https:// server, besides the system's
+    server_certificate: Path | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -163,6 +166,9 @@ class MenderClient:
         if self.verify_key is not None:
             shutil.copy(self.verify_key, self.root / "etc" / "artifact-verify-key.pem")
             config["ArtifactVerifyKey"] = "/etc/mender/artifact-verify-key.pem"
+        if self.server_certificate is not None:
+            shutil.copy(self.server_certificate, self.root / "etc" / "server.crt")
+            config["ServerCertificate"] = "/etc/mender/server.crt"
         (self.root / "etc" / "mender.conf").write_text(json.dumps(config, indent=2))
         (self.root / "etc" / "artifact_info").write_text(f"artifact_name={self.artifact_name}\n")
         (self.root / "data" / "device_type").write_text(f"device_type={self.device_type}\n")
@@ -332,55 +338,53 @@ def parse_exchanges(client_bytes: bytes, server_bytes: bytes) -> list[HttpExchan
 
 
 class RecordingProxy:
-    """Forwards 127.0.0.1:port to the server byte for byte and keeps both directions of every connection."""
+    """Forwards 127.0.0.1:port to the server and keeps both directions of every connection.
 
-    def __init__(self, upstream_port: int) -> None:
+    Plain: byte for byte. With ``tls=(listen_context, upstream_context)`` it terminates the client's TLS with
+    ``listen_context`` (the run's server certificate), records the plaintext and talks TLS to the server, verified
+    with ``upstream_context``: both hops are HTTPS, and the transcript is still readable."""
+
+    def __init__(self, upstream_port: int, tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None) -> None:
         self.upstream_port = upstream_port
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port: int = self.sock.getsockname()[1]
+        self._tls = tls
         self._conns: list[tuple[bytearray, bytearray]] = []
         self._lock = threading.Lock()
-        self._closing = False
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=tls[0] if tls else None, backlog=64),
+            self._loop).result(timeout=10)
+        self.port: int = self._server.sockets[0].getsockname()[1]
 
-    def _accept(self) -> None:
-        while not self._closing:
-            try:
-                down, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                up = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
-            except OSError:
-                down.close()
-                continue
-            up.settimeout(None)
-            c2s, s2c = bytearray(), bytearray()
-            with self._lock:
-                self._conns.append((c2s, s2c))
-                self._sockets += [down, up]
-            threading.Thread(target=self._pump, args=(down, up, c2s), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, down, s2c), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bytearray) -> None:
+    async def _handle(self, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
         try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
+            up_r, up_w = await asyncio.wait_for(asyncio.open_connection(
+                "127.0.0.1", self.upstream_port, ssl=self._tls[1] if self._tls else None,
+                server_hostname="127.0.0.1" if self._tls else None), timeout=5)
+        except OSError:  # refused, timed out, TLS failure
+            down_w.transport.abort()
+            return
+        c2s, s2c = bytearray(), bytearray()
+        with self._lock:
+            self._conns.append((c2s, s2c))
+            self._writers += [down_w, up_w]
+        await asyncio.gather(self._pump(down_r, up_w, c2s, down_w), self._pump(up_r, down_w, s2c, up_w))
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray,
+                    src_w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
                 with self._lock:
                     record += data
-                dst.sendall(data)
-        except OSError:
+                dst.write(data)
+                await dst.drain()
+        except OSError:  # also ssl.SSLError
             pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        finally:  # one side ended: end the whole connection, as the client and server see it
+            for w in (src_w, dst):
+                w.close()
 
     def exchanges(self) -> list[HttpExchange]:
         with self._lock:
@@ -393,13 +397,21 @@ class RecordingProxy:
     def transcript(self, keep: Callable[[HttpExchange], bool] = lambda e: True) -> str:
         return "\n".join(e.summary() for e in self.exchanges() if keep(e))[-20000:] or "(no traffic)"
 
-    def close(self) -> None:
-        self._closing = True
-        self.sock.close()
+    async def _shutdown(self) -> None:
+        self._server.close()
         with self._lock:
-            for s in self._sockets:
-                with contextlib.suppress(OSError):
-                    s.close()
+            writers = list(self._writers)
+        for w in writers:
+            w.transport.abort()
+        await asyncio.sleep(0.2)  # the pumps see their connections end
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, diagnostics: Callable[[], str],

@@ -1,15 +1,18 @@
 """The stock Mender client 3.4 (Debian bookworm ``mender-client``, unmodified) against our update server.
 
-Both real: ``python build.py server`` as a subprocess and ``mender daemon`` in a private mount namespace (see
-tests/mender_client.py), talking through a byte-exact recording proxy so a failure shows what went over the wire.
-Module-image artifacts are made and signed with our own CLI; the client verifies the signature
-(``ArtifactVerifyKey``). Two onboarding paths: a client-generated RSA 3072 key accepted from pending, and a
-preauthorized ECDSA P-256 key.
+Both real: ``python build.py server`` as a subprocess serving HTTPS (``--tls-cert/--tls-key``, a certificate
+from the run's CA made with ``ota_common.tls``) and ``mender daemon`` in a private mount namespace (see
+tests/mender_client.py) trusting that CA (``ServerCertificate``). The client talks through a recording proxy that
+terminates its TLS with the same server certificate and talks TLS on to the server, so a failure shows what went
+over the wire; one test connects the client to the server directly. Module-image artifacts are made and signed
+with our own CLI; the client verifies the signature (``ArtifactVerifyKey``). Two onboarding paths: a
+client-generated RSA 3072 key accepted from pending, and a preauthorized ECDSA P-256 key.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +22,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from ota_common.tls import make_ca, make_server_cert
 
 from .mender_client import (
     HttpExchange,
@@ -66,8 +71,19 @@ def release_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, release_keys: tuple[Path, Path]) -> Iterator[OtaServer]:
-    srv = OtaServer(tmp_path_factory.mktemp("server"), release_keys[1])
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The run's CA and the server's certificate for 127.0.0.1 (an IP address SubjectAltName)."""
+    base = tmp_path_factory.mktemp("pki")
+    ca, ca_key = make_ca(base / "ca")
+    cert, key = make_server_cert(ca, ca_key, base / "server", ["127.0.0.1"])
+    return {"ca": ca, "cert": cert, "key": key}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, release_keys: tuple[Path, Path],
+           pki: dict[str, Path]) -> Iterator[OtaServer]:
+    srv = OtaServer(tmp_path_factory.mktemp("server"), release_keys[1], tls=(pki["cert"], pki["key"]),
+                    ca_file=pki["ca"])
     try:
         srv.start()
         yield srv
@@ -76,20 +92,23 @@ def server(tmp_path_factory: pytest.TempPathFactory, release_keys: tuple[Path, P
 
 
 @pytest.fixture(scope="module")
-def proxy(server: OtaServer) -> Iterator[RecordingProxy]:
-    p = RecordingProxy(server.port)
+def proxy(server: OtaServer, pki: dict[str, Path]) -> Iterator[RecordingProxy]:
+    listen = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    listen.load_cert_chain(pki["cert"], pki["key"])
+    p = RecordingProxy(server.port, tls=(listen, ssl.create_default_context(cafile=str(pki["ca"]))))
     yield p
     p.close()
 
 
 @pytest.fixture
-def make_client(tmp_path: Path, mender_binary: Path, proxy: RecordingProxy,
-                release_keys: tuple[Path, Path]) -> Iterator[Callable[[str], MenderClient]]:
+def make_client(tmp_path: Path, mender_binary: Path, proxy: RecordingProxy, release_keys: tuple[Path, Path],
+                pki: dict[str, Path]) -> Iterator[Callable[[str], MenderClient]]:
     clients: list[MenderClient] = []
 
     def make(mac: str) -> MenderClient:
-        client = MenderClient(mender_binary, tmp_path / f"client-{len(clients)}", f"http://127.0.0.1:{proxy.port}",
-                              mac=mac, device_type=DEVICE_TYPE, verify_key=release_keys[1])
+        client = MenderClient(mender_binary, tmp_path / f"client-{len(clients)}", f"https://127.0.0.1:{proxy.port}",
+                              mac=mac, device_type=DEVICE_TYPE, verify_key=release_keys[1],
+                              server_certificate=pki["ca"])
         clients.append(client)
         return client
 
@@ -234,6 +253,12 @@ def test_generated_key_accepted_from_pending_then_successful_deployment(
     # the next inventory carries the new artifact name
     wait_for(lambda: inventory_attributes(server, device["id"]).get("artifact_name") == "app-ok-1", 30,
              "artifact_name app-ok-1 in the inventory", dump)
+    # the download link the client got (and used) is https, through the address it talks to
+    uris = [json.loads(e.response_body)["artifact"]["source"]["uri"] for e in device_exchanges(proxy)
+            if e.path.endswith("/deployments/device/deployments/next") and e.status == 200]
+    assert uris and all(u.startswith(f"https://127.0.0.1:{proxy.port}/api/devices/v1/download/") for u in uris), uris
+    downloads = [e for e in device_exchanges(proxy) if e.path.startswith("/api/devices/v1/download/")]
+    assert downloads and downloads[-1].status == 200, [e.summary() for e in downloads]
     # the device API answered everything the client asked without a server error
     errors = [e.summary() for e in device_exchanges(proxy) if e.status is None or e.status >= 500]
     assert not errors, "\n".join(errors)
@@ -313,3 +338,30 @@ def test_preauthorized_ecdsa_key_then_failing_deployment_with_log(
     wait_for(inventory_after_failure, 30, "an inventory report after the failure", dump)
     attrs = inventory_attributes(server, device["id"])
     assert attrs.get("artifact_name") == "initial", attrs
+
+
+def test_client_talks_https_to_the_server_itself_and_checks_the_certificate(
+    tmp_path: Path, server: OtaServer, mender_binary: Path, release_keys: tuple[Path, Path], pki: dict[str, Path]
+) -> None:
+    """No proxy: mender 3.4's TLS (OpenSSL) against uvicorn's. With the run's CA it gets through (the device
+    shows up pending); without it, the certificate is refused and the server never hears of the device."""
+    trusting = MenderClient(mender_binary, tmp_path / "trusting", server.url, mac="02:00:00:00:00:0c",
+                            device_type=DEVICE_TYPE, verify_key=release_keys[1], server_certificate=pki["ca"])
+    distrusting = MenderClient(mender_binary, tmp_path / "distrusting", server.url, mac="02:00:00:00:00:0d",
+                               device_type=DEVICE_TYPE, verify_key=release_keys[1])
+    try:
+        for client in (trusting, distrusting):
+            client.start()
+
+        def dump() -> str:
+            return (f"--- trusting client ---\n{trusting.log_tail()}\n--- distrusting client ---\n"
+                    f"{distrusting.log_tail()}\n--- server ---\n{server.log_tail()}")
+
+        wait_for(lambda: [d for d in devices_with_mac(server, "02:00:00:00:00:0c") if d["status"] == "pending"], 30,
+                 "the client trusting the CA to show up pending", dump)
+        wait_for(lambda: "certificate signed by unknown authority" in distrusting.log_path.read_text(), 30,
+                 "the client without the CA to refuse the server's certificate", dump)
+        assert devices_with_mac(server, "02:00:00:00:00:0d") == []
+    finally:
+        for client in (trusting, distrusting):
+            client.stop()
