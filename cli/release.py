@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from artifacts.keys import load_signer
 from cli.common import progress_line
+from ota_common.errors import UserError
 
 console = Console(stderr=True)
 
@@ -34,11 +36,23 @@ _OPTIONS = [
     click.option("--version", help="Override the version in the configuration."),
     click.option("--board", "boards", multiple=True, help="Build only these boards (qemu-virt, rpi4); repeatable."),
     click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                 help="Private key to sign artifacts."),
+                 help="Private key to sign artifacts with; the image trusts its public half. Required unless "
+                      "--unsigned."),
+    click.option("--unsigned", is_flag=True,
+                 help="Build without a release key: the image trusts no key and refuses every update (says so at "
+                      "every boot)."),
     click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True),
     click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Build cache (default: $XDG_CACHE_HOME/vv-ota)."),
     click.option("--server-url", help="Update server URL baked into the image's agent configuration."),
+    click.option("--server-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="PEM certificates the server's TLS certificate must chain to, installed as "
+                      "/etc/ota/server-ca.pem (overrides server_ca in the configuration)."),
+    click.option("--insecure-http", is_flag=True, default=None,
+                 help="Allow a plain http:// server URL (a lab only; like insecure_http: true in the configuration)."),
+    click.option("--security-version", type=click.IntRange(0, 999_999_999), default=None,
+                 help="Security version of the release (overrides security_version in the configuration): devices "
+                      "refuse releases below their own."),
     click.option("--previous", type=click.Path(exists=True, file_okay=False, path_type=Path),
                  help="The previous release's output directory (OUT/<old version>): a delta artifact from it is "
                       "written next to each board's full artifact (delta-from-<old>-<board>.mender)."),
@@ -50,17 +64,17 @@ _PUBLISH = click.option("--publish", "publish_url", metavar="URL",
 @click.command()
 @_options
 @_PUBLISH
-def release(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
-            cache_dir: Path | None, server_url: str | None, previous: Path | None, publish_url: str | None) -> None:
+def release(publish_url: str | None, **opts: Any) -> None:
     """Build disk images, the rootfs and signed artifacts for every board into OUT/<version>/."""
     from cli.publish import admin_token, check_server, check_url, publish
 
+    _check_signing(opts["key"], opts["unsigned"])
     token = None
     if publish_url is not None:  # fail before a long build, not after it
         check_url(publish_url)
         token = admin_token()
         check_server(publish_url, token)
-    outputs = _run("release", config, version, boards, key, out, cache_dir, server_url, previous)
+    outputs = _run("release", **opts)
     if publish_url is not None:
         publish(publish_url, sorted(p for p in outputs if p.suffix == ".mender"), token,
                 progress=progress_line)
@@ -68,28 +82,43 @@ def release(config: Path | None, version: str | None, boards: Sequence[str], key
 
 @click.command()
 @_options
-def rootfs(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
-           cache_dir: Path | None, server_url: str | None, previous: Path | None) -> None:
+def rootfs(**opts: Any) -> None:
     """Stage only: the root filesystem (OUT/<version>/rootfs.ext4), for debugging."""
-    _run("rootfs", config, version, boards, key, out, cache_dir, server_url, previous)
+    _check_signing(opts["key"], opts["unsigned"])
+    _run("rootfs", **opts)
 
 
 @click.command()
 @_options
-def image(config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
-          cache_dir: Path | None, server_url: str | None, previous: Path | None) -> None:
+def image(**opts: Any) -> None:
     """Stages up to the disk images (no artifacts), for debugging."""
-    _run("image", config, version, boards, key, out, cache_dir, server_url, previous)
+    _check_signing(opts["key"], opts["unsigned"])
+    _run("image", **opts)
 
 
-def _run(kind: str, config: Path | None, version: str | None, boards: Sequence[str], key: Path | None, out: Path,
-         cache_dir: Path | None, server_url: str | None, previous: Path | None) -> list[Path]:
+def _check_signing(key: Path | None, unsigned: bool) -> None:
+    """An image without a release key must be asked for. Raises :class:`UserError` (exit 2)."""
+    if key is None and not unsigned:
+        raise UserError("no --key: give the release's private key with --key PRIVATE.pem (the image trusts its "
+                        "public half), or pass --unsigned for an image that trusts no key and refuses every update")
+    if key is not None and unsigned:
+        raise UserError("--key and --unsigned exclude each other")
+
+
+def _run(kind: str, *, config: Path | None, version: str | None, boards: Sequence[str], key: Path | None,
+         unsigned: bool, out: Path, cache_dir: Path | None, server_url: str | None, server_ca: Path | None,
+         insecure_http: bool | None, security_version: int | None, previous: Path | None) -> list[Path]:
     from image.release import DEFAULT_CONFIG, build_release
+    from image.trust import InsecureServerError
 
     signer = load_signer(key) if key else None
-    result = build_release(config=config or DEFAULT_CONFIG, version=version, boards=boards, signer=signer, out=out,
-                           cache_dir=cache_dir, server_url=server_url, progress=progress_line,
-                           stages=_STAGES[kind], previous=previous)
+    try:
+        result = build_release(config=config or DEFAULT_CONFIG, version=version, boards=boards, signer=signer,
+                               unsigned=unsigned, out=out, cache_dir=cache_dir, server_url=server_url,
+                               security_version=security_version, server_ca=server_ca, insecure_http=insecure_http,
+                               progress=progress_line, stages=_STAGES[kind], previous=previous)
+    except InsecureServerError as e:
+        raise InsecureServerError(f"{e}, or with --insecure-http") from None
     table = Table(title=f"release {result.version} → {result.out_dir}")
     table.add_column("output")
     table.add_column("size", justify="right")

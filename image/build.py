@@ -7,6 +7,7 @@ import glob
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ota_common.tools import run
 
 from .config import BoardModel, ReleaseModel
 from .disk import DiskLayout, assemble, bmap, make_ext4, make_vfat
+from .trust import KEYS_DIR, REVOKED_KEYS, SERVER_CA
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,14 @@ def disk_context(layout: DiskLayout) -> dict[str, str]:
     }
 
 
-def render_boot_script(work: Path, board_name: str, board: BoardModel, layout: DiskLayout) -> Path:
-    """boot.cmd from its template, compiled to boot.scr with mkimage."""
+def render_boot_script(work: Path, board_name: str, board: BoardModel, layout: DiskLayout, *,
+                       signed: bool = True) -> Path:
+    """boot.cmd from its template, compiled to boot.scr with mkimage. An unsigned image's script says so at
+    every boot. Raises :class:`ToolError` when mkimage fails."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(BOOT_CMD.read_text()).render(
-        board={"name": board_name, **board.model_dump()}, disk=disk_context(layout), env={"size": hex(ENV_SIZE)}
+        board={"name": board_name, **board.model_dump()}, disk=disk_context(layout), env={"size": hex(ENV_SIZE)},
+        signed=signed,
     )
     cmd = work / "boot.cmd"
     cmd.write_text(text)
@@ -157,16 +162,18 @@ def build_disk(
     boot_files: dict[str, Path],
     out_dir: Path,
     seed: str,
+    signed: bool,
     data_files: dict[str, bytes] | None = None,
 ) -> BoardImage:
     """boot FAT + slot A (the rootfs) + empty slot B + empty data → disk.img and its bmap.
 
+    ``signed``: whether the image trusts a release key (an unsigned one's boot script warns at every boot).
     ``data_files`` (relative path → content) are placed on the data partition besides ``ota/device_type``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="disk-", dir=out_dir) as tmp:
         work = Path(tmp)
         files = dict(boot_files)
-        files["boot.scr"] = render_boot_script(work, board_name, board, layout)
+        files["boot.scr"] = render_boot_script(work, board_name, board, layout, signed=signed)
         # two valid initial copies of the boot state (libubootenv refuses to write when both are invalid)
         initial = work / "uboot.env"
         initial.write_bytes(encode(INITIAL_STATE, 1))
@@ -189,13 +196,28 @@ def build_disk(
     return BoardImage(board_name, rootfs_image, disk, bmap(disk))
 
 
-def template_context(release: ReleaseModel, layout: DiskLayout, variables: dict[str, str]) -> dict[str, Any]:
+def template_context(release: ReleaseModel, layout: DiskLayout, variables: dict[str, str], *, signed: bool,
+                     config_variables: Sequence[str] = (), server_ca: bool = False) -> dict[str, Any]:
     """What layer templates see. Nothing board-specific: one rootfs serves every board (the device type is
-    written to the data partition instead)."""
+    written to the data partition instead).
+
+    ``ota`` holds the agent's trust settings (rendered into ota.conf): the security version, whether the image is
+    unsigned, the configuration variables the server may set, the server CA file (when ``server_ca``), whether
+    plain http is allowed, and where the keys and the revocation list are."""
     return {
         **variables,
         "release": {"name": release.name, "version": release.version,
-                    "artifact_name": f"{release.name}-{release.version}"},
+                    "artifact_name": f"{release.name}-{release.version}",
+                    "security_version": release.security_version},
         "disk": disk_context(layout),
         "server_url": release.server_url,
+        "ota": {
+            "security_version": release.security_version,
+            "unsigned": not signed,
+            "config_variables": tuple(config_variables),
+            "ca_file": SERVER_CA if server_ca else "",
+            "insecure_http": release.insecure_http,
+            "trusted_keys": KEYS_DIR,
+            "revoked_keys": REVOKED_KEYS,
+        },
     }

@@ -4,8 +4,9 @@ into frozen models. Errors name the file and the key path, all at once."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, ValidationError
 
@@ -59,15 +60,38 @@ class ReleaseModel(Model):
     data_size_mib: int = Field(default=128, ge=16, le=65536)
     compression: str = Field(default="gzip", pattern="^(gzip|lzma|none|zstd)$")
     server_url: str = ""
+    #: the image's security version (``rootfs-image.security_version``): devices refuse releases below their own
+    security_version: int = Field(default=0, ge=0, le=999_999_999, strict=True)
+    #: PEM certificates the server's TLS certificate must chain to (relative to this file); empty: the device
+    #: uses the system's trust store
+    server_ca: str = ""
+    #: allow a plain http:// server_url (a lab only: anyone on the network path reads and changes the traffic)
+    insecure_http: bool = Field(default=False, strict=True)
+    #: public keys the devices trust besides the signing key (relative to this file)
     trusted_keys: tuple[str, ...] = ()
+    #: public keys the devices must never trust again (relative to this file): written to /etc/ota/keys.revoked
+    revoked_keys: tuple[str, ...] = ()
     variables: dict[str, str] = Field(default_factory=dict)
 
 
 def load_release(path: Path) -> ReleaseModel:
+    """Raises :class:`UserError` naming the file and every bad key."""
     try:
         return ReleaseModel.model_validate(load_yaml_mapping(path, "release configuration"))
     except ValidationError as e:
         raise UserError(format_validation_errors(path, e)) from None
+
+
+def with_overrides(release: ReleaseModel, overrides: Mapping[str, Any], source: str = "options") -> ReleaseModel:
+    """``release`` with some keys replaced (command-line options), validated like the file.
+
+    Raises :class:`UserError` naming ``source`` and the bad keys."""
+    if not overrides:
+        return release
+    try:
+        return ReleaseModel.model_validate({**release.model_dump(), **overrides})
+    except ValidationError as e:
+        raise UserError(format_validation_errors(Path(source), e)) from None
 
 
 def load_board(name: str, boards_dir: Path = BOARDS_DIR) -> BoardModel:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,16 +24,17 @@ from typing import Any
 
 from artifacts.compression import ParallelGzipEncoder
 from artifacts.format import Compression
-from artifacts.keys import Signer, Verifier, load_verifier
+from artifacts.keys import Signer, Verifier
 from ota_common.errors import UserError
 from ota_common.progress import Steps
 from ota_common.tools import require_tools
 
 from . import rootfs as rootfs_mod
 from .build import build_disk, firmware_files, template_context
-from .config import ReleaseModel, load_board, load_release
+from .config import load_board, load_release, with_overrides
 from .disk import make_ext4, plan_layout
 from .layers import Layer, load_layers, merge_layers
+from .trust import check_server_url, install_trust, load_trust
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -125,17 +125,32 @@ def build_release(
     version: str | None = None,
     boards: Sequence[str] = (),
     signer: Signer | None = None,
+    unsigned: bool = False,
     out: Path = Path("out"),
     cache_dir: Path | None = None,
     server_url: str | None = None,
+    security_version: int | None = None,
+    server_ca: Path | None = None,
+    insecure_http: bool | None = None,
     progress: Callable[[str], None] = lambda msg: None,
     stages: frozenset[str] = frozenset({"rootfs", "images", "artifacts"}),
     previous: Path | None = None,
 ) -> ReleaseResult:
     """Build a release, or only its first ``stages`` (``rootfs``; ``rootfs`` + ``images``) for debugging.
-    Raises :class:`UserError` for bad configuration, :class:`ToolError` for tools."""
+
+    The image trusts ``signer``'s public key (and the configuration's ``trusted_keys``). Without a signer the
+    image trusts no key and refuses every update, so that must be asked for with ``unsigned=True``.
+    ``security_version``, ``server_ca`` (a PEM file of certificates) and ``insecure_http`` replace the
+    configuration's values when given. Raises :class:`UserError` for bad configuration, keys or server settings
+    (:class:`image.trust.InsecureServerError` for a plain http server URL that is not allowed), all before
+    anything is built; :class:`ToolError` for tools."""
+    if signer is None and not unsigned:
+        raise UserError("no release key to sign with: an image built without one trusts no release key and refuses "
+                        "every update; give a signer, or ask for an unsigned image explicitly (unsigned=True)")
+    if signer is not None and unsigned:
+        raise UserError("an unsigned image was asked for, but with a release key to sign it: choose one")
     with cache_lock(cache_dir or default_cache_dir(), progress):
-        from artifacts.writer import rootfs_image_spec, write_artifact
+        from artifacts.writer import SECURITY_VERSION_KEY, rootfs_image_spec, write_artifact
 
         t0 = time.monotonic()
         release = load_release(config)
@@ -146,8 +161,18 @@ def build_release(
             overrides["boards"] = tuple(boards)
         if server_url is not None:
             overrides["server_url"] = server_url
-        if overrides:
-            release = ReleaseModel.model_validate({**release.model_dump(), **overrides})
+        if security_version is not None:
+            overrides["security_version"] = security_version
+        if insecure_http is not None:
+            overrides["insecure_http"] = insecure_http
+        release = with_overrides(release, overrides)
+        trust = load_trust(release, config.parent, signer, server_ca=server_ca, config=str(config))
+        for line in (*check_server_url(release.server_url, insecure_http=release.insecure_http,
+                                       server_ca=trust.server_ca is not None, config=str(config)), *trust.notes):
+            progress(line)
+        if not trust.signed:
+            progress("unsigned image: it trusts no release key and refuses every update (its boot script and "
+                     "ota.conf say so)")
         board_models = {b: load_board(b) for b in release.boards}
         layers_dir = config.parent / "layers"
         layers = load_layers([layers_dir / f"{n}.yaml" for n in release.layers])
@@ -155,8 +180,7 @@ def build_release(
         previous_manifest = _previous_release(previous) if previous else None
         if previous is not None and previous_manifest is not None and "artifacts" in stages:
             # fail before the build, not after it, when a delta could not be made from the previous artifacts
-            check_previous_artifacts(previous, previous_manifest, board_models,
-                                     _release_verifiers(release, config.parent, signer))
+            check_previous_artifacts(previous, previous_manifest, board_models, trust.verifiers())
         preflight()
         cache = cache_dir or default_cache_dir()
         epoch = source_date_epoch()
@@ -178,8 +202,11 @@ def build_release(
             unpacked = time.time() - 2  # file times have a coarse clock: anything from here on is this build's
             rootfs_mod.extract(base, root)
             variables = {**merged.variables, **release.variables}
-            rootfs_mod.apply_layers(root, merged, template_context(release, layout, variables))
-            _install_trusted_keys(root, release, config.parent, signer)
+            context = template_context(release, layout, variables, signed=trust.signed,
+                                       config_variables=merged.config_variables,
+                                       server_ca=trust.server_ca is not None)
+            rootfs_mod.apply_layers(root, merged, context)
+            install_trust(root, trust)
             kernel = rootfs_mod.place_kernel(root)
             packages = rootfs_mod.package_list(root)
             rootfs_mod.normalise(root, epoch, touched_since=unpacked)
@@ -194,6 +221,7 @@ def build_release(
         # what the agent knows about the factory slot A (an installed slot gets the same record from its artifact)
         slot_a = {"artifact_name": artifact_name,
                   "provides": {"artifact_name": artifact_name, "rootfs-image.version": release.version,
+                               SECURITY_VERSION_KEY: str(release.security_version),
                                "rootfs-image.checksum": sha256_file(rootfs_img)}}
         data_files = {"ota/slots.json": (json.dumps({"2": slot_a}, indent=1, sort_keys=True) + "\n").encode()}
         for board_name, board in board_models.items():
@@ -204,7 +232,7 @@ def build_release(
                                        suite=release.suite)
                 image = build_disk(board_name=board_name, board=board, layout=layout, rootfs_image=rootfs_img,
                                    boot_files=files, out_dir=out_dir / board_name, seed=release.name,
-                                   data_files=data_files)
+                                   signed=trust.signed, data_files=data_files)
                 gz = image.disk.with_name("disk.img.gz")
                 _gzip(image.disk, gz)
                 result.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
@@ -214,7 +242,8 @@ def build_release(
             with steps.step(f"{board_name}: artifact"):
                 art = out_dir / f"{artifact_name}-{board_name}.mender"
                 write_artifact(rootfs_image_spec(file=rootfs_img, name=artifact_name, device_types=[board.device_type],
-                                                 software_version=release.version),
+                                                 software_version=release.version,
+                                                 security_version=release.security_version),
                                art, compression=Compression(release.compression), signer=signer)
                 result.outputs[art.name] = art
 
@@ -223,7 +252,7 @@ def build_release(
             full = {b: result.outputs[f"{artifact_name}-{b}.mender"] for b in board_models
                     if f"{artifact_name}-{b}.mender" in result.outputs}
             deltas = write_release_deltas(previous, previous_manifest, full, out_dir, work / "delta", signer=signer,
-                                          verifiers=_release_verifiers(release, config.parent, signer), steps=steps)
+                                          verifiers=trust.verifiers(), steps=steps)
             result.outputs.update({entry["file"]: out_dir / entry["file"] for entry in deltas.values()})
         manifest = {
             "name": release.name,
@@ -234,6 +263,10 @@ def build_release(
             "built_at": int(time.time()),
             "build_seconds": round(time.monotonic() - t0, 1),
             "signed": signer is not None,
+            "security_version": release.security_version,
+            # fingerprints (sha256 of the DER SubjectPublicKeyInfo) of the keys the image trusts and revokes
+            "trust": {**trust.manifest(), "server_url": release.server_url, "insecure_http": release.insecure_http,
+                      "config_variables": list(merged.config_variables)},
             # the release this one updates from, and the delta artifacts from it (delta-from-<old>-<board>.mender)
             "previous": None if previous_manifest is None else {
                 "version": previous_manifest.get("version"), "artifact_name": previous_manifest.get("artifact_name"),
@@ -270,20 +303,6 @@ def _previous_release(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict) or "version" not in doc:
         raise UserError(f"--previous {path}: manifest.json is not a release manifest")
     return doc
-
-
-def _release_verifiers(release: ReleaseModel, base_dir: Path, signer: Signer | None) -> list[Verifier]:
-    """The keys a release's devices trust (the release key and ``trusted_keys``): the previous release's
-    artifacts must verify with one of them before a delta is made from them. None for an unsigned release."""
-    if signer is None:
-        return []
-    from cryptography.hazmat.primitives import serialization
-
-    from artifacts.keys import KeyVerifier
-
-    key = serialization.load_pem_public_key(signer.public_key_pem())
-    return [KeyVerifier(key, "the release key"),  # type: ignore[arg-type]
-            *(load_verifier((base_dir / k).resolve()) for k in release.trusted_keys)]
 
 
 def check_previous_artifacts(previous: Path, previous_manifest: dict[str, Any], boards: Iterable[str],
@@ -356,18 +375,6 @@ def write_release_deltas(
         for payload, _ in payloads.values():
             payload.unlink(missing_ok=True)
     return out
-
-
-def _install_trusted_keys(root: Path, release: ReleaseModel, base_dir: Path, signer: Signer | None) -> None:
-    keys_dir = root / "etc" / "ota" / "keys"
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    for i, key in enumerate(release.trusted_keys):
-        src = (base_dir / key).resolve()
-        if not src.is_file():
-            raise UserError(f"trusted key not found: {src}")
-        shutil.copyfile(src, keys_dir / f"trusted-{i}.pem")
-    if signer is not None:
-        (keys_dir / "release.pem").write_bytes(signer.public_key_pem())
 
 
 def _gzip(src: Path, dst: Path) -> None:

@@ -177,6 +177,16 @@ def _inside(root: Path, dest: str) -> Path:
     return path
 
 
+def render_template(source: Path, context: Mapping[str, Any], where: str = "") -> str:
+    """A layer template rendered with ``context`` (see :func:`image.build.template_context`); an undefined name is
+    an error. Raises :class:`UserError` naming the template (and ``where``, e.g. its layer)."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    try:
+        return env.from_string(source.read_text()).render(**context)
+    except jinja2.TemplateError as e:
+        raise UserError(f"template {source}{f' ({where})' if where else ''}: {e}") from None
+
+
 def apply_layers(root: Path, merged: MergedLayers, context: Mapping[str, Any]) -> None:
     """Groups, users, files, trees, templates, units, then commands — in that order."""
     for g in merged.groups:
@@ -194,18 +204,13 @@ def apply_layers(root: Path, merged: MergedLayers, context: Mapping[str, Any]) -
             if u.groups:
                 args += ["--groups", ",".join(u.groups)]
             run([*args, u.name], stage=f"user {u.name}")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     for f in merged.files:
         dest = _inside(root, f.dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_symlink() or dest.exists():
             dest.unlink()
         if f.template:
-            try:
-                text = env.from_string(f.source.read_text()).render(**context)
-            except jinja2.TemplateError as e:
-                raise UserError(f"template {f.source} (layer {f.layer}): {e}") from None
-            dest.write_text(text)
+            dest.write_text(render_template(f.source, context, f"layer {f.layer}"))
         else:
             shutil.copyfile(f.source, dest)
         os.chmod(dest, f.mode)
@@ -294,5 +299,5 @@ def package_list(root: Path) -> list[dict[str, str]]:
     return sorted(out, key=lambda p: p["name"])
 
 
-__all__ = ["BaseSpec", "apply_layers", "base_spec", "bootstrap", "extract", "normalise", "package_list",
+__all__ = ["BaseSpec", "apply_layers", "base_spec", "bootstrap", "extract", "normalise", "package_list", "render_template",
            "place_kernel"]

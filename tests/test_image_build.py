@@ -117,7 +117,7 @@ def test_stage_commands_stop_where_asked(tmp_path: Path) -> None:
     (previous / "manifest.json").write_text(json.dumps(
         {"version": "0.9.0", "artifact_name": "vv-video-ai-0.9.0", "outputs": {"rootfs.ext4": {"sha256": "ab" * 32}}}))
     proc = subprocess.run([sys.executable, str(REPO / "build.py"), "image", "--board", "qemu-virt", "--out", str(tmp_path),
-                           "--previous", str(previous)], capture_output=True, text=True, env=env, cwd=REPO)
+                           "--previous", str(previous), "--unsigned"], capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "1.0.0"
     assert (out / "qemu-virt" / "disk.img").exists() and (out / "rootfs.ext4").exists()
@@ -126,6 +126,18 @@ def test_stage_commands_stop_where_asked(tmp_path: Path) -> None:
     assert set(manifest["outputs"]) == {"rootfs.ext4", "qemu-virt/disk.img", "qemu-virt/disk.img.bmap", "qemu-virt/disk.img.gz"}
     assert manifest["previous"] == {"version": "0.9.0", "artifact_name": "vv-video-ai-0.9.0", "rootfs_sha256": "ab" * 32,
                                     "deltas": {}}
+    # an unsigned image: says so at build time, in ota.conf and at every boot, and trusts no key
+    assert "unsigned image: it trusts no release key" in proc.stderr
+    assert manifest["signed"] is False and manifest["trust"]["release_key"] is None
+    from device_hooks.config import parse_config
+
+    assert parse_config(_debugfs_cat(out / "rootfs.ext4", "/etc/ota/ota.conf")).device.unsigned is True
+    keys_dir = subprocess.run(["debugfs", "-R", "ls -l /etc/ota/keys", str(out / "rootfs.ext4")], capture_output=True,
+                              text=True, check=True).stdout
+    assert ".pem" not in keys_dir
+    with open(out / "qemu-virt" / "disk.img", "rb") as d:
+        boot = d.read(300 << 20)
+    assert b'echo "ota-boot: WARNING: unsigned image: this device trusts no release key and refuses every update"' in boot
 
 
 def test_bad_release_configuration_fails_before_building(tmp_path: Path) -> None:
@@ -133,9 +145,71 @@ def test_bad_release_configuration_fails_before_building(tmp_path: Path) -> None
     cfg.write_text("layers: [base, nosuchlayer]\nslot_size_mib: 64\n")
     (tmp_path / "layers").mkdir()
     (tmp_path / "layers" / "base.yaml").write_text("packages: [systemd]\nfiles: [{src: missing.conf, dest: /etc/x}]\n")
-    proc = subprocess.run([sys.executable, str(REPO / "build.py"), "release", "--config", str(cfg), "--out", str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, str(REPO / "build.py"), "release", "--config", str(cfg), "--out", str(tmp_path / "o"),
+                           "--unsigned"],
                           capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 2
     assert "base.yaml: files[0].src: file not found" in proc.stderr
     assert "layer file not found" in proc.stderr and "nosuchlayer.yaml" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _debugfs_cat(image: Path, path: str) -> str:
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_release_trust_lands_in_the_image(tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
+    """One qemu-virt release with every trust setting: what the rootfs, the data partition, the artifact and
+    the manifest then hold."""
+    from artifacts.keys import load_verifier as verifier
+    from device_hooks.config import parse_config
+    from image.disk import partitions_of
+
+    from .test_release_trust import make_cert
+
+    cfg = tmp_path / "cfg"
+    (cfg / "keys").mkdir(parents=True)
+    (cfg / "layers").symlink_to(REPO / "layers")
+    (cfg / "keys" / "next.pem").write_bytes(b"next release key\n" + keys["rsa"][1].read_bytes())
+    (cfg / "keys" / "old.pem").write_bytes(keys["ec2"][1].read_bytes())
+    (cfg / "release.yaml").write_text((REPO / "release.yaml").read_text() + "\n".join([
+        "", "trusted_keys: [keys/next.pem]", "revoked_keys: [keys/old.pem]", "security_version: 2", ""]))
+    ca = make_cert(tmp_path, "ca")
+    out = _release(tmp_path / "o", keys["ec"][0], "--config", str(cfg / "release.yaml"), "--board", "qemu-virt",
+                   "--security-version", "4", "--server-url", "https://ota.example.com", "--server-ca", str(ca))
+    rootfs = out / "rootfs.ext4"
+    conf = parse_config(_debugfs_cat(rootfs, "/etc/ota/ota.conf"))
+    assert (conf.device.security_version, conf.device.unsigned, conf.device.config_variables) == \
+        (4, False, ("DEVICE_ID", "DVR_IP"))
+    assert (conf.server.url, conf.server.ca_file, conf.server.insecure_http) == \
+        ("https://ota.example.com", "/etc/ota/server-ca.pem", False)
+    assert _debugfs_cat(rootfs, "/etc/ota/server-ca.pem") == ca.read_text()
+    assert _debugfs_cat(rootfs, "/etc/ota/keys/release.pem") == keys["ec"][1].read_text()
+    assert _debugfs_cat(rootfs, "/etc/ota/keys/trusted-0.pem") == keys["rsa"][1].read_text()  # the key, not the file
+    old_fp = verifier(keys["ec2"][1]).fingerprint
+    revoked = [line for line in _debugfs_cat(rootfs, "/etc/ota/keys.revoked").splitlines() if not line.startswith("#")]
+    assert revoked == [f"{old_fp} old.pem"]
+
+    art = out / "vv-video-ai-1.0.0-qemu-virt.mender"
+    info = read_artifact(art, [verifier(keys["ec"][1])])
+    assert info.header.type_infos[0].provides["rootfs-image.security_version"] == "4"
+
+    disk = out / "qemu-virt" / "disk.img"
+    part = partitions_of(disk)[3]
+    data = tmp_path / "data.ext4"
+    with open(disk, "rb") as d, open(data, "wb") as f:
+        d.seek(int(part["start"]) * 512)  # type: ignore[call-overload]
+        f.write(d.read(int(part["size"]) * 512))  # type: ignore[call-overload]
+    slots = json.loads(_debugfs_cat(data, "/ota/slots.json"))
+    assert slots["2"]["provides"]["rootfs-image.security_version"] == "4"
+    with open(disk, "rb") as d:  # the boot partition (before slot A): a signed image's boot script has no warning
+        boot = d.read(int(partitions_of(disk)[1]["start"]) * 512)  # type: ignore[call-overload]
+    assert b"ota-boot: slot=" in boot and b"WARNING: unsigned image" not in boot
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["security_version"] == 4 and manifest["signed"] is True
+    assert manifest["trust"]["release_key"] == verifier(keys["ec"][1]).fingerprint
+    assert manifest["trust"]["trusted_keys"] == [verifier(keys["rsa"][1]).fingerprint]
+    assert manifest["trust"]["revoked_keys"] == [old_fp]
+    assert manifest["trust"]["config_variables"] == ["DEVICE_ID", "DVR_IP"]

@@ -66,3 +66,27 @@ def test_second_build_on_one_cache_waits_for_the_first(tmp_path: Path) -> None:
         assert said == [f"waiting for another build that uses the build cache {tmp_path}"]
     t.join(10)
     assert entered.is_set()
+
+
+WARNING = 'echo "ota-boot: WARNING: unsigned image: this device trusts no release key and refuses every update"'
+
+
+@pytest.mark.parametrize("board", ["qemu-virt", "rpi4"])
+def test_unsigned_image_boot_script_warns_before_the_kernel(tmp_path: Path, board: str) -> None:
+    layout = plan_layout(slot_mib=1024, seed="t")
+    unsigned, signed = tmp_path / "unsigned", tmp_path / "signed"
+    unsigned.mkdir()
+    signed.mkdir()
+    scr = render_boot_script(unsigned, board, load_board(board), layout, signed=False)
+    render_boot_script(signed, board, load_board(board), layout, signed=True)
+    text = (unsigned / "boot.cmd").read_text()
+    lines = text.splitlines()
+    assert lines.count(WARNING) == 1
+    # printed at every boot (outside any condition), after the slot line and before the kernel starts
+    assert lines.index(WARNING) < next(i for i, line in enumerate(lines) if line.startswith("booti "))
+    assert lines[lines.index(WARNING) - 1].startswith('echo "ota-boot: slot=')
+    assert "WARNING" not in (signed / "boot.cmd").read_text()
+    # otherwise the same script
+    assert [line for line in lines if line != WARNING] == (signed / "boot.cmd").read_text().splitlines()
+    info = subprocess.run(["mkimage", "-l", str(scr)], capture_output=True, text=True, check=True).stdout
+    assert "Script" in info
