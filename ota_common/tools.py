@@ -61,6 +61,7 @@ TOOL_PACKAGES: Mapping[str, str] = {
     "qemu-img": "qemu-utils",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "openssl": "openssl",
     # artifacts and boot-state interop
     "mender-artifact": "mender-artifact",
     "fw_printenv": "libubootenv-tool",

@@ -17,6 +17,7 @@ APT_PACKAGES=(
   ipxe-qemu                # QEMU NIC option ROMs: only recommended by qemu-system-arm (our NICs pass romfile=)
   systemd                  # systemctl --root enables units in images; journalctl reads journals
   openssh-client                                         # the QEMU tests run commands in the guest
+  openssl                                                # TLS tests check certificates with openssl verify
   libubootenv-tool                                       # fw_printenv/fw_setenv interop
   systemd-journal-remote                                 # writes real journal files for the forensics test
   libglib2.0-0 libssl3 liblzma5                          # the unpacked stock mender client (interop test)
