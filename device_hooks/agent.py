@@ -1,7 +1,13 @@
 """The update agent: poll the server, install into the inactive slot, arm, reboot, and report honestly.
 
-Every step persists its phase in ``<state_dir>/state.json`` before it has effects elsewhere, so a crash or a
-power cut at any point resumes correctly (see :meth:`Agent.recover`):
+Nothing the server sends is trusted (DESIGN.md section 6): a deployment is parsed with strict grammars
+(:meth:`api.Deployment.from_json`), the artifact's signed name must be the deployment's, its signed security
+version must not be below the device's floor (:mod:`.trust`), state scripts come only from this deployment's
+verified header, and every path made from server data is checked to stay in the state directory.
+
+The deployment in progress is a typed state (:mod:`.agentstate`) saved on ``/data`` before each step has
+effects elsewhere, so a crash or a power cut at any point resumes correctly (:meth:`Agent.recover`, one method
+per case):
 
 =============  ==================================================================================
 phase          on restart
@@ -10,18 +16,18 @@ phase          on restart
 downloading    same deployment: resume (Range, spool); deployment gone: forget it
 installing     the slot is rewritten from the start (it was never armed)
 armed          same boot: arm again (idempotent) and reboot; after a reboot: on the new slot in a
-               trial, wait for the health verdict; committed: report ``success``; back on the old
-               slot: report ``failure`` with the reason and the failed boot's journal
+               trial, poll the server (the health verdict needs that) and wait for the verdict;
+               committed: report ``success``; back on the old slot: report ``failure`` with the
+               reason and the failed boot's journal; the arming never landed: arm again
 =============  ==================================================================================
 
-Status reports go through an outbox in the same state file: a report is kept until the server took it
-(204) or said the deployment was aborted (409), so none is lost to a network drop or a reboot.
+No wait is unbounded: a trial that gets no verdict within ``deadline + server_grace`` (plus a margin) is
+rebooted by the agent itself, and the bootloader's attempt counter rolls it back.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -29,32 +35,35 @@ import shlex
 import socket
 import subprocess
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from artifacts import Verifier, load_verifiers
-from ota_common.errors import ArtifactError, DownloadError, IncompatibleArtifact, OTAError
+from artifacts import Verifier
+from ota_common.errors import ArtifactError, BootEnvError, DownloadError, IncompatibleArtifact, OTAError
 
-from . import journal
-from .api import Aborted, Deployment, DeviceAPI, ServerError, Unauthorized
+from . import envvars, journal, validate
+from .agentstate import Current, Phase, Slot, StateStore
+from .api import Aborted, BadDeployment, Deployment, DeviceAPI, ServerError, Unauthorized
 from .bootenv import BootEnv
 from .config import Config
 from .download import LinkGone, ResumableDownload, remove_spool
 from .faults import fault
 from .identity import boot_id, identity_data, identity_json, load_or_create_key
 from .install import DELTA, DeviceFacts, arm, stream_install
-from .scripts import ScriptError, ScriptRunner, store_scripts
-from .slots import Slots, check_writable_target, detect, other, slot_name
-from .state import StateFile, atomic_write, read_json, write_json
+from .reports import DeploymentLog, Outbox
+from .scripts import ScriptError, ScriptRunner, scripts_dir, store_scripts
+from .slots import Slots, check_writable_target, detect
+from .state import atomic_write, read_json, write_json
+from .trust import Trust, security_version
 
 log = logging.getLogger("ota-agent")
 
-VERSION = "1.0"
+VERSION = "1.1"
 LOCAL_PREFIX = "local-"
 MAX_ARM_ATTEMPTS = 3  # boot-state writes that did not land (power cuts) before the deployment fails
+TRIAL_MARGIN = 600.0  # seconds past deadline + server_grace before the agent reboots a trial itself
 
 
 class Rebooting(Exception):
@@ -67,24 +76,43 @@ class Clock:
 
     sleep: Callable[[float], None] = time.sleep
     now: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
 
 
 @dataclass
 class Agent:
     cfg: Config
     clock: Clock = field(default_factory=Clock)
+    #: makes the server connection (tests inject a fake); default: :meth:`_connect`
+    api_factory: Callable[[], DeviceAPI] | None = None
 
     def __post_init__(self) -> None:
         self.dir = self.cfg.state_dir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.state = StateFile(self.dir / "state.json")
+        self.store = StateStore(self.dir / "state.json")
         self.env = BootEnv.from_fw_env_config(Path(self.cfg.paths.fw_env_config))
         self.slots: Slots = detect(self.cfg)
         self.boot = boot_id(Path(self.cfg.paths.boot_id))
+        self.trust = Trust(self.cfg)
+        self.logs = DeploymentLog(self.dir, self.clock.now)
+        self.outbox = Outbox(self.store, lambda: self.api, self.logs)
         self._api: DeviceAPI | None = None
         self._verifiers: list[Verifier] | None = None
         self.reboot_command: str | None = self.cfg.commands.reboot
         self._inventory_due = 0.0
+
+    @property
+    def state(self) -> Any:
+        return self.store.state
+
+    @property
+    def current(self) -> Current | None:
+        cur: Current | None = self.store.state.current
+        return cur
+
+    @property
+    def running(self) -> Slot:
+        return Slot(self.slots.running)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -101,13 +129,13 @@ class Agent:
         raise OTAError(f"device type file {path} is empty")
 
     def slot_record(self, part: int) -> dict[str, Any]:
-        rec: dict[str, Any] = read_json(self.dir / "slots.json").get(str(part), {})
-        return rec
+        rec = read_json(self.dir / "slots.json").get(str(part), {})
+        return rec if isinstance(rec, dict) else {}
 
     def running_provides(self) -> dict[str, str]:
         """What the running slot is: the record written when it was installed, else the build's own values."""
         rec = self.slot_record(self.slots.running)
-        provides = {k: str(v) for k, v in rec.get("provides", {}).items()}
+        provides = {str(k): str(v) for k, v in (rec.get("provides") or {}).items()}
         if "artifact_name" not in provides and self.cfg.device.artifact_name:
             provides["artifact_name"] = self.cfg.device.artifact_name
         if "rootfs-image.version" not in provides and self.cfg.device.version:
@@ -116,192 +144,71 @@ class Agent:
 
     def facts(self) -> DeviceFacts:
         p = self.running_provides()
-        return DeviceFacts(device_type=self.device_type, artifact_name=p.get("artifact_name", ""), provides=p)
+        return DeviceFacts(device_type=self.device_type, artifact_name=p.get("artifact_name", ""), provides=p,
+                           security_floor=self.trust.floor())
 
     def verifiers(self) -> list[Verifier]:
         if self._verifiers is None:
-            d = Path(self.cfg.paths.trusted_keys)
-            keys = sorted(p for p in d.glob("*.pem")) if d.is_dir() else []
-            self._verifiers = list(load_verifiers(keys))
+            self._verifiers = self.trust.verifiers()
         return self._verifiers
 
     @property
     def api(self) -> DeviceAPI:
         if self._api is None:
-            if not self.cfg.server.url:
-                raise OTAError("no server url configured ([server] url in ota.conf)")
-            key = load_or_create_key(self.dir)
-            ident = identity_json(identity_data(self.cfg.device.identity_command))
-            self._api = DeviceAPI(self.cfg.server.url, key, ident, self.cfg.server.tenant_token,
-                                  self.cfg.server.request_timeout)
+            self._api = self.api_factory() if self.api_factory else self._connect()
         return self._api
 
-    # ------------------------------------------------------------------ deployment log
-    def _log_path(self, dep_id: str) -> Path:
-        return self.dir / "logs" / f"{dep_id}.jsonl"
+    def _connect(self) -> DeviceAPI:
+        s = self.cfg.server
+        if not s.url:
+            raise OTAError("no server url configured ([server] url in ota.conf)")
+        key = load_or_create_key(self.dir)
+        ident = identity_json(identity_data(self.cfg.device.identity_command))
+        try:
+            return DeviceAPI(s.url, key, ident, s.tenant_token, s.request_timeout, ca_file=s.ca_file,
+                             allow_http=s.insecure_http)
+        except validate.UntrustedInput as e:
+            raise OTAError(f"[server] url: {e} (plain http needs [server] insecure_http = yes)") from None
+
+    # ------------------------------------------------------------------ state helpers
+    def save(self) -> None:
+        self.store.save()
 
     def dlog(self, dep_id: str, level: str, message: str) -> None:
         """A line in the deployment's log (uploaded on failure) and in the agent's own log."""
-        getattr(log, level if level in ("info", "warning", "error") else "info")("[%s] %s", dep_id[:8], message)
-        path = self._log_path(dep_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock.now())),
-                           "level": level, "message": message})
-        with open(path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.logs.write(dep_id, level, message)
 
-    def log_messages(self, dep_id: str) -> list[dict[str, str]]:
-        try:
-            lines = self._log_path(dep_id).read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    # ------------------------------------------------------------------ reports (outbox)
     def report(self, dep_id: str, status: str, substate: str = "", *, upload_log: bool = False) -> None:
         if dep_id.startswith(LOCAL_PREFIX):  # ota-agent install: no server to tell
             log.info("local install %s: %s %s", dep_id, status, substate)
             return
-        outbox = list(self.state.get("outbox", []))
-        outbox.append({"deployment": dep_id, "status": status, "substate": substate, "log": upload_log})
-        self.state.update(outbox=outbox)
-        self.flush_reports()
+        self.outbox.add(dep_id, status, substate, upload_log=upload_log)
 
     def flush_reports(self) -> None:
-        """Send queued reports in order. An aborted deployment raises :class:`Aborted` after dropping its
-        reports; a network error leaves them queued."""
-        while True:
-            outbox = list(self.state.get("outbox", []))
-            if not outbox:
-                return
-            item = outbox[0]
-            try:
-                if item.get("log"):
-                    messages = self.log_messages(item["deployment"]) or [
-                        {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "error",
-                         "message": item.get("substate") or "failure"}]
-                    self.api.upload_log(item["deployment"], messages)
-                self.api.report_status(item["deployment"], item["status"], item.get("substate", ""))
-            except Aborted:
-                rest = [o for o in outbox if o["deployment"] != item["deployment"]]
-                self.state.update(outbox=rest)
-                raise
-            except Unauthorized:
-                self.api.authenticate()
-                continue
-            except (ServerError, OTAError) as e:
-                log.warning("status report %s for %s queued: %s", item["status"], item["deployment"][:8], e)
-                return
-            self.state.update(outbox=outbox[1:])
+        self.outbox.flush()
 
-    # ------------------------------------------------------------------ recovery after start
-    def recover(self) -> None:
-        """Bring an interrupted deployment to its next step (see the module docstring)."""
-        phase = self.state.get("phase")
-        dep = self.state.get("deployment")
-        if phase is None or dep is None:
-            return
-        dep_id = dep["id"]
-        if phase in ("downloading", "installing") and dep_id.startswith(LOCAL_PREFIX):
-            self.dlog(dep_id, "warning", f"local install interrupted during {phase}; run it again")
-            self._clear(dep_id)
-            return
-        if phase in ("downloading", "installing"):
-            self.dlog(dep_id, "info", f"agent restarted during {phase}; the install starts over")
-            return  # the poll loop resumes it (same deployment) or forgets it
-        if phase == "armed":
-            target = int(self.state.get("target_part"))
-            if self.state.get("boot_id") == self.boot:
-                self.dlog(dep_id, "info", "agent restarted after arming, before the reboot: rebooting now")
-                arm(self.env, target)
-                self.reboot(dep_id)
-            env = self.env.read()
-            if self.slots.running == target:
-                if env.get("upgrade_available") == "1":
-                    return  # trial boot: the health verdict decides (wait_for_verdict)
-                if env.get("mender_boot_part") == str(target):
-                    self.finish_success(dep_id)
-                    return
-            elif self._arming_lost(dep_id, env, target):
-                attempts = int(self.state.get("arm_attempts", 0)) + 1
-                self.dlog(dep_id, "warning", "the boot state does not show the arming (power lost while it was "
-                                             f"written?): slot {slot_name(target)} was verified, arming it again")
-                self.state.update(arm_attempts=attempts, boot_id=self.boot, armed_at=self.clock.now())
-                arm(self.env, target)
-                fault("after-arm")
-                self.reboot(dep_id)
-            self.finish_rollback(dep_id, env)
+    def scripts_dir(self, dep_id: str) -> Path:
+        return scripts_dir(self.dir, dep_id)
 
-    def _arming_lost(self, dep_id: str, env: dict[str, str], target: int) -> bool:
-        """Armed on /data, but the bootloader never tried the target: the boot-state write did not land.
-        A tried target leaves ``bootcount`` > 0 (the bootloader counts before it rolls back) or a verdict."""
-        if env.get("mender_boot_part") == str(target) or env.get("upgrade_available") == "1":
-            return False
-        if int(env.get("bootcount", "0") or 0) != 0 or int(self.state.get("arm_attempts", 0)) >= MAX_ARM_ATTEMPTS:
-            return False
-        verdict = read_json(self.dir / "health.json")
-        return verdict.get("deployment") != dep_id
+    def scripts(self, dep_id: str) -> ScriptRunner:
+        return ScriptRunner.for_deployment(self.cfg, dep_id, self.clock.sleep)
 
-    def wait_for_verdict(self, timeout: float) -> bool:
-        """In a trial boot, wait until the health unit committed (True) or gave up (False, it reboots)."""
-        deadline = self.clock.now() + timeout
-        dep_id = self.state.get("deployment", {}).get("id", "")
-        while self.clock.now() < deadline:
-            verdict = read_json(self.dir / "health.json")
-            if verdict.get("boot_id") == self.boot and verdict.get("deployment") == dep_id:
-                if verdict.get("verdict") == "pass" and self.env.read().get("upgrade_available") == "0":
-                    self.finish_success(dep_id)
-                    return True
-                if verdict.get("verdict") == "fail":
-                    return False
-            self.clock.sleep(2.0)
-        return False
+    def spool(self, dep_id: str) -> Path:
+        return validate.under(self.dir / "download", f"{validate.deployment_id(dep_id, local_ok=True)}.mender")
 
-    def finish_success(self, dep_id: str) -> None:
-        target = int(self.state.get("target_part"))
-        self.dlog(dep_id, "info", f"slot {slot_name(target)} committed by the health verdict")
-        self.state.update(phase="committed")
-        self._clear(dep_id)
-        self._inventory_due = 0.0  # the new version shows on the server right away
-        self.report(dep_id, "success")
+    def _clear(self, dep_id: str) -> None:
+        """The deployment is over: forget it (its spool and scripts too), remember it as finished."""
+        with contextlib.suppress(OSError, validate.UntrustedInput):
+            remove_spool(self.spool(dep_id))
+        self._remove_scripts(dep_id)
+        self.state.finish(dep_id)
+        self.save()
 
-    def finish_rollback(self, dep_id: str, env: dict[str, str]) -> None:
-        target = int(self.state.get("target_part"))
-        verdict = read_json(self.dir / "health.json")
-        if verdict.get("deployment") == dep_id and verdict.get("verdict") == "fail":
-            reason = f"health check failed on slot {slot_name(target)}: {verdict.get('summary', '')}"
-        elif int(env.get("bootcount", "0") or 0) > int(env.get("bootlimit", "1") or 1):
-            reason = (f"slot {slot_name(target)} did not reach a health verdict in {env.get('bootlimit')} boot "
-                      f"attempt(s) (kernel panic, hang or watchdog reset); the bootloader rolled back")
-        else:
-            reason = f"slot {slot_name(target)} was not booted; the device is still on slot {slot_name(self.slots.running)}"
-        self.dlog(dep_id, "error", f"rolled back: {reason}")
-        if verdict.get("deployment") == dep_id and verdict.get("output"):
-            self.dlog(dep_id, "error", "health output:\n" + str(verdict["output"])[-8000:])
-        since = float(self.state.get("armed_at", 0))
-        failed_boot = journal.failed_boot_excerpt(Path(self.cfg.paths.journal_dir), since, self.boot)
-        if failed_boot:
-            self.dlog(dep_id, "error", "journal of the failed boot:\n" + failed_boot)
-        runner = self.scripts(dep_id)
-        for state, action in (("ArtifactRollbackReboot", "Leave"), ("ArtifactFailure", "Enter"),
-                              ("ArtifactFailure", "Leave")):
-            try:
-                out = runner.run(state, action)
-                if out:
-                    self.dlog(dep_id, "info", out)
-            except ScriptError as e:
-                self.dlog(dep_id, "error", str(e))
-        self._forget_slot(target)
-        self._clear(dep_id)
-        self.report(dep_id, "failure", reason[:900], upload_log=True)
+    def _remove_scripts(self, dep_id: str) -> None:
+        import shutil
+
+        with contextlib.suppress(OSError, validate.UntrustedInput):
+            shutil.rmtree(self.scripts_dir(dep_id))
 
     def _forget_slot(self, part: int) -> None:
         path = self.dir / "slots.json"
@@ -309,187 +216,221 @@ class Agent:
         if slots.pop(str(part), None) is not None:
             write_json(path, slots)
 
-    def _clear(self, dep_id: str) -> None:
-        remove_spool(self.dir / "download" / f"{dep_id}.mender")
-        for key in ("phase", "deployment", "target_part", "from_part", "boot_id", "armed_at", "arm_attempts"):
-            self.state.data.pop(key, None)
-        self.state.data["last_deployment"] = dep_id
-        self.state.save()
-
-    def scripts(self, dep_id: str) -> ScriptRunner:
-        return ScriptRunner.for_deployment(self.cfg, dep_id, self.clock.sleep)
-
-    # ------------------------------------------------------------------ the deployment
-    def process(self, dep: Deployment) -> str:
-        """Install a deployment. Returns the final local status; raises :class:`Rebooting` after arming."""
-        facts = self.facts()
-        if dep.artifact_name == facts.artifact_name:
-            self.report(dep.id, "already-installed")
-            return "already-installed"
-        resumed = (self.state.get("deployment") or {}).get("id") == dep.id
-        if not resumed and self.state.get("phase") is not None:
-            old = self.state.get("deployment", {}).get("id", "?")
-            log.warning("deployment %s replaces interrupted deployment %s", dep.id[:8], old[:8])
-            self._clear(old)
-        target = self.slots.inactive
-        self.state.update(deployment={"id": dep.id, "artifact_name": dep.artifact_name, "uri": dep.uri,
-                                      "allow_downgrade": dep.allow_downgrade},
-                          phase="downloading", target_part=target, from_part=self.slots.running)
-        self.dlog(dep.id, "info", f"deployment of {dep.artifact_name} to slot {slot_name(target)}"
-                                  + (" (resumed)" if resumed else ""))
-        try:
-            self.report(dep.id, "downloading")
-            result = self._download_and_install(dep, facts, target)
-        except Aborted:
-            self.dlog(dep.id, "warning", "deployment aborted by the server; the boot state is untouched")
-            self._clear(dep.id)
-            return "aborted"
-        except (ArtifactError, DownloadError, ScriptError, OSError, OTAError) as e:
-            return self._install_failed(dep.id, e)
-        # ---- the last point where an abort is honoured: "rebooting" goes out before the boot state changes
-        try:
-            self.report(dep.id, "rebooting")
-        except Aborted:
-            self.dlog(dep.id, "warning", "deployment aborted by the server before the reboot; boot state untouched")
-            self._forget_slot(target)
-            self._clear(dep.id)
-            return "aborted"
-        # ---- arm: the state says "armed" before the boot env does, so a restart re-arms rather than re-installs
-        self.state.update(phase="armed", boot_id=self.boot, armed_at=self.clock.now())
-        fault("before-arm")
-        runner = self.scripts(dep.id)
-        try:
-            runner.run("ArtifactReboot", "Enter")
-        except ScriptError as e:
-            runner.run("ArtifactReboot", "Error")
-            self._forget_slot(target)
-            return self._install_failed(dep.id, e)
-        arm(self.env, target)
-        self.dlog(dep.id, "info", f"boot state armed: next boot tries slot {slot_name(target)} "
-                                  f"({result.size} bytes, {result.zeroed} of them as zero ranges, streamed in "
-                                  f"{result.write_seconds:.1f}s and read back in {result.verify_seconds:.1f}s)")
-        fault("after-arm")
-        self.reboot(dep.id)
-        raise AssertionError("unreachable")
-
-    def _download_and_install(self, dep: Deployment, facts: DeviceFacts, target: int) -> Any:
-        dev = check_writable_target(self.slots, target)
-        spool_dir = self.dir / "download"
-        spool_dir.mkdir(exist_ok=True)
-        for stale in spool_dir.glob("*.mender"):
-            if stale.name != f"{dep.id}.mender":
-                remove_spool(stale)
-
-        def refresh() -> str | None:
+    def _failure_scripts(self, dep_id: str, *pairs: tuple[str, str]) -> None:
+        """Run state scripts of a failure path: only those of a header this deployment verified."""
+        cur = self.current
+        if cur is None or cur.id != dep_id or not cur.verified:
+            return
+        runner = self.scripts(dep_id)
+        for state, action in pairs:
             try:
-                fresh = self.api.next_deployment(self.device_provides())
-            except ServerError:
-                return None
-            if fresh is None or fresh.id != dep.id:
-                return None
-            return fresh.uri
+                out = runner.run(state, action)
+                if out:
+                    self.dlog(dep_id, "info", out.rstrip())
+            except ScriptError as e:
+                self.dlog(dep_id, "error", str(e))
 
-        runner: ScriptRunner | None = None
-
-        def on_header(header: Any, provides: dict[str, str]) -> None:
-            nonlocal runner
-            store_scripts(self.dir / "scripts" / dep.id, header.scripts)
-            runner = self.scripts(dep.id)
-            self.dlog(dep.id, "info", f"signature verified; {header.info.artifact_name} "
-                                      f"(version {provides.get('rootfs-image.version', '?')}) fits this device")
-            self.state.update(phase="installing")
-            self.report(dep.id, "installing")
-            out = runner.run("ArtifactInstall", "Enter")
-            if out:
-                self.dlog(dep.id, "info", out)
-
+    # ------------------------------------------------------------------ start-up housekeeping
+    def startup(self) -> None:
+        """Repair what a power cut or a bad medium can leave: one bad boot-state copy is rewritten from the
+        good one; with both bad the state is rebuilt for the running slot (boot.scr booted the last committed
+        one). Then the floors: revoked keys from the image merged into /data, the security floor raised to the
+        running image's when it is committed."""
         try:
-            result, resumes = self._stream(dep, facts, dev, spool_dir, refresh, on_header)
-        except ScriptError:
-            if runner is not None:
-                runner.run("ArtifactInstall", "Error")
-            raise
-        if resumes:
-            self.dlog(dep.id, "info", f"download resumed {resumes} time(s) with HTTP Range")
-        remove_spool(spool_dir / f"{dep.id}.mender")  # installed and verified: free /data
-        assert runner is not None
-        try:
-            out = runner.run("ArtifactInstall", "Leave")
-        except ScriptError:
-            runner.run("ArtifactInstall", "Error")
-            raise
-        if out:
-            self.dlog(dep.id, "info", out)
-        slots = read_json(self.dir / "slots.json")
-        slots[str(target)] = {"artifact_name": result.artifact_name, "provides": result.provides,
-                              "installed_at": self.clock.now()}
-        write_json(self.dir / "slots.json", slots)
-        return result
+            repaired = self.env.repair()
+            if repaired:
+                log.warning("boot state: %s", repaired)
+        except BootEnvError as e:
+            log.error("boot state unreadable (%s): rebuilding it for the running slot %s", e, self.running.label)
+            self.env.create({"mender_boot_part": str(int(self.running)), "upgrade_available": "0",
+                             "bootcount": "0", "bootlimit": "1"})
+        env = self.env.read()
+        committed = env.get("upgrade_available") != "1" and env.get("mender_boot_part") == str(int(self.running))
+        if committed:
+            self.env.record_last_good(int(self.running))
+            self.trust.raise_floor([security_version(self.running_provides())])
+        self.trust.revoked()
+        if self.cfg.device.unsigned:
+            log.warning("this image is unsigned: it trusts no release key and refuses every update")
+        if self.cfg.server.url.startswith("http://"):
+            log.warning("talking to the update server over plain http ([server] insecure_http): lab use only")
 
-    def _stream(self, dep: Deployment, facts: DeviceFacts, dev: Path, spool_dir: Path,
-                refresh: Callable[[], str | None], on_header: Callable[[Any, dict[str, str]], None]) -> tuple[Any, int]:
-        if dep.uri.startswith("file://"):
-            path = Path(urllib.parse.unquote(urllib.parse.urlparse(dep.uri).path))
-            with open(path, "rb") as f:
-                result = stream_install(f, verifiers=self.verifiers(), device=facts, target=dev,
-                                        allow_downgrade=dep.allow_downgrade, source_size=os.fstat(f.fileno()).st_size,
-                                        on_header=on_header, active=self.slots.device(self.slots.running))
-            resumes = 0
+    # ------------------------------------------------------------------ recovery after start
+    def recover(self) -> None:
+        """Bring an interrupted deployment to its next step (see the module docstring)."""
+        cur = self.current
+        if cur is None:
+            return
+        if cur.phase in (Phase.DOWNLOADING, Phase.INSTALLING):
+            if cur.id.startswith(LOCAL_PREFIX):
+                self._recover_local_interrupted(cur)
+            else:
+                self.dlog(cur.id, "info", f"agent restarted during {cur.phase.value}; the install starts over")
+            return
+        if cur.boot_id == self.boot:
+            self._rearm_same_boot(cur)
+        env = self.env.read()
+        if self.running == cur.target:
+            if env.get("upgrade_available") == "1":
+                return  # a trial boot: the verdict decides (run_trial)
+            if env.get("mender_boot_part") == str(int(cur.target)):
+                self.finish_success(cur)
+            # else the verdict failed in this boot and switched back: its reboot is coming (rollback_pending)
+            return
+        if self._arming_lost(cur, env):
+            self._rearm_lost(cur)
+        self.finish_rollback(cur, env)
+
+    def rollback_pending(self) -> bool:
+        """Still on the trial slot after the verdict switched the boot state back: the reboot is due."""
+        cur = self.current
+        return bool(cur and cur.phase is Phase.ARMED and self.running == cur.target
+                    and self.env.read().get("mender_boot_part") != str(int(cur.target)))
+
+    def await_rollback_reboot(self) -> None:
+        """The health verdict reboots after switching back; if that reboot does not come, reboot here."""
+        cur = self.current
+        assert cur is not None
+        self.clock.sleep(180)
+        self.dlog(cur.id, "warning", "the rollback reboot did not happen: rebooting")
+        self.reboot(cur.id)
+
+    def _recover_local_interrupted(self, cur: Current) -> None:
+        self.dlog(cur.id, "warning", f"local install interrupted during {cur.phase.value}; run it again")
+        self._clear(cur.id)
+
+    def _rearm_same_boot(self, cur: Current) -> None:
+        self.dlog(cur.id, "info", "agent restarted after arming, before the reboot: rebooting now")
+        arm(self.env, int(cur.target))
+        self.reboot(cur.id)
+
+    def _arming_lost(self, cur: Current, env: dict[str, str]) -> bool:
+        """Armed on /data, but the bootloader never tried the target: the boot-state write did not land.
+        A tried target leaves ``bootcount`` > 0 (the bootloader counts before it rolls back) or a verdict."""
+        if env.get("mender_boot_part") == str(int(cur.target)) or env.get("upgrade_available") == "1":
+            return False
+        if _int(env.get("bootcount")) != 0 or cur.arm_attempts >= MAX_ARM_ATTEMPTS:
+            return False
+        return read_json(self.dir / "health.json").get("deployment") != cur.id
+
+    def _rearm_lost(self, cur: Current) -> None:
+        self.dlog(cur.id, "warning", "the boot state does not show the arming (power lost while it was written?): "
+                                     f"slot {cur.target.label} was verified, arming it again")
+        cur.arm_attempts += 1
+        cur.boot_id, cur.armed_at = self.boot, self.clock.now()
+        self.save()
+        arm(self.env, int(cur.target))
+        fault("after-arm")
+        self.reboot(cur.id)
+
+    # ------------------------------------------------------------------ trial boot
+    def in_trial(self) -> bool:
+        cur = self.current
+        return bool(cur and cur.phase is Phase.ARMED and self.running == cur.target
+                    and self.env.read().get("upgrade_available") == "1")
+
+    def trial_poll(self) -> bool:
+        """In a trial: authenticate and complete one poll, then leave the proof for the health verdict
+        (``poll.json`` with this boot's id). Returns whether it worked."""
+        try:
+            self.flush_reports()
+            self.api.next_deployment(self.device_provides())
+        except (ServerError, OTAError) as e:
+            log.info("trial boot: no poll with the server yet (%s)", e)
+            return False
+        write_json(self.dir / "poll.json", {"boot_id": self.boot, "time": self.clock.now(),
+                                            "deployment": self.current.id if self.current else ""})
+        return True
+
+    def check_verdict(self) -> str | None:
+        """``committed`` (and reported) when the trial slot was committed, with or without ``health.json`` (it
+        may not have been writable); ``failed`` when the verdict switched the boot state back; else None."""
+        cur = self.current
+        if cur is None:
+            return "committed"
+        env = self.env.read()
+        if env.get("mender_boot_part") != str(int(self.running)):
+            return "failed"
+        if env.get("upgrade_available") == "0" and self.running == cur.target:
+            self.finish_success(cur)
+            return "committed"
+        return None
+
+    def run_trial(self, *, once: bool = False) -> str:
+        """Poll until the verdict, never longer than deadline + server_grace + margin: then reboot (the
+        bootloader's attempt counter rolls the trial back). Returns ``committed``, or with ``once`` ``trial``
+        (undecided) or ``trial-failed``."""
+        h = self.cfg.health
+        limit = self.clock.monotonic() + h.deadline + h.server_grace + TRIAL_MARGIN
+        polled = False
+        while True:
+            if not polled:
+                polled = self.trial_poll()
+            verdict = self.check_verdict()
+            if verdict == "committed":
+                return verdict
+            if verdict == "failed":
+                if once:
+                    return "trial-failed"
+                self.await_rollback_reboot()
+            if once:
+                return "trial"
+            if self.clock.monotonic() > limit:
+                cur = self.current
+                assert cur is not None
+                self.dlog(cur.id, "error", "the trial boot got no health verdict in time: rebooting "
+                                           "(the bootloader rolls back)")
+                self.reboot(cur.id)
+            self.clock.sleep(min(self.cfg.server.retry_interval, 10.0))
+
+    # ------------------------------------------------------------------ endings
+    def finish_success(self, cur: Current) -> None:
+        self.dlog(cur.id, "info", f"slot {cur.target.label} committed by the health verdict")
+        self.env.record_last_good(int(cur.target))
+        with contextlib.suppress(IncompatibleArtifact):
+            self.trust.raise_floor([security_version(self.slot_record(int(cur.target)).get("provides") or {})])
+        self._clear(cur.id)
+        self._inventory_due = 0.0  # the new version shows on the server right away
+        with contextlib.suppress(Aborted):
+            self.report(cur.id, "success")
+
+    def finish_rollback(self, cur: Current, env: dict[str, str]) -> None:
+        verdict = read_json(self.dir / "health.json")
+        if verdict.get("deployment") == cur.id and verdict.get("verdict") == "fail":
+            reason = f"health check failed on slot {cur.target.label}: {verdict.get('summary', '')}"
+        elif _int(env.get("bootcount")) > _int(env.get("bootlimit"), 1):
+            reason = (f"slot {cur.target.label} did not reach a health verdict in {env.get('bootlimit')} boot "
+                      f"attempt(s) (kernel panic, hang or watchdog reset); the bootloader rolled back")
         else:
-            resumes = 0
-            for attempt in (1, 2):
-                dl = ResumableDownload(dep.uri, session=self.api.session, refresh_url=refresh,
-                                       spool=spool_dir / f"{dep.id}.mender",
-                                       retry_timeout=self.cfg.server.download_retry_timeout,
-                                       timeout=self.cfg.server.request_timeout, sleep=self.clock.sleep)
-                try:
-                    size = dl.start()
-                    fault("download-started")
-                    self.dlog(dep.id, "info", f"downloading {size} bytes"
-                              + (f", {dl.kept} kept from before" if dl.kept else ""))
-                    result = stream_install(dl, verifiers=self.verifiers(), device=facts, target=dev,
-                                            allow_downgrade=dep.allow_downgrade, source_size=size,
-                                            on_header=on_header, active=self.slots.device(self.slots.running))
-                    resumes += dl.resumes
-                    break
-                except LinkGone as e:
-                    raise Aborted(str(e)) from None
-                except ArtifactError as e:
-                    if not dl.kept or attempt == 2 or isinstance(e, IncompatibleArtifact):
-                        raise
-                    # the bytes kept from before are the only suspect: fetch everything again, once
-                    self.dlog(dep.id, "warning", f"install from the kept download failed ({e}); "
-                                                 "downloading the whole artifact again")
-                    dl.discard_spool()
-                finally:
-                    dl.close()
-        return result, resumes
-
-    def deltas_work(self, running: dict[str, str]) -> bool:
-        """False once a delta failed on the running image (``running``: its provides; changed in place): from
-        then on this image asks for full artifacts, or every retry of the deployment would get the same
-        delta."""
-        return bool(self.state.get("no_delta_for") != running.get("rootfs-image.checksum"))
+            reason = f"slot {cur.target.label} was not booted; the device is still on slot {self.running.label}"
+        self.dlog(cur.id, "error", f"rolled back: {reason}")
+        if verdict.get("deployment") == cur.id and verdict.get("output"):
+            self.dlog(cur.id, "error", "health output:\n" + str(verdict["output"])[-8000:])
+        failed_boot = journal.failed_boot_excerpt(Path(self.cfg.paths.journal_dir), cur.armed_at, self.boot)
+        if failed_boot:
+            self.dlog(cur.id, "error", "journal of the failed boot:\n" + failed_boot)
+        self._failure_scripts(cur.id, ("ArtifactRollbackReboot", "Leave"), ("ArtifactFailure", "Enter"),
+                              ("ArtifactFailure", "Leave"))
+        self._forget_slot(int(cur.target))
+        self._clear(cur.id)
+        with contextlib.suppress(Aborted):
+            self.report(cur.id, "failure", reason, upload_log=True)
 
     def _install_failed(self, dep_id: str, e: BaseException) -> str:
         reason = str(e) or type(e).__name__
         self.dlog(dep_id, "error", f"install failed: {reason}; active slot and boot state untouched")
         if type(e).__name__ == "DeltaError":  # artifacts.delta, not imported unless a delta was installed
-            self.state.update(no_delta_for=self.running_provides().get("rootfs-image.checksum"))
+            self.state.no_delta_for = self.running_provides().get("rootfs-image.checksum", "")
             self._inventory_due = 0.0
             self.dlog(dep_id, "warning", "deltas no longer requested for the running image; a retry gets the "
                                          "full artifact")
-        runner = self.scripts(dep_id)
-        for state, action in (("ArtifactFailure", "Enter"), ("ArtifactFailure", "Leave")):
-            try:
-                runner.run(state, action)
-            except ScriptError as se:
-                self.dlog(dep_id, "error", str(se))
+        self._failure_scripts(dep_id, ("ArtifactFailure", "Enter"), ("ArtifactFailure", "Leave"))
         if isinstance(e, ArtifactError):  # the kept download is bad or refused: never reuse it
-            remove_spool(self.dir / "download" / f"{dep_id}.mender")
+            with contextlib.suppress(OSError, validate.UntrustedInput):
+                remove_spool(self.spool(dep_id))
         self._clear(dep_id)
         with contextlib.suppress(Aborted):
-            self.report(dep_id, "failure", reason[:900], upload_log=True)
+            self.report(dep_id, "failure", reason, upload_log=True)
         return "failure"
 
     def reboot(self, dep_id: str) -> None:
@@ -502,6 +443,178 @@ class Agent:
         except (OSError, subprocess.SubprocessError) as e:
             log.error("reboot command %s failed: %s", cmd, e)
         raise Rebooting()
+
+    # ------------------------------------------------------------------ the deployment
+    def process(self, dep: Deployment) -> str:
+        """Install a deployment. Returns the final local status; raises :class:`Rebooting` after arming."""
+        if dep.id in self.state.finished and not dep.id.startswith(LOCAL_PREFIX):
+            log.warning("deployment %s was already finished on this device: a replay, refused", dep.id)
+            return "replayed"
+        facts = self.facts()
+        if dep.artifact_name and dep.artifact_name == facts.artifact_name:
+            self.report(dep.id, "already-installed")
+            self.state.finish(dep.id)
+            self.save()
+            return "already-installed"
+        cur = self.current
+        resumed = cur is not None and cur.id == dep.id and cur.phase is not Phase.ARMED
+        if cur is not None and not resumed:
+            log.warning("deployment %s replaces interrupted deployment %s", dep.id[:8], cur.id[:8])
+            self._clear(cur.id)
+        if not resumed:
+            self._remove_scripts(dep.id)  # only this deployment's verified header may put scripts there
+        target = Slot(self.slots.inactive)
+        self.state.current = Current(id=dep.id, artifact_name=dep.artifact_name, uri=dep.uri,
+                                     phase=Phase.DOWNLOADING, target=target, source=self.running,
+                                     allow_downgrade=dep.allow_downgrade,
+                                     local_path=str(dep.local_path or ""))
+        self.save()
+        self.dlog(dep.id, "info", f"deployment of {dep.artifact_name or 'a local artifact'} to slot "
+                                  f"{target.label}" + (" (resumed)" if resumed else ""))
+        try:
+            self.report(dep.id, "downloading")
+            result = self._download_and_install(dep, facts, target)
+        except Aborted:
+            self.dlog(dep.id, "warning", "deployment aborted by the server; the boot state is untouched")
+            self._failure_scripts(dep.id, ("ArtifactInstall", "Error"))
+            self._clear(dep.id)
+            return "aborted"
+        except (ArtifactError, DownloadError, ScriptError, OSError, OTAError) as e:
+            return self._install_failed(dep.id, e)
+        # ---- the last point where an abort is honoured: "rebooting" goes out before the boot state changes
+        try:
+            self.report(dep.id, "rebooting")
+        except Aborted:
+            self.dlog(dep.id, "warning", "deployment aborted by the server before the reboot; boot state untouched")
+            self._forget_slot(int(target))
+            self._clear(dep.id)
+            return "aborted"
+        # ---- ArtifactReboot_Enter decides before anything is armed: a refusal leaves nothing to undo
+        runner = self.scripts(dep.id)
+        try:
+            out = runner.run("ArtifactReboot", "Enter")
+        except ScriptError as e:
+            self.dlog(dep.id, "error", str(e))
+            err = runner.run("ArtifactReboot", "Error")
+            if err:
+                self.dlog(dep.id, "info", err.rstrip())
+            self._forget_slot(int(target))
+            return self._install_failed(dep.id, e)
+        if out:
+            self.dlog(dep.id, "info", out.rstrip())
+        # ---- arm: the state says "armed" before the boot env does, so a restart re-arms rather than re-installs
+        cur = self.current
+        assert cur is not None
+        cur.phase, cur.boot_id, cur.armed_at = Phase.ARMED, self.boot, self.clock.now()
+        self.save()
+        fault("before-arm")
+        arm(self.env, int(target))
+        self.dlog(dep.id, "info", f"boot state armed: next boot tries slot {target.label} "
+                                  f"({result.size} bytes, {result.zeroed} of them as zero ranges, streamed in "
+                                  f"{result.write_seconds:.1f}s and read back in {result.verify_seconds:.1f}s)")
+        fault("after-arm")
+        self.reboot(dep.id)
+        raise AssertionError("unreachable")
+
+    def _download_and_install(self, dep: Deployment, facts: DeviceFacts, target: Slot) -> Any:
+        dev = check_writable_target(self.slots, int(target))
+        spool = self.spool(dep.id)
+        spool.parent.mkdir(exist_ok=True)
+        for stale in spool.parent.glob("*.mender"):
+            if stale.name != spool.name:
+                remove_spool(stale)
+
+        def refresh() -> str | None:
+            try:
+                fresh = self.api.next_deployment(self.device_provides())
+            except ServerError:
+                return None
+            if fresh is None or fresh.id != dep.id:
+                return None
+            return fresh.uri
+
+        entered = False
+
+        def on_header(header: Any, provides: dict[str, str]) -> None:
+            nonlocal entered
+            name = header.info.artifact_name
+            if dep.artifact_name and name != dep.artifact_name:
+                raise IncompatibleArtifact(f"artifact name mismatch: the deployment is for {dep.artifact_name!r}, "
+                                           f"the signed artifact is {name!r}")
+            cur = self.current
+            assert cur is not None
+            store_scripts(self.scripts_dir(dep.id), header.scripts)
+            cur.phase, cur.verified = Phase.INSTALLING, True
+            self.save()
+            self.dlog(dep.id, "info", f"signature verified; {name} (version "
+                                      f"{provides.get('rootfs-image.version', '?')}) fits this device")
+            self.report(dep.id, "installing")
+            out = self.scripts(dep.id).run("ArtifactInstall", "Enter")
+            entered = True
+            if out:
+                self.dlog(dep.id, "info", out.rstrip())
+
+        try:
+            result, resumes = self._stream(dep, facts, dev, spool, refresh, on_header)
+            if resumes:
+                self.dlog(dep.id, "info", f"download resumed {resumes} time(s) with HTTP Range")
+            remove_spool(spool)  # installed and verified: free /data
+            out = self.scripts(dep.id).run("ArtifactInstall", "Leave")
+            if out:
+                self.dlog(dep.id, "info", out.rstrip())
+        except BaseException:
+            if entered:
+                err = self.scripts(dep.id).run("ArtifactInstall", "Error")
+                if err:
+                    self.dlog(dep.id, "info", err.rstrip())
+            raise
+        slots = read_json(self.dir / "slots.json")
+        slots[str(int(target))] = {"artifact_name": result.artifact_name, "provides": result.provides,
+                                   "installed_at": self.clock.now()}
+        write_json(self.dir / "slots.json", slots)
+        return result
+
+    def _stream(self, dep: Deployment, facts: DeviceFacts, dev: Path, spool: Path,
+                refresh: Callable[[], str | None], on_header: Callable[[Any, dict[str, str]], None]) -> tuple[Any, int]:
+        active = self.slots.device(self.slots.running)
+        if dep.local_path is not None:
+            with open(dep.local_path, "rb") as f:
+                result = stream_install(f, verifiers=self.verifiers(), device=facts, target=dev,
+                                        allow_downgrade=dep.allow_downgrade, source_size=os.fstat(f.fileno()).st_size,
+                                        on_header=on_header, active=active)
+            return result, 0
+        resumes = 0
+        for attempt in (1, 2):
+            dl = ResumableDownload(dep.uri, session=self.api.session, refresh_url=refresh, spool=spool,
+                                   retry_timeout=self.cfg.server.download_retry_timeout,
+                                   timeout=self.cfg.server.request_timeout, sleep=self.clock.sleep)
+            try:
+                size = dl.start()
+                fault("download-started")
+                self.dlog(dep.id, "info", f"downloading {size} bytes" + (f", {dl.kept} kept from before" if dl.kept else ""))
+                result = stream_install(dl, verifiers=self.verifiers(), device=facts, target=dev,
+                                        allow_downgrade=dep.allow_downgrade, source_size=size,
+                                        on_header=on_header, active=active)
+                resumes += dl.resumes
+                return result, resumes
+            except LinkGone as e:
+                raise Aborted(str(e)) from None
+            except ArtifactError as e:
+                if not dl.kept or attempt == 2 or isinstance(e, IncompatibleArtifact):
+                    raise
+                # the bytes kept from before are the only suspect: fetch everything again, once
+                self.dlog(dep.id, "warning", f"install from the kept download failed ({e}); "
+                                             "downloading the whole artifact again")
+                dl.discard_spool()
+            finally:
+                dl.close()
+        raise AssertionError("unreachable")
+
+    def deltas_work(self, running: dict[str, str]) -> bool:
+        """False once a delta failed on the running image (``running``: its provides; changed in place): from
+        then on this image asks for full artifacts, or every retry of the deployment would get the same
+        delta."""
+        return bool(self.state.no_delta_for != running.get("rootfs-image.checksum"))
 
     # ------------------------------------------------------------------ polling
     def device_provides(self) -> dict[str, str]:
@@ -521,13 +634,18 @@ class Agent:
             "device_type": self.device_type,
             "kernel": os.uname().release,
             "hostname": socket.gethostname(),
-            "ota_slot": slot_name(self.slots.running),
+            "ota_slot": self.running.label,
             "agent_version": VERSION,
             # payload types this agent installs (the server offers a delta only to a device that lists it)
             "update_modules": ["rootfs-image", DELTA] if self.deltas_work(p) else ["rootfs-image"],
+            "security_floor": self.trust.floor(),
         }
         if "rootfs-image.checksum" in p:
             inv["rootfs-image.checksum"] = p["rootfs-image.checksum"]
+        if self.state.config_refused:
+            inv["config_refused"] = self.state.config_refused
+        if self.cfg.device.unsigned:
+            inv["unsigned_image"] = "yes: refuses every update"
         if st is not None:
             inv["data_free_mb"] = st.f_bavail * st.f_frsize // (1024 * 1024)
         addrs = _ipv4_addresses()
@@ -537,11 +655,32 @@ class Agent:
         return inv
 
     def sync_configuration(self) -> bool:
-        """Fetch the device's configuration variables; write them to ``device_env`` and restart the units
-        that use them when they changed. Returns True when something changed."""
+        """Fetch the device's configuration variables. Only names the signed image declares
+        (``[device] config_variables``), none of :mod:`.envvars`' denied names, and one-line printable values
+        are accepted; any refusal keeps the last good ``device_env`` and is reported in the inventory
+        (``config_refused``). On a change the file is replaced and the units that use it restarted."""
         values = self.api.configuration()
+        allowed = set(self.cfg.device.config_variables)
+        problems = []
+        for name, value in sorted(values.items()):
+            shown = name[:64]
+            why = envvars.name_problem(name)
+            if why is None and name not in allowed:
+                why = "not declared by this image (config_variables)"
+            if why is None and not envvars.VALUE.match(value):
+                why = "its value has a newline, NUL or another control character, or is too long"
+            if why:
+                problems.append(f"{shown}: {why}")
+        refused = "; ".join(problems)[:1000]
+        if refused != self.state.config_refused:
+            self.state.config_refused = refused
+            self.save()
+            self._inventory_due = 0.0
+        if problems:
+            log.error("configuration from the server refused, the last good one stays: %s", refused)
+            return False
         path = Path(self.cfg.paths.device_env)
-        text = "".join(f"{k}={_env_quote(v)}\n" for k, v in sorted(values.items()) if _valid_env_name(k))
+        text = "".join(f"{k}={_env_quote(v)}\n" for k, v in sorted(values.items()))
         try:
             old = path.read_text()
         except FileNotFoundError:
@@ -561,29 +700,53 @@ class Agent:
         self.flush_reports()
         now = self.clock.now()
         if now >= self._inventory_due:
-            self.api.send_inventory(self.inventory())
             try:
                 self.sync_configuration()
             except (ServerError, OSError) as e:
                 log.warning("configuration not updated: %s", e)
+            self.api.send_inventory(self.inventory())
             # in memory: every start (a reboot into a new slot) reports at once
             self._inventory_due = now + self.cfg.server.inventory_interval
-        dep = self.api.next_deployment(self.device_provides())
+        try:
+            dep = self.api.next_deployment(self.device_provides())
+        except BadDeployment as e:
+            log.error("%s", e)
+            if e.deployment_id and e.deployment_id not in self.state.finished:
+                self.state.finish(e.deployment_id)
+                self.save()
+                with contextlib.suppress(Aborted):
+                    self.report(e.deployment_id, "failure", str(e))
+            return "refused"
         if dep is None:
             return "idle"
         return self.process(dep)
 
     def run(self, *, once: bool = False) -> str:
-        """The daemon loop (``once``: a single poll, for ``ota-agent check-update`` and tests)."""
-        try:
-            self.recover()
-        except Rebooting:
-            return self._rebooting(once)
-        while self.state.get("phase") == "armed":  # a trial boot: the health unit decides
-            if self.wait_for_verdict(self.cfg.health.deadline + 120) or once:
+        """The daemon loop (``once``: a single poll, for ``ota-agent check-update`` and tests). Errors of the
+        medium or the boot state are logged and retried; nothing here ends the process but a reboot."""
+        backoff = min(self.cfg.server.retry_interval, self.cfg.server.poll_interval)
+        while True:
+            try:
+                self.startup()
+                self.recover()
+                if self.rollback_pending():
+                    if once:
+                        return "trial-failed"
+                    self.await_rollback_reboot()
+                if self.in_trial():
+                    result = self.run_trial(once=once)
+                    if result != "committed":
+                        return result
+                    continue
                 break
-        if self.state.get("phase") == "armed":
-            return "trial"
+            except Rebooting:
+                return self._rebooting(once)
+            except (OSError, BootEnvError, OTAError) as e:
+                log.error("cannot start a cycle: %s; retrying", e)
+                if once:
+                    return "error"
+                self.clock.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(backoff * 2, self.cfg.server.poll_interval)
         backoff = min(self.cfg.server.retry_interval, self.cfg.server.poll_interval)
         while True:
             try:
@@ -600,6 +763,10 @@ class Agent:
                 log.warning("server: %s", e)
                 result, wait = "offline", backoff
                 backoff = min(backoff * 2, self.cfg.server.poll_interval)
+            except (OSError, BootEnvError, OTAError) as e:  # a full /data, a bad medium: keep going
+                log.error("cycle failed: %s", e)
+                result, wait = "error", backoff
+                backoff = min(backoff * 2, self.cfg.server.poll_interval)
             if once:
                 return result
             self.clock.sleep(wait * random.uniform(0.8, 1.2))
@@ -612,18 +779,24 @@ class Agent:
 
     # ------------------------------------------------------------------ without a server
     def install_local(self, source: str, *, allow_downgrade: bool = False, reboot: bool = False) -> str:
-        """``ota-agent install``: the same verified streaming install from a file or URL, no reports."""
-        if self.state.get("phase") is not None:
-            raise OTAError(f"a deployment is in progress (phase {self.state.get('phase')}); finish it first")
+        """``ota-agent install``: the same verified streaming install from a file or an https URL, no
+        reports."""
+        self.startup()
+        if self.current is not None:
+            raise OTAError(f"a deployment is in progress (phase {self.current.phase.value}); finish it first")
+        dep_id = f"{LOCAL_PREFIX}{time.time_ns()}"
         if "://" in source:
-            uri = source
+            try:
+                uri = validate.url(source, what="artifact URL", allow_http=self.cfg.server.insecure_http)
+            except validate.UntrustedInput as e:
+                raise OTAError(str(e)) from None
+            dep = Deployment(id=dep_id, artifact_name="", uri=uri, device_types=(), allow_downgrade=allow_downgrade)
         else:
             path = Path(source).resolve()
             if not path.is_file():
-                raise OTAError(f"artifact not found: {source}")
-            uri = path.as_uri()
-        dep = Deployment(id=f"{LOCAL_PREFIX}{int(self.clock.now())}", artifact_name="", uri=uri,
-                         device_types=(), allow_downgrade=allow_downgrade)
+                raise OTAError(f"artifact not found (or not a regular file): {source}")
+            dep = Deployment(id=dep_id, artifact_name="", uri="", device_types=(), allow_downgrade=allow_downgrade,
+                             local_path=path)
         if not reboot:
             self.reboot_command = None
         try:
@@ -632,19 +805,22 @@ class Agent:
             return "armed; rebooting" if reboot else "armed: reboot to try the new slot"
 
     def show(self) -> dict[str, Any]:
-        return {"boot_env": self.env.read(), "running_slot": slot_name(self.slots.running),
-                "trial": self.slots.trial, "provides": self.running_provides(), "state": self.state.data,
-                "slots": read_json(self.dir / "slots.json")}
+        return {"boot_env": self.env.read(), "running_slot": self.running.label,
+                "trial": self.slots.trial, "provides": self.running_provides(), "state": self.state.to_json(),
+                "slots": read_json(self.dir / "slots.json"), "security_floor": self.trust.floor()}
 
 
-def _valid_env_name(name: str) -> bool:
-    return name.replace("_", "a").isalnum() and not name[:1].isdigit()
+def _int(value: str | None, default: int = 0) -> int:
+    try:
+        return int(value or default)
+    except ValueError:
+        return default
 
 
 def _env_quote(value: str) -> str:
     if value and all(c.isalnum() or c in "._-/:@+," for c in value):
         return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`")
     return f'"{escaped}"'
 
 
@@ -680,4 +856,5 @@ def _inventory_scripts(directory: Path) -> dict[str, str]:
     return out
 
 
-__all__ = ["Agent", "Clock", "Rebooting", "other"]
+__all__ = ["Agent", "Clock", "Rebooting"]
+

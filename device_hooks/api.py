@@ -1,8 +1,14 @@
-"""The Mender device API subset our server speaks (DESIGN.md section 4), with ``requests``.
+"""The Mender device API subset our server speaks (DESIGN.md section 4), with ``requests``, over TLS.
+
+The server is verified against ``ca_file`` (the CA baked into the image) or the system trust store; plain
+``http://`` only when the configuration says ``insecure_http``. Redirects are followed only to the same scheme
+and host class (:func:`device_hooks.validate.redirect`). What the server answers is not trusted: a deployment
+is parsed with types and grammars (:meth:`Deployment.from_json`).
 
 Every call returns a plain value or raises one of: :class:`Unauthorized` (401: authenticate again),
-:class:`Aborted` (409 on a status report: the deployment was aborted), :class:`ServerError` (anything else,
-including network failures; the caller retries with back-off).
+:class:`Aborted` (409 on a status report: the deployment was aborted), :class:`Rejected` (another 4xx on a
+report: it will never be taken, drop it), :class:`BadDeployment` (the deployment the server sent does not
+parse), :class:`ServerError` (anything else, including network failures; the caller retries with back-off).
 """
 
 from __future__ import annotations
@@ -10,13 +16,17 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
+import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import requests
 
 from ota_common.errors import OTAError
 
+from . import validate
 from .identity import PrivateKey, public_pem, sign
 
 log = logging.getLogger(__name__)
@@ -42,35 +52,96 @@ class Aborted(ServerError):
     """409 on a status report: the deployment was aborted for this device."""
 
 
+class Rejected(ServerError):
+    """A 4xx answer to a report that will never change (unknown deployment, invalid status, gone): the report
+    is dropped instead of blocking the ones behind it."""
+
+
+class BadDeployment(ServerError):
+    """The deployment the server sent does not parse; ``deployment_id`` is set when its id was valid (then the
+    refusal can be reported to it)."""
+
+    def __init__(self, message: str, deployment_id: str | None = None) -> None:
+        super().__init__(message)
+        self.deployment_id = deployment_id
+
+
+PERMANENT = frozenset({400, 403, 404, 405, 410, 413, 422})
+_DEVICE_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+
 @dataclass(frozen=True)
 class Deployment:
     id: str
-    artifact_name: str
+    artifact_name: str  # empty for a local install: no name to compare the signed one with
     uri: str
     device_types: tuple[str, ...]
     allow_downgrade: bool
+    local_path: Path | None = None  # ota-agent install of a file on the device
 
     @classmethod
-    def from_json(cls, doc: Any) -> Deployment:
+    def from_json(cls, doc: Any, *, allow_http: bool = False) -> Deployment:
+        """Parse ``next``'s answer with types and grammars. Raises :class:`BadDeployment`."""
+        if not isinstance(doc, dict):
+            raise BadDeployment("the deployment is not a JSON object")
         try:
-            art = doc["artifact"]
-            return cls(id=str(doc["id"]), artifact_name=str(art["artifact_name"]), uri=str(art["source"]["uri"]),
-                       device_types=tuple(str(t) for t in art.get("device_types_compatible") or ()),
-                       allow_downgrade=bool(doc.get("allow_downgrade", False)))
-        except (KeyError, TypeError) as e:
-            raise ServerError(f"malformed deployment from the server: missing {e}") from None
+            dep_id = validate.deployment_id(doc.get("id"))
+        except validate.UntrustedInput as e:
+            raise BadDeployment(f"deployment refused: {e}") from None
+        try:
+            art = doc.get("artifact")
+            if not isinstance(art, dict):
+                raise validate.UntrustedInput("artifact must be an object")
+            source = art.get("source")
+            if not isinstance(source, dict):
+                raise validate.UntrustedInput("artifact.source must be an object")
+            types = art.get("device_types_compatible", [])
+            if not isinstance(types, list) or len(types) > 64 or not all(
+                    isinstance(t, str) and _DEVICE_TYPE.match(t) for t in types):
+                raise validate.UntrustedInput("device_types_compatible must be a list of device type names")
+            allow_downgrade = doc.get("allow_downgrade", False)
+            if not isinstance(allow_downgrade, bool):
+                raise validate.UntrustedInput(f"allow_downgrade must be true or false, got {allow_downgrade!r:.40}")
+            return cls(id=dep_id, artifact_name=validate.artifact_name(art.get("artifact_name")),
+                       uri=validate.url(source.get("uri"), what="download link", allow_http=allow_http),
+                       device_types=tuple(types), allow_downgrade=allow_downgrade)
+        except validate.UntrustedInput as e:
+            raise BadDeployment(f"deployment {dep_id} refused: {e}", dep_id) from None
+
+
+class StrictSession(requests.Session):
+    """A session that verifies TLS against ``verify`` on every request (also when the environment names
+    another bundle) and follows a redirect only to the same scheme and host class."""
+
+    def __init__(self, *, verify: str | bool = True, allow_http: bool = False) -> None:
+        super().__init__()
+        self.verify = verify
+        self.allow_http = allow_http
+        self.headers["User-Agent"] = "vv-ota-agent/1"
+        self.headers["Accept-Encoding"] = "identity"
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("verify", self.verify)
+        return super().request(method, url, *args, **kwargs)
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        target = super().get_redirect_target(resp)
+        if target is not None:
+            validate.redirect(resp.url, urllib.parse.urljoin(resp.url, target), allow_http=self.allow_http)
+        return target
 
 
 class DeviceAPI:
-    def __init__(self, url: str, key: PrivateKey, identity: str, tenant_token: str = "", timeout: float = 30.0):
-        self.url = url.rstrip("/")
+    def __init__(self, url: str, key: PrivateKey, identity: str, tenant_token: str = "", timeout: float = 30.0,
+                 *, ca_file: str = "", allow_http: bool = False):
+        self.url = validate.url(url, what="server url", allow_http=allow_http).rstrip("/")
         self.key = key
         self.identity = identity
         self.tenant_token = tenant_token
         self.timeout = timeout
+        self.allow_http = allow_http
         self.token: str | None = None
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = "vv-ota-agent/1"
+        self.session = StrictSession(verify=ca_file or True, allow_http=allow_http)
 
     def close(self) -> None:
         self.session.close()
@@ -107,28 +178,35 @@ class DeviceAPI:
         return token
 
     def next_deployment(self, provides: dict[str, str]) -> Deployment | None:
-        resp = self._request("POST", NEXT_V2, json={"device_provides": provides, "update_control_map": False})
+        resp = self._request("POST", NEXT_V2, json={"device_provides": provides, "update_control_map": False},
+                             stream=True)
         if resp.status_code == 204:
             return None
         if resp.status_code != 200:
             raise ServerError(f"next deployment: {resp.status_code} {_message(resp)}")
         try:
-            return Deployment.from_json(resp.json())
-        except ValueError:
-            raise ServerError("next deployment: the answer is not JSON") from None
+            doc = _bounded_json(resp, "next deployment")
+        except ServerError as e:
+            raise BadDeployment(str(e)) from None
+        return Deployment.from_json(doc, allow_http=self.allow_http)
 
     def report_status(self, deployment_id: str, status: str, substate: str = "") -> None:
         body: dict[str, str] = {"status": status}
         if substate:
             body["substate"] = substate[:1000]
-        resp = self._request("PUT", f"{DEPLOYMENTS_V1}/{deployment_id}/status", json=body)
+        resp = self._request("PUT", f"{DEPLOYMENTS_V1}/{validate.deployment_id(deployment_id)}/status", json=body)
         if resp.status_code == 409:
             raise Aborted(f"deployment {deployment_id} was aborted")
+        if resp.status_code in PERMANENT:
+            raise Rejected(f"status {status!r}: {resp.status_code} {_message(resp)}")
         if resp.status_code not in (200, 204):
             raise ServerError(f"status {status!r}: {resp.status_code} {_message(resp)}")
 
     def upload_log(self, deployment_id: str, messages: list[dict[str, str]]) -> None:
-        resp = self._request("PUT", f"{DEPLOYMENTS_V1}/{deployment_id}/log", json={"messages": messages})
+        resp = self._request("PUT", f"{DEPLOYMENTS_V1}/{validate.deployment_id(deployment_id)}/log",
+                             json={"messages": messages})
+        if resp.status_code in PERMANENT:
+            raise Rejected(f"log upload: {resp.status_code} {_message(resp)}")
         if resp.status_code not in (200, 204):
             raise ServerError(f"log upload: {resp.status_code} {_message(resp)}")
 
@@ -139,18 +217,39 @@ class DeviceAPI:
             raise ServerError(f"inventory: {resp.status_code} {_message(resp)}")
 
     def configuration(self) -> dict[str, str]:
-        resp = self._request("GET", CONFIGURATION)
+        resp = self._request("GET", CONFIGURATION, stream=True)
         if resp.status_code == 404:
             return {}
         if resp.status_code != 200:
             raise ServerError(f"configuration: {resp.status_code} {_message(resp)}")
-        try:
-            doc = resp.json()
-        except ValueError:
-            raise ServerError("configuration: the answer is not JSON") from None
+        doc = _bounded_json(resp, "configuration")
         if not isinstance(doc, dict):
             raise ServerError("configuration: expected a JSON object")
-        return {str(k): "" if v is None else str(v) for k, v in doc.items()}
+        out: dict[str, str] = {}
+        for k, v in doc.items():
+            if v is not None and not isinstance(v, str | int | float | bool):
+                raise ServerError(f"configuration: the value of {str(k)[:64]!r} is not a scalar")
+            out[str(k)] = "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+        return out
+
+
+MAX_JSON = 1 << 20  # a deployment or a configuration is a few kB; a hostile server must not fill the memory
+
+
+def _bounded_json(resp: requests.Response, what: str) -> Any:
+    """The JSON body of a streamed response, refused past :data:`MAX_JSON` bytes."""
+    try:
+        body = resp.raw.read(MAX_JSON + 1, decode_content=False)  # asked for identity: no decompression bombs
+    except (requests.RequestException, OSError) as e:
+        raise ServerError(f"{what}: {type(e).__name__}: {e}") from None
+    finally:
+        resp.close()
+    if len(body) > MAX_JSON:
+        raise ServerError(f"{what}: the answer is larger than {MAX_JSON} bytes")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ServerError(f"{what}: the answer is not JSON") from None
 
 
 def _message(resp: requests.Response) -> str:

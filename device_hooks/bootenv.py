@@ -129,6 +129,45 @@ class BootEnv:
         self._write(1 - current, encode(state, flags, self.size), fault_point)
         return state
 
+    def repair(self) -> str:
+        """Rewrite an invalid copy from the valid one (a torn write, a bad sector), so the next power cut
+        still finds a good copy. Returns what was done ("" when both were fine). Raises :class:`BootEnvError`
+        when neither copy is valid (then :meth:`create` rebuilds the state)."""
+        a, b = self._copies()
+        good = newer(a, b)
+        bad = 1 - good
+        if (a, b)[bad].valid:
+            return ""
+        copy = (a, b)[good]
+        self._write(bad, encode(copy.variables, (copy.flags + 1) & 0xFF, self.size))
+        return f"copy {self.copies[bad].name} was invalid: rewritten from {self.copies[good].name}"
+
+    @property
+    def last_good_path(self) -> Path:
+        """``lastgood`` beside the copies: the slot ``boot.scr`` boots when both copies are invalid."""
+        return self.copies[0].parent / "lastgood"
+
+    def record_last_good(self, part: int) -> None:
+        """Remember ``part`` as the last committed slot (a text file ``boot.scr`` imports with ``env import
+        -t``); written only when it changes, through a temporary file and a rename."""
+        if part not in (2, 3):
+            raise BootEnvError(f"not a slot partition: {part}")
+        text = f"mender_boot_part={part}\n".encode()
+        path = self.last_good_path
+        try:
+            if path.read_bytes() == text:
+                return
+        except FileNotFoundError:
+            pass
+        tmp = path.with_name(".lastgood.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, text)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
     def create(self, variables: Mapping[str, str]) -> None:
         """Write both copies (as ``mkenvimage -r`` does: flags 1 in each)."""
         blob = encode(variables, 1, self.size)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from ota_common.errors import OTAError
 
-from .config import DEFAULT_CONFIG, load_config
+from .config import DEFAULT_CONFIG, agent_environment, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(name)s: %(levelname)s %(message)s", stream=sys.stderr)
     try:
         cfg = load_config(args.config)
+        for ignored in agent_environment(cfg, os.environ):
+            logging.getLogger("ota-agent").error("agent environment: ignored %s (only proxy variables)", ignored)
         if args.command in ("health", "deadline"):
             from .health import HealthRun, deadline_reached
 

@@ -8,11 +8,15 @@ are errors: a typo in a fleet's configuration must not silently fall back to a d
 from __future__ import annotations
 
 import configparser
+import logging
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ota_common.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("/etc/ota/ota.conf")
 
@@ -87,9 +91,13 @@ class PathsSection:
     journal_dir: str = "/var/log/journal"
     data_mount: str = "/data"
     device_env: str = "/data/ota/device.env"
-    # per-device settings provisioned onto the data partition (server URL, tenant token, intervals...):
-    # same format, its keys override the image's; it survives updates because /data does
+    # per-device settings provisioned onto the data partition: same format, but only the keys of
+    # LOCAL_KEYS ([server] url, ca_file, tenant_token); it survives updates because /data does
     local_config: str = "/data/ota/ota.conf"
+    # the agent's per-device environment on /data: only the proxy variables of PROXY_VARIABLES are used
+    agent_env: str = "/data/ota/agent.env"
+    # present only in images built with a test layer: then OTA_AGENT_FAULT (power-cut simulation) is honoured
+    fault_injection: str = "/etc/ota/fault-injection"
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,12 @@ class Config:
 
 
 _SECTIONS = {f.name: f.type for f in fields(Config)}
+#: what the writable data partition may set in its ota.conf: where the server is and how to trust it, nothing
+#: the signed image decides (keys, commands, paths, health rules)
+LOCAL_KEYS = {"server": frozenset({"url", "ca_file", "tenant_token"})}
+#: the only variables taken from [paths] agent_env
+PROXY_VARIABLES = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
+                             "http_proxy", "https_proxy", "no_proxy", "all_proxy"})
 
 
 def _convert(section: str, key: str, raw: str, default: object) -> object:
@@ -175,7 +189,31 @@ def parse_config(text: str, source: str = "ota.conf", overrides: tuple[tuple[str
     return cfg
 
 
+def local_overrides(text: str, source: str) -> tuple[str, list[str]]:
+    """The part of a data-partition ota.conf that may override the image (:data:`LOCAL_KEYS`), as INI text, and
+    what was ignored. Raises :class:`ConfigError` when it does not parse."""
+    cp = configparser.ConfigParser(interpolation=None, comment_prefixes=("#", ";"), inline_comment_prefixes=None)
+    try:
+        cp.read_string(text, source=source)
+    except configparser.Error as e:
+        raise ConfigError(f"{source}: {e}") from None
+    kept, ignored = [], []
+    for section in cp.sections():
+        lines = []
+        for key, value in cp.items(section):
+            if key in LOCAL_KEYS.get(section, ()):
+                lines.append(f"{key} = {value}\n")
+            else:
+                ignored.append(f"[{section}] {key}")
+        if lines:
+            kept.append(f"[{section}]\n" + "".join(lines))
+    return "".join(kept), ignored
+
+
 def load_config(path: Path = DEFAULT_CONFIG) -> Config:
+    """The image's configuration, with the per-device keys of ``[paths] local_config`` (only
+    :data:`LOCAL_KEYS`; anything else there is ignored and logged: ``/data`` cannot override what the signed
+    image decides)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -190,4 +228,38 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
         extra = local.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read {local}: {e.strerror}") from None
-    return parse_config(text, str(path), ((extra, str(local)),))
+    allowed, ignored = local_overrides(extra, str(local))
+    if ignored:
+        log.error("%s: ignored %s (the data partition may set only %s)", local, ", ".join(ignored),
+                  ", ".join(f"[{s}] {k}" for s, keys in LOCAL_KEYS.items() for k in sorted(keys)))
+    return parse_config(text, str(path), ((allowed, str(local)),))
+
+
+def agent_environment(cfg: Config, environ: MutableMapping[str, str]) -> list[str]:
+    """Apply ``[paths] agent_env`` to ``environ``: only :data:`PROXY_VARIABLES` with one-line values. The
+    fault-injection variables are dropped from ``environ`` unless the image was built with a test layer
+    (``[paths] fault_injection`` exists). Returns what was ignored, for the log."""
+    ignored = []
+    if not Path(cfg.paths.fault_injection).exists():
+        for name in ("OTA_AGENT_FAULT", "OTA_AGENT_FAULT_ONCE"):
+            if environ.pop(name, None) is not None:
+                ignored.append(f"{name} (no fault injection in this image)")
+    try:
+        text = Path(cfg.paths.agent_env).read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return ignored
+    except OSError as e:
+        return [*ignored, f"{cfg.paths.agent_env}: {e.strerror}"]
+    testing = Path(cfg.paths.fault_injection).exists()
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        name, value = name.strip(), value.strip().strip('"').strip("'")
+        if sep and re.fullmatch(r"[^\x00-\x1f\x7f]{0,2048}", value) and (
+                name in PROXY_VARIABLES or (testing and name in ("OTA_AGENT_FAULT", "OTA_AGENT_FAULT_ONCE"))):
+            environ[name] = value
+        else:
+            ignored.append(name[:64] or line[:64])
+    return ignored

@@ -1,11 +1,15 @@
 """Health verdict after a trial boot: check, then commit or roll back. Runs as ``ota-health.service``.
 
-Checks (all must pass, retried until the deadline so a slow application gets its time):
+Local checks (all must pass, retried until ``deadline`` so a slow application gets its time):
 - every unit in ``[health] units`` is active;
 - the application's ``/health`` URL answers 2xx;
-- the update server answers HTTP at all (any status below 500: the device can still be managed);
 - ``/data`` is mounted;
 - every executable in ``/etc/ota/health.d`` (run-parts naming and order), each within ``hook_timeout``.
+
+Then, with ``check_server``, the server: "reachable" means the new slot's own agent authenticated and completed
+a poll in this boot (it leaves ``poll.json`` with the boot id), not that something answered HTTP (a captive
+portal does). A server outage alone is no reason to roll back a release whose local checks pass: the trial
+waits for that poll up to ``server_grace`` (default 1 hour; the application keeps running), then rolls back.
 
 Pass ▸ ArtifactCommit_Enter scripts, ``upgrade_available=0`` (the commit), ArtifactCommit_Leave.
 Fail ▸ ArtifactRollback_Enter, ``mender_boot_part=<other>``, ``upgrade_available=0``, ArtifactRollback_Leave,
@@ -27,13 +31,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .agentstate import StateStore
 from .bootenv import BootEnv
 from .config import Config
 from .faults import fault
 from .identity import boot_id
 from .scripts import ScriptError, ScriptRunner
 from .slots import detect, other, slot_name
-from .state import StateFile, write_json
+from .state import read_json, write_json
 
 log = logging.getLogger("ota-health")
 
@@ -69,8 +74,6 @@ def run_checks(cfg: Config) -> CheckResult:
         res.add(state == "active", f"unit {unit}: {state}")
     if h.url:
         res.add(*_http_ok(h.url, lambda s: 200 <= s < 300, "application health"))
-    if h.check_server and cfg.server.url:
-        res.add(*_http_ok(cfg.server.url.rstrip("/") + "/", lambda s: s < 500, "update server"))
     if h.check_data_mount:
         mounted = os.path.ismount(cfg.paths.data_mount)
         res.add(mounted, f"{cfg.paths.data_mount} mounted" if mounted else f"{cfg.paths.data_mount} is not mounted")
@@ -112,8 +115,12 @@ class HealthRun:
     def __post_init__(self) -> None:
         self.env = BootEnv.from_fw_env_config(Path(self.cfg.paths.fw_env_config))
         self.slots = detect(self.cfg)
-        self.state = StateFile(self.cfg.state_dir / "state.json")
+        self.state = StateStore(self.cfg.state_dir / "state.json")
         self.boot = boot_id(Path(self.cfg.paths.boot_id))
+
+    def server_contact(self) -> bool:
+        """The agent of this boot authenticated and completed a poll (``poll.json``, written by the agent)."""
+        return bool(read_json(self.cfg.state_dir / "poll.json").get("boot_id") == self.boot)
 
     def in_trial(self) -> bool:
         env = self.env.read()
@@ -124,11 +131,13 @@ class HealthRun:
         rolls back and reboots."""
         if not self.in_trial():
             res = run_checks(self.cfg)
+            if self.cfg.health.check_server and self.cfg.server.url:
+                res.lines.append(f"{'ok  ' if self.server_contact() else 'info'} agent polled the server in this boot")
             for line in res.lines:
                 log.info("%s", line)
             return 0 if res.ok else 1
-        dep = self.state.get("deployment") or {}
-        dep_id = str(dep.get("id", "manual"))
+        cur = self.state.state.current
+        dep_id = cur.id if cur is not None else "local-0"  # a trial armed by hand: no scripts
         runner = ScriptRunner.for_deployment(self.cfg, dep_id)
         log.info("trial boot of slot %s: running health checks (deadline %.0fs)", slot_name(self.slots.running),
                  self.cfg.health.deadline)
@@ -137,6 +146,9 @@ class HealthRun:
             output.append(runner.run("ArtifactReboot", "Leave"))
             res = self._checks_until_deadline()
             output.extend(res.lines)
+            if res.ok and self.cfg.health.check_server and self.cfg.server.url:
+                res = self._server_within_grace()
+                output.extend(res.lines)
             if not res.ok:
                 return self._fail(dep_id, runner, res.summary, output)
             output.append(runner.run("ArtifactCommit", "Enter"))
@@ -167,6 +179,27 @@ class HealthRun:
             assert callable(self.sleep)
             self.sleep(self.cfg.health.retry_interval)
 
+    def _server_within_grace(self) -> CheckResult:
+        """Wait for this boot's agent to complete a poll, up to ``server_grace``; the local checks must still
+        pass when it did (the application may have died meanwhile)."""
+        grace = self.cfg.health.server_grace
+        deadline = time.monotonic() + grace
+        waited = False
+        while not self.server_contact():
+            if time.monotonic() > deadline:
+                res = CheckResult(True)
+                res.add(False, f"update server: the agent of this slot did not authenticate and complete a poll "
+                               f"within {grace:.0f}s")
+                return res
+            if not waited:
+                log.info("local checks passed; waiting up to %.0fs for the agent to reach the update server", grace)
+                waited = True
+            assert callable(self.sleep)
+            self.sleep(min(self.cfg.health.retry_interval, 10.0))
+        res = run_checks(self.cfg) if waited else CheckResult(True)
+        res.add(True, "update server: the agent of this slot authenticated and completed a poll")
+        return res
+
     def _fail(self, dep_id: str, runner: ScriptRunner, summary: str, output: list[str]) -> int:
         back = other(self.slots.running)
         log.error("trial of slot %s failed: %s; rolling back to slot %s", slot_name(self.slots.running), summary,
@@ -190,10 +223,25 @@ class HealthRun:
         return 2
 
 
+#: past deadline + server_grace, the backstop waits this much longer before it reboots a trial
+DEADLINE_MARGIN = 300.0
+
+
+def uptime(path: Path = Path("/proc/uptime")) -> float:
+    try:
+        return float(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def deadline_reached(cfg: Config) -> int:
-    """``ota-deadline.service``: a trial boot that has no verdict by now reboots (boot.scr counts attempts)."""
+    """``ota-deadline.timer`` (every minute): a trial boot with no verdict ``deadline + server_grace`` (plus a
+    margin) after boot reboots (boot.scr counts the attempt and rolls back)."""
     run = HealthRun(cfg)
     if not run.in_trial():
+        return 0
+    limit = cfg.health.deadline + cfg.health.server_grace + DEADLINE_MARGIN
+    if uptime() < limit:
         return 0
     log.error("trial boot of slot %s reached its deadline without a health verdict: rebooting",
               slot_name(run.slots.running))

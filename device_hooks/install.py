@@ -35,6 +35,7 @@ from .faults import fault
 log = logging.getLogger(__name__)
 
 ROOTFS = "rootfs-image"
+SECURITY_VERSION = "rootfs-image.security_version"
 DELTA = "rootfs-delta"  # artifacts.delta.DELTA_PAYLOAD_TYPE (not imported: the full path stays lean)
 WRITE_SYNC_EVERY = 32 * 1024 * 1024
 VERIFY_CHUNK = 1024 * 1024
@@ -54,6 +55,7 @@ class DeviceFacts:
     artifact_name: str
     provides: Mapping[str, str]  # incl. rootfs-image.version and (when known) rootfs-image.checksum
     groups: Sequence[str] = ()
+    security_floor: int = 0  # the lowest signed security version this device still installs (device_hooks.trust)
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,9 @@ def version_key(v: str) -> tuple[tuple[int, int | str], ...]:
 
 
 def check_compatible(header: ArtifactHeader, device: DeviceFacts, *, allow_downgrade: bool = False) -> dict[str, str]:
-    """Raise :class:`IncompatibleArtifact` with the reason, or return the provides the slot will have."""
+    """Raise :class:`IncompatibleArtifact` with the reason, or return the provides the slot will have. The
+    signed security version must not be below the device's floor; ``allow_downgrade`` (from the deployment)
+    only allows an older version at the same or a higher security version."""
     info = header.info
     if device.device_type not in info.device_types:
         raise IncompatibleArtifact(
@@ -191,6 +195,12 @@ def check_compatible(header: ArtifactHeader, device: DeviceFacts, *, allow_downg
                 f"{key}={have if have is not None else '(unknown)'}"
             )
     provides = dict(ti.provides)
+    security = provides.get(SECURITY_VERSION, "0")
+    if not re.fullmatch(r"[0-9]{1,9}", str(security)):
+        raise IncompatibleArtifact(f"{SECURITY_VERSION} {str(security)[:40]!r} is not a non-negative integer")
+    if int(security) < device.security_floor:
+        raise IncompatibleArtifact(f"security version {security} of the artifact is below this device's floor "
+                                   f"{device.security_floor}: refused whatever the deployment allows")
     new_version = provides.get("rootfs-image.version")
     cur_version = device.provides.get("rootfs-image.version")
     if new_version and cur_version and not allow_downgrade and version_key(new_version) < version_key(cur_version):

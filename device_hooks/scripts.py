@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ota_common.errors import OTAError
 
+from . import validate
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -30,10 +32,16 @@ STATES = ("ArtifactInstall", "ArtifactReboot", "ArtifactCommit", "ArtifactRollba
 ACTIONS = ("Enter", "Leave", "Error")
 NAME_RE = re.compile(r"^(Artifact(?:Install|Reboot|Commit|Rollback|RollbackReboot|Failure))_(Enter|Leave|Error)_(\d\d)(_\S+)?$")
 RETRY_LATER = 21
+_T = TypeVar("_T")
 
 
 class ScriptError(OTAError):
     """A state script failed (its output is in the message)."""
+
+
+def scripts_dir(state_dir: Path, dep_id: str) -> Path:
+    """Where a deployment's verified scripts are kept: checked to stay in ``<state_dir>/scripts``."""
+    return validate.under(state_dir / "scripts", validate.deployment_id(dep_id, local_ok=True))
 
 
 def store_scripts(directory: Path, scripts: Mapping[str, bytes]) -> None:
@@ -61,9 +69,10 @@ class ScriptRunner:
 
     @classmethod
     def for_deployment(cls, cfg: Config, dep_id: str, sleep: Callable[[float], None] = time.sleep) -> ScriptRunner:
-        """The runner of a deployment's kept scripts (``<state_dir>/scripts/<id>``) with the configured timeouts."""
+        """The runner of a deployment's kept scripts (``<state_dir>/scripts/<id>``) with the configured timeouts.
+        Raises :class:`~device_hooks.validate.UntrustedInput` for an id that is not a deployment id."""
         c = cfg.commands
-        return cls(cfg.state_dir / "scripts" / dep_id, c.script_timeout, c.script_retry_interval,
+        return cls(scripts_dir(cfg.state_dir, dep_id), c.script_timeout, c.script_retry_interval,
                    c.script_retry_timeout, sleep)
 
     def names(self, state: str, action: str) -> list[str]:
@@ -111,3 +120,22 @@ class ScriptRunner:
                 self.sleep(self.retry_interval)
                 continue
             raise ScriptError(f"state script {name} failed with exit code {proc.returncode}: {out[-2000:]}")
+
+    def lifecycle(self, state: str, body: Callable[[], _T], note: Callable[[str], None]) -> _T:
+        """One state with Mender's handler lifecycle: ``Enter`` scripts, ``body``, ``Leave`` scripts; when any
+        of the three fails, the ``Error`` scripts run (their own failures only noted) and the first failure
+        propagates. ``note`` gets the scripts' output. Nothing is skipped on the way out and nothing masks
+        the original error."""
+        try:
+            _note(note, self.run(state, "Enter"))
+            result = body()
+            _note(note, self.run(state, "Leave"))
+            return result
+        except BaseException:
+            _note(note, self.run(state, "Error"))
+            raise
+
+
+def _note(note: Callable[[str], None], out: str) -> None:
+    if out:
+        note(out.rstrip("\n"))

@@ -35,6 +35,10 @@ class FileDevice:
     hooks: dict[str, str] = field(default_factory=dict)
     extra_config: str = ""
     check_server: bool = True
+    config_variables: tuple[str, ...] = ("DEVICE_ID", "DVR_IP")
+    security_version: int = 0
+    ca_file: str = ""
+    fault_injection: bool = True  # a test image: OTA_AGENT_FAULT is honoured
 
     def __post_init__(self) -> None:
         r = self.root
@@ -61,6 +65,8 @@ class FileDevice:
         (r / "reboot").chmod(0o755)
         for name, body in self.hooks.items():
             self.add_hook(name, body)
+        if self.fault_injection:
+            (r / "fault-injection").touch()
         self.write_config()
 
     # -- layout
@@ -89,6 +95,8 @@ class FileDevice:
         self.config_path.write_text(f"""
 [server]
 url = {self.server_url}
+insecure_http = {'yes' if self.server_url.startswith('http://') else 'no'}
+ca_file = {self.ca_file}
 poll_interval = 1
 retry_interval = 0.2
 inventory_interval = 0
@@ -98,6 +106,8 @@ download_retry_timeout = 60
 [device]
 artifact_name = {self.artifact_name}
 version = {self.version}
+security_version = {self.security_version}
+config_variables = {' '.join(self.config_variables)}
 device_type_file = {r}/data/ota/device_type
 identity_command = {r}/identity
 inventory_dir = {r}/inventory.d
@@ -114,6 +124,9 @@ journal_dir = {r}/journal
 data_mount = {r}/data
 device_env = {r}/data/ota/device.env
 local_config = {r}/data/ota/ota.conf
+agent_env = {r}/data/ota/agent.env
+fault_injection = {r}/fault-injection
+revoked_keys = {r}/etc/keys.revoked
 
 [health]
 units =
@@ -121,6 +134,7 @@ url =
 hooks_dir = {r}/health.d
 hook_timeout = 10
 deadline = 2
+server_grace = 2
 retry_interval = 0.5
 check_data_mount = no
 check_server = {'yes' if self.check_server else 'no'}
@@ -175,6 +189,13 @@ script_retry_timeout = 5
             env["OTA_AGENT_FAULT"] = fault
         return subprocess.run([sys.executable, "-m", "device_hooks.cli", "-c", str(self.config_path), *args],
                               capture_output=True, text=True, env=env, timeout=timeout, cwd=self.root)
+
+    def verdict(self) -> subprocess.CompletedProcess[str]:
+        """What the trial boot's units do: the agent polls the server (the verdict needs that proof of
+        contact, ``poll.json``), then the health verdict runs."""
+        poll = self.agent("check-update")
+        assert poll.stdout.strip() in ("trial", "trial-ended"), poll.stdout + poll.stderr
+        return self.agent("health")
 
     def state(self) -> dict[str, Any]:
         try:

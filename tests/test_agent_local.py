@@ -38,7 +38,8 @@ def make_rootfs(path: Path, size: int = 3 * 1024 * 1024, seed: int = 7) -> Path:
 
 def make_artifact(tmp: Path, key: Path | None, *, name: str = "vv-2.0.0", version: str = "2.0.0",
                   device_types: tuple[str, ...] = ("test-board",), scripts: dict[str, str] | None = None,
-                  payload: Path | None = None, seed: int = 7) -> tuple[Path, Path]:
+                  payload: Path | None = None, seed: int = 7,
+                  security_version: int | None = None) -> tuple[Path, Path]:
     payload = payload or make_rootfs(tmp / f"{name}.ext4", seed=seed)
     script_paths = []
     for sname, body in (scripts or {}).items():
@@ -49,7 +50,8 @@ def make_artifact(tmp: Path, key: Path | None, *, name: str = "vv-2.0.0", versio
         script_paths.append(p)
     out = tmp / f"{name}.mender"
     write_artifact(rootfs_image_spec(file=payload, name=name, device_types=list(device_types),
-                                     software_version=version, scripts=script_paths),
+                                     software_version=version, scripts=script_paths,
+                                     security_version=security_version),
                    out, compression=Compression.GZIP, signer=load_signer(key) if key else None)
     return out, payload
 
@@ -251,22 +253,50 @@ def test_restart_after_arming_in_the_same_boot_rearms_and_reboots(device: FileDe
 
 
 def test_config_errors_are_clear(device: FileDevice) -> None:
-    device.config_path.write_text(device.config_path.read_text() + "\n[health]\nbogus = 1\n")
+    device.config_path.write_text(device.config_path.read_text().replace("[health]\n", "[health]\nbogus = 1\n"))
     proc = device.agent("show")
     assert proc.returncode == 2 and "error:" in proc.stderr
+    assert "[health] unknown key 'bogus'" in proc.stderr and str(device.config_path) in proc.stderr
 
 
-def test_per_device_settings_on_data_override_the_image(device: FileDevice) -> None:
-    from device_hooks.config import ConfigError, load_config
+def test_data_partition_sets_only_where_the_server_is(device: FileDevice, caplog: pytest.LogCaptureFixture) -> None:
+    """/data survives signed updates: its ota.conf may say where the server is and how to trust it, nothing the
+    signed image decides (keys, commands, paths, health rules, intervals)."""
+    from device_hooks.config import load_config
 
     base = load_config(device.config_path)
-    (device.data / "ota.conf").write_text("[server]\nurl = http://10.0.2.2:8123\npoll_interval = 5m\n")
+    (device.data / "ota.conf").write_text(
+        "[server]\nurl = https://10.0.2.2:8123\ntenant_token = t-42\nca_file = /data/ota/ca.pem\npoll_interval = 5m\n"
+        "[paths]\ntrusted_keys = /data/evil-keys\n[commands]\nreboot = /data/evil.sh\n")
     cfg = load_config(device.config_path)
-    assert cfg.server.url == "http://10.0.2.2:8123" and cfg.server.poll_interval == 300
-    assert cfg.health == base.health and cfg.paths == base.paths, "only the keys given are replaced"
-    (device.data / "ota.conf").write_text("[server]\npoll_intervall = 5m\n")
-    with pytest.raises(ConfigError, match="ota.conf.*poll_intervall"):
-        load_config(device.config_path)
+    assert (cfg.server.url, cfg.server.tenant_token, cfg.server.ca_file) == ("https://10.0.2.2:8123", "t-42",
+                                                                             "/data/ota/ca.pem")
+    assert cfg.server.poll_interval == base.server.poll_interval
+    assert cfg.paths == base.paths and cfg.commands == base.commands and cfg.health == base.health
+    assert "ignored [server] poll_interval, [paths] trusted_keys, [commands] reboot" in caplog.text
+
+
+def test_agent_env_on_data_sets_only_proxies(device: FileDevice, tmp_path: Path) -> None:
+    """agent.env is read by the agent itself (no EnvironmentFile): PYTHONPATH, LD_PRELOAD and friends are
+    ignored, and fault injection needs an image built with a test layer."""
+    import os
+
+    from device_hooks.config import agent_environment, load_config
+
+    (device.data / "agent.env").write_text("HTTPS_PROXY=http://proxy:3128\nPYTHONPATH=/data/evil\n"
+                                           "LD_PRELOAD=/data/evil.so\nOTA_AGENT_FAULT=after-arm\n")
+    cfg = load_config(device.config_path)
+    environ: dict[str, str] = {}
+    ignored = agent_environment(cfg, environ)
+    assert environ == {"HTTPS_PROXY": "http://proxy:3128", "OTA_AGENT_FAULT": "after-arm"}  # a test image
+    assert ignored == ["PYTHONPATH", "LD_PRELOAD"]
+    (device.root / "fault-injection").unlink()  # a production image
+    environ = {"OTA_AGENT_FAULT": "after-arm"}  # even from the unit's own environment
+    ignored = agent_environment(cfg, environ)
+    assert environ == {"HTTPS_PROXY": "http://proxy:3128"}
+    assert "OTA_AGENT_FAULT (no fault injection in this image)" in ignored
+    art = tmp_path / "none.mender"
+    assert os.environ.get("PYTHONPATH", "") != "/data/evil" and not art.exists()
 
 
 def _delta_pair(tmp: Path, key: Path) -> tuple[Path, Path, Path, Path]:

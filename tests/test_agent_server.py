@@ -90,7 +90,7 @@ def test_deployment_success_only_after_commit(server: OtaServer, device: FileDev
     assert stats(server, dep) == {"rebooting": 1}, "success must wait for the health verdict"
     assert device.reboots() == 1
     assert device.boot() == 3
-    assert device.agent("health").returncode == 0
+    assert device.verdict().returncode == 0
     proc = device.agent("check-update")
     assert proc.returncode == 0, proc.stderr
     assert stats(server, dep) == {"success": 1}
@@ -112,7 +112,7 @@ def test_health_failure_is_reported_with_its_output(server: OtaServer, device: F
     dep = deploy(server, make_artifact(tmp_path, keys["ec"][0])[0], dev_id)
     assert device.agent("check-update").stdout.strip() == "rebooting"
     device.boot()
-    assert device.agent("health").returncode == 2
+    assert device.verdict().returncode == 2
     assert device.boot() == 2
     proc = device.agent("check-update")
     assert proc.returncode == 0, proc.stderr
@@ -245,7 +245,7 @@ def _finish(server: OtaServer, device: FileDevice, dep: str) -> str:
     proc = device.agent("check-update")
     assert proc.stdout.strip() == "rebooting", proc.stderr
     device.boot()
-    device.agent("health")
+    device.verdict()
     device.agent("check-update")
     assert stats(server, dep) == {"success": 1}
     return (device.data / "logs" / f"{dep}.jsonl").read_text()
@@ -315,7 +315,7 @@ def test_reports_survive_a_server_outage(server: OtaServer, device: FileDevice, 
     device.write_config()
     assert device.agent("health").returncode == 0
     assert device.agent("check-update").stdout.strip() in ("offline", "trial", "idle")
-    assert device.state()["outbox"][0]["status"] == "success"
+    assert device.state()["outbox"][dep][0]["status"] == "success"
     server.start()
     device.agent("check-update")
     assert stats(server, dep) == {"success": 1}
@@ -334,7 +334,7 @@ def test_server_offers_the_delta_to_a_device_on_its_source(server: OtaServer, de
     assert device.agent("check-update").stdout.strip() == "rebooting"
     log = (device.data / "logs" / f"{dep}.jsonl").read_text()  # the device's own log of the deployment
     assert f"downloading {delta.stat().st_size} bytes" in log, log
-    assert device.boot() == 2 and device.agent("health").returncode == 0
+    assert device.boot() == 2 and device.verdict().returncode == 0
     device.agent("check-update")
     assert stats(server, dep) == {"success": 1}
     data = new_img.read_bytes()

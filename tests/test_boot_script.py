@@ -20,13 +20,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 MTOOLS = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
 
 
-def _disk(tmp: Path, a: bytes, b: bytes) -> tuple[Path, int]:
+def _disk(tmp: Path, a: bytes, b: bytes, last_good: bytes | None = None) -> tuple[Path, int]:
     layout = plan_layout(slot_mib=64, boot_mib=64, data_mib=16, seed="t")
     scr = render_boot_script(tmp, "qemu-virt", load_board("qemu-virt"), layout)
     (tmp / "env.a").write_bytes(a)
     (tmp / "env.b").write_bytes(b)
-    make_vfat(tmp / "boot.vfat", {"boot.scr": scr, "ota/uboot.env.a": tmp / "env.a", "ota/uboot.env.b": tmp / "env.b"},
-              size_mib=64, label="boot", seed="t")
+    files = {"boot.scr": scr, "ota/uboot.env.a": tmp / "env.a", "ota/uboot.env.b": tmp / "env.b"}
+    if last_good is not None:
+        (tmp / "lastgood").write_bytes(last_good)
+        files["ota/lastgood"] = tmp / "lastgood"
+    make_vfat(tmp / "boot.vfat", files, size_mib=64, label="boot", seed="t")
     assemble(tmp / "disk.img", layout, {"boot": tmp / "boot.vfat"})
     return tmp / "disk.img", layout.by_name("boot").offset
 
@@ -86,4 +89,16 @@ def test_fw_setenv_changes_what_u_boot_boots(tmp_path: Path) -> None:
 def test_missing_or_corrupt_state_falls_back_to_slot_a(tmp_path: Path) -> None:
     disk, _ = _disk(tmp_path, b"\x00" * ENV_SIZE, b"garbage" * 100)
     lines = _run_uboot(disk, tmp_path / "serial.log", "slot=A part=2")
-    assert lines[0] == "ota-boot: no valid boot state, using slot A"
+    assert lines[0] == "ota-boot: no valid boot state, booting the last committed slot (part 2)"
+
+
+def test_both_copies_invalid_boot_the_last_committed_slot_without_trial(tmp_path: Path) -> None:
+    """Slot A may be half written (B was committed since, and A is the next install's target): with both
+    boot-state copies bad, boot.scr boots the slot the agent recorded at its last commit, as the agent writes
+    it (BootEnv.record_last_good)."""
+    env = BootEnv([tmp_path / "a", tmp_path / "b"])
+    env.record_last_good(3)
+    disk, _ = _disk(tmp_path, b"\x00" * ENV_SIZE, b"garbage" * 100, last_good=env.last_good_path.read_bytes())
+    lines = _run_uboot(disk, tmp_path / "serial.log", "slot=B part=3")
+    assert lines[0] == "ota-boot: no valid boot state, booting the last committed slot (part 3)"
+    assert lines[1] == "ota-boot: slot=B part=3 upgrade_available=0 bootcount=0"

@@ -110,7 +110,7 @@ class Fleet:
 
 def _device(server: OtaServer, hostname: str) -> DeviceAPI:
     identity = json.dumps({"hostname": hostname, "mac": f"02:00:00:00:{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:2]}"})
-    return DeviceAPI(server.url, ed25519.Ed25519PrivateKey.generate(), identity)
+    return DeviceAPI(server.url, ed25519.Ed25519PrivateKey.generate(), identity, allow_http=True)
 
 
 def _device_id(server: OtaServer, hostname: str) -> str:

@@ -1,0 +1,151 @@
+"""A compromised update server for attack stories against the real agent (python-tuf's way of testing: each
+test is one attack, told as a story).
+
+It speaks just enough of the Mender device API to be believed (authentication, ``next``, status and log
+reports, inventory, configuration, downloads) and answers whatever the test scripts: any deployment JSON,
+any bytes at any download path, redirects anywhere, any configuration. Everything the agent sends is
+recorded, so a test can check what the device reported and why.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Hostile:
+    port: int = 0
+    #: the answer to ``next``: a JSON-able value, raw bytes, or None (204)
+    next: Any = None
+    configuration: Any = field(default_factory=dict)
+    #: path → bytes served (200, with Range support), or ("redirect", location)
+    files: dict[str, Any] = field(default_factory=dict)
+    statuses: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    logs: list[tuple[str, Any]] = field(default_factory=list)
+    inventory: list[Any] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def deployment(self, dep_id: str, name: str, path: str = "/dl/artifact.mender", **extra: Any) -> dict[str, Any]:
+        """A ``next`` answer in Mender's shape."""
+        return {"id": dep_id, "artifact": {"artifact_name": name, "source": {"uri": self.url + path},
+                                           "device_types_compatible": ["test-board"]}, **extra}
+
+    def status_of(self, dep_id: str) -> list[dict[str, Any]]:
+        return [body for d, body in self.statuses if d == dep_id]
+
+    def last_inventory(self) -> dict[str, Any]:
+        return {a["name"]: a["value"] for a in self.inventory[-1]} if self.inventory else {}
+
+
+def _handler(h: Hostile) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _body(self) -> bytes:
+            n = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(n) if n else b""
+
+        def _send(self, code: int, body: bytes = b"", ctype: str = "application/json",
+                  headers: dict[str, str] | None = None) -> None:
+            self.send_response(code)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            if code != 204:
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if code != 204 and self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            h.requests.append(f"POST {self.path}")
+            self._body()
+            if self.path.endswith("/authentication/auth_requests"):
+                self._send(200, b"hostile-token", "application/jwt")
+            elif self.path.endswith("/deployments/next"):
+                if h.next is None:
+                    self._send(204)
+                elif isinstance(h.next, bytes):
+                    self._send(200, h.next)
+                else:
+                    self._send(200, json.dumps(h.next).encode())
+            else:
+                self._send(404, b'{"error": "no"}')
+
+        def do_PUT(self) -> None:  # noqa: N802
+            h.requests.append(f"PUT {self.path}")
+            body = json.loads(self._body() or b"null")
+            parts = self.path.split("/")
+            if self.path.endswith("/status"):
+                h.statuses.append((parts[-2], body))
+                self._send(204)
+            elif self.path.endswith("/log"):
+                h.logs.append((parts[-2], body))
+                self._send(204)
+            elif "inventory" in self.path:
+                h.inventory.append(body)
+                self._send(200, b"")
+            else:
+                self._send(404, b'{"error": "no"}')
+
+        def do_PATCH(self) -> None:  # noqa: N802
+            self.do_PUT()
+
+        def do_GET(self) -> None:  # noqa: N802
+            h.requests.append(f"GET {self.path}")
+            if self.path.endswith("/deviceconfig/configuration"):
+                self._send(200, json.dumps(h.configuration).encode())
+                return
+            path = self.path.split("?", 1)[0]
+            served = h.files.get(path)
+            if served is None:
+                self._send(404, b'{"error": "not found"}')
+            elif isinstance(served, tuple) and served[0] == "redirect":
+                self._send(302, b"", headers={"Location": served[1]})
+            else:
+                data = served() if callable(served) else served
+                start = 0
+                rng = self.headers.get("Range", "")
+                if rng.startswith("bytes="):
+                    start = int(rng[6:].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                self.wfile.write(data[start:])
+
+    return Handler
+
+
+@contextmanager
+def hostile_server() -> Iterator[Hostile]:
+    h = Hostile()
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler(h))
+    srv.daemon_threads = True
+    h.port = srv.server_address[1]
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield h
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+__all__ = ["Hostile", "hostile_server"]
