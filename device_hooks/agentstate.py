@@ -92,14 +92,16 @@ class AgentState:
 
     # -- serialisation
     def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"format": FORMAT, "current": None, "outbox": {}, "finished": self.finished,
+        doc: dict[str, Any] = {"format": FORMAT, "current": None, "outbox": [], "finished": self.finished,
                                "no_delta_for": self.no_delta_for, "config_refused": self.config_refused}
         if self.current is not None:
             cur = asdict(self.current)
             cur.update(phase=self.current.phase.value, target=int(self.current.target),
                        source=int(self.current.source))
             doc["current"] = cur
-        doc["outbox"] = {dep: [asdict(r) for r in reports] for dep, reports in self.outbox.items()}
+        # a list of [deployment, reports] pairs: the file is written with sorted keys, and the oldest
+        # deployment's reports go first
+        doc["outbox"] = [[dep, [asdict(r) for r in reports]] for dep, reports in self.outbox.items()]
         return doc
 
     @classmethod
@@ -119,8 +121,8 @@ class AgentState:
                 local_path=_str(cur.get("local_path", ""), allow_empty=True),
                 verified=_bool(cur.get("verified", False)), boot_id=_str(cur.get("boot_id", ""), allow_empty=True),
                 armed_at=float(cur.get("armed_at", 0.0)), arm_attempts=int(cur.get("arm_attempts", 0)))
-        outbox = {validate.deployment_id(dep): [_report(r) for r in reports]
-                  for dep, reports in _dict(doc.get("outbox", {})).items()}
+        outbox = {validate.deployment_id(pair[0]): [_report(r) for r in _list(pair[1])]
+                  for pair in _list(doc.get("outbox", [])) if len(_list(pair)) == 2}
         finished = [validate.deployment_id(d, local_ok=True) for d in _list(doc.get("finished", []))]
         return cls(current, outbox, finished[-KEEP_FINISHED:], _str(doc.get("no_delta_for", ""), allow_empty=True),
                    _str(doc.get("config_refused", ""), allow_empty=True))
