@@ -53,6 +53,20 @@ def demo_config(workdir: Path, base: Path, server_url: str, variables: dict[str,
     return path
 
 
+def run_ca(directory: Path) -> tuple[Path, tuple[Path, Path]]:
+    """A CA for one run and the server's certificate for the names devices and the host use: QEMU's view of the
+    host (10.0.2.2) and the loopback. Reused when already there. Returns (ca.pem, (server.pem, server.key))."""
+    from ota_common.tls import make_ca, make_server_cert
+
+    ca, ca_key = directory / "ca" / "ca.pem", directory / "ca" / "ca.key"
+    if not ca.exists():
+        make_ca(ca.parent, "vv-ota demo CA")
+    cert, key = directory / "server" / "server.pem", directory / "server" / "server.key"
+    if not cert.exists():
+        make_server_cert(ca, ca_key, cert.parent, ["10.0.2.2", "127.0.0.1", "localhost"])
+    return ca, (cert, key)
+
+
 def _last_console_line(vm: Any) -> str:
     lines = [line.strip() for line in vm.console().splitlines() if line.strip()]
     return f"console: {lines[-1][-100:]}" if lines else "console still empty"
@@ -81,7 +95,7 @@ class Demo:
         self.say(f"preflight: build tools, arm64 emulation, mender-artifact and QEMU ready "
                  f"({time.monotonic() - started:.1f} s)")
 
-    def build(self, key: Path, server_url: str) -> dict[str, Path]:
+    def build(self, key: Path, server_url: str, server_ca: Path) -> dict[str, Path]:
         from artifacts import load_signer
         from image.release import DEFAULT_CONFIG, build_release
 
@@ -92,6 +106,7 @@ class Demo:
             self.say(f"building release {version}{' (broken: the app will fail its health check)' if variables else ''}")
             result = build_release(config=config, version=version, boards=["qemu-virt"], signer=signer,
                                    out=self.out / "releases", cache_dir=self.cache_dir, server_url=server_url,
+                                   server_ca=server_ca,
                                    progress=lambda m, v=version: self.say(f"  {v}: {m}"),
                                    stages=frozenset({"rootfs", "images", "artifacts"}))
             releases[version] = result.out_dir
@@ -159,14 +174,17 @@ class Demo:
         if not (keys / "private.pem").exists():
             generate_keypair(KeyType.ECDSA_P256, keys)
         port = free_port()
-        server_url = f"http://10.0.2.2:{port}"  # the host's loopback as QEMU's user network shows it
-        releases = self.build(keys / "private.pem", server_url)
-        server = OtaServer(self.out / "server", keys / "public.pem", admin_token=secrets.token_hex(16), port=port)
+        server_url = f"https://10.0.2.2:{port}"  # the host's loopback as QEMU's user network shows it
+        ca, tls = run_ca(self.out / "tls")
+        self.say(f"TLS: a CA made for this run ({ca}) signs the server's certificate; the images trust it")
+        releases = self.build(keys / "private.pem", server_url, ca)
+        server = OtaServer(self.out / "server", keys / "public.pem", admin_token=secrets.token_hex(16), port=port,
+                           tls=tls, ca_file=ca)
         self.say(f"starting the update server on 127.0.0.1:{port} (log: {server.log_path})")
         server.start()
         vm = Vm(releases["1.0.0"] / "qemu-virt" / "disk.img", self.out / "vm", name="device", grow_bytes=256 << 20)
         try:
-            self.say(f"dashboard: http://127.0.0.1:{port}/ui/  (admin token: {server.admin_token})")
+            self.say(f"dashboard: {server.url}/ui/  (admin token: {server.admin_token}; CA: {ca})")
             self.say(f"booting a device from release 1.0.0 (console: {vm.console_log})")
             vm.start()
             device = self.wait("the device to ask for admission",

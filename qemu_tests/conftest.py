@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from artifacts import KeyType, generate_keypair, load_signer
-from cli.demo import demo_config
+from cli.demo import demo_config, run_ca
 from image.release import DEFAULT_CONFIG, build_release
 from image.release import preflight as build_preflight
 from image.vm import Vm
@@ -56,6 +56,8 @@ class Fleet:
     port: int
     key: Path
     public: Path
+    ca: Path  # the run's CA: the images trust it, it signs the server's certificate
+    tls: tuple[Path, Path]
     ssh_key: Path
     releases: dict[str, Path]  # version -> release directory
     workdir: Path
@@ -70,11 +72,13 @@ class Fleet:
         return self.releases[version] / f"delta-from-{source}-qemu-virt.mender"
 
 
-E2E_LAYER = """description: QEMU tests only - root logs in over SSH with the test session's key
+E2E_LAYER = """description: QEMU tests only - root logs in over SSH with the test session's key; the agent
+  honours OTA_AGENT_FAULT (power-cut points) from /data/ota/agent.env
 files:
   - {src: e2e/authorized_keys, dest: /root/.ssh/authorized_keys, mode: "0600"}
 commands:
   - "chmod 0700 /root/.ssh"
+  - "touch /etc/ota/fault-injection"
 """
 NO_INIT_LAYER = """description: QEMU tests only - broken on purpose, the root filesystem has no init
 commands:
@@ -105,7 +109,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     (layers / "e2e.yaml").write_text(E2E_LAYER)
     (layers / "noinit.yaml").write_text(NO_INIT_LAYER)
     port = free_port()
-    url = f"http://10.0.2.2:{port}"
+    url = f"https://10.0.2.2:{port}"
+    ca, tls = run_ca(base / "tls")
     releases: dict[str, Path] = {}
     for version, (variables, extra, previous) in SERIES.items():
         started = time.monotonic()
@@ -113,12 +118,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
                              {"OTA_HEALTH_DEADLINE": "45s", **variables},
                              extra_layers=[layers / "e2e.yaml", *(layers / e for e in extra)])
         result = build_release(config=config, version=version, boards=["qemu-virt"], signer=load_signer(private),
-                               out=base / "releases", cache_dir=None, server_url=url, progress=lambda m: None,
+                               out=base / "releases", cache_dir=None, server_url=url, server_ca=ca,
+                               progress=lambda m: None,
                                stages=frozenset({"rootfs", "images", "artifacts"}),
                                previous=releases[previous] if previous else None)
         releases[version] = result.out_dir
         timing(f"build release {version} (build cache warm)", time.monotonic() - started)
-    return Fleet(port, private, public, ssh_key, releases, base)
+    return Fleet(port, private, public, ca, tls, ssh_key, releases, base)
 
 
 @dataclass
@@ -209,7 +215,7 @@ class Rig:
 
 
 def make_rig(fleet: Fleet, workdir: Path) -> Iterator[Rig]:
-    server = OtaServer(workdir / "server", fleet.public, port=fleet.port)
+    server = OtaServer(workdir / "server", fleet.public, port=fleet.port, tls=fleet.tls, ca_file=fleet.ca)
     server.start()
     vm = Vm(fleet.disk("1.0.0"), workdir / "vm", name="device", grow_bytes=GROW, ssh_key=fleet.ssh_key,
             ssh_port=free_port())
