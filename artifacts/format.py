@@ -31,6 +31,8 @@ SCRIPTS_DIR: Final = "scripts/"
 ROOTFS_IMAGE: Final = "rootfs-image"
 ROOTFS_CHECKSUM_KEY: Final = "rootfs-image.checksum"
 ROOTFS_VERSION_KEY: Final = "rootfs-image.version"
+#: the signed security version of an image: devices refuse artifacts below the highest they committed
+SECURITY_VERSION_KEY: Final = "rootfs-image.security_version"
 #: what mender-artifact 3.9 writes by default for a rootfs-image payload
 ROOTFS_DEFAULT_CLEARS: Final = ("artifact_group", "rootfs_image_checksum", "rootfs-image.*")
 

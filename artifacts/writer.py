@@ -69,7 +69,7 @@ def _parse_pairs(pairs: Sequence[str], what: str) -> dict[str, str]:
 
 #: the provide that carries a release's security version (signed with the header; DESIGN.md section 6): a device
 #: refuses an artifact whose security version is below its own
-SECURITY_VERSION_KEY = "rootfs-image.security_version"
+SECURITY_VERSION_KEY = fmt.SECURITY_VERSION_KEY
 
 
 def rootfs_image_spec(

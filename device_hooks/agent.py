@@ -476,7 +476,6 @@ class Agent:
             result = self._download_and_install(dep, facts, target)
         except Aborted:
             self.dlog(dep.id, "warning", "deployment aborted by the server; the boot state is untouched")
-            self._failure_scripts(dep.id, ("ArtifactInstall", "Error"))
             self._clear(dep.id)
             return "aborted"
         except (ArtifactError, DownloadError, ScriptError, OSError, OTAError) as e:
@@ -533,41 +532,30 @@ class Agent:
                 return None
             return fresh.uri
 
-        entered = False
+        def note(out: str) -> None:
+            self.dlog(dep.id, "info", out)
 
-        def on_header(header: Any, provides: dict[str, str]) -> None:
-            nonlocal entered
-            name = header.info.artifact_name
-            if dep.artifact_name and name != dep.artifact_name:
-                raise IncompatibleArtifact(f"artifact name mismatch: the deployment is for {dep.artifact_name!r}, "
-                                           f"the signed artifact is {name!r}")
-            cur = self.current
-            assert cur is not None
-            store_scripts(self.scripts_dir(dep.id), header.scripts)
-            cur.phase, cur.verified = Phase.INSTALLING, True
-            self.save()
-            self.dlog(dep.id, "info", f"signature verified; {name} (version "
-                                      f"{provides.get('rootfs-image.version', '?')}) fits this device")
-            self.report(dep.id, "installing")
-            out = self.scripts(dep.id).run("ArtifactInstall", "Enter")
-            entered = True
-            if out:
-                self.dlog(dep.id, "info", out.rstrip())
+        with self.scripts(dep.id).state("ArtifactInstall", note) as install:
 
-        try:
+            def on_header(header: Any, provides: dict[str, str]) -> None:
+                name = header.info.artifact_name
+                if dep.artifact_name and name != dep.artifact_name:
+                    raise IncompatibleArtifact(f"artifact name mismatch: the deployment is for "
+                                               f"{dep.artifact_name!r}, the signed artifact is {name!r}")
+                cur = self.current
+                assert cur is not None
+                store_scripts(self.scripts_dir(dep.id), header.scripts)
+                cur.phase, cur.verified = Phase.INSTALLING, True
+                self.save()
+                self.dlog(dep.id, "info", f"signature verified; {name} (version "
+                                          f"{provides.get('rootfs-image.version', '?')}) fits this device")
+                self.report(dep.id, "installing")
+                install.enter()
+
             result, resumes = self._stream(dep, facts, dev, spool, refresh, on_header)
             if resumes:
                 self.dlog(dep.id, "info", f"download resumed {resumes} time(s) with HTTP Range")
             remove_spool(spool)  # installed and verified: free /data
-            out = self.scripts(dep.id).run("ArtifactInstall", "Leave")
-            if out:
-                self.dlog(dep.id, "info", out.rstrip())
-        except BaseException:
-            if entered:
-                err = self.scripts(dep.id).run("ArtifactInstall", "Error")
-                if err:
-                    self.dlog(dep.id, "info", err.rstrip())
-            raise
         slots = read_json(self.dir / "slots.json")
         slots[str(int(target))] = {"artifact_name": result.artifact_name, "provides": result.provides,
                                    "installed_at": self.clock.now()}

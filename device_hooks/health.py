@@ -151,17 +151,22 @@ class HealthRun:
                 output.extend(res.lines)
             if not res.ok:
                 return self._fail(dep_id, runner, res.summary, output)
-            output.append(runner.run("ArtifactCommit", "Enter"))
         except ScriptError as e:
             output.append(str(e))
             return self._fail(dep_id, runner, str(e)[:800], output)
-        self.env.update({"upgrade_available": "0", "bootcount": "0"}, fault_point="commit-write")
-        log.info("slot %s committed", slot_name(self.slots.running))
-        fault("after-commit")
+        committed = False
         try:
-            output.append(runner.run("ArtifactCommit", "Leave"))
-        except ScriptError as e:  # after the commit there is no going back; report it in the log
+            with runner.state("ArtifactCommit", output.append) as commit:
+                commit.enter()
+                self.env.update({"upgrade_available": "0", "bootcount": "0"}, fault_point="commit-write")
+                committed = True
+                log.info("slot %s committed", slot_name(self.slots.running))
+                fault("after-commit")
+        except ScriptError as e:
             output.append(str(e))
+            if not committed:
+                return self._fail(dep_id, runner, str(e)[:800], output)
+            # after the commit there is no going back: the Leave failure goes into the log
         write_json(self.cfg.state_dir / "health.json", {
             "boot_id": self.boot, "deployment": dep_id, "verdict": "pass", "summary": "all checks passed",
             "output": "\n".join(o for o in output if o), "time": time.time()})

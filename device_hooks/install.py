@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import ArtifactReader, Verifier
+from artifacts.format import SECURITY_VERSION_KEY
 from artifacts.header import ArtifactHeader
 from artifacts.zeroing import Zeroer
 from ota_common.errors import ArtifactError, IncompatibleArtifact
@@ -35,7 +36,7 @@ from .faults import fault
 log = logging.getLogger(__name__)
 
 ROOTFS = "rootfs-image"
-SECURITY_VERSION = "rootfs-image.security_version"
+SECURITY_VERSION = SECURITY_VERSION_KEY
 DELTA = "rootfs-delta"  # artifacts.delta.DELTA_PAYLOAD_TYPE (not imported: the full path stays lean)
 WRITE_SYNC_EVERY = 32 * 1024 * 1024
 VERIFY_CHUNK = 1024 * 1024

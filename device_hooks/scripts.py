@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from ota_common.errors import OTAError
 
@@ -32,7 +31,6 @@ STATES = ("ArtifactInstall", "ArtifactReboot", "ArtifactCommit", "ArtifactRollba
 ACTIONS = ("Enter", "Leave", "Error")
 NAME_RE = re.compile(r"^(Artifact(?:Install|Reboot|Commit|Rollback|RollbackReboot|Failure))_(Enter|Leave|Error)_(\d\d)(_\S+)?$")
 RETRY_LATER = 21
-_T = TypeVar("_T")
 
 
 class ScriptError(OTAError):
@@ -121,21 +119,42 @@ class ScriptRunner:
                 continue
             raise ScriptError(f"state script {name} failed with exit code {proc.returncode}: {out[-2000:]}")
 
-    def lifecycle(self, state: str, body: Callable[[], _T], note: Callable[[str], None]) -> _T:
-        """One state with Mender's handler lifecycle: ``Enter`` scripts, ``body``, ``Leave`` scripts; when any
-        of the three fails, the ``Error`` scripts run (their own failures only noted) and the first failure
-        propagates. ``note`` gets the scripts' output. Nothing is skipped on the way out and nothing masks
-        the original error."""
+    def state(self, state: str, note: Callable[[str], None]) -> StateLifecycle:
+        """The lifecycle of one state's scripts (:class:`StateLifecycle`)."""
+        return StateLifecycle(self, state, note)
+
+
+class StateLifecycle:
+    """One state with Mender's handler lifecycle, the way mender-artifact's handlers always run their finish
+    step: inside ``with``, :meth:`enter` runs the ``Enter`` scripts (when the state really begins, e.g. after a
+    header was verified); leaving the block runs ``Leave`` when all went well, else ``Error`` (whose own failures
+    are only noted); a failing ``Leave`` runs ``Error`` too. Nothing masks the original error, nothing is
+    skipped on the way out; before :meth:`enter` nothing runs at all."""
+
+    def __init__(self, runner: ScriptRunner, state: str, note: Callable[[str], None]) -> None:
+        self.runner, self.name, self.note = runner, state, note
+        self.entered = False
+
+    def enter(self) -> None:
+        self.entered = True  # a failing Enter gets the Error scripts too
+        self._run("Enter")
+
+    def _run(self, action: str) -> None:
+        out = self.runner.run(self.name, action)
+        if out:
+            self.note(out.rstrip("\n"))
+
+    def __enter__(self) -> StateLifecycle:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self.entered:
+            return
+        if exc_type is not None:
+            self._run("Error")
+            return
         try:
-            _note(note, self.run(state, "Enter"))
-            result = body()
-            _note(note, self.run(state, "Leave"))
-            return result
+            self._run("Leave")
         except BaseException:
-            _note(note, self.run(state, "Error"))
+            self._run("Error")
             raise
-
-
-def _note(note: Callable[[str], None], out: str) -> None:
-    if out:
-        note(out.rstrip("\n"))

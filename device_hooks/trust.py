@@ -11,13 +11,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Iterable
 from pathlib import Path
-
-from cryptography.hazmat.primitives import serialization
 
 from artifacts import Verifier
 from artifacts.keys import load_verifier
@@ -30,15 +27,6 @@ from .state import read_json, write_json
 log = logging.getLogger(__name__)
 
 FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-def fingerprint(verifier: Verifier) -> str:
-    """``sha256:<hex>`` of the verifier's public key (DER SubjectPublicKeyInfo)."""
-    key = getattr(verifier, "key", None)
-    if key is None:
-        raise OTAError(f"{verifier!r} has no public key to fingerprint")
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
 def parse_revoked(text: str, source: str) -> set[str]:
@@ -103,8 +91,8 @@ class Trust:
             except OTAError as e:
                 log.error("trusted key %s ignored: %s", path, e)
                 continue
-            if fingerprint(v) in revoked:
-                log.warning("trusted key %s is revoked (%s): ignored", path, fingerprint(v))
+            if v.fingerprint in revoked:
+                log.warning("trusted key %s is revoked (%s): ignored", path, v.fingerprint)
                 continue
             out.append(v)
         return out
@@ -127,4 +115,4 @@ class Trust:
 
 
 
-__all__ = ["SECURITY_VERSION", "Trust", "fingerprint", "parse_revoked", "security_version"]
+__all__ = ["SECURITY_VERSION", "Trust", "parse_revoked", "security_version"]

@@ -275,3 +275,47 @@ def test_an_invalid_state_file_is_moved_aside_not_obeyed(device: FileDevice) -> 
     a = agent(device)
     assert a.state.current is None
     assert list(device.data.glob("state.json.invalid-*"))
+
+
+# ------------------------------------------------------------------ the state-script lifecycle
+
+@pytest.mark.parametrize("failing, body_fails, ran, raised", [
+    (None, False, ["Enter", "Leave"], None),
+    ("Enter", False, ["Enter", "Error"], "ScriptError"),
+    (None, True, ["Enter", "Error"], "RuntimeError"),
+    ("Leave", False, ["Enter", "Leave", "Error"], "ScriptError"),
+    ("Error", True, ["Enter", "Error"], "RuntimeError"),  # a failing Error script never masks the cause
+])
+def test_state_lifecycle_always_finishes(tmp_path: Path, failing: str | None, body_fails: bool, ran: list[str],
+                                         raised: str | None) -> None:
+    from device_hooks.scripts import ScriptRunner
+
+    log = tmp_path / "ran"
+    for action in ("Enter", "Leave", "Error"):
+        script = tmp_path / "s" / f"ArtifactInstall_{action}_01"
+        script.parent.mkdir(exist_ok=True)
+        script.write_text(f"#!/bin/sh\necho {action} >> {log}\nexit {1 if action == failing else 0}\n")
+        script.chmod(0o755)
+    notes: list[str] = []
+    error: BaseException | None = None
+    try:
+        with ScriptRunner(tmp_path / "s", retry_timeout=0).state("ArtifactInstall", notes.append) as st:
+            st.enter()
+            if body_fails:
+                raise RuntimeError("the body failed")
+    except BaseException as e:  # noqa: BLE001 - the test looks at which one
+        error = e
+    assert log.read_text().split() == ran
+    assert (type(error).__name__ if error else None) == raised
+
+
+def test_state_lifecycle_runs_nothing_before_enter(tmp_path: Path) -> None:
+    from device_hooks.scripts import ScriptRunner
+
+    script = tmp_path / "s" / "ArtifactInstall_Error_01"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\ntouch {tmp_path}/ran\n")
+    script.chmod(0o755)
+    with pytest.raises(RuntimeError), ScriptRunner(tmp_path / "s").state("ArtifactInstall", print):
+        raise RuntimeError("the download failed before any header was verified")
+    assert not (tmp_path / "ran").exists()

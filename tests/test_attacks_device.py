@@ -247,10 +247,9 @@ def test_older_version_at_the_same_security_version_is_an_operator_rollback(scen
 def test_artifact_signed_by_a_revoked_key(scene: Scene) -> None:
     """The key is revoked by the image; an older slot without that revocation list cannot un-revoke it."""
     from artifacts import load_verifier
-    from device_hooks.trust import fingerprint
 
     s = scene
-    fp = fingerprint(load_verifier(s.keys["ec"][1]))
+    fp = load_verifier(s.keys["ec"][1]).fingerprint
     s.device.trusted_keys = [s.keys["ec"][1], s.keys["ec2"][1]]
     s.device.__post_init__()
     (s.device.root / "etc/keys.revoked").write_text(f"{fp} old release key\n")
