@@ -165,6 +165,16 @@ class Rig:
         check.__doc__ = f"inventory {name}={value}"
         self.vm.wait_for(check, timeout, poll=2)
 
+    def wait_running(self, version: str, slot: str, timeout: float = 300) -> None:
+        """The device's own inventory says it runs ``version`` from ``slot`` (the server sets artifact_name by
+        itself when a deployment succeeds, before the device's next inventory arrives: wait for both)."""
+        def check() -> bool:
+            attrs = self.attrs()
+            return attrs.get("artifact_name") == f"{NAME}-{version}" and attrs.get("ota_slot") == slot
+
+        check.__doc__ = f"inventory: {NAME}-{version} on slot {slot}"
+        self.vm.wait_for(check, timeout, poll=2)
+
     def upload(self, artifact: Path) -> str:
         before = set(self.artifact_files())
         resp = self.server.upload_artifact(artifact)

@@ -131,8 +131,7 @@ def test_power_cut_during_commit(run: Run) -> None:
         rig.vm.wait_for("ota-boot: slot=B part=3 upgrade_available=0", 180, since=mark)
         expected, version, slot = "success", "2.0.0", "B"
     assert rig.follow(run.dep, {"success", "failure"}, 600) == {expected: 1}, rig.log(run.dep)
-    rig.wait_attr("artifact_name", f"{NAME}-{version}", 300)
-    assert rig.attrs()["ota_slot"] == slot
+    rig.wait_running(version, slot)
     rig.vm.wait_for_ssh(300)
     state = rig.sh("cat /data/ota/state.json")
     assert '"phase"' not in state or '"phase": null' in state, f"deployment not closed on the device: {state}"
