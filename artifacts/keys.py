@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from ota_common.errors import BadSignature, KeyFormatError, UserError
+from ota_common.files import read_input
 
 _P256_COORD = 32
 MIN_RSA_BITS = 2048
@@ -149,12 +150,7 @@ class KeyVerifier:
 
 
 def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"key file not found: {path}") from None
-    except OSError as e:
-        raise UserError(f"cannot read key file {path}: {e.strerror}") from None
+    return read_input(path, "key file")
 
 
 def load_signer(path: Path) -> KeySigner:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ota_common.errors import UserError
+from ota_common.files import read_input
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +215,7 @@ def load_config(path: Path = DEFAULT_CONFIG) -> Config:
     """The image's configuration, with the per-device keys of ``[paths] local_config`` (only
     :data:`LOCAL_KEYS`; anything else there is ignored and logged: ``/data`` cannot override what the signed
     image decides)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"configuration not found: {path}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    text = read_input(path, "configuration", ConfigError).decode()
     cfg = parse_config(text, str(path))
     local = Path(cfg.paths.local_config) if cfg.paths.local_config else None
     if local is None or local == path or not local.is_file():

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from artifacts.keys import KeyVerifier, Signer, load_verifier, signer_verifier
 from ota_common.errors import KeyFormatError, UserError
+from ota_common.files import read_input
 
 from .config import ReleaseModel
 
@@ -84,12 +85,7 @@ def load_server_ca(path: Path) -> bytes:
     ``CERTIFICATE`` blocks and nothing else that is PEM (above all no private key).
 
     Raises :class:`UserError` naming the file."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"server CA file not found: {path}") from None
-    except OSError as e:
-        raise UserError(f"cannot read the server CA file {path}: {e.strerror}") from None
+    data = read_input(path, "server CA file")
     labels = [m.decode(errors="replace").strip() for m in _PEM_LABEL.findall(data)]
     if any("PRIVATE KEY" in label for label in labels):
         raise UserError(f"{path}: holds a private key; the server CA file goes onto every device and must hold "

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import UserError
+from .files import read_input
 
 #: a certificate starts to be valid this long before it is made (clocks of devices and servers differ)
 CLOCK_SKEW = timedelta(minutes=5)
@@ -155,12 +156,7 @@ def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, 
 
 
 def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    return read_input(path, what)
 
 
 def _load_cert(path: Path, what: str) -> x509.Certificate:

@@ -153,7 +153,7 @@ def test_forwarded_proto_from_a_trusted_proxy(tmp_path: Path, keys: dict[str, tu
     ("future", "not valid before"),
     ("cert_only", "--tls-cert and --tls-key"),
     ("key_only", "--tls-cert and --tls-key"),
-    ("missing", "does not exist"),
+    ("missing", "not found"),
     ("not_pem", "is not a PEM certificate"),
     ("cert_as_key", "is not a private key"),
 ])
@@ -214,7 +214,7 @@ def test_keys_tls_ca_and_server_cli(tmp_path: Path, run_cli: Callable[..., subpr
         (("tls-ca", "--out", ca_dir), "already exists"),
         (("tls-server", "--ca-dir", ca_dir, "--name", "127.0.0.1", "--out", srv_dir), "already exists"),
         (("tls-server", "--ca-dir", ca_dir, "--name", "not a name", "--out", tmp_path / "x"), "neither an IP"),
-        (("tls-server", "--ca-dir", tmp_path / "none", "--name", "h", "--out", tmp_path / "y"), "does not exist"),
+        (("tls-server", "--ca-dir", tmp_path / "none", "--name", "h", "--out", tmp_path / "y"), "not found"),
         (("tls-server", "--ca-dir", fake_ca, "--name", "h", "--out", tmp_path / "z"), "not a CA"),
     ):
         p = run_cli("keys", *args)
