@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from ota_common.tools import find_program, install_hint
 
+from .conftest import BUILD_PY, REPO
 from .server_helpers import Device, Server, deploy, free_port, write_artifact
 from .test_server_config import test_ansible_import, test_device_and_group_variables_with_secrets  # noqa: F401
 from .test_server_deployments import (  # noqa: F401
@@ -259,3 +261,41 @@ def test_concurrent_uploads_of_one_artifact(server: Server, keys: dict[str, tupl
                                                params={"name": "race-1"}).json()] == ["race-1"]
     finally:
         other.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Operations: migrations from several processes at once, backup and restore
+
+
+def _createdb(postgres: str, name: str) -> str:
+    subprocess.run([_pg_tool("psql"), postgres, "-c", f"CREATE DATABASE {name}"], check=True, capture_output=True)
+    return postgres.rsplit("/", 1)[0] + "/" + name
+
+
+def test_servers_starting_at_once_migrate_once(postgres: str, tmp_path: Path) -> None:
+    """Four ``build.py server migrate`` on a new database at the same moment: one migrates, the others wait
+    for its advisory lock and find nothing to do; none fails."""
+    url = _createdb(postgres, "ota_migrate")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, str(BUILD_PY), "server", "migrate", "--db", url], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    assert sorted("migrated from (empty)" in out for out, _ in outs) == [False] * 3 + [True], outs
+    s = Server(tmp_path, db_url=url)
+    from ota_server.db import head_revision
+
+    assert s.query("SELECT version_num FROM alembic_version") == [(head_revision(),)]
+
+
+def test_backup_and_restore_on_postgres(server: Server, postgres: str, tmp_path: Path,
+                                        keys: dict[str, tuple[Path, Path]], run_cli: Any) -> None:
+    """pg_dump of a running server (another process on the module's database, which is not stopped), restored
+    with pg_restore into a new database: a new server on it serves the device."""
+    from .test_server_ops import backup_and_restore
+
+    src = _sibling(server, tmp_path / "src", "--release-key", str(keys["ec"][1]), workers=1)
+    try:
+        backup_and_restore(src, tmp_path, keys, run_cli, _createdb(postgres, "ota_restored"))
+    finally:
+        src.stop()
