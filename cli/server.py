@@ -1,4 +1,5 @@
-"""``build.py server``: run the update server (see docs/server.md)."""
+"""``build.py server``: run the update server (see docs/server.md); its subcommands (``migrate``, ``backup``,
+``restore``, ``secrets ...``) are in :mod:`cli.server_admin`."""
 
 from __future__ import annotations
 
@@ -22,9 +23,18 @@ DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"
 log = logging.getLogger("ota_server")
 
 
-@click.command()
-@click.option("--db", "db_url", default="sqlite:///./var/ota.db", show_default=True,
-              help="Database URL: sqlite:///PATH or postgresql://user:pass@host/db.")
+#: the --db option of the server and of its subcommands
+DB_OPTION = click.option("--db", "db_url", default="sqlite:///./var/ota.db", show_default=True, envvar="OTA_DB_URL",
+                         help="Database URL: sqlite:///PATH or postgresql://user:pass@host/db (also OTA_DB_URL).")
+#: the --secrets-key-file option of the server and of its subcommands
+SECRETS_KEY_OPTION = click.option(
+    "--secrets-key-file", type=click.Path(dir_okay=False, path_type=Path), envvar="OTA_SECRETS_KEY_FILE",
+    help="Keys of secret configuration values, one per line, the first encrypts (also OTA_SECRETS_KEY_FILE; or "
+    "the keys themselves in OTA_SECRETS_KEYS). Default: a key generated into STORAGE/server-secrets.json.")
+
+
+@click.group(invoke_without_command=True)
+@DB_OPTION
 @click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=Path("var"), show_default=True,
               help="Artifacts, server secrets and the generated admin token live here.")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -48,10 +58,20 @@ log = logging.getLogger("ota_server")
 @click.option("--forwarded-allow-ips", default=DEFAULT_FORWARDED_ALLOW_IPS, show_default=True,
               help="Comma-separated addresses or networks of reverse proxies whose X-Forwarded-Proto and "
               "X-Forwarded-For are believed ('*': any, '': none).")
-def server(db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path], allow_unsigned: bool,
-           admin_token_file: Path | None, workers: int, public_url: str | None, tls_cert: Path | None,
-           tls_key: Path | None, forwarded_allow_ips: str) -> None:
-    """Run the update server: Mender-compatible device API, management API (OpenAPI at /docs)."""
+@SECRETS_KEY_OPTION
+@click.option("--migrate/--no-migrate", "run_migrations", default=True, show_default=True,
+              help="Apply pending migrations before starting. With several servers on one database, run "
+              "`build.py server migrate` once and start them with --no-migrate (they refuse an outdated schema).")
+@click.pass_context
+def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path],
+           allow_unsigned: bool, admin_token_file: Path | None, workers: int, public_url: str | None,
+           tls_cert: Path | None, tls_key: Path | None, forwarded_allow_ips: str, secrets_key_file: Path | None,
+           run_migrations: bool) -> None:
+    """Run the update server: Mender-compatible device API, management API (OpenAPI at /docs).
+
+    Without a subcommand it serves; the subcommands operate it (migrations, backups, secrets keys)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from ota_server.settings import SETTINGS_ENV, Settings, load_or_create_admin_token, load_or_create_secrets
 
     if (tls_cert is None) != (tls_key is None):
@@ -90,16 +110,25 @@ def server(db_url: str, storage: Path, host: str, port: int, release_keys: Seque
         token, path, created = load_or_create_admin_token(storage)
         click.echo(f"admin token {'written to' if created else 'read from'} {path}", err=True)
 
-    if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
-        db_url = "sqlite:///" + str(Path(db_url[len("sqlite:///"):]).resolve())  # workers agree on the file
+    db_url = absolute_db_url(db_url)
+    from ota_server import secretkeys
+    from ota_server.db import check_schema, migrate
+
+    # without a secrets key kept apart, the default one is generated beside the database (as before)
+    apart = secrets_key_file is not None or bool(os.environ.get(secretkeys.KEYS_ENV, "").strip())
+    load_or_create_secrets(storage, with_fernet_key=not apart)
+    secrets_keys = secretkeys.resolve(secrets_key_file, storage)
+    assert secrets_keys is not None  # a key file, the environment, or the default key just made
     settings = Settings(db_url=db_url, storage=storage, admin_token=token, release_keys=tuple(keys),
-                        allow_unsigned=allow_unsigned, public_url=public_url)
-    load_or_create_secrets(storage)
+                        allow_unsigned=allow_unsigned, public_url=public_url, secrets_keys=secrets_keys.keys)
 
-    from ota_server.db import migrate
-
-    migrate(db_url)
+    if run_migrations:
+        migrate(db_url)
+    else:
+        check_schema(db_url)
+    count = secretkeys.check_database(db_url, secrets_keys)
     _check_port(host, port)
+    click.echo(f"secrets key from {secrets_keys.where}" + (f" ({count} secrets decrypt)" if count else ""), err=True)
 
     os.environ[SETTINGS_ENV] = settings.to_env()
     if workers > 1:
@@ -123,6 +152,13 @@ def server(db_url: str, storage: Path, host: str, port: int, release_keys: Seque
                 log_level="warning", access_log=False, timeout_graceful_shutdown=10,
                 server_header=False, proxy_headers=bool(trusted_proxies), forwarded_allow_ips=trusted_proxies or None,
                 ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+
+
+def absolute_db_url(db_url: str) -> str:
+    """A relative SQLite path made absolute (the workers, started elsewhere, agree on the file)."""
+    if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(db_url[len("sqlite:///"):]).resolve())
+    return db_url
 
 
 def _trusted_proxies(value: str) -> list[str]:
@@ -155,3 +191,13 @@ def _check_port(host: str, port: int) -> None:
             s.bind(addr)
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def _register_subcommands() -> None:
+    from cli.server_admin import backup, migrate_command, restore, secrets
+
+    for command in (migrate_command, backup, restore, secrets):
+        server.add_command(command)
+
+
+_register_subcommands()

@@ -179,6 +179,13 @@ def create_app(settings: Settings) -> FastAPI:
             return denied  # "There was an error parsing the body" (e.g. not UTF-8), raised before the auth check
         return _json(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
+    @app.exception_handler(sa.exc.IntegrityError)
+    async def _integrity(request: Request, exc: sa.exc.IntegrityError) -> Response:
+        # a unique index refused a row another request inserted at the same moment (the check before the insert
+        # saw nothing yet): a conflict, not a server error
+        log.warning("conflict on %s %s: %s", request.method, request.url.path, str(exc.orig).splitlines()[0])
+        return _json(409, "conflict with a concurrent change; try again")
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.url.path)

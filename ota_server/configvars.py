@@ -1,25 +1,29 @@
 """Configuration variables (the per-device ``.env`` values such as ``DEVICE_ID`` and ``DVR_IP``).
 
 Variables belong to a device or to a group. A device receives its group's variables overridden by its own.
-A value whose name is listed in ``_secrets`` is a secret: stored encrypted (Fernet, key in the storage
-directory), shown to administrators only as ``SECRET_MASK``, decrypted only for the device itself. Writing
-``SECRET_MASK`` back as a secret's value keeps the stored secret (so a GET → edit → PUT round trip works).
+A value whose name is listed in ``_secrets`` is a secret: stored encrypted (Fernet; the keys are kept apart
+from the database, see :mod:`.secretkeys`: the first key encrypts, any of them decrypts), shown to
+administrators only as ``SECRET_MASK``, decrypted only for the device itself. Writing ``SECRET_MASK`` back as a
+secret's value keeps the stored secret (so a GET → edit → PUT round trip works). A secret that no key decrypts
+is an error the device sees (503), never a configuration without it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 import yaml
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.engine import Connection
 
-from .errors import bad_request
+from .db import advisory_xact_lock
+from .errors import APIError, bad_request
 from .models import config_values as cv
 from .models import devices
 from .timeutil import now
@@ -30,6 +34,7 @@ SECRET_MASK = "********"
 SECRETS_KEY = "_secrets"
 MAX_VALUE = 64 * 1024
 MAX_VARS = 1000
+log = logging.getLogger("ota_server")
 
 
 def check_group_name(name: Any) -> str:
@@ -88,8 +93,16 @@ class Stored:
 
 
 class ConfigStore:
-    def __init__(self, fernet_key: bytes) -> None:
-        self._fernet = Fernet(fernet_key)
+    """Reads and writes configuration variables; ``keys`` are Fernet keys (urlsafe base64), the first one
+    encrypts, every one decrypts. Without keys, storing a secret is refused (503)."""
+
+    def __init__(self, keys: Sequence[str | bytes]) -> None:
+        self._fernet = MultiFernet([Fernet(k) for k in keys]) if keys else None
+
+    def _require_keys(self) -> MultiFernet:
+        if self._fernet is None:
+            raise APIError(503, "this server has no secrets key (--secrets-key-file): secrets cannot be stored")
+        return self._fernet
 
     def load(self, conn: Connection, scope: str, owner: str) -> Stored:
         s = Stored()
@@ -104,21 +117,34 @@ class ConfigStore:
     def masked(self, stored: Stored) -> dict[str, str]:
         return {k: SECRET_MASK if k in stored.secrets else v for k, v in sorted(stored.values.items())}
 
-    def plain(self, stored: Stored) -> dict[str, str]:
+    def plain(self, stored: Stored, owner: str = "") -> dict[str, str]:
+        """The values with secrets decrypted. Raises APIError 503 when a secret cannot be decrypted (encrypted
+        with a key this server does not have, or damaged): a device must keep its last configuration rather
+        than get one without the secret."""
         out = {}
         for k, v in stored.values.items():
             if k in stored.secrets:
                 try:
-                    v = self._fernet.decrypt(v.encode()).decode()
-                except InvalidToken:  # the key changed: never hand out garbage
-                    continue
+                    v = self.decrypt(v)
+                except InvalidToken:
+                    log.error("the secret %s of %s cannot be decrypted with this server's secrets keys", k, owner)
+                    raise APIError(503, f"the secret {k} cannot be decrypted with this server's secrets key; the "
+                                   "configuration is withheld (keep the last one) until an administrator restores "
+                                   "the key or sets the value again", {"Retry-After": "600"}) from None
             out[k] = v
         return out
+
+    def decrypt(self, token: str) -> str:
+        """Raises InvalidToken when no key decrypts ``token`` (or there is no key)."""
+        if self._fernet is None:
+            raise InvalidToken
+        return self._fernet.decrypt(token.encode()).decode()
 
     def replace(self, conn: Connection, scope: str, owner: str, values: Mapping[str, str], secrets: Iterable[str],
                 merge: bool = False) -> None:
         """Set the variables of one owner (all of them, or only the given ones with ``merge``)."""
         secrets = set(secrets)
+        advisory_xact_lock(conn, f"config:{scope}:{owner}")  # one writer per owner: no duplicate-key race
         old = self.load(conn, scope, owner)
         rows = []
         t = now()
@@ -127,7 +153,7 @@ class ConfigStore:
                 if value == SECRET_MASK and name in old.secrets:
                     stored = old.values[name]  # unchanged secret
                 else:
-                    stored = self._fernet.encrypt(value.encode()).decode()
+                    stored = self._require_keys().encrypt(value.encode()).decode()
             else:
                 stored = value
             rows.append({"scope": scope, "owner": owner, "name": name, "value": stored, "secret": name in secrets,
@@ -140,8 +166,10 @@ class ConfigStore:
             conn.execute(cv.insert(), rows)
 
     def for_device(self, conn: Connection, device_id: str, group: str | None) -> dict[str, str]:
-        out = self.plain(self.load(conn, "group", group)) if group else {}
-        out.update(self.plain(self.load(conn, "device", device_id)))
+        """What the device receives: its group's variables overridden by its own, secrets decrypted. Raises
+        APIError 503 when a secret cannot be decrypted (see :meth:`plain`)."""
+        out = self.plain(self.load(conn, "group", group), f"group {group}") if group else {}
+        out.update(self.plain(self.load(conn, "device", device_id), f"device {device_id}"))
         return out
 
 

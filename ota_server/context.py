@@ -32,7 +32,7 @@ class ServerContext:
             db=Database(settings.db_url),
             tokens=TokenCodec(secrets.jwt_key, settings.device_token_ttl),
             links=LinkSigner(secrets.link_key, settings.link_ttl),
-            config=ConfigStore(secrets.fernet_key),
+            config=ConfigStore(settings.secrets_keys or ([secrets.fernet_key] if secrets.fernet_key else [])),
             verifiers=list(load_verifiers(settings.release_keys)),
         )
 

@@ -145,22 +145,107 @@ class Database:
         self.engine.dispose()
 
 
-def migrate(url: str) -> None:
-    """Bring the schema to the newest migration (run once at server start, before the workers)."""
-    from alembic import command
+#: key of the PostgreSQL advisory lock held while migrating: two processes starting at once never both migrate
+MIGRATION_LOCK = 0x76765F6F7461  # "vv_ota"
+
+
+def advisory_xact_lock(conn: Connection, key: str) -> None:
+    """Serialize transactions that work on ``key`` (e.g. one owner's configuration variables) until the end of
+    the current transaction. PostgreSQL: ``pg_advisory_xact_lock``; SQLite needs nothing, its write
+    transactions already run one at a time (``BEGIN IMMEDIATE``)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": key})
+
+
+def _alembic_config() -> Any:
     from alembic.config import Config
 
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest migration this code knows."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return str(head)
+
+
+def _current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    rev = MigrationContext.configure(conn).get_current_revision()
+    return None if rev is None else str(rev)
+
+
+def _known(rev: str | None) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    if rev is None:
+        return True
+    try:
+        return ScriptDirectory.from_config(_alembic_config()).get_revision(rev) is not None
+    except CommandError:
+        return False
+
+
+def _newer_error(rev: str) -> UserError:
+    return UserError(f"the database schema is at revision {rev}, which this server does not know (it knows up to "
+                     f"{head_revision()}): it was migrated by a newer version; run that version")
+
+
+def migrate(url: str, revision: str = "head") -> tuple[str | None, str]:
+    """Bring the schema to ``revision`` (the newest by default). Safe when several processes start at once: on
+    PostgreSQL the whole migration runs under an advisory lock (the others wait, then find nothing to do), on
+    SQLite in one ``BEGIN IMMEDIATE`` transaction. Returns (revision before, revision after).
+
+    Raises :class:`UserError` when the database cannot be opened, was migrated by a newer version, or a
+    migration refuses the data it finds (its message says what to do)."""
+    from alembic import command
+
+    base = make_engine(url)
+    engine = base.execution_options(sqlite_begin="IMMEDIATE")
+    try:
+        cfg = _alembic_config()
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+            before = _current_revision(conn)
+            if not _known(before):
+                raise _newer_error(str(before))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+            after = _current_revision(conn)
+        return before, str(after)
+    except sa.exc.OperationalError as e:
+        raise UserError(f"cannot open the database: {e.orig}") from None
+    finally:
+        base.dispose()
+
+
+def check_schema(url: str) -> str:
+    """For a server started without migrating: the schema must be exactly the one this code expects. Returns
+    the revision; raises :class:`UserError` saying to run ``build.py server migrate`` (behind) or the newer
+    version (ahead), or that the database cannot be opened."""
     engine = make_engine(url)
     try:
-        cfg = Config()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        with engine.connect() as conn:
+            current = _current_revision(conn)
     except sa.exc.OperationalError as e:
         raise UserError(f"cannot open the database: {e.orig}") from None
     finally:
         engine.dispose()
+    head = head_revision()
+    if current == head:
+        return head
+    if not _known(current):
+        raise _newer_error(str(current))
+    raise UserError(f"the database schema is at revision {current or '(empty)'}, this server needs {head}: run "
+                    "`build.py server migrate` once (with the same --db), then start the servers")
 
 
 def now() -> float:

@@ -2,18 +2,28 @@
 
 Per-device statuses are Mender's. ``pending`` devices wait for their phase (``not_before``) and for the
 deployment not to be paused; a device reporting ``failure`` while it has retries left goes back to
-``pending``. Final statuses (``TERMINAL``) never change again.
+``pending``. Statuses only move forward (:data:`PROGRESS`); final statuses (``TERMINAL``) never change again.
+
+Concurrency (several server processes on PostgreSQL, READ COMMITTED): every transaction that moves a device's
+status locks that device's ``deployment_devices`` row first (``SELECT ... FOR UPDATE`` or the ``UPDATE``
+itself), and only then, if the deployment itself may move, the ``deployments`` row. That one order (device
+rows, then the deployment row; several deployment rows in id order) cannot deadlock, and the deployment row
+lock makes "is anyone left?" and the failure ratio be computed by one transaction at a time, each seeing every
+earlier one committed: the deployment finishes exactly once. On SQLite, write transactions are serial anyway
+(``BEGIN IMMEDIATE``) and ``FOR UPDATE`` is left out of the SQL.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .errors import APIError, bad_request, not_found
 from .models import deployment_devices as dd
 from .models import deployments as dep
 from .timeutil import now
@@ -29,6 +39,18 @@ STATISTICS_KEYS = (
 )
 #: deployment statuses in which devices still get work
 OPEN = ("pending", "inprogress", "paused")
+#: Mender's order of a device's progress (the client's states: download, install, reboot, commit, each
+#: optionally paused before by an update control map); every final status comes after all of them
+PROGRESS = {
+    "pending": 0, "downloading": 1, "pause_before_installing": 2, "installing": 3, "pause_before_rebooting": 4,
+    "rebooting": 5, "pause_before_committing": 6,
+}
+FINAL_RANK = len(PROGRESS)
+
+
+def rank(status: str) -> int:
+    """Position of a status in :data:`PROGRESS`; final statuses rank last."""
+    return PROGRESS.get(status, FINAL_RANK)
 
 
 def plan_phases(device_ids: Sequence[str], phases: Sequence[dict[str, Any]], created: float
@@ -68,8 +90,10 @@ def statistics(conn: Connection, deployment_id: str) -> dict[str, int]:
 
 def after_final(conn: Connection, deployment_id: str) -> None:
     """A device of this deployment reached a final status: pause on too many failures, finish when no device
-    is left."""
-    row = conn.execute(sa.select(dep.c.status, dep.c.failure_threshold).where(dep.c.id == deployment_id)).first()
+    is left. The deployment row is locked first (see the module's docstring): the transactions of devices
+    finishing at the same moment pass here one after the other, the last one sees nobody left."""
+    row = conn.execute(sa.select(dep.c.status, dep.c.failure_threshold).where(dep.c.id == deployment_id)
+                       .with_for_update()).first()
     if row is None or row.status not in OPEN:
         return
     still_active = conn.execute(
@@ -87,29 +111,120 @@ def after_final(conn: Connection, deployment_id: str) -> None:
                          .values(status="paused"))
 
 
-def set_device_final(conn: Connection, deployment_id: str, device_id: str, status: str, substate: str | None) -> None:
+def set_device_final(conn: Connection, deployment_id: str, device_id: str, status: str, substate: str | None,
+                     only_from: Sequence[str] | None = None) -> bool:
+    """Give the device its final status (when it is still active, and in one of ``only_from`` if given) and
+    let the deployment move. Returns whether the device's row changed."""
     t = now()
-    conn.execute(
-        dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id, dd.c.active.is_(True))
-        .values(status=status, substate=substate, active=False, finished=t, started=sa.func.coalesce(dd.c.started, t))
-    )
-    after_final(conn, deployment_id)
+    q = dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id, dd.c.active.is_(True))
+    if only_from is not None:
+        q = q.where(dd.c.status.in_(list(only_from)))
+    changed = conn.execute(q.values(status=status, substate=substate, active=False, finished=t,
+                                    started=sa.func.coalesce(dd.c.started, t))).rowcount > 0
+    if changed:
+        after_final(conn, deployment_id)
+    return changed
 
 
 def mark_started(conn: Connection, deployment_id: str) -> None:
     conn.execute(dep.update().where(dep.c.id == deployment_id, dep.c.status == "pending").values(status="inprogress"))
 
 
+def hand_out(conn: Connection, deployment_id: str, device_id: str) -> None:
+    """``next`` gives the deployment to the device: remember which attempt it was handed (reports about older
+    attempts are ignored from now on) and start the deployment."""
+    conn.execute(dd.update().where(
+        dd.c.deployment_id == deployment_id, dd.c.device_id == device_id, dd.c.active.is_(True),
+        dd.c.status == "pending",
+        sa.or_(dd.c.delivered_attempt.is_(None), dd.c.delivered_attempt != dd.c.attempts),
+    ).values(delivered_attempt=dd.c.attempts))
+    mark_started(conn, deployment_id)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a device's status report did: ``stored`` (the status moved forward), ``retry`` (a failure with a
+    retry left: back to pending), ``final`` (a final status), ``ignored`` (a repeat, an older status, or a report
+    about an attempt that already failed)."""
+
+    outcome: str
+    status: str
+
+
+def report_status(conn: Connection, deployment_id: str, device_id: str, status: str, substate: str | None) -> Report:
+    """A status report of the device (a status in :data:`REPORTABLE`), applied under a lock on the device's row.
+
+    Statuses only move forward in :data:`PROGRESS` order: a report that goes backwards, repeats the current
+    status or repeats the final status is acknowledged and ignored (a repeat may update the substate). After a
+    ``failure`` that used a retry, reports are ignored until ``next`` hands the device its new attempt, so a
+    resent ``failure`` cannot use up a second retry.
+
+    Raises APIError: 404 when this is not the device's deployment, 409 once it was aborted, 400 for a
+    different final status after a final one."""
+    row = conn.execute(
+        sa.select(dd.c.status, dd.c.active, dd.c.attempts, dd.c.delivered_attempt,
+                  dep.c.status.label("dep_status"), dep.c.retries)
+        .join(dep, dep.c.id == dd.c.deployment_id)
+        .where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
+        .with_for_update(of=dd)
+    ).first()
+    if row is None:
+        raise not_found("deployment for this device")
+    if row.status == "aborted" or row.dep_status == "aborted":
+        raise APIError(409, "the deployment was aborted")
+    if not row.active:
+        if status != row.status and status in TERMINAL:
+            raise bad_request(f"the deployment already finished on this device with status {row.status}")
+        return Report("ignored", row.status)
+    if row.attempts > 0 and row.delivered_attempt != row.attempts:
+        return Report("ignored", row.status)  # about the attempt that failed: the device has not asked `next` since
+    this = dd.c.deployment_id == deployment_id, dd.c.device_id == device_id
+    if status == "failure" and row.attempts < row.retries:
+        conn.execute(dd.update().where(*this).values(
+            status="pending", attempts=row.attempts + 1, not_before=now(),
+            substate=f"attempt {row.attempts + 1} failed ({substate or 'no details'}); retrying"))
+        return Report("retry", "pending")
+    if status in TERMINAL:
+        set_device_final(conn, deployment_id, device_id, status, substate)
+        return Report("final", status)
+    if rank(status) < rank(row.status):
+        return Report("ignored", row.status)
+    if status == row.status:
+        if substate is not None:
+            conn.execute(dd.update().where(*this).values(substate=substate))
+        return Report("ignored", row.status)
+    t = now()
+    conn.execute(dd.update().where(*this).values(status=status, substate=substate,
+                                                 started=sa.func.coalesce(dd.c.started, t)))
+    mark_started(conn, deployment_id)
+    return Report("stored", status)
+
+
 def decommission_device(conn: Connection, device_id: str) -> None:
-    """The device is gone: its unfinished deployments count it as ``decommissioned``."""
+    """The device is gone: its unfinished deployments count it as ``decommissioned`` (in deployment id order,
+    the lock order of the module's docstring)."""
     ids = [r[0] for r in conn.execute(
-        sa.select(dd.c.deployment_id).where(dd.c.device_id == device_id, dd.c.active.is_(True)))]
+        sa.select(dd.c.deployment_id).where(dd.c.device_id == device_id, dd.c.active.is_(True))
+        .order_by(dd.c.deployment_id))]
     for deployment_id in ids:
         set_device_final(conn, deployment_id, device_id, "decommissioned", "device decommissioned")
 
 
-def abort(conn: Connection, deployment_id: str) -> None:
+def abort(conn: Connection, deployment_id: str) -> bool:
+    """Abort an open deployment: its devices not yet final become ``aborted``. The devices' rows are locked in
+    device id order first (two aborts at once cannot deadlock), then the deployment moves only if it is still
+    open. Returns False when it had already ended (an ended deployment has no active device: nothing
+    changed)."""
     t = now()
+    conn.execute(sa.select(dd.c.device_id).where(dd.c.deployment_id == deployment_id, dd.c.active.is_(True))
+                 .order_by(dd.c.device_id).with_for_update())
     conn.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.active.is_(True))
                  .values(status="aborted", active=False, finished=t))
-    conn.execute(dep.update().where(dep.c.id == deployment_id).values(status="aborted", finished=t))
+    return conn.execute(dep.update().where(dep.c.id == deployment_id, dep.c.status.in_(OPEN))
+                        .values(status="aborted", finished=t)).rowcount > 0
+
+
+def resume(conn: Connection, deployment_id: str, values: dict[str, Any]) -> bool:
+    """Resume a paused deployment (an atomic conditional update). Returns False when it was not paused."""
+    return conn.execute(dep.update().where(dep.c.id == deployment_id, dep.c.status == "paused")
+                        .values(status="inprogress", **values)).rowcount > 0

@@ -19,16 +19,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import canonical_json, parse_auth_request, sha256_hex
+from . import deployments as rollout
+from .auth import AuthRequest, canonical_json, parse_auth_request, sha256_hex
 from .context import ServerContext, get_ctx
-from .deployments import REPORTABLE, TERMINAL, mark_started, set_device_final
+from .deployments import REPORTABLE
 from .downloads import ArtifactFileResponse
 from .errors import APIError, bad_request, error_doc, not_found, unauthorized
 from .models import artifacts as art_t
 from .models import auth_sets, devices
 from .models import deployment_devices as dd
 from .models import deployment_logs as logs_t
-from .models import deployments as dep
 from .timeutil import now, rfc3339
 
 router = APIRouter(tags=["device API"])
@@ -68,10 +68,24 @@ async def auth_request(request: Request) -> Response:
     ctx = get_ctx(request)
     body = await request.body()
     req = parse_auth_request(body, request.headers.get("x-men-signature"))
+    try:
+        token = _authenticate(ctx, req)
+    except sa.exc.IntegrityError:  # the same new device asked twice at once: the other request created it
+        token = _authenticate(ctx, req)
+    if token is None:
+        raise unauthorized("device is not authorized (pending or rejected); an administrator must accept it")
+    return Response(token, media_type="application/jwt")
+
+
+def _authenticate(ctx: ServerContext, req: AuthRequest) -> str | None:
+    """Record the auth request; the token when its auth set is accepted (or preauthorized). The device's row
+    is locked while its auth sets are looked at, so that its status follows them (an administrator may accept
+    or reject at the same moment). Raises IntegrityError when another request created the same device or auth
+    set meanwhile (the caller tries again)."""
     t = now()
-    token: str | None = None
     with ctx.db.write() as c:
-        device = c.execute(sa.select(devices.c.id).where(devices.c.identity_hash == req.identity_hash)).first()
+        device = c.execute(sa.select(devices.c.id).where(devices.c.identity_hash == req.identity_hash)
+                           .with_for_update()).first()
         if device is None:
             device_id = str(uuid.uuid4())
             c.execute(devices.insert().values(
@@ -88,10 +102,12 @@ async def auth_request(request: Request) -> Response:
         elif aset.status in ("accepted", "preauthorized"):
             if aset.status == "preauthorized":
                 accept_auth_set(c, device_id, aset.id)
-            token = ctx.tokens.issue(device_id, aset.id)
-    if token is None:
-        raise unauthorized("device is not authorized (pending or rejected); an administrator must accept it")
-    return Response(token, media_type="application/jwt")
+            return ctx.tokens.issue(device_id, aset.id)
+    return None
+
+
+def _lock_device(c: sa.Connection, device_id: str) -> None:
+    c.execute(sa.select(devices.c.id).where(devices.c.id == device_id).with_for_update())
 
 
 def _refresh_status(c: sa.Connection, device_id: str) -> str:
@@ -110,6 +126,8 @@ def accept_auth_set(c: sa.Connection, device_id: str, auth_set_id: str) -> None:
 
 
 def set_auth_status(c: sa.Connection, device_id: str, auth_set_id: str, status: str) -> str:
+    """An administrator's decision on one auth set; the device's row is locked first (as by auth requests)."""
+    _lock_device(c, device_id)
     if status == "accepted":
         accept_auth_set(c, device_id, auth_set_id)
     else:
@@ -200,8 +218,8 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
             continue  # phase not started yet, or the deployment is paused
         if dstatus == "pending" and provides["artifact_name"] == artifact_name:
             with ctx.db.write() as c:
-                set_device_final(c, deployment_id, device.id, "already-installed",
-                                 f"the device already runs {artifact_name}")
+                rollout.set_device_final(c, deployment_id, device.id, "already-installed",
+                                         f"the device already runs {artifact_name}", only_from=("pending",))
             continue
         device_type = str(provides["device_type"])
         with ctx.db.read() as c:
@@ -210,12 +228,13 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
         match = _choose_artifact(ctx, device, provides, [a for a in candidates if device_type in a.device_types])
         if match is None:
             with ctx.db.write() as c:
-                set_device_final(c, deployment_id, device.id, "noartifact",
-                                 f"no artifact {artifact_name} for device type {device_type}")
+                rollout.set_device_final(c, deployment_id, device.id, "noartifact",
+                                         f"no artifact {artifact_name} for device type {device_type}",
+                                         only_from=("pending",))
             continue
-        if status == "pending":
+        if dstatus == "pending" or status == "pending":
             with ctx.db.write() as c:
-                mark_started(c, deployment_id)
+                rollout.hand_out(c, deployment_id, device.id)
         uri, expires = ctx.links.link(ctx.base_url(request), match.id, t)
         body = {
             "id": deployment_id,
@@ -388,9 +407,7 @@ class StatusBody(BaseModel):
 
 def _own_deployment(c: sa.Connection, deployment_id: str, device_id: str) -> Any:
     row = c.execute(
-        sa.select(dd.c.status, dd.c.active, dd.c.attempts, dep.c.status.label("dep_status"), dep.c.retries)
-        .join(dep, dep.c.id == dd.c.deployment_id)
-        .where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
+        sa.select(dd.c.status).where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
     ).first()
     if row is None:
         raise not_found("deployment for this device")
@@ -398,32 +415,16 @@ def _own_deployment(c: sa.Connection, deployment_id: str, device_id: str) -> Any
 
 
 @router.put("/api/devices/v1/deployments/device/deployments/{deployment_id}/status", status_code=204,
-            responses={204: {"description": "stored"}, 400: error_doc("invalid, or the device's status is already final"),
+            responses={204: {"description": "stored, or ignored (a repeat, or an older status than the stored one)"},
+                       400: error_doc("invalid, or a different final status after a final one"),
                        404: error_doc("not a deployment of this device"), 409: error_doc("aborted")})
 async def put_status(deployment_id: str, body: StatusBody, device: Device, ctx: Ctx) -> Response:
-    """Report progress. Final statuses are final: repeating the same final status is accepted (204, nothing
-    changes), a different status after a final one is refused with 400; 409 once the deployment was aborted."""
-    error: APIError | None = None
+    """Report progress. Statuses only move forward (downloading, installing, rebooting, then a final one): a
+    report that repeats the current status or goes backwards is acknowledged and ignored, so is a repeated
+    final status (a repeated ``failure`` uses no second retry); a different final status after a final one is
+    refused with 400; 409 once the deployment was aborted."""
     with ctx.db.write() as c:
-        row = _own_deployment(c, deployment_id, device.id)
-        if row.status == "aborted" or row.dep_status == "aborted":
-            error = APIError(409, "the deployment was aborted")
-        elif not row.active:
-            if row.status != body.status:
-                error = bad_request(f"the deployment already finished on this device with status {row.status}")
-        elif body.status == "failure" and row.attempts < row.retries:
-            c.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device.id).values(
-                status="pending", attempts=row.attempts + 1, not_before=now(),
-                substate=f"attempt {row.attempts + 1} failed ({body.substate or 'no details'}); retrying"))
-        elif body.status in TERMINAL:
-            set_device_final(c, deployment_id, device.id, body.status, body.substate)
-        else:
-            t = now()
-            c.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device.id).values(
-                status=body.status, substate=body.substate, started=sa.func.coalesce(dd.c.started, t)))
-            mark_started(c, deployment_id)
-    if error is not None:
-        raise error
+        rollout.report_status(c, deployment_id, device.id, body.status, body.substate)
     return Response(status_code=NO_CONTENT)
 
 
@@ -491,9 +492,12 @@ async def patch_inventory(attrs: list[Attribute], device: Device, ctx: Ctx) -> R
     return _put_inventory(ctx, device, attrs, merge=True)
 
 
-@router.get("/api/devices/v1/deviceconfig/configuration", response_model=dict[str, str])
+@router.get("/api/devices/v1/deviceconfig/configuration", response_model=dict[str, str],
+            responses={503: error_doc("a secret cannot be decrypted with this server's secrets key: the device "
+                                      "keeps its last configuration")})
 async def get_configuration(device: Device, ctx: Ctx) -> Response:
-    """The device's configuration variables: its group's, overridden by its own; secrets decrypted."""
+    """The device's configuration variables: its group's, overridden by its own; secrets decrypted. Never a
+    configuration without one of its secrets: if one cannot be decrypted the answer is 503."""
     with ctx.db.read() as c:
         values = ctx.config.for_device(c, device.id, device.group)
     return JSONResponse(values)

@@ -61,6 +61,20 @@ class Artifact(Base):
     created: Mapped[float] = mapped_column(sa.Double)
 
 
+class ArtifactTarget(Base):
+    """What makes two artifacts conflict, one row per device type of an artifact: the same name for the same
+    device type and the same source image (``source``: the ``rootfs-image.checksum`` a delta depends on, ``""``
+    for a full artifact). The primary key is the unique index behind the upload's 409: of two concurrent
+    uploads only one can insert its rows."""
+
+    __tablename__ = "artifact_targets"
+    name: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
+    device_type: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
+    source: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
+    artifact_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("artifacts.id", ondelete="CASCADE"),
+                                             index=True)
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
@@ -102,6 +116,9 @@ class DeploymentDevice(Base):
     #: the device's phase start: it gets the deployment from then on
     not_before: Mapped[float] = mapped_column(sa.Double)
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    #: the attempt ``next`` last handed to the device: after a retry, reports about an older attempt (a
+    #: resent ``failure``) arrive before this catches up with ``attempts`` and are ignored
+    delivered_attempt: Mapped[int | None] = mapped_column(sa.Integer)
     created: Mapped[float] = mapped_column(sa.Double)
     started: Mapped[float | None] = mapped_column(sa.Double)
     finished: Mapped[float | None] = mapped_column(sa.Double)
@@ -134,6 +151,7 @@ class ConfigValue(Base):
 devices = cast(sa.Table, Device.__table__)
 auth_sets = cast(sa.Table, AuthSet.__table__)
 artifacts = cast(sa.Table, Artifact.__table__)
+artifact_targets = cast(sa.Table, ArtifactTarget.__table__)
 deployments = cast(sa.Table, Deployment.__table__)
 deployment_devices = cast(sa.Table, DeploymentDevice.__table__)
 deployment_logs = cast(sa.Table, DeploymentLog.__table__)

@@ -25,6 +25,7 @@ from .context import ServerContext, get_ctx
 from .device_api import device_log, source_checksum
 from .errors import APIError, bad_request, conflict, not_found
 from .management import DEFAULT_PER_PAGE, Page, PerPage, require_admin
+from .models import artifact_targets as targets_t
 from .models import artifacts as art_t
 from .models import deployment_devices as dd
 from .models import deployments as dep
@@ -166,6 +167,27 @@ def _read_artifact(path: Path, size: int, ctx: ServerContext) -> dict[str, Any]:
     }
 
 
+MAX_KEY = 256
+
+
+def _check_key_lengths(name: str, device_types: list[str], source: str | None) -> None:
+    """The columns of the conflict index hold at most MAX_KEY characters."""
+    for what, value in (("name", name), ("depended rootfs-image.checksum", source or ""),
+                        *(("device type", t) for t in device_types)):
+        if len(value) > MAX_KEY:
+            raise bad_request(f"artifact rejected: its {what} is longer than {MAX_KEY} characters")
+
+
+def _refuse_conflicts(c: sa.Connection, name: str, device_types: list[str], source: str | None) -> None:
+    """409 when an artifact with this name has a device type in common and the same source image (a full
+    artifact and deltas of it from different images share the name)."""
+    for other in c.execute(sa.select(art_t.c.id, art_t.c.device_types, art_t.c.info).where(art_t.c.name == name)):
+        common = sorted(set(other.device_types) & set(device_types))
+        if common and source_checksum(other.info) == source:
+            what = "" if source is None else f" (a delta from image {source[:16]}…)"
+            raise conflict(f"artifact {name}{what} for device type {common[0]} already exists ({other.id})")
+
+
 @router.post(ARTIFACTS, status_code=201, tags=["artifacts"], response_class=Response,
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["artifact"],
@@ -213,20 +235,26 @@ async def upload_artifact(request: Request, ctx: Ctx) -> Response:
             raise bad_request(f"artifact rejected: {e}") from None
         artifact_id = str(uuid.uuid4())
         final = Path(ctx.artifact_dir) / f"{artifact_id}.mender"
-        with ctx.db.write() as c:
-            source = source_checksum(meta["info"])
-            for other in c.execute(sa.select(art_t.c.id, art_t.c.device_types, art_t.c.info)
-                                   .where(art_t.c.name == meta["name"])):
-                common = sorted(set(other.device_types) & set(meta["device_types"]))
-                # a full artifact and deltas of it (from different source images) share the name
-                if common and source_checksum(other.info) == source:
-                    what = "" if source is None else f" (a delta from image {source[:16]}…)"
-                    raise conflict(f"artifact {meta['name']}{what} for device type {common[0]} already exists ({other.id})")
-            c.execute(art_t.insert().values(
-                id=artifact_id, name=meta["name"], description=description, device_types=meta["device_types"],
-                size=upload.size, sha256=upload.sha.hexdigest(), signed=meta["signed"], signed_by=(meta["signed_by"] or "")[:255] or None,
-                info=meta["info"], created=now()))
-            os.replace(upload.path, final)  # inside the transaction: a failed move rolls the row back
+        source = source_checksum(meta["info"])
+        _check_key_lengths(meta["name"], meta["device_types"], source)
+        try:
+            with ctx.db.write() as c:
+                _refuse_conflicts(c, meta["name"], meta["device_types"], source)
+                c.execute(art_t.insert().values(
+                    id=artifact_id, name=meta["name"], description=description, device_types=meta["device_types"],
+                    size=upload.size, sha256=upload.sha.hexdigest(), signed=meta["signed"],
+                    signed_by=(meta["signed_by"] or "")[:255] or None, info=meta["info"], created=now()))
+                # the unique index: of two uploads racing past the check above, the second waits here for the
+                # first to commit and then fails (sorted: two uploads lock the index entries in the same order)
+                targets = [{"name": meta["name"], "device_type": t, "source": source or "", "artifact_id": artifact_id}
+                           for t in sorted(set(meta["device_types"]))]
+                if targets:
+                    c.execute(targets_t.insert(), targets)
+                os.replace(upload.path, final)  # inside the transaction: a failed move rolls the row back
+        except sa.exc.IntegrityError:
+            final.unlink(missing_ok=True)
+            raise conflict(f"artifact {meta['name']} for device type {', '.join(meta['device_types'])} was "
+                           "uploaded at the same moment by another request") from None
         return Response(status_code=201, headers={"Location": f"{ARTIFACTS}/{artifact_id}"})
     finally:
         upload.discard()
@@ -254,7 +282,8 @@ def get_artifact(artifact_id: str, ctx: Ctx) -> dict[str, Any]:
 def delete_artifact(artifact_id: str, ctx: Ctx) -> Response:
     """Delete an artifact no unfinished deployment uses (409 otherwise)."""
     with ctx.db.write() as c:
-        r = c.execute(sa.select(art_t.c.name).where(art_t.c.id == artifact_id)).first()
+        # locked: a deployment created at the same moment for this name waits for the answer (see create)
+        r = c.execute(sa.select(art_t.c.name).where(art_t.c.id == artifact_id).with_for_update()).first()
         if r is None:
             raise not_found("artifact")
         using = c.execute(sa.select(dep.c.id).where(dep.c.artifact_name == r.name,
@@ -340,7 +369,9 @@ def create_deployment(body: NewDeployment, ctx: Ctx) -> Response:
                "start_ts": p.start_ts.timestamp() if p.start_ts else None} for p in body.phases or []]
     deployment_id = str(uuid.uuid4())
     with ctx.db.write() as c:
-        if c.execute(sa.select(art_t.c.id).where(art_t.c.name == body.artifact_name).limit(1)).first() is None:
+        # FOR SHARE: an artifact deleted at the same moment is either gone here or sees this deployment
+        if not c.execute(sa.select(art_t.c.id).where(art_t.c.name == body.artifact_name)
+                         .with_for_update(read=True)).all():
             raise bad_request(f"no artifact named {body.artifact_name!r}: upload it first")
         if body.devices is not None:
             ids = list(dict.fromkeys(body.devices))
@@ -444,15 +475,13 @@ def put_deployment_status(deployment_id: str, body: DeploymentStatus, ctx: Ctx) 
     with ctx.db.write() as c:
         r = _get_deployment(c, deployment_id)
         if body.status == "aborted":
-            if r.status not in rollout.OPEN:
-                raise conflict(f"the deployment is already {r.status}")
-            rollout.abort(c, deployment_id)
+            if r.status not in rollout.OPEN or not rollout.abort(c, deployment_id):
+                raise conflict(f"the deployment is already {_get_deployment(c, deployment_id).status}")
         else:
-            if r.status != "paused":
-                raise conflict(f"only a paused deployment can be resumed; this one is {r.status}")
-            values: dict[str, Any] = {"status": "inprogress"}
+            values: dict[str, Any] = {}
             if "failure_threshold" in body.model_fields_set:
                 values["failure_threshold"] = body.failure_threshold
-            c.execute(dep.update().where(dep.c.id == deployment_id).values(**values))
+            if not rollout.resume(c, deployment_id, values):
+                raise conflict("only a paused deployment can be resumed; this one is "
+                               f"{_get_deployment(c, deployment_id).status}")
     return Response(status_code=204)
-

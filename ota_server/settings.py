@@ -2,7 +2,9 @@
 
 Worker processes are started by uvicorn in fresh interpreters, so the settings travel as JSON in the
 ``OTA_SERVER_SETTINGS`` environment variable; the secrets live in ``<storage>/server-secrets.json`` (mode 0600),
-created once, so that every worker and every restart agree on them.
+created once, so that every worker and every restart agree on them: the key of device tokens, the key of
+download links, and — only when no secrets key is configured apart (see :mod:`.secretkeys`) — the Fernet key
+of secret configuration values.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Settings:
     max_body: int = 16 * 1024 * 1024
     #: largest artifact accepted
     max_artifact: int = 8 * 1024 * 1024 * 1024
+    #: Fernet keys of secret configuration values, the first encrypts (resolved by ``build.py server``)
+    secrets_keys: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_env(self) -> str:
@@ -54,6 +58,7 @@ class Settings:
         d = json.loads(raw)
         d["storage"] = Path(d["storage"])
         d["release_keys"] = tuple(Path(p) for p in d["release_keys"])
+        d["secrets_keys"] = tuple(d.get("secrets_keys", ()))
         return cls(**d)
 
 
@@ -61,7 +66,8 @@ class Settings:
 class ServerSecrets:
     jwt_key: bytes
     link_key: bytes
-    fernet_key: bytes
+    #: the default key of secret configuration values, when the server runs without one kept apart
+    fernet_key: bytes | None
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -79,21 +85,42 @@ def _write_private(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_or_create_secrets(storage: Path) -> ServerSecrets:
+def replace_private(path: Path, data: bytes) -> None:
+    """Write ``path`` (mode 0600) atomically, replacing it: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_or_create_secrets(storage: Path, with_fernet_key: bool = False) -> ServerSecrets:
+    """The secrets of ``STORAGE/server-secrets.json``, the file created when missing; ``with_fernet_key``: a
+    default Fernet key is generated into it too (when no secrets key is configured apart). Raises UserError
+    when the file cannot be read."""
     path = storage / SECRETS_FILE
     if not path.exists():
         doc = {
             "jwt_key": base64.b64encode(secrets.token_bytes(32)).decode(),
             "link_key": base64.b64encode(secrets.token_bytes(32)).decode(),
-            "fernet_key": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
         }
+        if with_fernet_key:
+            doc["fernet_key"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
         _write_private(path, json.dumps(doc).encode())
     try:
         doc = json.loads(path.read_text())
+        if with_fernet_key and not doc.get("fernet_key"):
+            doc["fernet_key"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+            replace_private(path, json.dumps(doc).encode())
         return ServerSecrets(
             jwt_key=base64.b64decode(doc["jwt_key"]),
             link_key=base64.b64decode(doc["link_key"]),
-            fernet_key=doc["fernet_key"].encode(),
+            fernet_key=doc["fernet_key"].encode() if doc.get("fernet_key") else None,
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read the server secrets in {path}: {e}") from None

@@ -305,6 +305,28 @@ def test_configuration_reaches_the_device(server: OtaServer, device: FileDevice)
     assert "DEVICE_ID=cam-017\n" in env and "DVR_IP=10.20.0.5\n" in env
 
 
+def test_configuration_kept_when_a_secret_does_not_decrypt(server: OtaServer, device: FileDevice) -> None:
+    """A secret the server cannot decrypt (stored with a key it does not have): the server answers 503 instead
+    of a configuration without the secret, and the agent keeps its last device.env, other changes included."""
+    import sqlite3
+
+    from cryptography.fernet import Fernet
+
+    dev_id = onboard(server, device)
+    resp = server.send_json("PUT", f"{MGMT}/v1/deviceconfig/configurations/device/{dev_id}",
+                            {"DEVICE_ID": "cam-017", "DVR_IP": "10.20.0.5", "_secrets": ["DVR_IP"]})
+    assert resp.status == 204, resp
+    device.agent("check-update")
+    before = (device.data / "device.env").read_text()
+    assert "DEVICE_ID=cam-017\n" in before and "DVR_IP=10.20.0.5\n" in before
+    with sqlite3.connect(server.workdir / "ota.sqlite") as c:
+        c.execute("UPDATE config_values SET value = ? WHERE owner = ? AND name = 'DVR_IP'",
+                  (Fernet(Fernet.generate_key()).encrypt(b"10.20.0.5").decode(), dev_id))
+        c.execute("UPDATE config_values SET value = 'cam-018' WHERE owner = ? AND name = 'DEVICE_ID'", (dev_id,))
+    assert device.agent("check-update").stdout.strip() == "idle"
+    assert (device.data / "device.env").read_text() == before
+
+
 def test_reports_survive_a_server_outage(server: OtaServer, device: FileDevice, tmp_path: Path, keys) -> None:  # type: ignore[no-untyped-def]
     dev_id = onboard(server, device)
     dep = deploy(server, make_artifact(tmp_path, keys["ec"][0])[0], dev_id)

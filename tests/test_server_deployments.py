@@ -98,11 +98,13 @@ def test_full_deployment_and_next_variants(server: Server, release: str) -> None
                       "pause_before_committing", "decommissioned"}
     doc = get(server, dep_id)
     assert doc["status"] == "finished" and doc["finished"]
-    # final means final: the same report again is harmless, a different one is refused
+    # final means final: the same report again and an older status are acknowledged and ignored, a different
+    # final status is refused
     assert dev.status(dep_id, "success").status_code == 204
-    r = dev.status(dep_id, "downloading")
+    assert dev.status(dep_id, "downloading").status_code == 204
+    r = dev.status(dep_id, "failure")
     assert r.status_code == 400 and "already finished" in r.json()["error"]
-    assert stats(server, dep_id)["success"] == 1
+    assert stats(server, dep_id)["success"] == 1 and stats(server, dep_id)["downloading"] == 0
     assert dev.next("app-1").status_code == 204  # nothing left
     with server.admin() as a:
         (row,) = a.get(f"{DEPLOYMENTS}/{dep_id}/devices").json()
@@ -281,3 +283,63 @@ def test_decommissioned_device_counts_as_such(server: Server, release: str) -> N
     assert stats(server, dep_id)["decommissioned"] == 1
     assert get(server, dep_id)["status"] == "finished"
     assert dev.next().status_code == 401
+
+
+def _row(server: Server, dep_id: str) -> dict[str, Any]:
+    with server.admin() as a:
+        (row,) = a.get(f"{DEPLOYMENTS}/{dep_id}/devices").json()
+    return row  # type: ignore[no-any-return]
+
+
+def test_statuses_only_move_forward(server: Server, release: str) -> None:
+    """Mender's order: pending < downloading < pause_before_installing < installing < pause_before_rebooting <
+    rebooting < pause_before_committing < a final status. An older report (a delayed or resent one) is
+    acknowledged (204) and changes nothing; a repeat may update the substate."""
+    (dev, dev_id), = devices(server, 1)
+    dep_id = deploy(server, name="order", artifact_name=release, devices=[dev_id])
+    assert dev.next().status_code == 200
+    assert dev.status(dep_id, "installing", substate="writing").status_code == 204
+    for older in ("downloading", "pause_before_installing"):
+        assert dev.status(dep_id, older).status_code == 204
+        assert _row(server, dep_id)["status"] == "installing"
+    assert dev.status(dep_id, "installing", substate="90%").status_code == 204
+    assert _row(server, dep_id)["substate"] == "90%"
+    assert dev.status(dep_id, "pause_before_rebooting").status_code == 204
+    assert dev.status(dep_id, "rebooting").status_code == 204
+    assert dev.status(dep_id, "installing").status_code == 204
+    s = stats(server, dep_id)
+    assert s["rebooting"] == 1 and s["installing"] == s["downloading"] == s["pause_before_rebooting"] == 0
+    assert dev.status(dep_id, "pause_before_committing").status_code == 204
+    assert dev.status(dep_id, "success").status_code == 204
+    for late in ("rebooting", "downloading", "pause_before_committing", "success"):
+        assert dev.status(dep_id, late).status_code == 204
+        assert _row(server, dep_id)["status"] == "success"
+    r = dev.status(dep_id, "failure")
+    assert r.status_code == 400 and "already finished" in r.json()["error"]
+    assert stats(server, dep_id)["success"] == 1 and get(server, dep_id)["status"] == "finished"
+
+
+def test_repeated_failure_uses_no_retry(server: Server, release: str) -> None:
+    """A device resends its ``failure`` (the 204 was lost): the retry is used once. Reports about the failed
+    attempt are ignored until ``next`` hands the device its new attempt."""
+    (dev, dev_id), = devices(server, 1)
+    dep_id = deploy(server, name="resend", artifact_name=release, devices=[dev_id], retries=2)
+    assert dev.next().json()["id"] == dep_id
+    assert dev.status(dep_id, "downloading").status_code == 204
+    assert dev.status(dep_id, "failure", substate="first").status_code == 204
+    assert dev.status(dep_id, "failure", substate="first").status_code == 204  # the same report again
+    row = _row(server, dep_id)
+    assert row["status"] == "pending" and row["attempts"] == 1, row
+    assert dev.status(dep_id, "installing").status_code == 204  # late, from the failed attempt
+    assert _row(server, dep_id)["status"] == "pending"
+    assert dev.next().json()["id"] == dep_id  # the second attempt
+    assert dev.status(dep_id, "failure", substate="second").status_code == 204
+    assert dev.status(dep_id, "failure", substate="second").status_code == 204
+    row = _row(server, dep_id)
+    assert row["status"] == "pending" and row["attempts"] == 2, row
+    assert dev.next().json()["id"] == dep_id  # the third and last attempt
+    assert dev.status(dep_id, "downloading").status_code == 204
+    assert dev.status(dep_id, "success").status_code == 204
+    row = _row(server, dep_id)
+    assert row["status"] == "success" and row["attempts"] == 2, row
+    assert stats(server, dep_id)["success"] == 1 and get(server, dep_id)["status"] == "finished"

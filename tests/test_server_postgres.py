@@ -6,16 +6,21 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ota_common.tools import find_program, install_hint
 
-from .server_helpers import Server, free_port
+from .conftest import BUILD_PY, REPO
+from .server_helpers import Device, Server, deploy, free_port, write_artifact
 from .test_server_config import test_ansible_import, test_device_and_group_variables_with_secrets  # noqa: F401
 from .test_server_deployments import (  # noqa: F401
     release,
@@ -23,7 +28,9 @@ from .test_server_deployments import (  # noqa: F401
     test_failure_threshold_pauses_and_resume,
     test_full_deployment_and_next_variants,
     test_phases_release_devices_in_batches,
+    test_repeated_failure_uses_no_retry,
     test_retries_and_logs,
+    test_statuses_only_move_forward,
 )
 from .test_server_devices import (  # noqa: F401
     test_preauthorized_device_is_accepted_at_first_request,
@@ -77,8 +84,6 @@ def pg_server(postgres: str, tmp_path_factory: pytest.TempPathFactory,
 
 def test_restart_on_postgres(server: Server) -> None:
     """Migrations at start are idempotent: a restart on the same database keeps the devices."""
-    from .server_helpers import Device
-
     dev = Device(server)
     device_id = dev.accept()
     server.stop()
@@ -86,3 +91,211 @@ def test_restart_on_postgres(server: Server) -> None:
     assert dev.next().status_code == 204
     with server.admin() as a:
         assert a.get(f"/api/management/v2/devauth/devices/{device_id}").json()["status"] == "accepted"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Races: several server processes on one PostgreSQL (READ COMMITTED), clients hitting them at the same moment
+
+
+def _sibling(server: Server, base: Path, *args: str, workers: int) -> Server:
+    """Another server process on the same database and storage (secrets, artifacts), as behind a load balancer."""
+    s = Server(base, *args, db_url=server.db_url, workers=workers)
+    s.storage = server.storage
+    return s.start()
+
+
+def test_final_reports_at_the_same_moment_close_the_deployment(server: Server, release: str) -> None:  # noqa: F811
+    """Two devices' final reports interleaved on two connections, the way two server processes run them under
+    READ COMMITTED: the first has set its device final but not committed when the second does the same. The
+    second must wait for the first (the deployment row lock) and then find nobody left: the deployment
+    finishes. Without the lock each transaction sees the other device still active and it never finishes."""
+    import sqlalchemy as sa
+
+    from ota_server import deployments as rollout
+    from ota_server.db import normalize_url
+
+    (_, a_id), (_, b_id) = _preauthorized_devices(server, 2)
+    dep_id = deploy(server, name="pair", artifact_name=release, devices=[a_id, b_id])
+    engine = sa.create_engine(normalize_url(server.db_url))
+    try:
+        with engine.connect() as c1, engine.connect() as c2:
+            first = c1.begin()
+            rollout.set_device_final(c1, dep_id, a_id, "success", None)
+
+            def second() -> None:
+                with c2.begin():
+                    rollout.set_device_final(c2, dep_id, b_id, "failure", None)
+
+            t = threading.Thread(target=second)
+            t.start()
+            t.join(1.0)
+            waited = t.is_alive()
+            first.commit()
+            t.join(30)
+    finally:
+        engine.dispose()
+    assert waited, "the second final report did not wait for the first one's transaction"
+    assert server.query("SELECT status FROM deployments WHERE id = :d", d=dep_id) == [("finished",)]
+
+
+def test_unique_index_behind_the_artifact_conflict(server: Server) -> None:
+    """Two transactions insert the same (name, device type, source): the second waits for the first to commit,
+    then fails with a unique violation (the upload turns it into 409)."""
+    import sqlalchemy as sa
+
+    from ota_server.db import normalize_url
+
+    engine = sa.create_engine(normalize_url(server.db_url))
+    art = "INSERT INTO artifacts (id, name, description, device_types, size, sha256, signed, info, created) " \
+          "VALUES (:id, 'uq-1', '', '[\"qemu-virt\"]', 1, '', false, '{}', 0)"
+    target = "INSERT INTO artifact_targets (name, device_type, source, artifact_id) VALUES ('uq-1', 'qemu-virt', '', :id)"
+    errors: list[Exception] = []
+    try:
+        with engine.connect() as c1, engine.connect() as c2:
+            first = c1.begin()
+            c1.execute(sa.text(art), {"id": "uq-a"})
+            c1.execute(sa.text(target), {"id": "uq-a"})
+
+            def second() -> None:
+                try:
+                    with c2.begin():
+                        c2.execute(sa.text(art), {"id": "uq-b"})
+                        c2.execute(sa.text(target), {"id": "uq-b"})
+                except sa.exc.IntegrityError as e:
+                    errors.append(e)
+
+            t = threading.Thread(target=second)
+            t.start()
+            t.join(1.0)
+            waited = t.is_alive()
+            first.commit()
+            t.join(30)
+        assert waited and len(errors) == 1
+        assert server.query("SELECT id FROM artifacts WHERE name = 'uq-1'") == [("uq-a",)]
+        with engine.begin() as c:
+            c.execute(sa.text("DELETE FROM artifacts WHERE name = 'uq-1'"))
+    finally:
+        engine.dispose()
+
+
+def _preauthorized_devices(server: Server, n: int) -> list[tuple[Device, str]]:
+    """``n`` devices preauthorized through the management API and authenticated (token in hand)."""
+    out = []
+    with server.admin() as a:
+        for _ in range(n):
+            dev = Device(server)
+            r = a.post("/api/management/v2/devauth/devices", json={"identity_data": dev.identity, "pubkey": dev.pubkey})
+            assert r.status_code == 201, r.text
+            out.append((dev, r.headers["Location"].rsplit("/", 1)[1]))
+    with ThreadPoolExecutor(16) as pool:
+        assert all(code == 200 for code in pool.map(lambda d: d[0].auth().status_code, out))
+    return out
+
+
+def test_200_devices_finish_one_deployment_at_the_same_moment(server: Server, release: str,  # noqa: F811
+                                                              tmp_path: Path) -> None:
+    """Two more server processes (three workers each) on the same database; 200 devices report their final
+    status released by one barrier: the deployment closes exactly once with exact statistics."""
+    extra = [_sibling(server, tmp_path / f"s{i}", workers=3) for i in range(2)]
+    try:
+        fleet = _preauthorized_devices(server, 200)
+        dep_id = deploy(server, name="stampede", artifact_name=release, devices=[i for _, i in fleet])
+        for n, (dev, _) in enumerate(fleet):  # spread the devices over the three servers
+            target = (server, *extra)[n % 3]
+            dev.server = target
+            dev.http = target.client()
+
+        def start(item: tuple[Device, str]) -> None:
+            dev, _ = item
+            assert dev.next().status_code == 200
+            for st in ("downloading", "installing", "rebooting"):
+                assert dev.status(dep_id, st).status_code == 204
+
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(start, fleet))
+        barrier = threading.Barrier(len(fleet))
+
+        def finish(n: int) -> int:
+            dev, _ = fleet[n]
+            final = "failure" if n % 4 == 0 else "success"
+            barrier.wait()
+            return dev.status(dep_id, final).status_code
+
+        with ThreadPoolExecutor(len(fleet)) as pool:
+            codes = list(pool.map(finish, range(len(fleet))))
+        assert codes == [204] * len(fleet)
+        with server.admin() as a:
+            doc = a.get(f"/api/management/v1/deployments/deployments/{dep_id}").json()
+            s = a.get(f"/api/management/v1/deployments/deployments/{dep_id}/statistics").json()
+        assert doc["status"] == "finished" and doc["finished"], doc
+        assert s["success"] == 150 and s["failure"] == 50 and sum(s.values()) == 200, s
+        (active,) = server.query("SELECT count(*) FROM deployment_devices WHERE deployment_id = :d AND active",
+                                 d=dep_id)[0]
+        assert active == 0
+    finally:
+        for s in extra:
+            s.stop()
+
+
+def test_concurrent_uploads_of_one_artifact(server: Server, keys: dict[str, tuple[Path, Path]],
+                                            tmp_path: Path, run_cli: Any) -> None:
+    """The same artifact uploaded through two server processes at once: one 201, the others 409."""
+    other = _sibling(server, tmp_path / "s2", "--release-key", str(keys["ec"][1]), workers=2)
+    try:
+        art = write_artifact(run_cli, tmp_path / "race.mender", "race-1", ("qemu-virt",), key=keys["ec"][0])
+        targets = [server, other] * 3
+        barrier = threading.Barrier(len(targets))
+
+        def send(s: Server) -> int:
+            body = art.read_bytes()
+            with s.admin() as a:
+                barrier.wait()
+                return a.post("/api/management/v1/deployments/artifacts",
+                              files={"artifact": ("race.mender", body)}).status_code
+
+        with ThreadPoolExecutor(len(targets)) as pool:
+            codes = sorted(pool.map(send, targets))
+        assert codes == [201] + [409] * (len(targets) - 1), codes
+        with server.admin() as a:
+            assert [x["name"] for x in a.get("/api/management/v1/deployments/artifacts",
+                                               params={"name": "race-1"}).json()] == ["race-1"]
+    finally:
+        other.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Operations: migrations from several processes at once, backup and restore
+
+
+def _createdb(postgres: str, name: str) -> str:
+    subprocess.run([_pg_tool("psql"), postgres, "-c", f"CREATE DATABASE {name}"], check=True, capture_output=True)
+    return postgres.rsplit("/", 1)[0] + "/" + name
+
+
+def test_servers_starting_at_once_migrate_once(postgres: str, tmp_path: Path) -> None:
+    """Four ``build.py server migrate`` on a new database at the same moment: one migrates, the others wait
+    for its advisory lock and find nothing to do; none fails."""
+    url = _createdb(postgres, "ota_migrate")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, str(BUILD_PY), "server", "migrate", "--db", url], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    assert sorted("migrated from (empty)" in out for out, _ in outs) == [False] * 3 + [True], outs
+    s = Server(tmp_path, db_url=url)
+    from ota_server.db import head_revision
+
+    assert s.query("SELECT version_num FROM alembic_version") == [(head_revision(),)]
+
+
+def test_backup_and_restore_on_postgres(server: Server, postgres: str, tmp_path: Path,
+                                        keys: dict[str, tuple[Path, Path]], run_cli: Any) -> None:
+    """pg_dump of a running server (another process on the module's database, which is not stopped), restored
+    with pg_restore into a new database: a new server on it serves the device."""
+    from .test_server_ops import backup_and_restore
+
+    src = _sibling(server, tmp_path / "src", "--release-key", str(keys["ec"][1]), workers=1)
+    try:
+        backup_and_restore(src, tmp_path, keys, run_cli, _createdb(postgres, "ota_restored"))
+    finally:
+        src.stop()
