@@ -21,6 +21,26 @@ DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"
 
 log = logging.getLogger("ota_server")
 
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_TOKEN_TTL = 365 * 86400
+
+
+class Duration(click.ParamType):
+    """Seconds, or a number with a unit: ``90s``, ``30m``, ``12h``, ``7d``."""
+
+    name = "DURATION"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        unit = UNITS.get(text[-1:])
+        number = text[:-1] if unit else text
+        if not number.isdigit() or not 1 <= int(number) * (unit or 1) <= MAX_TOKEN_TTL:
+            self.fail(f"{value!r} is not a duration from 1 s to 365 d (seconds, or e.g. 90s, 30m, 12h, 7d)",
+                      param, ctx)
+        return int(number) * (unit or 1)
+
 
 @click.command()
 @click.option("--db", "db_url", default="sqlite:///./var/ota.db", show_default=True,
@@ -45,12 +65,15 @@ log = logging.getLogger("ota_server")
               "needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path),
               help="The certificate's private key (PEM, unencrypted); needs --tls-cert.")
+@click.option("--device-token-ttl", type=Duration(), default="7d", show_default=True,
+              help="Lifetime of a device token (seconds, or 30m, 12h, 7d); devices authenticate again when "
+              "it ends.")
 @click.option("--forwarded-allow-ips", default=DEFAULT_FORWARDED_ALLOW_IPS, show_default=True,
               help="Comma-separated addresses or networks of reverse proxies whose X-Forwarded-Proto and "
               "X-Forwarded-For are believed ('*': any, '': none).")
 def server(db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path], allow_unsigned: bool,
            admin_token_file: Path | None, workers: int, public_url: str | None, tls_cert: Path | None,
-           tls_key: Path | None, forwarded_allow_ips: str) -> None:
+           tls_key: Path | None, forwarded_allow_ips: str, device_token_ttl: int) -> None:
     """Run the update server: Mender-compatible device API, management API (OpenAPI at /docs)."""
     from ota_server.settings import SETTINGS_ENV, Settings, load_or_create_admin_token, load_or_create_secrets
 
@@ -93,7 +116,7 @@ def server(db_url: str, storage: Path, host: str, port: int, release_keys: Seque
     if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
         db_url = "sqlite:///" + str(Path(db_url[len("sqlite:///"):]).resolve())  # workers agree on the file
     settings = Settings(db_url=db_url, storage=storage, admin_token=token, release_keys=tuple(keys),
-                        allow_unsigned=allow_unsigned, public_url=public_url)
+                        allow_unsigned=allow_unsigned, public_url=public_url, device_token_ttl=device_token_ttl)
     load_or_create_secrets(storage)
 
     from ota_server.db import migrate
