@@ -1,20 +1,30 @@
-"""``build.py server``: run the update server (see docs/server.md)."""
+"""``build.py server``: run the update server; ``build.py server token ...``: its API tokens (see docs/server.md)."""
 
 from __future__ import annotations
 
+import getpass
 import ipaddress
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ota_common.errors import UserError
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+    from ota_server.db import Database
+
+T = TypeVar("T")
 
 #: uvicorn's own default: a reverse proxy on this machine may say which scheme and client it saw
 DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"
@@ -25,24 +35,21 @@ UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_TOKEN_TTL = 365 * 86400
 
 
-class Duration(click.ParamType):
-    """Seconds, or a number with a unit: ``90s``, ``30m``, ``12h``, ``7d``."""
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """Seconds, or a number with a unit: ``90s``, ``30m``, ``12h``, ``7d`` (1 s to 365 d).
 
-    name = "DURATION"
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower()
-        unit = UNITS.get(text[-1:])
-        number = text[:-1] if unit else text
-        if not number.isdigit() or not 1 <= int(number) * (unit or 1) <= MAX_TOKEN_TTL:
-            self.fail(f"{value!r} is not a duration from 1 s to 365 d (seconds, or e.g. 90s, 30m, 12h, 7d)",
-                      param, ctx)
-        return int(number) * (unit or 1)
+    Raises:
+        click.BadParameter: anything else (exit status 2).
+    """
+    text = str(value).strip().lower()
+    unit = UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    if not number.isdigit() or not 1 <= int(number) * (unit or 1) <= MAX_TOKEN_TTL:
+        raise click.BadParameter(f"{value!r} is not a duration from 1 s to 365 d (seconds, or e.g. 90s, 30m, 12h, 7d)")
+    return int(number) * (unit or 1)
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--db", "db_url", default="sqlite:///./var/ota.db", show_default=True,
               help="Database URL: sqlite:///PATH or postgresql://user:pass@host/db.")
 @click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=Path("var"), show_default=True,
@@ -55,8 +62,8 @@ class Duration(click.ParamType):
 @click.option("--allow-unsigned", is_flag=True,
               help="Accept unsigned artifacts (without release keys, uploads are refused otherwise).")
 @click.option("--admin-token-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="File holding the management API token (default: $OTA_ADMIN_TOKEN, else generated "
-              "into STORAGE/admin-token).")
+              help="File holding the bootstrap admin token, at least 32 characters (default: $OTA_ADMIN_TOKEN, "
+              "else generated into STORAGE/admin-token).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Server processes.")
 @click.option("--public-url", help="Base URL devices use to reach this server (for download links); default: "
               "the URL of each request.")
@@ -65,16 +72,26 @@ class Duration(click.ParamType):
               "needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path),
               help="The certificate's private key (PEM, unencrypted); needs --tls-cert.")
-@click.option("--device-token-ttl", type=Duration(), default="7d", show_default=True,
+@click.option("--device-token-ttl", callback=_duration, default="7d", show_default=True, metavar="DURATION",
               help="Lifetime of a device token (seconds, or 30m, 12h, 7d); devices authenticate again when "
               "it ends.")
 @click.option("--forwarded-allow-ips", default=DEFAULT_FORWARDED_ALLOW_IPS, show_default=True,
               help="Comma-separated addresses or networks of reverse proxies whose X-Forwarded-Proto and "
               "X-Forwarded-For are believed ('*': any, '': none).")
-def server(db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path], allow_unsigned: bool,
-           admin_token_file: Path | None, workers: int, public_url: str | None, tls_cert: Path | None,
-           tls_key: Path | None, forwarded_allow_ips: str, device_token_ttl: int) -> None:
-    """Run the update server: Mender-compatible device API, management API (OpenAPI at /docs)."""
+@click.option("--public-metrics", is_flag=True, help="Serve /metrics without a token (default: scope read).")
+@click.option("--public-docs", is_flag=True,
+              help="Serve /docs, /redoc and /openapi.json without a token (default: scope read).")
+@click.pass_context
+def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path],
+           allow_unsigned: bool, admin_token_file: Path | None, workers: int, public_url: str | None,
+           tls_cert: Path | None, tls_key: Path | None, forwarded_allow_ips: str, device_token_ttl: int,
+           public_metrics: bool, public_docs: bool) -> None:
+    """Run the update server: Mender-compatible device API, management API (OpenAPI at /docs).
+
+    `build.py server token create|list|revoke` manage its named API tokens."""
+    if ctx.invoked_subcommand is not None:
+        return  # `server token ...`: the options above only lend their --db
+    from ota_server.apitokens import hash_token
     from ota_server.settings import SETTINGS_ENV, Settings, load_or_create_admin_token, load_or_create_secrets
 
     if (tls_cert is None) != (tls_key is None):
@@ -107,16 +124,19 @@ def server(db_url: str, storage: Path, host: str, port: int, release_keys: Seque
             raise UserError(f"cannot read --admin-token-file {admin_token_file}: {e.strerror}") from None
         if not token:
             raise UserError(f"--admin-token-file {admin_token_file} is empty")
+        token = _bootstrap(token, f"--admin-token-file {admin_token_file}")
     elif os.environ.get("OTA_ADMIN_TOKEN", "").strip():
-        token = os.environ["OTA_ADMIN_TOKEN"].strip()
+        token = _bootstrap(os.environ["OTA_ADMIN_TOKEN"], "OTA_ADMIN_TOKEN")
     else:
         token, path, created = load_or_create_admin_token(storage)
+        token = _bootstrap(token, str(path))
         click.echo(f"admin token {'written to' if created else 'read from'} {path}", err=True)
+    os.environ.pop("OTA_ADMIN_TOKEN", None)  # the workers inherit the environment: they get only the hash
 
-    if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
-        db_url = "sqlite:///" + str(Path(db_url[len("sqlite:///"):]).resolve())  # workers agree on the file
-    settings = Settings(db_url=db_url, storage=storage, admin_token=token, release_keys=tuple(keys),
-                        allow_unsigned=allow_unsigned, public_url=public_url, device_token_ttl=device_token_ttl)
+    db_url = _absolute_db_url(db_url)
+    settings = Settings(db_url=db_url, storage=storage, admin_token_sha256=hash_token(token),
+                        release_keys=tuple(keys), allow_unsigned=allow_unsigned, public_url=public_url,
+                        device_token_ttl=device_token_ttl, public_metrics=public_metrics, public_docs=public_docs)
     load_or_create_secrets(storage)
 
     from ota_server.db import migrate
@@ -146,6 +166,22 @@ def server(db_url: str, storage: Path, host: str, port: int, release_keys: Seque
                 log_level="warning", access_log=False, timeout_graceful_shutdown=10,
                 server_header=False, proxy_headers=bool(trusted_proxies), forwarded_allow_ips=trusted_proxies or None,
                 ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+
+
+def _bootstrap(token: str, source: str) -> str:
+    from ota_server.apitokens import check_bootstrap_token
+
+    try:
+        return check_bootstrap_token(token, source)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _absolute_db_url(db_url: str) -> str:
+    """A relative SQLite path made absolute (the workers, and the token commands, agree on the file)."""
+    if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(db_url[len("sqlite:///"):]).resolve())
+    return db_url
 
 
 def _trusted_proxies(value: str) -> list[str]:
@@ -178,3 +214,110 @@ def _check_port(host: str, port: int) -> None:
             s.bind(addr)
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# build.py server token ...
+
+DB_HELP = "Database URL (default: the server's --db, sqlite:///./var/ota.db)."
+
+
+@server.group("token")
+def token_group() -> None:
+    """Named management API tokens with a scope: read (every GET, dashboard, /metrics, /docs), operate (devices,
+    configuration, artifacts, deployments) or admin (tokens, audit log). Only their SHA-256 is stored."""
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name in the environment or the password database
+        return f"cli:uid-{os.getuid()}"
+
+
+def _token_db(ctx: click.Context, db_url: str | None) -> Database:
+    """The server's database (migrated: a fresh one gets its schema), from --db here or on ``server``."""
+    c: click.Context | None = ctx
+    while db_url is None and c is not None:
+        if c.command is server:
+            db_url = c.params["db_url"]
+        c = c.parent
+    from ota_server.db import Database, migrate
+
+    url = _absolute_db_url(db_url or "sqlite:///./var/ota.db")
+    migrate(url)
+    return Database(url)
+
+
+def _run(ctx: click.Context, db_url: str | None, action: str,
+         change: Callable[[sa.Connection], tuple[T, str | None]]) -> T:
+    """Run ``change(connection)`` (the result and the audit summary, None: nothing changed) in one write
+    transaction with its audit entry.
+
+    Raises:
+        UserError: what the server's API would have answered with a 4xx (bad name, unknown token ...).
+    """
+    from ota_server import audit
+    from ota_server.errors import APIError
+
+    db = _token_db(ctx, db_url)
+    try:
+        with db.write() as c:
+            result, summary = change(c)
+            if summary:
+                audit.record(c, _actor(), "CLI", f"server token {action}", summary)
+        return result
+    except APIError as e:
+        raise UserError(e.message) from None
+    finally:
+        db.dispose()
+
+
+@token_group.command("create")
+@click.option("--name", required=True, help="Unique name: 1-64 of A-Z a-z 0-9 _ - (the audit log shows it).")
+@click.option("--scope", type=click.Choice(["read", "operate", "admin"]), required=True)
+@click.option("--db", "db_url", help=DB_HELP)
+@click.pass_context
+def token_create(ctx: click.Context, name: str, scope: str, db_url: str | None) -> None:
+    """Create a token and print it on stdout (shown this once: only its hash is kept)."""
+    from ota_server.apitokens import create_token
+
+    token = _run(ctx, db_url, "create", lambda c: (
+        create_token(c, name, scope, _actor()), f"created API token {name!r} with scope {scope}"))
+    click.echo(token)
+    click.echo(f"token {name!r} (scope {scope}) created; it is shown only this once", err=True)
+
+
+@token_group.command("list")
+@click.option("--db", "db_url", help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@click.pass_context
+def token_list(ctx: click.Context, db_url: str | None, as_json: bool) -> None:
+    """List the tokens: name, scope, id (the token's public part), creation time and creator."""
+    from ota_server.apitokens import list_tokens
+
+    rows: list[dict[str, Any]] = _run(ctx, db_url, "list", lambda c: (list_tokens(c), None))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    header = ("NAME", "SCOPE", "ID", "CREATED", "CREATED BY")
+    table = [header] + [(r["name"], r["scope"], r["id"], r["created"], r["created_by"]) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@token_group.command("revoke")
+@click.argument("name")
+@click.option("--db", "db_url", help=DB_HELP)
+@click.pass_context
+def token_revoke(ctx: click.Context, name: str, db_url: str | None) -> None:
+    """Revoke a token: it stops working at its next request, on every worker (its dashboard sessions too)."""
+    from ota_server.apitokens import revoke_token
+
+    def change(c: sa.Connection) -> tuple[str, str]:
+        scope = revoke_token(c, name)
+        return scope, f"revoked API token {name!r} (scope {scope})"
+
+    _run(ctx, db_url, "revoke", change)
+    click.echo(f"token {name!r} revoked", err=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import json
 import time
 import uuid
@@ -198,11 +197,4 @@ class TokenCodec:
         return found
 
 
-def check_admin(authorization: str | None, token: str) -> None:
-    if not authorization or not authorization.startswith("Bearer "):
-        raise unauthorized("missing admin token (Authorization: Bearer ...)")
-    if not hmac.compare_digest(authorization[7:].strip().encode(), token.encode()):
-        raise unauthorized("invalid admin token")
-
-
-__all__ = ["APIError", "AuthRequest", "DeviceClaims", "TokenCodec", "check_admin", "parse_auth_request"]
+__all__ = ["APIError", "AuthRequest", "DeviceClaims", "TokenCodec", "parse_auth_request"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -26,7 +28,8 @@ SECRETS_FILE = "server-secrets.json"
 class Settings:
     db_url: str
     storage: Path
-    admin_token: str
+    #: SHA-256 (hex) of the bootstrap admin token: the token itself never reaches the workers' environment
+    admin_token_sha256: str
     release_keys: tuple[Path, ...] = ()
     allow_unsigned: bool = False
     public_url: str | None = None
@@ -38,6 +41,10 @@ class Settings:
     max_body: int = 16 * 1024 * 1024
     #: largest artifact accepted
     max_artifact: int = 8 * 1024 * 1024 * 1024
+    #: ``/metrics`` without a token (default: scope ``read`` needed)
+    public_metrics: bool = False
+    #: ``/docs``, ``/redoc`` and ``/openapi.json`` without a token (default: scope ``read`` needed)
+    public_docs: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_env(self) -> str:
@@ -62,6 +69,11 @@ class ServerSecrets:
     jwt_key: bytes
     link_key: bytes
     fernet_key: bytes
+
+    @property
+    def session_key(self) -> bytes:
+        """HMAC key of dashboard sessions and login links (derived: one secret less to keep)."""
+        return hmac.new(self.jwt_key, b"vv-ota dashboard session key v2", hashlib.sha256).digest()
 
 
 def _write_private(path: Path, data: bytes) -> None:
