@@ -8,11 +8,12 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from .server_helpers import ADMIN_TOKEN, Device, Server
+from .server_helpers import ADMIN_TOKEN, Device, Server, write_artifact
 from .test_server_cli import one_error, run
 
 MGMT = "/api/management"
@@ -305,6 +306,71 @@ def test_audit_log(srv: Server, tokens: dict[str, str]) -> None:
     assert [e["id"] for e in everything] == sorted((e["id"] for e in everything), reverse=True)
     for bad in ({"limit": 0}, {"limit": 1001}, {"before": 0}, {"limit": "x"}):
         assert c.get(AUDIT, headers=admin, params=bad).status_code == 400
+
+
+def test_every_change_is_audited(srv: Server, tokens: dict[str, str], run_cli: Any, keys: dict[str, tuple[Path, Path]],
+                                  tmp_path: Path) -> None:
+    """Each route that changes something, called once with success, adds exactly one entry naming the token,
+    the method and the path; together they cover every non-GET management route."""
+    from ota_server.app import create_app, route_scopes
+    from ota_server.settings import Settings
+
+    c = srv.client()
+    h = bearer(tokens["operate"])
+    last = c.get(AUDIT, headers=bearer(tokens["admin"]), params={"limit": 1}).json()[0]["id"]
+    done: list[tuple[str, str]] = []
+
+    def call(method: str, path: str, status: int, **kw: Any) -> httpx.Response:
+        nonlocal last
+        r = c.request(method, path, headers={**h, **kw.pop("headers", {})}, **kw)
+        assert r.status_code == status, (method, path, r.text)
+        new = c.get(AUDIT, headers=bearer(tokens["admin"]), params={"before": 2**62}).json()
+        new = [e for e in new if e["id"] > last]
+        assert [(e["actor"], e["method"], e["path"]) for e in new] == [("t-operate", method, path)], new
+        assert new[0]["summary"]
+        last = new[0]["id"]
+        done.append((method, path))
+        return r
+
+    dev = Device(srv, "ec")
+    r = call("POST", DEVAUTH, 201, json={"identity_data": dev.identity, "pubkey": dev.pubkey})
+    device_id = r.headers["Location"].rsplit("/", 1)[1]
+    assert dev.auth().status_code == 200  # preauthorized: accepted now
+    aset = c.get(f"{DEVAUTH}/{device_id}", headers=h).json()["auth_sets"][0]["id"]
+    call("PUT", f"{DEVAUTH}/{device_id}/auth/{aset}/status", 204, json={"status": "accepted"})
+    assert dev.auth().status_code == 200
+    call("PUT", f"{MGMT}/v1/inventory/devices/{device_id}/group", 204, json={"group": "audited"})
+    call("PUT", f"{CONFIG}/device/{device_id}", 204, json={"A": "1"})
+    call("PUT", f"{CONFIG}/group/audited", 204, json={"B": "2"})
+    call("POST", f"{MGMT}/v1/inventory/import/ansible", 200, content=b"all:\n  hosts:\n    nobody: {}\n",
+         headers={"Content-Type": "application/yaml"})
+    art = write_artifact(run_cli, tmp_path / "a.mender", "audit-1", key=keys["ec"][0])
+    with open(art, "rb") as f:
+        r = call("POST", f"{MGMT}/v1/deployments/artifacts", 201, files={"artifact": ("a.mender", f)})
+    artifact_id = r.headers["Location"].rsplit("/", 1)[1]
+    r = call("POST", f"{MGMT}/v1/deployments/deployments", 201,
+             json={"name": "audit", "artifact_name": "audit-1", "devices": [device_id]})
+    deployment_id = r.headers["Location"].rsplit("/", 1)[1]
+    call("PUT", f"{MGMT}/v1/deployments/deployments/{deployment_id}/status", 204, json={"status": "aborted"})
+    call("DELETE", f"{MGMT}/v1/deployments/artifacts/{artifact_id}", 204)
+    call("DELETE", f"{MGMT}/v1/inventory/devices/{device_id}/group/audited", 204)
+    call("DELETE", f"{DEVAUTH}/{device_id}", 204)
+    h = bearer(tokens["admin"])
+    tokens_before = last
+    r = c.post(TOKENS, headers=h, json={"name": "audited", "scope": "read"})
+    assert r.status_code == 201
+    assert c.delete(f"{TOKENS}/audited", headers=h).status_code == 204
+    new = [e for e in c.get(AUDIT, headers=h).json() if e["id"] > tokens_before]
+    assert [(e["actor"], e["method"], e["path"]) for e in reversed(new)] == [
+        ("t-admin", "POST", TOKENS), ("t-admin", "DELETE", f"{TOKENS}/audited")]
+    done += [("POST", TOKENS), ("DELETE", f"{TOKENS}/audited")]
+    # every changing management route was among them
+    app = create_app(Settings(db_url=srv.db_url, storage=srv.storage, admin_token_sha256="0" * 64))
+    changing = {(m, p) for (m, p), scope in route_scopes(app).items() if p.startswith(MGMT) and m != "GET"}
+    app.state.ctx.db.dispose()
+    covered = {(m, p) for m, p in changing
+               for dm, dp in done if dm == m and re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", p), dp)}
+    assert covered == changing, changing - covered
 
 
 # ---------------------------------------------------------------------------------------------------------
