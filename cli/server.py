@@ -1,27 +1,39 @@
-"""``build.py server``: run the update server (see docs/server.md); its subcommands (``migrate``, ``backup``,
-``restore``, ``secrets ...``) are in :mod:`cli.server_admin`."""
+"""``build.py server``: run the update server (see docs/server.md); ``build.py server token ...``: its API tokens;
+its operating subcommands (``migrate``, ``backup``, ``restore``, ``secrets ...``) are in :mod:`cli.server_admin`."""
 
 from __future__ import annotations
 
+import getpass
 import ipaddress
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ota_common.errors import UserError
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+    from ota_server.db import Database
+
+T = TypeVar("T")
 
 #: uvicorn's own default: a reverse proxy on this machine may say which scheme and client it saw
 DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"
 
 log = logging.getLogger("ota_server")
 
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_TOKEN_TTL = 365 * 86400
 
 #: the --db option of the server and of its subcommands
 DB_OPTION = click.option("--db", "db_url", default="sqlite:///./var/ota.db", show_default=True, envvar="OTA_DB_URL",
@@ -31,6 +43,20 @@ SECRETS_KEY_OPTION = click.option(
     "--secrets-key-file", type=click.Path(dir_okay=False, path_type=Path), envvar="OTA_SECRETS_KEY_FILE",
     help="Keys of secret configuration values, one per line, the first encrypts (also OTA_SECRETS_KEY_FILE; or "
     "the keys themselves in OTA_SECRETS_KEYS). Default: a key generated into STORAGE/server-secrets.json.")
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """Seconds, or a number with a unit: ``90s``, ``30m``, ``12h``, ``7d`` (1 s to 365 d).
+
+    Raises:
+        click.BadParameter: anything else (exit status 2).
+    """
+    text = str(value).strip().lower()
+    unit = UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    if not number.isdigit() or not 1 <= int(number) * (unit or 1) <= MAX_TOKEN_TTL:
+        raise click.BadParameter(f"{value!r} is not a duration from 1 s to 365 d (seconds, or e.g. 90s, 30m, 12h, 7d)")
+    return int(number) * (unit or 1)
 
 
 @click.group(invoke_without_command=True)
@@ -45,8 +71,8 @@ SECRETS_KEY_OPTION = click.option(
 @click.option("--allow-unsigned", is_flag=True,
               help="Accept unsigned artifacts (without release keys, uploads are refused otherwise).")
 @click.option("--admin-token-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="File holding the management API token (default: $OTA_ADMIN_TOKEN, else generated "
-              "into STORAGE/admin-token).")
+              help="File holding the bootstrap admin token, at least 32 characters (default: $OTA_ADMIN_TOKEN, "
+              "else generated into STORAGE/admin-token).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Server processes.")
 @click.option("--public-url", help="Base URL devices use to reach this server (for download links); default: "
               "the URL of each request.")
@@ -55,6 +81,9 @@ SECRETS_KEY_OPTION = click.option(
               "needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path),
               help="The certificate's private key (PEM, unencrypted); needs --tls-cert.")
+@click.option("--device-token-ttl", callback=_duration, default="7d", show_default=True, metavar="DURATION",
+              help="Lifetime of a device token (seconds, or 30m, 12h, 7d); devices authenticate again when "
+              "it ends.")
 @click.option("--forwarded-allow-ips", default=DEFAULT_FORWARDED_ALLOW_IPS, show_default=True,
               help="Comma-separated addresses or networks of reverse proxies whose X-Forwarded-Proto and "
               "X-Forwarded-For are believed ('*': any, '': none).")
@@ -62,16 +91,21 @@ SECRETS_KEY_OPTION = click.option(
 @click.option("--migrate/--no-migrate", "run_migrations", default=True, show_default=True,
               help="Apply pending migrations before starting. With several servers on one database, run "
               "`build.py server migrate` once and start them with --no-migrate (they refuse an outdated schema).")
+@click.option("--public-metrics", is_flag=True, help="Serve /metrics without a token (default: scope read).")
+@click.option("--public-docs", is_flag=True,
+              help="Serve /docs, /redoc and /openapi.json without a token (default: scope read).")
 @click.pass_context
 def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path],
            allow_unsigned: bool, admin_token_file: Path | None, workers: int, public_url: str | None,
-           tls_cert: Path | None, tls_key: Path | None, forwarded_allow_ips: str, secrets_key_file: Path | None,
-           run_migrations: bool) -> None:
+           tls_cert: Path | None, tls_key: Path | None, forwarded_allow_ips: str, device_token_ttl: int,
+           secrets_key_file: Path | None, run_migrations: bool, public_metrics: bool, public_docs: bool) -> None:
     """Run the update server: Mender-compatible device API, management API (OpenAPI at /docs).
 
-    Without a subcommand it serves; the subcommands operate it (migrations, backups, secrets keys)."""
+    Without a subcommand it serves; `build.py server token create|list|revoke` manage its named API tokens, the
+    other subcommands operate it (migrations, backups, secrets keys)."""
     if ctx.invoked_subcommand is not None:
-        return
+        return  # a subcommand: the options above only lend their --db
+    from ota_server.apitokens import hash_token
     from ota_server.settings import SETTINGS_ENV, Settings, load_or_create_admin_token, load_or_create_secrets
 
     if (tls_cert is None) != (tls_key is None):
@@ -104,11 +138,14 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
             raise UserError(f"cannot read --admin-token-file {admin_token_file}: {e.strerror}") from None
         if not token:
             raise UserError(f"--admin-token-file {admin_token_file} is empty")
+        token = _bootstrap(token, f"--admin-token-file {admin_token_file}")
     elif os.environ.get("OTA_ADMIN_TOKEN", "").strip():
-        token = os.environ["OTA_ADMIN_TOKEN"].strip()
+        token = _bootstrap(os.environ["OTA_ADMIN_TOKEN"], "OTA_ADMIN_TOKEN")
     else:
         token, path, created = load_or_create_admin_token(storage)
+        token = _bootstrap(token, str(path))
         click.echo(f"admin token {'written to' if created else 'read from'} {path}", err=True)
+    os.environ.pop("OTA_ADMIN_TOKEN", None)  # the workers inherit the environment: they get only the hash
 
     db_url = absolute_db_url(db_url)
     from ota_server import secretkeys
@@ -119,8 +156,10 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
     load_or_create_secrets(storage, with_fernet_key=not apart)
     secrets_keys = secretkeys.resolve(secrets_key_file, storage)
     assert secrets_keys is not None  # a key file, the environment, or the default key just made
-    settings = Settings(db_url=db_url, storage=storage, admin_token=token, release_keys=tuple(keys),
-                        allow_unsigned=allow_unsigned, public_url=public_url, secrets_keys=secrets_keys.keys)
+    settings = Settings(db_url=db_url, storage=storage, admin_token_sha256=hash_token(token),
+                        release_keys=tuple(keys), allow_unsigned=allow_unsigned, public_url=public_url,
+                        device_token_ttl=device_token_ttl, public_metrics=public_metrics, public_docs=public_docs,
+                        secrets_keys=secrets_keys.keys)
 
     if run_migrations:
         migrate(db_url)
@@ -154,8 +193,18 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
                 ssl_certfile=tls_cert, ssl_keyfile=tls_key)
 
 
+def _bootstrap(token: str, source: str) -> str:
+    from ota_server.apitokens import check_bootstrap_token
+
+    try:
+        return check_bootstrap_token(token, source)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def absolute_db_url(db_url: str) -> str:
-    """A relative SQLite path made absolute (the workers, started elsewhere, agree on the file)."""
+    """A relative SQLite path made absolute (the workers, the subcommands and the token commands agree on the
+    file)."""
     if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(db_url[len("sqlite:///"):]).resolve())
     return db_url
@@ -191,6 +240,113 @@ def _check_port(host: str, port: int) -> None:
             s.bind(addr)
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# build.py server token ...
+
+DB_HELP = "Database URL (default: the server's --db, sqlite:///./var/ota.db)."
+
+
+@server.group("token")
+def token_group() -> None:
+    """Named management API tokens with a scope: read (every GET, dashboard, /metrics, /docs), operate (devices,
+    configuration, artifacts, deployments) or admin (tokens, audit log). Only their SHA-256 is stored."""
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name in the environment or the password database
+        return f"cli:uid-{os.getuid()}"
+
+
+def _token_db(ctx: click.Context, db_url: str | None) -> Database:
+    """The server's database (migrated: a fresh one gets its schema), from --db here or on ``server``."""
+    c: click.Context | None = ctx
+    while db_url is None and c is not None:
+        if c.command is server:
+            db_url = c.params["db_url"]
+        c = c.parent
+    from ota_server.db import Database, migrate
+
+    url = absolute_db_url(db_url or "sqlite:///./var/ota.db")
+    migrate(url)
+    return Database(url)
+
+
+def _run(ctx: click.Context, db_url: str | None, action: str,
+         change: Callable[[sa.Connection], tuple[T, str | None]]) -> T:
+    """Run ``change(connection)`` (the result and the audit summary, None: nothing changed) in one write
+    transaction with its audit entry.
+
+    Raises:
+        UserError: what the server's API would have answered with a 4xx (bad name, unknown token ...).
+    """
+    from ota_server import audit
+    from ota_server.errors import APIError
+
+    db = _token_db(ctx, db_url)
+    try:
+        with db.write() as c:
+            result, summary = change(c)
+            if summary:
+                audit.record(c, _actor(), "CLI", f"server token {action}", summary)
+        return result
+    except APIError as e:
+        raise UserError(e.message) from None
+    finally:
+        db.dispose()
+
+
+@token_group.command("create")
+@click.option("--name", required=True, help="Unique name: 1-64 of A-Z a-z 0-9 _ - (the audit log shows it).")
+@click.option("--scope", type=click.Choice(["read", "operate", "admin"]), required=True)
+@click.option("--db", "db_url", help=DB_HELP)
+@click.pass_context
+def token_create(ctx: click.Context, name: str, scope: str, db_url: str | None) -> None:
+    """Create a token and print it on stdout (shown this once: only its hash is kept)."""
+    from ota_server.apitokens import create_token
+
+    token = _run(ctx, db_url, "create", lambda c: (
+        create_token(c, name, scope, _actor()), f"created API token {name!r} with scope {scope}"))
+    click.echo(token)
+    click.echo(f"token {name!r} (scope {scope}) created; it is shown only this once", err=True)
+
+
+@token_group.command("list")
+@click.option("--db", "db_url", help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@click.pass_context
+def token_list(ctx: click.Context, db_url: str | None, as_json: bool) -> None:
+    """List the tokens: name, scope, id (the token's public part), creation time and creator."""
+    from ota_server.apitokens import list_tokens
+
+    rows: list[dict[str, Any]] = _run(ctx, db_url, "list", lambda c: (list_tokens(c), None))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    header = ("NAME", "SCOPE", "ID", "CREATED", "CREATED BY")
+    table = [header] + [(r["name"], r["scope"], r["id"], r["created"], r["created_by"]) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@token_group.command("revoke")
+@click.argument("name")
+@click.option("--db", "db_url", help=DB_HELP)
+@click.pass_context
+def token_revoke(ctx: click.Context, name: str, db_url: str | None) -> None:
+    """Revoke a token: it stops working at its next request, on every worker (its dashboard sessions too)."""
+    from ota_server.apitokens import revoke_token
+
+    def change(c: sa.Connection) -> tuple[str, str]:
+        scope = revoke_token(c, name)
+        return scope, f"revoked API token {name!r} (scope {scope})"
+
+    _run(ctx, db_url, "revoke", change)
+    click.echo(f"token {name!r} revoked", err=True)
 
 
 def _register_subcommands() -> None:

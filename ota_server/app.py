@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import dashboard, device_api, management, metrics, releases
+from . import admin_api, dashboard, device_api, management, metrics, releases
+from .apitokens import READ, RequireScope, route_scope
 from .context import ServerContext
 from .errors import ERROR_RESPONSES, APIError
 from .settings import Settings, load_or_create_secrets
@@ -134,21 +139,54 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-#: the dependencies that check credentials (admin token, device token of an accepted device)
-AUTH_DEPENDENCIES = (management.require_admin, device_api.current_device)
-
-
 async def _credentials_error(request: Request) -> Response | None:
     """FastAPI reports an unparsable body before it runs the route's dependencies: check the route's
-    credentials first, so that a request without them gets 401 whatever its body (and learns nothing)."""
+    credentials first (API token and its scope, or the token of an accepted device), so that a request without
+    them gets 401 (403: a token without the scope) whatever its body, and learns nothing."""
     dependant = getattr(request.scope.get("route"), "dependant", None)
     for dep in getattr(dependant, "dependencies", ()):
-        if dep.call in AUTH_DEPENDENCIES:
+        if isinstance(dep.call, RequireScope) or dep.call is device_api.current_device:
             try:
                 await dep.call(request)
             except APIError as e:
                 return _json(e.status, e.message, e.headers)
     return None
+
+
+def api_routes(routes: Iterable[BaseRoute]) -> Iterator[APIRoute]:
+    """Every API route, also inside included routers (FastAPI >= 0.16x keeps those as one entry that points
+    to the original router; older versions copy the routes)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif (inner := getattr(route, "original_router", None)) is not None:
+            yield from api_routes(inner.routes)
+
+
+def route_scopes(app: FastAPI) -> dict[tuple[str, str], str | None]:
+    """``(method, path)`` -> the token scope the route declares (None: no API token)."""
+    return {(m, r.path): route_scope(r.dependant.dependencies) for r in api_routes(app.routes)
+            for m in r.methods or ()}
+
+
+def _document_scopes(app: FastAPI) -> None:
+    """Say in the OpenAPI description of every operation which token scope it needs (``x-required-scope``)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        first = app.openapi_schema is None
+        schema = generate()
+        if first:
+            scopes = route_scopes(app)
+            for path, operations in schema.get("paths", {}).items():
+                for method, op in operations.items():
+                    if scope := scopes.get((method.upper(), path)):
+                        note = f"Needs an API token with scope `{scope}` (or a higher one)."
+                        op["description"] = f"{op['description']}\n\n{note}" if op.get("description") else note
+                        op["x-required-scope"] = scope
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -159,9 +197,11 @@ def create_app(settings: Settings) -> FastAPI:
         title="vv-ota update server",
         version="1",
         description="Mender-compatible device API and management API. Management endpoints need "
-        "`Authorization: Bearer <admin token>`; device endpoints a device token from auth_requests. "
+        "`Authorization: Bearer <API token>` with the scope each operation names (read < operate < admin); "
+        "device endpoints a device token from auth_requests. "
         'Errors are `{"error": "message"}`.',
         responses=ERROR_RESPONSES,
+        docs_url=None, redoc_url=None, openapi_url=None,  # served below, behind a token unless --public-docs
     )
     app.state.ctx = ctx
 
@@ -198,15 +238,34 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/metrics", tags=["service"], response_class=Response,
+             dependencies=[] if settings.public_metrics else [Depends(READ)],
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     def prometheus() -> Response:
+        """Prometheus metrics (an API token with scope ``read``, unless the server runs with
+        ``--public-metrics``)."""
         data, ctype = metrics.render(ctx.db)
         return Response(data, media_type=ctype)
+
+    docs = [] if settings.public_docs else [Depends(READ)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=docs)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=docs)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=docs)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - API")
 
     app.include_router(device_api.router)
     app.include_router(management.router)
     app.include_router(releases.router)
+    app.include_router(admin_api.router)
     app.include_router(dashboard.router)
+    _document_scopes(app)
     app.add_middleware(device_api.FastPoll)  # innermost: the checks below wrap it as they wrap routes
     app.add_middleware(UnicodeCheck)  # inside BodyLimit: never buffers more than max_body
     app.add_middleware(BodyLimit, limit=settings.max_body)

@@ -1,11 +1,11 @@
-"""Device authentication (signed auth requests, HS256 JWT) and the admin token."""
+"""Device authentication: signed auth requests and device tokens (HS256 JWT). Management tokens are in
+:mod:`ota_server.apitokens`."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
-import hmac
 import json
 import time
 import uuid
@@ -131,13 +131,26 @@ def parse_auth_request(body: bytes, signature_header: str | None) -> AuthRequest
     return AuthRequest(identity, ident, sha256_hex(ident), pubkey, sha256_hex(pubkey), tenant)
 
 
+@dataclass(frozen=True)
+class DeviceClaims:
+    """What a verified device token says: the device, and the auth set and epoch it was issued for (the
+    request is allowed only while the device's accepted auth set and token epoch are still these)."""
+
+    device_id: str
+    auth_set_id: str
+    epoch: int
+
+
 class TokenCodec:
+    """Device tokens: HS256 JWTs naming the device (``sub``), the auth set they were issued for
+    (``mender.auth_set``, as Mender's) and the device's token epoch at issue time (``vv.epoch``)."""
+
     def __init__(self, key: bytes, ttl: int) -> None:
         self._key = key
         self.ttl = ttl
-        self._verified: dict[str, tuple[str, float]] = {}
+        self._verified: dict[str, tuple[DeviceClaims, float]] = {}
 
-    def issue(self, device_id: str, auth_set_id: str) -> str:
+    def issue(self, device_id: str, auth_set_id: str, epoch: int) -> str:
         now = int(time.time())
         claims = {
             "jti": str(uuid.uuid4()),
@@ -147,12 +160,19 @@ class TokenCodec:
             "iss": ISSUER,
             "mender.device": True,
             "mender.auth_set": auth_set_id,
+            "vv.epoch": epoch,
         }
         return jwt.encode(claims, self._key, algorithm="HS256")
 
-    def device_id(self, authorization: str | None) -> str:
-        """The device id in a valid, unexpired token, else a 401. A device sends the same token on every
-        poll, so verified tokens are remembered (bounded cache; the expiry is still checked every time)."""
+    def verify(self, authorization: str | None) -> DeviceClaims:
+        """The claims of a valid, unexpired token. A device sends the same token on every poll, so verified
+        tokens are remembered (bounded cache; the expiry is still checked every time). Whether the auth set
+        and epoch are still current is the caller's check (one column pair of the device row it reads anyway).
+
+        Raises:
+            APIError: 401 for a missing, malformed, forged or expired token, or one without the auth set and
+                epoch claims (issued before tokens were bound to their auth set).
+        """
         if not authorization or not authorization.startswith("Bearer "):
             raise unauthorized("missing device token (Authorization: Bearer ...)")
         token = authorization[7:].strip()
@@ -166,20 +186,15 @@ class TokenCodec:
             raise unauthorized("device token expired") from None
         except jwt.PyJWTError:
             raise unauthorized("invalid device token") from None
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not claims.get("mender.device"):
+        sub, aset, epoch = claims.get("sub"), claims.get("mender.auth_set"), claims.get("vv.epoch")
+        if (not isinstance(sub, str) or not claims.get("mender.device") or not isinstance(aset, str)
+                or type(epoch) is not int):
             raise unauthorized("invalid device token")
         if len(self._verified) >= TOKEN_CACHE_SIZE:
             self._verified.clear()
-        self._verified[token] = (sub, float(claims["exp"]))
-        return sub
+        found = DeviceClaims(sub, aset, epoch)
+        self._verified[token] = (found, float(claims["exp"]))
+        return found
 
 
-def check_admin(authorization: str | None, token: str) -> None:
-    if not authorization or not authorization.startswith("Bearer "):
-        raise unauthorized("missing admin token (Authorization: Bearer ...)")
-    if not hmac.compare_digest(authorization[7:].strip().encode(), token.encode()):
-        raise unauthorized("invalid admin token")
-
-
-__all__ = ["APIError", "AuthRequest", "TokenCodec", "check_admin", "parse_auth_request"]
+__all__ = ["APIError", "AuthRequest", "DeviceClaims", "TokenCodec", "parse_auth_request"]

@@ -24,6 +24,8 @@ class ServerContext:
     links: LinkSigner
     config: ConfigStore
     verifiers: list[Any]
+    #: HMAC key of dashboard sessions and login links (derived from the server secrets)
+    session_key: bytes
 
     @classmethod
     def create(cls, settings: Settings, secrets: ServerSecrets) -> ServerContext:
@@ -34,6 +36,7 @@ class ServerContext:
             links=LinkSigner(secrets.link_key, settings.link_ttl),
             config=ConfigStore(settings.secrets_keys or ([secrets.fernet_key] if secrets.fernet_key else [])),
             verifiers=list(load_verifiers(settings.release_keys)),
+            session_key=secrets.session_key,
         )
 
     def base_url(self, request: Request) -> str:

@@ -1,17 +1,20 @@
 """The fleet dashboard: server-rendered HTML pages under ``/ui/`` (jinja2, autoescaped, no JavaScript).
 
-Authentication uses the admin token of the management API, in one of three ways:
+Authentication uses the API tokens of the management API (any scope: every token can read; the audit page needs
+``admin``; the bootstrap admin token is the token named ``bootstrap``), in one of three ways:
 
-- ``Authorization: Bearer <admin token>`` on any page (for scripts and proxies);
-- the login form (``POST /ui/login``): the token is compared in constant time and the browser receives a
+- ``Authorization: Bearer <token>`` on any page (for scripts and proxies);
+- the login form (``POST /ui/login``): the token's hash is compared in constant time and the browser receives a
   session cookie ``ota_session`` (HttpOnly, SameSite=Strict, Path=/ui, Secure when served over https,
-  12 hours). Its value is ``s1.<expiry>.<HMAC-SHA256>`` keyed with a key derived from the admin token, so the
-  server keeps no session state, every worker process accepts it, and changing the admin token ends every
-  session. Logging out deletes the cookie in the browser (a copied cookie stays valid until it expires);
-- a short-lived login link (reusable for its 60 seconds, not single-use): ``POST /ui/login-link`` (Bearer admin token) answers a URL
-  ``/ui/login/ticket?t=...`` valid for 60 seconds that sets the session cookie and redirects. It lets a tool
-  hand a browser a session without putting the admin token itself into a URL (history, proxy logs); the
-  Chromium test uses it.
+  12 hours). Its value is ``s2.<token name>.<expiry>.<HMAC-SHA256>``, keyed with a key derived from the server
+  secrets and bound to the SHA-256 of the very token that logged in: the server keeps no session state, every
+  worker process accepts it, and revoking the token (or changing the bootstrap token) ends its sessions at their
+  next page. Logging out deletes the cookie in the browser (a copied cookie stays valid until it expires or
+  the token is revoked);
+- a short-lived login link (reusable for its 60 seconds, not single-use): ``POST /ui/login-link`` (Bearer
+  token) answers a URL ``/ui/login/ticket?t=...`` valid for 60 seconds that sets a session cookie of the same
+  token and redirects. It lets a tool hand a browser a session without putting the token itself into a URL
+  (history, proxy logs); the Chromium test uses it.
 
 Without credentials a page answers ``303`` to ``/ui/login?next=<page>``; a wrong Bearer token is a ``401``.
 Every page is sent with a strict Content-Security-Policy (no scripts at all, styles only from ``/ui/static``),
@@ -36,11 +39,12 @@ import jinja2
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from . import audit
 from . import dashboard_queries as q
+from .apitokens import READ, Principal, Reader, bearer_principal, find_principal, principal_named
 from .context import ServerContext, get_ctx
 from .deployments import OPEN
-from .errors import APIError, unauthorized
-from .management import require_admin
+from .errors import APIError
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
@@ -50,6 +54,7 @@ SESSION_TTL = 12 * 3600
 TICKET_TTL = 60
 LOGIN = "/ui/login"
 DEPLOYMENTS_PER_PAGE = 50
+AUDIT_PER_PAGE = 100
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
@@ -67,46 +72,44 @@ PageNo = Annotated[int, Query(ge=1, le=1_000_000)]
 # Sessions
 
 
-def _key(admin_token: str) -> bytes:
-    return hmac.new(admin_token.encode(), b"vv-ota dashboard session key v1", hashlib.sha256).digest()
-
-
-def _mac(admin_token: str, kind: str, expires: int) -> str:
-    digest = hmac.new(_key(admin_token), f"{kind}.{expires}".encode(), hashlib.sha256).digest()
+def _mac(key: bytes, kind: str, name: str, expires: int, token_hash: str) -> str:
+    digest = hmac.new(key, f"{kind}.{name}.{expires}.{token_hash}".encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
-def issue(admin_token: str, kind: str, ttl: int, now: float | None = None) -> str:
-    """A signed value ``<kind>.<expiry>.<mac>``: ``s1`` for session cookies, ``t1`` for login tickets."""
+def issue(key: bytes, kind: str, who: Principal, ttl: int, now: float | None = None) -> str:
+    """A signed value ``<kind>.<token name>.<expiry>.<mac>`` bound to the token's hash: ``s2`` for session
+    cookies, ``t2`` for login tickets."""
     expires = int(now if now is not None else time.time()) + ttl
-    return f"{kind}.{expires}.{_mac(admin_token, kind, expires)}"
+    return f"{kind}.{who.name}.{expires}.{_mac(key, kind, who.name, expires, who.token_hash)}"
 
 
-def verify(admin_token: str, kind: str, value: str | None, now: float | None = None) -> bool:
-    if not value or len(value) > 128:
-        return False
+def verify(ctx: ServerContext, kind: str, value: str | None, now: float | None = None) -> Principal | None:
+    """The principal of a valid, unexpired session or ticket whose token still exists unchanged, else None."""
+    if not value or len(value) > 160:
+        return None
     parts = value.split(".")
-    if len(parts) != 3 or parts[0] != kind or not parts[1].isdigit() or len(parts[1]) > 12:
-        return False
-    expires = int(parts[1])
+    if len(parts) != 4 or parts[0] != kind or not parts[2].isdigit() or len(parts[2]) > 12:
+        return None
+    expires = int(parts[2])
     if expires < (now if now is not None else time.time()):
-        return False
-    return hmac.compare_digest(parts[2].encode(), _mac(admin_token, kind, expires).encode())
+        return None
+    who = principal_named(ctx.db, parts[1], ctx.settings.admin_token_sha256)
+    if who is None:
+        return None
+    good = _mac(ctx.session_key, kind, who.name, expires, who.token_hash)
+    return who if hmac.compare_digest(parts[3].encode(), good.encode()) else None
 
 
-def _token_matches(given: str, admin_token: str) -> bool:
-    return hmac.compare_digest(given.strip().encode(), admin_token.encode())
+def viewer(request: Request) -> Principal | None:
+    """Who is looking: a valid Bearer token or session cookie, else None.
 
-
-def authenticated(request: Request) -> bool:
-    """True for a valid session cookie or Bearer admin token; a *wrong* Bearer token is a 401."""
-    token = get_ctx(request).settings.admin_token
-    authorization = request.headers.get("authorization")
-    if authorization:
-        if authorization.startswith("Bearer ") and _token_matches(authorization[7:], token):
-            return True
-        raise unauthorized("invalid admin token")
-    return verify(token, "s1", request.cookies.get(SESSION_COOKIE))
+    Raises:
+        APIError: 401 for a *wrong* Bearer token.
+    """
+    if request.headers.get("authorization"):
+        return bearer_principal(request)
+    return verify(get_ctx(request), "s2", request.cookies.get(SESSION_COOKIE))
 
 
 def safe_next(value: str | None) -> str:
@@ -117,18 +120,30 @@ def safe_next(value: str | None) -> str:
     return "/ui/"
 
 
-async def require_session(request: Request) -> None:
-    if not authenticated(request):
+async def require_session(request: Request) -> Principal:
+    """The viewer of a page (every token may read the dashboard).
+
+    Raises:
+        APIError: 303 to the login form without credentials, 401 for a wrong Bearer token.
+    """
+    who = viewer(request)
+    if who is None:
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise APIError(303, "login required", {"Location": f"{LOGIN}?{urlencode({'next': here})}"})
+    return who
 
 
-def _session_response(request: Request, ctx: ServerContext, target: str) -> Response:
+Viewer = Annotated[Principal, Depends(require_session)]
+
+
+def _session_response(request: Request, ctx: ServerContext, who: Principal, target: str, how: str) -> Response:
     resp = RedirectResponse(safe_next(target), status_code=303)
     secure = request.url.scheme == "https" or (ctx.settings.public_url or "").startswith("https://")
-    resp.set_cookie(SESSION_COOKIE, issue(ctx.settings.admin_token, "s1", SESSION_TTL), max_age=SESSION_TTL,
+    resp.set_cookie(SESSION_COOKIE, issue(ctx.session_key, "s2", who, SESSION_TTL), max_age=SESSION_TTL,
                     path="/ui", httponly=True, samesite="strict", secure=secure)
     resp.headers.update(SECURITY_HEADERS)
+    with ctx.db.write() as c:
+        audit.record(c, who.name, request.method, request.url.path, f"dashboard login ({how})")
     return resp
 
 
@@ -204,6 +219,7 @@ def render(template: str, status: int = 200, **context: Any) -> HTMLResponse:
     now = time.time()
     context.setdefault("refresh", None)
     context.setdefault("logged_in", True)
+    context.setdefault("viewer", None)
     html = ENV.get_template(template).render(now=now, ago=lambda ts: _ago(ts, now), **context)
     return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
@@ -234,7 +250,7 @@ def stylesheet() -> Response:
 def login_form(request: Request, next: str | None = None) -> Response:
     target = safe_next(next)
     try:
-        if authenticated(request):
+        if viewer(request) is not None:
             return RedirectResponse(target, status_code=303)
     except APIError:
         pass
@@ -247,9 +263,11 @@ async def login(request: Request) -> Response:
     form = await request.form()
     token, target = form.get("token"), form.get("next")
     target = safe_next(target if isinstance(target, str) else None)
-    if not isinstance(token, str) or not token.strip() or not _token_matches(token, ctx.settings.admin_token):
-        return render("login.html", status=401, next=target, error="Wrong admin token.", logged_in=False)
-    return _session_response(request, ctx, target)
+    who = find_principal(ctx.db, token.strip(), ctx.settings.admin_token_sha256) if isinstance(token, str) else None
+    if who is None:
+        return render("login.html", status=401, next=target, logged_in=False,
+                      error="Wrong token: neither the admin token nor a valid API token.")
+    return _session_response(request, ctx, who, target, "form")
 
 
 @public.post("/ui/logout")
@@ -262,21 +280,22 @@ def logout() -> Response:
 
 @public.get("/ui/login/ticket")
 def login_ticket(request: Request, ctx: Ctx, t: str | None = None, next: str | None = None) -> Response:
-    if not verify(ctx.settings.admin_token, "t1", t):
+    who = verify(ctx, "t2", t)
+    if who is None:
         return render("login.html", status=401, next=safe_next(next), logged_in=False,
-                      error="This login link is invalid or has expired: log in with the admin token.")
-    return _session_response(request, ctx, safe_next(next))
+                      error="This login link is invalid or has expired: log in with a token.")
+    return _session_response(request, ctx, who, safe_next(next), "login link")
 
 
-api = APIRouter(dependencies=[Depends(require_admin)], tags=["dashboard"])
+api = APIRouter(dependencies=[Depends(READ)], tags=["dashboard"])
 
 
 @api.post("/ui/login-link")
-def login_link(ctx: Ctx, next: Annotated[str | None, Query(max_length=2048)] = None) -> dict[str, Any]:
+def login_link(ctx: Ctx, who: Reader, next: Annotated[str | None, Query(max_length=2048)] = None) -> dict[str, Any]:
     """A dashboard login link valid for 60 seconds (``url`` is relative to the server): it sets a session
-    cookie in the browser that opens it and redirects to ``next`` (a ``/ui/`` path), so that the admin token
-    itself never travels in a URL."""
-    params = {"t": issue(ctx.settings.admin_token, "t1", TICKET_TTL), "next": safe_next(next)}
+    cookie (of the token that asked) in the browser that opens it and redirects to ``next`` (a ``/ui/`` path), so
+    that the token itself never travels in a URL."""
+    params = {"t": issue(ctx.session_key, "t2", who.principal, TICKET_TTL), "next": safe_next(next)}
     return {"url": f"/ui/login/ticket?{urlencode(params)}", "expires_in": TICKET_TTL}
 
 
@@ -287,7 +306,7 @@ pages = APIRouter(dependencies=[Depends(require_session)], include_in_schema=Fal
 
 
 @pages.get("/ui/")
-def overview(ctx: Ctx, page: PageNo = 1,
+def overview(ctx: Ctx, who: Viewer, page: PageNo = 1,
              status: Annotated[str | None, Query(pattern="^(pending|accepted|rejected|preauthorized)$")] = None,
              group: Annotated[str | None, Query(max_length=64)] = None,
              artifact: Annotated[str | None, Query(max_length=256)] = None) -> Response:
@@ -296,47 +315,60 @@ def overview(ctx: Ctx, page: PageNo = 1,
         counts = q.fleet_counts(c)
         total, rows = q.device_rows(c, flt, page)
         deployments_total, recent = q.deployment_rows(c)
-    return render("overview.html", refresh=30, counts=counts, devices=rows, filter=flt, page=page,
+    return render("overview.html", viewer=who, refresh=30, counts=counts, devices=rows, filter=flt, page=page,
                   pages=max(1, math.ceil(total / q.PER_PAGE)), matching=total, per_page=q.PER_PAGE,
                   deployments=recent, deployments_total=deployments_total)
 
 
 @pages.get("/ui/deployments")
-def deployment_list(ctx: Ctx, page: PageNo = 1) -> Response:
+def deployment_list(ctx: Ctx, who: Viewer, page: PageNo = 1) -> Response:
     with ctx.db.read() as c:
         total, rows = q.deployment_rows(c, page, DEPLOYMENTS_PER_PAGE)
-    return render("deployments.html", deployments=rows, page=page,
+    return render("deployments.html", viewer=who, deployments=rows, page=page,
                   pages=max(1, math.ceil(total / DEPLOYMENTS_PER_PAGE)), total=total)
 
 
 @pages.get("/ui/devices/{device_id}")
-def device_page(device_id: str, ctx: Ctx) -> Response:
+def device_page(device_id: str, ctx: Ctx, who: Viewer) -> Response:
     with ctx.db.read() as c:
         d = q.device_detail(c, device_id)
     if d is None:
-        return render("not_found.html", status=404, what="device", ident=device_id)
-    return render("device.html", d=d)
+        return render("not_found.html", status=404, viewer=who, what="device", ident=device_id)
+    return render("device.html", viewer=who, d=d)
 
 
 @pages.get("/ui/deployments/{deployment_id}")
-def deployment_page(deployment_id: str, ctx: Ctx, failures_page: PageNo = 1) -> Response:
+def deployment_page(deployment_id: str, ctx: Ctx, who: Viewer, failures_page: PageNo = 1) -> Response:
     with ctx.db.read() as c:
         d = q.deployment_detail(c, deployment_id, failures_page, time.time())
     if d is None:
-        return render("not_found.html", status=404, what="deployment", ident=deployment_id)
+        return render("not_found.html", status=404, viewer=who, what="deployment", ident=deployment_id)
     open_ = d["row"].status in OPEN
-    return render("deployment.html", d=d, refresh=15 if open_ else None, failures_page=failures_page,
+    return render("deployment.html", viewer=who, d=d, refresh=15 if open_ else None, failures_page=failures_page,
                   failures_pages=max(1, math.ceil(d["failures_total"] / q.FAILURES_PER_PAGE)))
 
 
 @pages.get("/ui/deployments/{deployment_id}/devices/{device_id}/log")
-def log_page(deployment_id: str, device_id: str, ctx: Ctx) -> Response:
+def log_page(deployment_id: str, device_id: str, ctx: Ctx, who: Viewer) -> Response:
     with ctx.db.read() as c:
         row = q.deployment_device(c, deployment_id, device_id)
         messages, dropped = q.log_messages(c, deployment_id, device_id) if row is not None else ([], 0)
     if row is None:
-        return render("not_found.html", status=404, what="device in this deployment", ident=device_id)
-    return render("log.html", row=row, identity=q.identity_of(row.identity_json), messages=messages, dropped=dropped)
+        return render("not_found.html", status=404, viewer=who, what="device in this deployment", ident=device_id)
+    return render("log.html", viewer=who, row=row, identity=q.identity_of(row.identity_json), messages=messages, dropped=dropped)
+
+
+@pages.get("/ui/audit")
+def audit_page(ctx: Ctx, who: Viewer, before: Annotated[int | None, Query(ge=1, le=2**62)] = None) -> Response:
+    """The audit log, newest first, ``AUDIT_PER_PAGE`` entries a page (``before``: older than that entry)."""
+    if not who.allows("admin"):
+        return render("forbidden.html", status=403, viewer=who, scope="admin")
+    with ctx.db.read() as c:
+        entries = audit.entries(c, AUDIT_PER_PAGE + 1, before)
+    more = len(entries) > AUDIT_PER_PAGE
+    entries = entries[:AUDIT_PER_PAGE]
+    return render("audit.html", viewer=who, entries=entries, before=before,
+                  older=entries[-1]["id"] if more and entries else None)
 
 
 router = APIRouter()

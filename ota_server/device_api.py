@@ -1,8 +1,9 @@
 """The device API: the subset of Mender's that the stock mender-client 3.x and our agent use.
 
-Hot path (``next``, status): one HS256 check, one primary-key read of the device's status (so a decommission or
-a rejection is honoured at the very next request, by every worker), one indexed read of the device's active
-deployments; nothing is written unless something changed. Handlers are ``async`` and call the database
+Hot path (``next``, status): one HS256 check, one primary-key read of the device's status, accepted auth set and
+token epoch (so a decommission, a rejection or another key accepted is honoured at the very next request, by every
+worker: a token is valid only for the auth set and epoch it was issued for), one indexed read of the device's
+active deployments; nothing is written unless something changed. Handlers are ``async`` and call the database
 directly: the queries are short, and skipping the thread pool is what keeps the poll cheap.
 """
 
@@ -100,9 +101,11 @@ def _authenticate(ctx: ServerContext, req: AuthRequest) -> str | None:
                                                 pubkey_hash=req.pubkey_hash, status="pending", created=t))
             _refresh_status(c, device_id)
         elif aset.status in ("accepted", "preauthorized"):
-            if aset.status == "preauthorized":
+            bound = c.execute(sa.select(devices.c.auth_set_id).where(devices.c.id == device_id)).scalar()
+            if aset.status == "preauthorized" or bound != aset.id:  # (not bound: a row written by hand)
                 accept_auth_set(c, device_id, aset.id)
-            return ctx.tokens.issue(device_id, aset.id)
+            epoch = c.execute(sa.select(devices.c.token_epoch).where(devices.c.id == device_id)).scalar_one()
+            return ctx.tokens.issue(device_id, aset.id, int(epoch))
     return None
 
 
@@ -110,19 +113,28 @@ def _lock_device(c: sa.Connection, device_id: str) -> None:
     c.execute(sa.select(devices.c.id).where(devices.c.id == device_id).with_for_update())
 
 
-def _refresh_status(c: sa.Connection, device_id: str) -> str:
-    statuses = [r[0] for r in c.execute(sa.select(auth_sets.c.status).where(auth_sets.c.device_id == device_id))]
-    status = derive_status(statuses)
-    c.execute(devices.update().where(devices.c.id == device_id).values(status=status, updated=now()))
+def _refresh_status(c: sa.Connection, device_id: str, new_grant: bool = False) -> str:
+    """Derive the device's status from its auth sets and record its accepted set. The token epoch goes up when
+    the accepted set changes (rejected, replaced) or is granted again (``new_grant``): every device token
+    issued before stops working at once. A new pending key leaves the accepted set and its tokens alone."""
+    sets = c.execute(sa.select(auth_sets.c.id, auth_sets.c.status).where(auth_sets.c.device_id == device_id)).all()
+    status = derive_status([s.status for s in sets])
+    accepted = next((s.id for s in sets if s.status == "accepted"), None)
+    bound = c.execute(sa.select(devices.c.auth_set_id).where(devices.c.id == device_id)).scalar()
+    values: dict[str, Any] = {"status": status, "updated": now(), "auth_set_id": accepted}
+    if new_grant or bound != accepted:
+        values["token_epoch"] = devices.c.token_epoch + 1
+    c.execute(devices.update().where(devices.c.id == device_id).values(**values))
     return status
 
 
 def accept_auth_set(c: sa.Connection, device_id: str, auth_set_id: str) -> None:
-    """Accept one auth set; the device's other accepted sets are rejected (one key at a time)."""
+    """Accept one auth set; the device's other accepted sets are rejected (one key at a time), and tokens
+    issued before (for any of its sets) stop working."""
     c.execute(auth_sets.update().where(auth_sets.c.device_id == device_id, auth_sets.c.id != auth_set_id,
                                        auth_sets.c.status == "accepted").values(status="rejected"))
     c.execute(auth_sets.update().where(auth_sets.c.id == auth_set_id).values(status="accepted"))
-    _refresh_status(c, device_id)
+    _refresh_status(c, device_id, new_grant=True)
 
 
 def set_auth_status(c: sa.Connection, device_id: str, auth_set_id: str, status: str) -> str:
@@ -130,8 +142,8 @@ def set_auth_status(c: sa.Connection, device_id: str, auth_set_id: str, status: 
     _lock_device(c, device_id)
     if status == "accepted":
         accept_auth_set(c, device_id, auth_set_id)
-    else:
-        c.execute(auth_sets.update().where(auth_sets.c.id == auth_set_id).values(status=status))
+        return "accepted"
+    c.execute(auth_sets.update().where(auth_sets.c.id == auth_set_id).values(status=status))
     return _refresh_status(c, device_id)
 
 
@@ -147,7 +159,7 @@ class CurrentDevice:
 
 
 #: hot-path statements, run through the driver (see Database.fetch)
-DEVICE_SQL = "SELECT status, provides_hash, group_name FROM devices WHERE id = ?"
+DEVICE_SQL = "SELECT status, provides_hash, group_name, auth_set_id, token_epoch FROM devices WHERE id = ?"
 ACTIVE_SQL = (
     "SELECT dd.deployment_id, dd.status, dd.not_before, d.status, d.artifact_name, d.allow_downgrade "
     "FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id "
@@ -156,15 +168,25 @@ ACTIVE_SQL = (
 
 
 async def current_device(request: Request) -> CurrentDevice:
+    """The device of a valid token, read on every request.
+
+    Raises:
+        APIError: 401 for a bad or expired token, an unknown (decommissioned) device, a device that is not
+            accepted, or a token issued for an auth set or epoch that is no longer the device's (its key was
+            rejected or replaced, or accepted again since).
+    """
     ctx = get_ctx(request)
-    device_id = ctx.tokens.device_id(request.headers.get("authorization"))
-    rows = ctx.db.fetch(DEVICE_SQL, (device_id,))
+    claims = ctx.tokens.verify(request.headers.get("authorization"))
+    rows = ctx.db.fetch(DEVICE_SQL, (claims.device_id,))
     if not rows:
         raise unauthorized("unknown or decommissioned device")
-    status, provides_hash, group = rows[0]
+    status, provides_hash, group, auth_set_id, epoch = rows[0]
     if status != "accepted":
         raise unauthorized(f"device is {status}, not accepted")
-    return CurrentDevice(device_id, provides_hash, group)
+    if auth_set_id != claims.auth_set_id or epoch != claims.epoch:
+        raise unauthorized("device token revoked (its key was rejected, replaced or accepted again): "
+                           "authenticate again")
+    return CurrentDevice(claims.device_id, provides_hash, group)
 
 
 async def _ctx(request: Request) -> ServerContext:
@@ -353,6 +375,40 @@ class _RouteLabel:
 _FAST_ROUTES = {p: _RouteLabel(p) for p in FastPoll.PATHS}
 
 
+#: the idle-poll question in one statement: the device row and how many unfinished deployments it has (the
+#: ``deployment_devices(device_id, active)`` index answers the count); only a device with some reads them
+POLL_SQL = ("SELECT d.status, d.provides_hash, d.auth_set_id, d.token_epoch, (SELECT count(*) FROM "
+            "deployment_devices dd WHERE dd.device_id = d.id AND dd.active = ?) FROM devices d WHERE d.id = ?")
+#: ``next`` bodies already checked -> the hash of their provides (None: not a body the shortcut takes). A
+#: fleet sends few distinct bodies (one per running version and device type), so this stays small.
+_BODIES: dict[bytes, str | None] = {}
+BODY_CACHE_SIZE = 10_000
+BODY_CACHE_MAX_LEN = 4096
+
+
+def _provides_hash(body: bytes) -> str | None:
+    """The hash of a ``next`` body's provides if the body follows :class:`NextBody`'s rules, else None."""
+    known = _BODIES.get(body, "")
+    if known != "":
+        return known
+    found: str | None = None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        doc = None
+    if isinstance(doc, dict) and type(doc.get("update_control_map", False)) is bool:
+        provides = doc.get("device_provides")
+        if (isinstance(provides, dict) and all(isinstance(provides.get(k), str) and provides[k]
+                                               for k in ("device_type", "artifact_name"))
+                and len(provides) <= 200 and all(len(k) <= 1024 for k in provides)):
+            found = sha256_hex(canonical_json(provides))
+    if len(body) <= BODY_CACHE_MAX_LEN:
+        if len(_BODIES) >= BODY_CACHE_SIZE:
+            _BODIES.clear()
+        _BODIES[body] = found
+    return found
+
+
 def _idle_poll(scope: Scope, body: bytes) -> bool:
     """True when the regular ``next`` route would answer this request with 204 and change nothing."""
     auth = ctype = None
@@ -365,22 +421,23 @@ def _idle_poll(scope: Scope, body: bytes) -> bool:
         return False
     ctx: ServerContext = scope["app"].state.ctx
     try:
-        device_id = ctx.tokens.device_id(auth.decode("latin-1"))
-        doc = json.loads(body)
-    except (APIError, ValueError, RecursionError):
+        claims = ctx.tokens.verify(auth.decode("latin-1"))
+    except APIError:
         return False
-    if not isinstance(doc, dict) or type(doc.get("update_control_map", False)) is not bool:
+    provides_hash = _provides_hash(body)
+    if provides_hash is None:
         return False
-    provides = doc.get("device_provides")
-    if (not isinstance(provides, dict) or not all(isinstance(provides.get(k), str) and provides[k]
-                                                    for k in ("device_type", "artifact_name"))
-            or len(provides) > 200 or any(len(k) > 1024 for k in provides)):
+    rows = ctx.db.fetch(POLL_SQL, (True, claims.device_id))
+    if not rows:
         return False
-    rows = ctx.db.fetch(DEVICE_SQL, (device_id,))
-    if not rows or rows[0][0] != "accepted" or rows[0][1] != sha256_hex(canonical_json(provides)):
+    status, known_hash, auth_set_id, epoch, active = rows[0]
+    if (status != "accepted" or auth_set_id != claims.auth_set_id or epoch != claims.epoch
+            or known_hash != provides_hash):
         return False
+    if not active:
+        return True
     t = now()
-    for _, dstatus, not_before, status, _, _ in ctx.db.fetch(ACTIVE_SQL, (device_id, True)):
+    for _, dstatus, not_before, status, _, _ in ctx.db.fetch(ACTIVE_SQL, (claims.device_id, True)):
         if not (dstatus == "pending" and (not_before > t or status not in ("pending", "inprogress"))):
             return False  # something to hand out or to record: the route does it
     return True

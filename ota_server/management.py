@@ -1,5 +1,6 @@
-"""The management API (``Authorization: Bearer <admin token>``): devices, inventory, configuration variables,
-artifacts and deployments. Paths and JSON shapes follow Mender's management API where it has the operation;
+"""The management API (``Authorization: Bearer <API token>``; every route declares its scope, see
+:mod:`ota_server.apitokens`, and every change is written to the audit log): devices, inventory, configuration
+variables, artifacts and deployments. Paths and JSON shapes follow Mender's management API where it has the operation;
 our extensions are extra fields. Lists are plain JSON arrays; errors are ``{"error": "message"}``."""
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import deployments as rollout
-from .auth import canonical_identity, check_admin, load_device_pubkey, normalize_pubkey, sha256_hex
+from .apitokens import READ, Operator
+from .audit import names
+from .auth import canonical_identity, load_device_pubkey, normalize_pubkey, sha256_hex
 from .configvars import (
     GROUP_RE,
     check_group_name,
@@ -29,12 +32,9 @@ from .models import auth_sets, devices
 from .models import config_values as cv
 from .timeutil import now, rfc3339
 
-
-async def require_admin(request: Request) -> None:
-    check_admin(request.headers.get("authorization"), get_ctx(request).settings.admin_token)
-
-
-router = APIRouter(dependencies=[Depends(require_admin)])
+#: every route needs a valid token (scope read at least); routes that change something declare ``operate``
+router = APIRouter(dependencies=[Depends(READ)])
+READS = [Depends(READ)]
 Ctx = Annotated[ServerContext, Depends(get_ctx)]
 Page = Annotated[int, Query(ge=1, le=1_000_000)]
 PerPage = Annotated[int, Query(ge=1, le=10_000)]
@@ -96,7 +96,7 @@ class Preauth(BaseModel):
 
 
 @router.post(DEVAUTH, status_code=201, tags=["devices"], response_class=Response)
-def preauthorize(body: Preauth, ctx: Ctx) -> Response:
+def preauthorize(body: Preauth, ctx: Ctx, who: Operator) -> Response:
     """Preauthorize a device (identity + public key): it is accepted at its first auth request."""
     pem = normalize_pubkey(load_device_pubkey(body.pubkey))
     ident = canonical_identity(body.identity_data)
@@ -110,17 +110,18 @@ def preauthorize(body: Preauth, ctx: Ctx) -> Response:
                                           status="preauthorized", inventory={}, created=t, updated=t))
         c.execute(auth_sets.insert().values(id=str(uuid.uuid4()), device_id=device_id, pubkey=pem,
                                             pubkey_hash=sha256_hex(pem), status="preauthorized", created=t))
+        who.record(c, f"preauthorized device {device_id} (identity: {names(body.identity_data)})")
     return _created(f"{DEVAUTH}/{device_id}")
 
 
-@router.get(DEVAUTH, tags=["devices"])
+@router.get(DEVAUTH, tags=["devices"], dependencies=READS)
 def list_devices(ctx: Ctx, status: Annotated[str | None, Query(pattern="^(pending|accepted|rejected|preauthorized)$")] = None,
                  page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
     with ctx.db.read() as c:
         return _devices(c, None if status is None else devices.c.status == status, page, per_page)
 
 
-@router.get(DEVAUTH + "/{device_id}", tags=["devices"])
+@router.get(DEVAUTH + "/{device_id}", tags=["devices"], dependencies=READS)
 def get_device(device_id: str, ctx: Ctx) -> dict[str, Any]:
     with ctx.db.read() as c:
         found = _devices(c, devices.c.id == device_id)
@@ -134,7 +135,7 @@ class AuthStatus(BaseModel):
 
 
 @router.put(DEVAUTH + "/{device_id}/auth/{auth_id}/status", status_code=204, tags=["devices"])
-def put_auth_status(device_id: str, auth_id: str, body: AuthStatus, ctx: Ctx) -> Response:
+def put_auth_status(device_id: str, auth_id: str, body: AuthStatus, ctx: Ctx, who: Operator) -> Response:
     """Accept, reject (or return to pending) one auth set. Accepting one rejects the device's other accepted
     set; a device that is no longer accepted gets 401 at its next request."""
     with ctx.db.write() as c:
@@ -142,12 +143,13 @@ def put_auth_status(device_id: str, auth_id: str, body: AuthStatus, ctx: Ctx) ->
                                                           auth_sets.c.device_id == device_id)).first()
         if found is None:
             raise not_found("device or auth set")
-        set_auth_status(c, device_id, auth_id, body.status)
+        device_status = set_auth_status(c, device_id, auth_id, body.status)
+        who.record(c, f"auth set {auth_id} of device {device_id} set to {body.status} (device now {device_status})")
     return Response(status_code=204)
 
 
 @router.delete(DEVAUTH + "/{device_id}", status_code=204, tags=["devices"])
-def decommission(device_id: str, ctx: Ctx) -> Response:
+def decommission(device_id: str, ctx: Ctx, who: Operator) -> Response:
     """Decommission: the device, its keys, inventory and variables are removed, its tokens stop working at
     once, and its unfinished deployments count it as ``decommissioned``."""
     with ctx.db.write() as c:
@@ -156,6 +158,7 @@ def decommission(device_id: str, ctx: Ctx) -> Response:
         c.execute(sa.delete(auth_sets).where(auth_sets.c.device_id == device_id))
         c.execute(sa.delete(cv).where(cv.c.scope == "device", cv.c.owner == device_id))
         rollout.decommission_device(c, device_id)
+        who.record(c, f"decommissioned device {device_id}")
     return Response(status_code=204)
 
 
@@ -180,7 +183,7 @@ def _inventory_doc(row: Any) -> dict[str, Any]:
     return {"id": row.id, "attributes": attrs, "updated_ts": rfc3339(updated)}
 
 
-@router.get(INVENTORY + "/devices", tags=["inventory"])
+@router.get(INVENTORY + "/devices", tags=["inventory"], dependencies=READS)
 def inventory_devices(ctx: Ctx, group: Annotated[str | None, Query(pattern=GROUP_RE.pattern)] = None,
                       page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
     q = sa.select(devices).order_by(devices.c.created, devices.c.id).limit(per_page).offset((page - 1) * per_page)
@@ -190,7 +193,7 @@ def inventory_devices(ctx: Ctx, group: Annotated[str | None, Query(pattern=GROUP
         return [_inventory_doc(r) for r in c.execute(q)]
 
 
-@router.get(INVENTORY + "/devices/{device_id}", tags=["inventory"])
+@router.get(INVENTORY + "/devices/{device_id}", tags=["inventory"], dependencies=READS)
 def inventory_device(device_id: str, ctx: Ctx) -> dict[str, Any]:
     with ctx.db.read() as c:
         row = c.execute(sa.select(devices).where(devices.c.id == device_id)).first()
@@ -204,24 +207,26 @@ class GroupBody(BaseModel):
 
 
 @router.put(INVENTORY + "/devices/{device_id}/group", status_code=204, tags=["inventory"])
-def put_group(device_id: str, body: GroupBody, ctx: Ctx) -> Response:
+def put_group(device_id: str, body: GroupBody, ctx: Ctx, who: Operator) -> Response:
     with ctx.db.write() as c:
         if c.execute(devices.update().where(devices.c.id == device_id)
                      .values(group_name=body.group, updated=now())).rowcount == 0:
             raise not_found("device")
+        who.record(c, f"device {device_id} moved to group {body.group}")
     return Response(status_code=204)
 
 
 @router.delete(INVENTORY + "/devices/{device_id}/group/{name}", status_code=204, tags=["inventory"])
-def delete_group(device_id: str, name: str, ctx: Ctx) -> Response:
+def delete_group(device_id: str, name: str, ctx: Ctx, who: Operator) -> Response:
     with ctx.db.write() as c:
         if c.execute(devices.update().where(devices.c.id == device_id, devices.c.group_name == name)
                      .values(group_name=None, updated=now())).rowcount == 0:
             raise not_found("device in this group")
+        who.record(c, f"device {device_id} removed from group {name}")
     return Response(status_code=204)
 
 
-@router.get(INVENTORY + "/groups", tags=["inventory"])
+@router.get(INVENTORY + "/groups", tags=["inventory"], dependencies=READS)
 def groups(ctx: Ctx) -> list[str]:
     """Groups that have devices or configuration variables."""
     with ctx.db.read() as c:
@@ -234,7 +239,7 @@ def groups(ctx: Ctx) -> list[str]:
 @router.post(INVENTORY + "/import/ansible", tags=["inventory", "configuration"],
              openapi_extra={"requestBody": {"required": True, "content": {"application/yaml": {
                  "schema": {"type": "string"}}}}})
-async def import_ansible(request: Request, ctx: Ctx) -> dict[str, Any]:
+async def import_ansible(request: Request, ctx: Ctx, who: Operator) -> dict[str, Any]:
     """Import groups, group variables and host variables from an Ansible YAML inventory (the body).
 
     A host matches a device when its name, or its ``DEVICE_ID`` variable, equals the device id or the
@@ -268,6 +273,8 @@ async def import_ansible(request: Request, ctx: Ctx) -> dict[str, Any]:
             ctx.config.replace(c, "device", device_id, host_values[host], h.secrets & set(host_values[host]), merge=True)
             if h.group is not None:
                 c.execute(devices.update().where(devices.c.id == device_id).values(group_name=h.group, updated=now()))
+        who.record(c, f"imported an Ansible inventory: {len(matched)} host(s) matched, {len(unmatched)} unmatched; "
+                      f"groups: {names(group_values)}")
     return {
         "matched": [{"host": h, "device_id": d, "group": inv.hosts[h].group,
                      "variables": sorted(host_values[h])} for h, d in sorted(matched.items())],
@@ -295,16 +302,17 @@ def _device_group(c: sa.Connection, device_id: str) -> str | None:
 
 
 @router.put(CONFIG + "/device/{device_id}", status_code=204, tags=["configuration"], openapi_extra=CONFIG_BODY)
-async def put_device_config(device_id: str, request: Request, ctx: Ctx) -> Response:
+async def put_device_config(device_id: str, request: Request, ctx: Ctx, who: Operator) -> Response:
     """Replace the device's variables: ``{name: value, ..., "_secrets": [names]}``."""
     values, secrets = parse_config_body(_json_body(await request.body()))
     with ctx.db.write() as c:
         _device_group(c, device_id)
         ctx.config.replace(c, "device", device_id, values, secrets)
+        who.record(c, f"replaced the variables of device {device_id}: {names(values)} (secret: {names(secrets)})")
     return Response(status_code=204)
 
 
-@router.get(CONFIG + "/device/{device_id}", tags=["configuration"])
+@router.get(CONFIG + "/device/{device_id}", tags=["configuration"], dependencies=READS)
 def get_device_config(device_id: str, ctx: Ctx) -> dict[str, Any]:
     """``configured``: the device's own variables; ``effective``: what the device receives (its group's
     overridden by its own). Secrets are masked."""
@@ -321,16 +329,17 @@ def get_device_config(device_id: str, ctx: Ctx) -> dict[str, Any]:
 
 
 @router.put(CONFIG + "/group/{group}", status_code=204, tags=["configuration"], openapi_extra=CONFIG_BODY)
-async def put_group_config(group: str, request: Request, ctx: Ctx) -> Response:
+async def put_group_config(group: str, request: Request, ctx: Ctx, who: Operator) -> Response:
     """Replace a group's variables (our extension): the devices of the group receive them."""
     check_group_name(group)
     values, secrets = parse_config_body(_json_body(await request.body()))
     with ctx.db.write() as c:
         ctx.config.replace(c, "group", group, values, secrets)
+        who.record(c, f"replaced the variables of group {group}: {names(values)} (secret: {names(secrets)})")
     return Response(status_code=204)
 
 
-@router.get(CONFIG + "/group/{group}", tags=["configuration"])
+@router.get(CONFIG + "/group/{group}", tags=["configuration"], dependencies=READS)
 def get_group_config(group: str, ctx: Ctx) -> dict[str, Any]:
     check_group_name(group)
     with ctx.db.read() as c:

@@ -33,6 +33,11 @@ class Device(Base):
     created: Mapped[float] = mapped_column(sa.Double)
     updated: Mapped[float] = mapped_column(sa.Double)
     inventory_updated: Mapped[float | None] = mapped_column(sa.Double)
+    #: the accepted auth set (NULL when none is): a device token is valid only for this set ...
+    auth_set_id: Mapped[str | None] = mapped_column(sa.String(36))
+    #: ... and this epoch, raised whenever an auth set is accepted or the accepted one stops being accepted, so
+    #: that rejecting, replacing (accepting another key) or re-accepting ends every token issued before
+    token_epoch: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
 
 
 class AuthSet(Base):
@@ -148,6 +153,32 @@ class ConfigValue(Base):
     updated: Mapped[float] = mapped_column(sa.Double)
 
 
+class ApiToken(Base):
+    """A named management API token. Only the SHA-256 of the token is stored; ``id`` is the public part of
+    the token (``vvota_<id>_<secret>``) used to find the row before the hash is compared in constant time."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    #: read, operate or admin (each includes the ones before it)
+    scope: Mapped[str] = mapped_column(sa.String(16))
+    token_hash: Mapped[str] = mapped_column(sa.String(64))
+    created: Mapped[float] = mapped_column(sa.Double)
+    created_by: Mapped[str] = mapped_column(sa.String(128))
+
+
+class AuditEntry(Base):
+    """One management change (or a refused attempt): who (token name), what (method, path, summary), when."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(sa.Double, index=True)
+    actor: Mapped[str] = mapped_column(sa.String(128))
+    method: Mapped[str] = mapped_column(sa.String(16))
+    path: Mapped[str] = mapped_column(sa.Text)
+    summary: Mapped[str] = mapped_column(sa.Text)
+
+
 devices = cast(sa.Table, Device.__table__)
 auth_sets = cast(sa.Table, AuthSet.__table__)
 artifacts = cast(sa.Table, Artifact.__table__)
@@ -156,3 +187,5 @@ deployments = cast(sa.Table, Deployment.__table__)
 deployment_devices = cast(sa.Table, DeploymentDevice.__table__)
 deployment_logs = cast(sa.Table, DeploymentLog.__table__)
 config_values = cast(sa.Table, ConfigValue.__table__)
+api_tokens = cast(sa.Table, ApiToken.__table__)
+audit_log = cast(sa.Table, AuditEntry.__table__)

@@ -1,4 +1,5 @@
-"""Management API: artifacts (releases) and deployments."""
+"""Management API: artifacts (releases) and deployments (reads need scope ``read``, changes ``operate``; every
+change is written to the audit log)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from artifacts import ArtifactReader
 from ota_common.errors import ArtifactError
 
 from . import deployments as rollout
+from .apitokens import READ, Operator
+from .audit import names
 from .context import ServerContext, get_ctx
 from .device_api import device_log, source_checksum
 from .errors import APIError, bad_request, conflict, not_found
-from .management import DEFAULT_PER_PAGE, Page, PerPage, require_admin
+from .management import DEFAULT_PER_PAGE, READS, Page, PerPage
 from .models import artifact_targets as targets_t
 from .models import artifacts as art_t
 from .models import deployment_devices as dd
@@ -32,7 +35,7 @@ from .models import deployments as dep
 from .models import devices
 from .timeutil import now, rfc3339
 
-router = APIRouter(dependencies=[Depends(require_admin)])
+router = APIRouter(dependencies=[Depends(READ)])
 Ctx = Annotated[ServerContext, Depends(get_ctx)]
 ARTIFACTS = "/api/management/v1/deployments/artifacts"
 DEPLOYMENTS = "/api/management/v1/deployments/deployments"
@@ -193,7 +196,7 @@ def _refuse_conflicts(c: sa.Connection, name: str, device_types: list[str], sour
                  "type": "object", "required": ["artifact"],
                  "properties": {"artifact": {"type": "string", "format": "binary"},
                                 "description": {"type": "string"}}}}}}})
-async def upload_artifact(request: Request, ctx: Ctx) -> Response:
+async def upload_artifact(request: Request, ctx: Ctx, who: Operator) -> Response:
     """Upload a release (multipart field ``artifact``, optional ``description``). Streamed to storage, then
     its signature (against the server's release keys), structure and payload checksums are verified; 400 with
     the reason otherwise; 409 if an artifact with this name and an overlapping device type exists. A delta
@@ -250,6 +253,9 @@ async def upload_artifact(request: Request, ctx: Ctx) -> Response:
                            for t in sorted(set(meta["device_types"]))]
                 if targets:
                     c.execute(targets_t.insert(), targets)
+                who.record(c, f"uploaded artifact {meta['name']} ({artifact_id}) for {names(meta['device_types'])}, "
+                              f"{upload.size} bytes, "
+                              f"{'signed by ' + str(meta['signed_by']) if meta['signed'] else 'unsigned'}")
                 os.replace(upload.path, final)  # inside the transaction: a failed move rolls the row back
         except sa.exc.IntegrityError:
             final.unlink(missing_ok=True)
@@ -260,7 +266,7 @@ async def upload_artifact(request: Request, ctx: Ctx) -> Response:
         upload.discard()
 
 
-@router.get(ARTIFACTS, tags=["artifacts"])
+@router.get(ARTIFACTS, tags=["artifacts"], dependencies=READS)
 def list_artifacts(ctx: Ctx, name: str | None = None) -> list[dict[str, Any]]:
     q = sa.select(art_t).order_by(art_t.c.created)
     if name is not None:
@@ -269,7 +275,7 @@ def list_artifacts(ctx: Ctx, name: str | None = None) -> list[dict[str, Any]]:
         return [_artifact_doc(r) for r in c.execute(q)]
 
 
-@router.get(ARTIFACTS + "/{artifact_id}", tags=["artifacts"])
+@router.get(ARTIFACTS + "/{artifact_id}", tags=["artifacts"], dependencies=READS)
 def get_artifact(artifact_id: str, ctx: Ctx) -> dict[str, Any]:
     with ctx.db.read() as c:
         r = c.execute(sa.select(art_t).where(art_t.c.id == artifact_id)).first()
@@ -279,7 +285,7 @@ def get_artifact(artifact_id: str, ctx: Ctx) -> dict[str, Any]:
 
 
 @router.delete(ARTIFACTS + "/{artifact_id}", status_code=204, tags=["artifacts"])
-def delete_artifact(artifact_id: str, ctx: Ctx) -> Response:
+def delete_artifact(artifact_id: str, ctx: Ctx, who: Operator) -> Response:
     """Delete an artifact no unfinished deployment uses (409 otherwise)."""
     with ctx.db.write() as c:
         # locked: a deployment created at the same moment for this name waits for the answer (see create)
@@ -291,6 +297,7 @@ def delete_artifact(artifact_id: str, ctx: Ctx) -> Response:
         if using is not None:
             raise conflict(f"deployment {using.id} still uses artifact {r.name}; abort it or wait until it finishes")
         c.execute(sa.delete(art_t).where(art_t.c.id == artifact_id))
+        who.record(c, f"deleted artifact {r.name} ({artifact_id})")
     (Path(ctx.artifact_dir) / f"{artifact_id}.mender").unlink(missing_ok=True)
     return Response(status_code=204)
 
@@ -361,7 +368,7 @@ def _deployment_doc(r: Any) -> dict[str, Any]:
 
 
 @router.post(DEPLOYMENTS, status_code=201, tags=["deployments"], response_class=Response)
-def create_deployment(body: NewDeployment, ctx: Ctx) -> Response:
+def create_deployment(body: NewDeployment, ctx: Ctx, who: Operator) -> Response:
     """Deploy a release to devices, a group or all accepted devices, optionally in phases with a failure
     threshold. Targets are resolved now: devices accepted later are not included."""
     t = now()
@@ -406,10 +413,14 @@ def create_deployment(body: NewDeployment, ctx: Ctx) -> Response:
             {"deployment_id": deployment_id, "device_id": d, "status": "pending", "active": True, "phase": ph,
              "not_before": nb, "attempts": 0, "created": t, "has_log": False}
             for d, ph, nb in assignment])
+        aim = ("a device list" if "devices" in target else f"group {target['group']}" if "group" in target
+               else "all devices")
+        who.record(c, f"created deployment {body.name!r} ({deployment_id}) of {body.artifact_name} to {len(ids)} "
+                      f"device(s) ({aim}), {len(planned)} phase(s), failure threshold {body.failure_threshold}")
     return Response(status_code=201, headers={"Location": f"{DEPLOYMENTS}/{deployment_id}"})
 
 
-@router.get(DEPLOYMENTS, tags=["deployments"])
+@router.get(DEPLOYMENTS, tags=["deployments"], dependencies=READS)
 def list_deployments(ctx: Ctx, status: Annotated[str | None, Query(
         pattern="^(pending|inprogress|paused|finished|aborted)$")] = None,
         page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
@@ -427,20 +438,20 @@ def _get_deployment(c: sa.Connection, deployment_id: str) -> Any:
     return r
 
 
-@router.get(DEPLOYMENTS + "/{deployment_id}", tags=["deployments"])
+@router.get(DEPLOYMENTS + "/{deployment_id}", tags=["deployments"], dependencies=READS)
 def get_deployment(deployment_id: str, ctx: Ctx) -> dict[str, Any]:
     with ctx.db.read() as c:
         return _deployment_doc(_get_deployment(c, deployment_id))
 
 
-@router.get(DEPLOYMENTS + "/{deployment_id}/statistics", tags=["deployments"])
+@router.get(DEPLOYMENTS + "/{deployment_id}/statistics", tags=["deployments"], dependencies=READS)
 def deployment_statistics(deployment_id: str, ctx: Ctx) -> dict[str, int]:
     with ctx.db.read() as c:
         _get_deployment(c, deployment_id)
         return rollout.statistics(c, deployment_id)
 
 
-@router.get(DEPLOYMENTS + "/{deployment_id}/devices", tags=["deployments"])
+@router.get(DEPLOYMENTS + "/{deployment_id}/devices", tags=["deployments"], dependencies=READS)
 def deployment_devices(deployment_id: str, ctx: Ctx, status: str | None = None,
                        page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
     q = (sa.select(dd).where(dd.c.deployment_id == deployment_id).order_by(dd.c.phase, dd.c.device_id)
@@ -455,6 +466,7 @@ def deployment_devices(deployment_id: str, ctx: Ctx, status: str | None = None,
 
 
 @router.get(DEPLOYMENTS + "/{deployment_id}/devices/{device_id}/log", tags=["deployments"], response_class=Response,
+            dependencies=READS,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 def get_device_log(deployment_id: str, device_id: str, ctx: Ctx) -> Response:
     """The device's deployment log, one ``<timestamp> <level>: <message>`` line per message."""
@@ -468,7 +480,7 @@ class DeploymentStatus(BaseModel):
 
 
 @router.put(DEPLOYMENTS + "/{deployment_id}/status", status_code=204, tags=["deployments"])
-def put_deployment_status(deployment_id: str, body: DeploymentStatus, ctx: Ctx) -> Response:
+def put_deployment_status(deployment_id: str, body: DeploymentStatus, ctx: Ctx, who: Operator) -> Response:
     """``aborted``: unfinished devices become ``aborted`` (they get 409 on their next report).
     ``inprogress`` (our extension): resume a paused deployment, optionally with a new ``failure_threshold``
     (otherwise the next failure pauses it again while the failure ratio stays above the threshold)."""
@@ -484,4 +496,6 @@ def put_deployment_status(deployment_id: str, body: DeploymentStatus, ctx: Ctx) 
             if not rollout.resume(c, deployment_id, values):
                 raise conflict("only a paused deployment can be resumed; this one is "
                                f"{_get_deployment(c, deployment_id).status}")
+        who.record(c, f"deployment {r.name!r} ({deployment_id}) " + (
+            "aborted" if body.status == "aborted" else f"resumed (failure threshold {values.get('failure_threshold', r.failure_threshold)})"))
     return Response(status_code=204)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -28,7 +30,8 @@ SECRETS_FILE = "server-secrets.json"
 class Settings:
     db_url: str
     storage: Path
-    admin_token: str
+    #: SHA-256 (hex) of the bootstrap admin token: the token itself never reaches the workers' environment
+    admin_token_sha256: str
     release_keys: tuple[Path, ...] = ()
     allow_unsigned: bool = False
     public_url: str | None = None
@@ -42,6 +45,10 @@ class Settings:
     max_artifact: int = 8 * 1024 * 1024 * 1024
     #: Fernet keys of secret configuration values, the first encrypts (resolved by ``build.py server``)
     secrets_keys: tuple[str, ...] = ()
+    #: ``/metrics`` without a token (default: scope ``read`` needed)
+    public_metrics: bool = False
+    #: ``/docs``, ``/redoc`` and ``/openapi.json`` without a token (default: scope ``read`` needed)
+    public_docs: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_env(self) -> str:
@@ -68,6 +75,11 @@ class ServerSecrets:
     link_key: bytes
     #: the default key of secret configuration values, when the server runs without one kept apart
     fernet_key: bytes | None
+
+    @property
+    def session_key(self) -> bytes:
+        """HMAC key of dashboard sessions and login links (derived: one secret less to keep)."""
+        return hmac.new(self.jwt_key, b"vv-ota dashboard session key v2", hashlib.sha256).digest()
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from .conftest import BUILD_PY, REPO, make_payload
 
-ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789-abcdefghij"  # the bootstrap token: at least 32 characters
 
 
 def free_port() -> int:

@@ -279,7 +279,7 @@ def test_authentication(fleet: Fleet) -> None:
     assert "default-src 'none'" in r.headers["content-security-policy"]
 
     r = fetch(s, "/ui/login", method="POST", form={"token": "wrong", "next": "/ui/"})
-    assert r.status == 401 and "Wrong admin token" in text(r) and "set-cookie" not in r.headers
+    assert r.status == 401 and "Wrong token" in text(r) and "set-cookie" not in r.headers
     r = fetch(s, "/ui/login", method="POST", form={"token": s.admin_token, "next": "/ui/deployments"})
     assert r.status == 303 and r.headers["location"] == "/ui/deployments"
     cookie = r.headers["set-cookie"]
@@ -300,15 +300,24 @@ def test_authentication(fleet: Fleet) -> None:
     assert fetch(s, "/ui/", bearer=s.admin_token).status == 200
     r = fetch(s, "/ui/", bearer="wrong")
     assert r.status == 401 and b"cam-" not in r.body
-    # forged, tampered and expired sessions are refused
+    # forged, tampered and expired sessions are refused (made with the server's real key, so that each is
+    # refused for its own defect: the same call with nothing wrong is accepted)
+    from ota_server.apitokens import Principal, hash_token
     from ota_server.dashboard import issue
+    from ota_server.settings import load_or_create_secrets
 
-    expired = issue(s.admin_token, "s1", 60, now=time.time() - 3600)
-    ticket_as_session = issue(s.admin_token, "t1", 60)
-    forged = issue("another-token", "s1", 3600)
-    kind, expiry, mac = session.split(".")
-    extended = f"{kind}.{int(expiry) + 86400}.{mac}"
-    for bad in (expired, ticket_as_session, forged, extended, session[:-2], "s1.9999999999.x", "garbage"):
+    key = load_or_create_secrets(s.workdir / "storage").session_key
+    boot = Principal("bootstrap", "admin", hash_token(s.admin_token))
+    assert fetch(s, "/ui/", cookie=issue(key, "s2", boot, 60)).status == 200
+    expired = issue(key, "s2", boot, 60, now=time.time() - 3600)
+    ticket_as_session = issue(key, "t2", boot, 60)
+    forged = issue(b"not the server's session key", "s2", boot, 3600)
+    other_token = issue(key, "s2", Principal("bootstrap", "admin", hash_token("another-token")), 3600)
+    no_such_token = issue(key, "s2", Principal("ghost", "admin", hash_token("ghost")), 3600)
+    kind, name, expiry, mac = session.split(".")
+    extended = f"{kind}.{name}.{int(expiry) + 86400}.{mac}"
+    for bad in (expired, ticket_as_session, forged, other_token, no_such_token, extended, session[:-2],
+                "s2.bootstrap.9999999999.x", "s1.9999999999.x", "garbage"):
         assert fetch(s, "/ui/", cookie=bad).status == 303, bad
 
     # logout drops the cookie
@@ -324,7 +333,7 @@ def test_authentication(fleet: Fleet) -> None:
     assert link["expires_in"] == 60 and link["url"].startswith("/ui/login/ticket?") and s.admin_token not in link["url"]
     r = fetch(s, link["url"])
     assert r.status == 303 and r.headers["location"] == "/ui/deployments" and "ota_session=" in r.headers["set-cookie"]
-    r = fetch(s, "/ui/login/ticket?t=" + urllib.parse.quote(issue(s.admin_token, "t1", 60, now=time.time() - 120)))
+    r = fetch(s, "/ui/login/ticket?t=" + urllib.parse.quote(issue(key, "t2", boot, 60, now=time.time() - 120)))
     assert r.status == 401 and "expired" in text(r) and "set-cookie" not in r.headers
     assert fetch(s, "/ui/login/ticket?t=" + urllib.parse.quote(session)).status == 401  # a session is no ticket
 

@@ -40,7 +40,7 @@ def test_bad_server_options(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("\n")
     p = run(*base, "--admin-token-file", tmp_path / "empty")
     assert p.returncode == 2 and "empty" in one_error(p)
-    p = run("server", "--storage", tmp_path / "s", "--db", "mysql://x/y", env={"OTA_ADMIN_TOKEN": "t"})
+    p = run("server", "--storage", tmp_path / "s", "--db", "mysql://x/y", env={"OTA_ADMIN_TOKEN": ADMIN_TOKEN})
     assert p.returncode == 2 and "unsupported database" in one_error(p)
     p = run(*base, "--public-url", "ftp://x", env={"OTA_ADMIN_TOKEN": "t"})
     assert p.returncode == 2 and "--public-url" in one_error(p)
@@ -53,10 +53,13 @@ def test_bad_server_options(tmp_path: Path) -> None:
     assert p.returncode == 2 and "--port" in p.stderr
     p = run(*base, "--workers", "0")
     assert p.returncode == 2
+    for ttl in ("0", "-5", "7w", "366d", "abc"):
+        p = run(*base, "--device-token-ttl", ttl, env={"OTA_ADMIN_TOKEN": ADMIN_TOKEN})
+        assert p.returncode == 2 and "--device-token-ttl" in p.stderr and "duration" in p.stderr, (ttl, p.stderr)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        p = run(*base, "--port", str(busy.getsockname()[1]), env={"OTA_ADMIN_TOKEN": "t"})
+        p = run(*base, "--port", str(busy.getsockname()[1]), env={"OTA_ADMIN_TOKEN": ADMIN_TOKEN})
     assert p.returncode == 2 and "cannot listen" in one_error(p)
 
 
@@ -98,7 +101,8 @@ def test_generated_admin_token_and_workers(tmp_path: Path, keys: dict[str, tuple
         assert dev.auth().status_code == 200
         for _ in range(20):  # whichever worker answers, the token verifies
             assert dev.next().status_code == 204
-        m = httpx.get(url + "/metrics").text
+        assert httpx.get(url + "/metrics").status_code == 401  # scope read needed (no --public-metrics)
+        m = httpx.get(url + "/metrics", headers=headers).text
         assert "ota_http_requests_total" in m and 'ota_devices{status="accepted"} 1.0' in m
     finally:
         proc.send_signal(signal.SIGTERM)

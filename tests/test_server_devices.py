@@ -109,7 +109,8 @@ def test_tokens_refused_when_missing_bad_expired_rejected_or_decommissioned(serv
         assert dev.next().status_code == 401
         assert dev.auth().status_code == 401
         assert a.put(f"{DEVAUTH}/{device_id}/auth/{aid}/status", json={"status": "accepted"}).status_code == 204
-        assert dev.next().status_code == 204  # the old token works again once accepted
+        assert dev.next().status_code == 401  # accepted again: the token of before stays revoked
+        assert dev.auth().status_code == 200 and dev.next().status_code == 204  # a new one works
         assert a.put(f"{DEVAUTH}/{device_id}/auth/{aid}/status", json={"status": "bogus"}).status_code == 400
         assert a.put(f"{DEVAUTH}/{device_id}/auth/nope/status", json={"status": "accepted"}).status_code == 404
         assert a.delete(f"{DEVAUTH}/{device_id}").status_code == 204
@@ -122,6 +123,94 @@ def test_tokens_refused_when_missing_bad_expired_rejected_or_decommissioned(serv
     # it may ask again: it is a new, pending device
     assert dev.auth().status_code == 401
     assert dev.id() != device_id
+
+
+def device_requests(dev: Device) -> dict[str, int]:
+    """The status of every authenticated device request with the device's current token (no deployment:
+    a valid token gets 204 on next, 404 on status and log, 200 on inventory and configuration)."""
+    c, h = dev.http, dev.headers
+    dep = "/api/devices/v1/deployments/device/deployments/00000000-0000-0000-0000-000000000000"
+    return {
+        "next v2": dev.next().status_code,
+        "next v1": c.post("/api/devices/v1/deployments/device/deployments/next", headers=h,
+                          json={"device_provides": {"device_type": "qemu-virt", "artifact_name": "old"}}).status_code,
+        "next v1 GET": c.get("/api/devices/v1/deployments/device/deployments/next", headers=h,
+                             params={"artifact_name": "old", "device_type": "qemu-virt"}).status_code,
+        "status": c.put(f"{dep}/status", headers=h, json={"status": "downloading"}).status_code,
+        "log": c.put(f"{dep}/log", headers=h, json={"messages": [
+            {"timestamp": "2026-01-01T00:00:00Z", "level": "info", "message": "x"}]}).status_code,
+        "inventory PUT": c.put("/api/devices/v1/inventory/device/attributes", headers=h,
+                               json=[{"name": "k", "value": "v"}]).status_code,
+        "inventory PATCH": c.patch("/api/devices/v1/inventory/device/attributes", headers=h,
+                                   json=[{"name": "k", "value": "v"}]).status_code,
+        "deviceconfig": c.get("/api/devices/v1/deviceconfig/configuration", headers=h).status_code,
+    }
+
+
+VALID = {"next v2": 204, "next v1": 204, "next v1 GET": 204, "status": 404, "log": 404, "inventory PUT": 200,
+         "inventory PATCH": 200, "deviceconfig": 200}
+REVOKED = dict.fromkeys(VALID, 401)
+
+
+def test_device_tokens_bound_to_their_auth_set(server: Server) -> None:
+    """A token is valid only while the auth set it was issued for is the device's accepted one, and only until
+    that set is accepted again: rejecting, replacing (accepting another key) and decommissioning end it at the
+    very next request, on every device route (the FastPoll shortcut included)."""
+    old = Device(server, "ec")
+    device_id = old.accept()
+    assert device_requests(old) == VALID
+    assert device_requests(old) == VALID  # the second idle poll goes through FastPoll
+    # a new key for the same identity is only pending: the accepted key's token keeps working
+    new = Device(server, "ed25519", identity=old.identity)
+    assert new.auth().status_code == 401
+    assert device_requests(old) == VALID
+    # replaced: accepting the new key rejects the old one, and its token is refused at once
+    with server.admin() as a:
+        sets = {s["pubkey"]: s["id"] for s in a.get(f"{DEVAUTH}/{device_id}").json()["auth_sets"]}
+        new_set = sets[new.pubkey]
+        r = a.put(f"{DEVAUTH}/{device_id}/auth/{new_set}/status", json={"status": "accepted"})
+        assert r.status_code == 204
+    r = old.next()
+    assert r.status_code == 401 and "revoked" in r.json()["error"]
+    assert device_requests(old) == REVOKED
+    assert new.auth().status_code == 200 and device_requests(new) == VALID
+    assert old.auth().status_code == 401  # its set is rejected: no new token either
+    # rejected: the new key's token ends at once; accepting it again does not revive that token
+    kept = new.token
+    with server.admin() as a:
+        assert a.put(f"{DEVAUTH}/{device_id}/auth/{new_set}/status", json={"status": "rejected"}).status_code == 204
+    assert device_requests(new) == REVOKED
+    with server.admin() as a:
+        assert a.put(f"{DEVAUTH}/{device_id}/auth/{new_set}/status", json={"status": "accepted"}).status_code == 204
+    assert device_requests(new) == REVOKED
+    assert new.auth().status_code == 200 and new.token != kept and device_requests(new) == VALID
+    # back to pending: refused too
+    with server.admin() as a:
+        assert a.put(f"{DEVAUTH}/{device_id}/auth/{new_set}/status", json={"status": "pending"}).status_code == 204
+    assert device_requests(new) == REVOKED
+    with server.admin() as a:
+        assert a.put(f"{DEVAUTH}/{device_id}/auth/{new_set}/status", json={"status": "accepted"}).status_code == 204
+    assert new.auth().status_code == 200 and device_requests(new) == VALID
+    # decommissioned: refused at once
+    with server.admin() as a:
+        assert a.delete(f"{DEVAUTH}/{device_id}").status_code == 204
+    assert device_requests(new) == REVOKED
+
+
+def test_device_token_lifetime_is_configurable(tmp_path: Path) -> None:
+    s = Server(tmp_path, "--device-token-ttl", "2").start()
+    try:
+        dev = Device(s, "ec")
+        dev.accept()
+        claims = jwt.decode(dev.token or "", options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] == 2
+        assert dev.next().status_code == 204
+        time.sleep(3.1)
+        r = dev.next()
+        assert r.status_code == 401 and "expired" in r.json()["error"]
+        assert dev.auth().status_code == 200 and dev.next().status_code == 204
+    finally:
+        s.stop()
 
 
 def test_admin_token_required(server: Server) -> None:

@@ -33,8 +33,16 @@ from .test_server_deployments import (  # noqa: F401
     test_statuses_only_move_forward,
 )
 from .test_server_devices import (  # noqa: F401
+    test_device_tokens_bound_to_their_auth_set,
     test_preauthorized_device_is_accepted_at_first_request,
     test_tokens_refused_when_missing_bad_expired_rejected_or_decommissioned,
+)
+from .test_server_tokens import (  # noqa: F401
+    test_audit_log,
+    test_revoked_token_refused_at_once,
+    test_scopes,
+    test_token_api,
+    tokens,
 )
 
 
@@ -80,6 +88,12 @@ def pg_server(postgres: str, tmp_path_factory: pytest.TempPathFactory,
                "--release-key", str(keys["rsa"][1]), db_url=postgres).start()
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def srv(server: Server) -> Server:
+    """The API token tests' server (tokens made with `build.py server token create --db postgresql://...`)."""
+    return server
 
 
 def test_restart_on_postgres(server: Server) -> None:

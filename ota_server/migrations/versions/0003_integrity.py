@@ -25,7 +25,7 @@ from alembic import op
 from ota_common.errors import UserError
 
 revision = '0003'
-down_revision = '0001'
+down_revision = '0002'
 branch_labels = None
 depends_on = None
 
