@@ -436,3 +436,47 @@ def test_unsatisfiable_range_is_a_json_error(server: Server, fleet: Fleet) -> No
         # a link for another artifact id, or a tampered one
         assert_error(c.get(uri.replace("sig=", "sig=0")), 403)
         assert_error(c.get(uri.split("?")[0]), 403)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The download link: no credentials, every query value and header from anyone
+
+
+def test_hostile_download_links_are_403_never_500(server: Server, fleet: Fleet) -> None:
+    """A non-ASCII ``sig`` used to reach ``hmac.compare_digest`` as a str: TypeError, 500 and a traceback."""
+    r = fleet.a.next()
+    assert r.status_code == 200, r.text
+    uri = r.json()["artifact"]["source"]["uri"]
+    path, query = uri.split("?", 1)
+    params = dict(p.split("=", 1) for p in query.split("&"))
+    expires, sig = params["expires"], params["sig"]
+    bad_sigs = ["é", "é" * 64, "\u0663" * 64, "０" * 64, "%ff", "%ff" * 64, "%00" * 64, sig[:-1] + "g", sig + "0",
+                sig[:-1], "%F0%9F%93%B7" * 16, "\\x00", "%C3%A9" + sig[1:], " " + sig, "null", "[]"]
+    bad_expires = ["\u0661\u0662\u0663", "１２３", "1e9", "-1", "+" + expires, " " + expires, "9" * 5000,
+                   "0x10", "%ff", "é", expires + ".0", "١" * 10]
+    with server.client() as c:
+        for bad in bad_sigs:
+            r = c.get(f"{path}?expires={expires}&sig={bad}")
+            assert_error(r, 403, contains="signature")
+            r = c.head(f"{path}?expires={expires}&sig={bad}")
+            assert r.status_code == 403, (bad, r.status_code)
+        for bad in bad_expires:
+            r = c.get(f"{path}?expires={bad}&sig={sig}")
+            assert_error(r, 403)
+        for bad in ("%ff", "é", "..", "x" * 5000, "%00"):  # another artifact id with this signature
+            r = c.get(f"{DEV}/download/{bad}?expires={expires}&sig={sig}")
+            assert_error(r, 403, 404)
+        # repeated parameters, the signature in upper case (the same hex digits)
+        assert c.get(f"{path}?expires={expires}&sig={sig}&sig=é").status_code == 403
+        assert c.get(f"{path}?expires={expires}&sig={sig.upper()}").status_code == 200
+        # hostile Range and If-Range headers on a good link: the whole file, a range, or a 416
+        for rng in ("bytes=é-", "bytes=0-0,1-1", "bytes=-0", "bytes=99999999999999999999999999-", "bytes=5-1",
+                    "bytes=\u0661-\u0662", "items=0-1", "bytes=" + "0-1," * 2000, "bytes=-99999999999999999999"):
+            r = c.get(uri, headers={"Range": rng.encode()})
+            assert r.status_code in (200, 206, 416), (rng, r.status_code, r.text[:200])
+        for if_range in ('"nope"', "é", "Mon, 99 Foo 9999 99:99:99 GMT", 'W/"x"', '"' + "x" * 10_000 + '"'):
+            r = c.get(uri, headers={"Range": "bytes=0-9", "If-Range": if_range.encode()})
+            assert r.status_code in (200, 206), (if_range, r.status_code, r.text[:200])
+        assert c.get(uri).status_code == 200
+    log = server.log.read_text(errors="replace")
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
