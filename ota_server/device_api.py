@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import canonical_json, parse_auth_request, sha256_hex
@@ -33,6 +34,8 @@ from .timeutil import now, rfc3339
 
 router = APIRouter(tags=["device API"])
 ROOTFS_CHECKSUM = "rootfs-image.checksum"
+NEXT_V2 = "/api/devices/v2/deployments/device/deployments/next"
+NEXT_V1 = "/api/devices/v1/deployments/device/deployments/next"
 NO_CONTENT = 204
 
 
@@ -162,22 +165,60 @@ Ctx = Annotated[ServerContext, Depends(_ctx)]
 # Deployments
 
 
+PROVIDES_SCHEMA: dict[str, Any] = {
+    "required": ["device_type", "artifact_name"], "maxProperties": 200, "propertyNames": {"maxLength": 1024},
+    "properties": {"device_type": {"type": "string", "minLength": 1}, "artifact_name": {"type": "string", "minLength": 1}}}
+
+
+def provides_problem(v: dict[str, Any], prefix: str = "") -> str | None:
+    """What is wrong with a provides map (``device_type`` and ``artifact_name`` non-empty strings, at most 200
+    keys of at most 1024 characters), or None."""
+    for key in ("device_type", "artifact_name"):
+        if not isinstance(v.get(key), str) or not v[key]:
+            return f"{prefix}{key} must be a non-empty string"
+    if len(v) > 200 or any(len(k) > 1024 for k in v):
+        return f"too many or too long {prefix.rstrip('.') or 'provides'}"
+    return None
+
+
 class NextBody(BaseModel):
+    """The body of ``next`` v2 (and of v1 POST in its v2 shape)."""
+
     model_config = ConfigDict(extra="allow")
-    device_provides: dict[str, Any] = Field(json_schema_extra={  # documented; checked by _provides
-        "required": ["device_type", "artifact_name"], "maxProperties": 200, "propertyNames": {"maxLength": 1024},
-        "properties": {"device_type": {"type": "string", "minLength": 1}, "artifact_name": {"type": "string", "minLength": 1}}})
+    device_provides: dict[str, Any] = Field(json_schema_extra=PROVIDES_SCHEMA)  # documented; checked by _provides
     update_control_map: bool = False
 
     @field_validator("device_provides")
     @classmethod
     def _provides(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in ("device_type", "artifact_name"):
-            if not isinstance(v.get(key), str) or not v[key]:
-                raise ValueError(f"device_provides.{key} must be a non-empty string")
-        if len(v) > 200 or any(len(k) > 1024 for k in v):
-            raise ValueError("too many or too long device_provides")
+        if problem := provides_problem(v, "device_provides."):
+            raise ValueError(problem)
         return v
+
+
+#: the v1 POST body: the v2 shape, or the flat provides map that mender-client 3.4 sends when v2 answered 404
+NEXT_V1_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+    {"$ref": "#/components/schemas/NextBody"},
+    {"type": "object", "title": "FlatProvides", "additionalProperties": True, "not": {"required": ["device_provides"]},
+     "description": "the device's provides as the body itself (mender-client 3.4's fallback)", **PROVIDES_SCHEMA},
+]}}}}}
+
+
+def v1_provides(doc: dict[str, Any]) -> dict[str, Any]:
+    """The provides in a v1 POST body, either shape.
+
+    Raises:
+        RequestValidationError: the v2 shape is malformed (answered 400 like any invalid body).
+        APIError: 400 when the flat map is malformed.
+    """
+    if "device_provides" in doc:
+        try:
+            return NextBody.model_validate(doc).device_provides
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(include_url=False)) from None
+    if problem := provides_problem(doc):
+        raise bad_request(f"invalid request: {problem} (the body is the provides map, or {{\"device_provides\": {{...}}}})")
+    return doc
 
 
 def _record_provides(ctx: ServerContext, device: CurrentDevice, provides: dict[str, Any]) -> None:
@@ -270,15 +311,17 @@ NEXT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/api/devices/v2/deployments/device/deployments/next", responses=NEXT_RESPONSES)
+@router.post(NEXT_V2, responses=NEXT_RESPONSES)
 async def next_v2(body: NextBody, request: Request, device: Device, ctx: Ctx) -> Response:
     """The deployment this device should install now (204: none)."""
     return _next(ctx, request, device, body.device_provides)
 
 
-@router.post("/api/devices/v1/deployments/device/deployments/next", responses=NEXT_RESPONSES)
-async def next_v1_post(body: NextBody, request: Request, device: Device, ctx: Ctx) -> Response:
-    return _next(ctx, request, device, body.device_provides)
+@router.post(NEXT_V1, responses=NEXT_RESPONSES, openapi_extra=NEXT_V1_BODY)
+async def next_v1_post(body: Annotated[dict[str, Any], Body()], request: Request, device: Device, ctx: Ctx) -> Response:
+    """v1 of ``next``: the body is v2's, or the device's flat provides map (mender-client 3.4 sends that here
+    after v2 answered 404)."""
+    return _next(ctx, request, device, v1_provides(body))
 
 
 class FastPoll:
@@ -290,8 +333,7 @@ class FastPoll:
     goes on, body replayed, to the regular route, which gives the answer. Installed innermost, so metrics,
     body limits and body checks wrap it as they wrap the routes."""
 
-    PATHS = frozenset({"/api/devices/v2/deployments/device/deployments/next",
-                       "/api/devices/v1/deployments/device/deployments/next"})
+    PATHS = frozenset({NEXT_V2, NEXT_V1})
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -350,12 +392,15 @@ def _idle_poll(scope: Scope, body: bytes) -> bool:
         doc = json.loads(body)
     except (APIError, ValueError, RecursionError):
         return False
-    if not isinstance(doc, dict) or type(doc.get("update_control_map", False)) is not bool:
+    if not isinstance(doc, dict):
         return False
-    provides = doc.get("device_provides")
-    if (not isinstance(provides, dict) or not all(isinstance(provides.get(k), str) and provides[k]
-                                                    for k in ("device_type", "artifact_name"))
-            or len(provides) > 200 or any(len(k) > 1024 for k in provides)):
+    if "device_provides" in doc or scope["path"] != NEXT_V1:  # v2's shape
+        provides = doc.get("device_provides")
+        if type(doc.get("update_control_map", False)) is not bool or not isinstance(provides, dict):
+            return False
+    else:  # v1 POST with the flat provides map
+        provides = doc
+    if provides_problem(provides) is not None:
         return False
     rows = ctx.db.fetch(DEVICE_SQL, (device_id,))
     if not rows or rows[0][0] != "accepted" or rows[0][1] != sha256_hex(canonical_json(provides)):
@@ -367,7 +412,7 @@ def _idle_poll(scope: Scope, body: bytes) -> bool:
     return True
 
 
-@router.get("/api/devices/v1/deployments/device/deployments/next", responses=NEXT_RESPONSES)
+@router.get(NEXT_V1, responses=NEXT_RESPONSES)
 async def next_v1_get(request: Request, device: Device, ctx: Ctx,
                       artifact_name: Annotated[str, Query(min_length=1, max_length=256)],
                       device_type: Annotated[str, Query(min_length=1, max_length=128)]) -> Response:
