@@ -133,13 +133,14 @@ def test_next_in_the_three_forms_mender_client_3_4_sends(server: Server, release
     }
     for form, (method, path, body) in forms.items():
         (dev, dev_id), = devices(server, 1)
-        headers = {**dev.headers, "Content-Type": "application/json"}
 
-        def ask(extra: dict[str, Any] | None = None) -> Any:
+        def ask(extra: dict[str, Any] | None = None, dev: Device = dev, method: str = method, path: str = path,
+                body: dict[str, Any] | None = body) -> Any:
             if body is None:
                 return dev.http.get(path, headers=dev.headers, params={
                     "artifact_name": provides["artifact_name"], "device_type": provides["device_type"]})
-            return dev.http.request(method, path, headers=headers, content=mender_chunks({**body, **(extra or {})}))
+            return dev.http.request(method, path, headers={**dev.headers, "Content-Type": "application/json"},
+                                    content=mender_chunks({**body, **(extra or {})}))
 
         assert ask().status_code == 204, form  # nothing yet (the provides are recorded, then the idle poll)
         assert ask().status_code == 204, form
