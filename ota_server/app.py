@@ -14,8 +14,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import dashboard, device_api, management, metrics, releases
+from . import dashboard, device_api, device_logs, http_protocol, management, metrics, releases
+from .auth import check_admin
 from .context import ServerContext
+from .downloads import DOWNLOAD_PATH
 from .errors import ERROR_RESPONSES, APIError
 from .settings import Settings, load_or_create_secrets
 
@@ -25,21 +27,75 @@ log = logging.getLogger("ota_server")
 STREAMED = frozenset({releases.ARTIFACTS})
 
 
-class BodyLimit:
-    """Refuse request bodies (Content-Length or chunked) larger than ``limit`` with 413."""
+def needs_credentials(path: str) -> bool:
+    """Whether the routes at ``path`` answer 401 to a request without valid credentials."""
+    if path.startswith("/api/management/"):
+        return True
+    return (path.startswith("/api/devices/") and path != device_api.AUTH_REQUESTS
+            and not path.startswith(DOWNLOAD_PATH))
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+def has_credentials(ctx: ServerContext, scope: Scope) -> bool:
+    """The request carries the admin token (management API, dashboard) or the token of an accepted device
+    (device API). Costs a token check, and for a device one primary-key read."""
+    auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+    path: str = scope["path"]
+    try:
+        if path.startswith(("/api/management/", "/ui/")):
+            check_admin(auth, ctx.settings.admin_token)
+            return True
+        if path.startswith("/api/devices/"):
+            rows = ctx.db.fetch(device_api.DEVICE_SQL, (ctx.tokens.device_id(auth),))
+            return bool(rows) and rows[0][0] == "accepted"
+    except APIError:
+        return False
+    return False
+
+
+class BodyLimit:
+    """Bound request bodies before they are read. With valid credentials (:func:`has_credentials`) a body may
+    have ``limit`` bytes; without them, and always for device auth requests, ``unauthenticated`` bytes. A
+    ``Content-Length`` past the limit is refused before any of the body is read, a chunked body as soon as it
+    passes the limit; the credentials are looked at only then (small bodies, polls included, pay nothing).
+    The refusal is 401 where the route needs credentials (it would be 401 anyway), else 413, and it closes the
+    connection (the rest of the body is never read). Streamed uploads (:data:`STREAMED`) are bounded by their
+    handler once the credentials are known good."""
+
+    def __init__(self, app: ASGIApp, ctx: ServerContext, limit: int, unauthenticated: int) -> None:
         self.app = app
+        self.ctx = ctx
         self.limit = limit
+        self.unauthenticated = unauthenticated
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in STREAMED:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        small = self.unauthenticated
+        large: int | None = None if path in STREAMED else self.limit  # None: not bounded here
+        if path == device_api.AUTH_REQUESTS:
+            large = small
+        authorized: bool | None = None
+
+        def allowed() -> int | None:
+            nonlocal authorized
+            if authorized is None:
+                authorized = has_credentials(self.ctx, scope)
+            return large if authorized else small
+
+        def refusal(limit: int) -> Response:
+            if not authorized and needs_credentials(path):
+                return _json(401, f"a body larger than {small} bytes needs valid credentials",
+                             {"WWW-Authenticate": "Bearer", "Connection": "close"})
+            return _json(413, f"request body larger than {limit} bytes", {"Connection": "close"})
+
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _json(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
-                return
+            if name == b"content-length" and value.isdigit() and int(value) > small:
+                limit = allowed()
+                if limit is not None and int(value) > limit:
+                    await refusal(limit)(scope, receive, send)
+                    return
         seen = 0
         refused = False
 
@@ -50,10 +106,10 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > small and (limit := allowed()) is not None and seen > limit:
                     # answer now; the handler sees a disconnected client and whatever it sends is dropped
                     refused = True
-                    await _json(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
+                    await refusal(limit)(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -155,6 +211,7 @@ def create_app(settings: Settings) -> FastAPI:
     for sub in ("artifacts", "tmp"):
         (settings.storage / sub).mkdir(parents=True, exist_ok=True)
     ctx = ServerContext.create(settings, load_or_create_secrets(settings.storage))
+    http_protocol.configure(http_protocol.ConnectionLimits.from_settings(settings))
     app = FastAPI(
         title="vv-ota update server",
         version="1",
@@ -197,12 +254,13 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(data, media_type=ctype)
 
     app.include_router(device_api.router)
+    app.include_router(device_logs.router)
     app.include_router(management.router)
     app.include_router(releases.router)
     app.include_router(dashboard.router)
     app.add_middleware(device_api.FastPoll)  # innermost: the checks below wrap it as they wrap routes
     app.add_middleware(UnicodeCheck)  # inside BodyLimit: never buffers more than max_body
-    app.add_middleware(BodyLimit, limit=settings.max_body)
+    app.add_middleware(BodyLimit, ctx=ctx, limit=settings.max_body, unauthenticated=settings.max_unauthenticated_body)
     app.add_middleware(metrics.MetricsMiddleware)
     return app
 

@@ -13,6 +13,7 @@ from .auth import TokenCodec
 from .configvars import ConfigStore
 from .db import Database
 from .downloads import LinkSigner
+from .limits import AuthLimiter
 from .settings import ServerSecrets, Settings
 
 
@@ -24,6 +25,7 @@ class ServerContext:
     links: LinkSigner
     config: ConfigStore
     verifiers: list[Any]
+    auth_limits: AuthLimiter
 
     @classmethod
     def create(cls, settings: Settings, secrets: ServerSecrets) -> ServerContext:
@@ -34,6 +36,7 @@ class ServerContext:
             links=LinkSigner(secrets.link_key, settings.link_ttl),
             config=ConfigStore(secrets.fernet_key),
             verifiers=list(load_verifiers(settings.release_keys)),
+            auth_limits=AuthLimiter.from_settings(settings.auth_rate_per_address, settings.auth_rate_per_identity),
         )
 
     def base_url(self, request: Request) -> str:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import sqlalchemy as sa
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,12 +28,12 @@ from .errors import APIError, bad_request, error_doc, not_found, unauthorized
 from .models import artifacts as art_t
 from .models import auth_sets, devices
 from .models import deployment_devices as dd
-from .models import deployment_logs as logs_t
 from .models import deployments as dep
 from .timeutil import now, rfc3339
 
 router = APIRouter(tags=["device API"])
 ROOTFS_CHECKSUM = "rootfs-image.checksum"
+AUTH_REQUESTS = "/api/devices/v1/authentication/auth_requests"
 NEXT_V2 = "/api/devices/v2/deployments/device/deployments/next"
 NEXT_V1 = "/api/devices/v1/deployments/device/deployments/next"
 NO_CONTENT = 204
@@ -59,23 +59,34 @@ class AuthRequestBody(BaseModel):
 
 
 @router.post(
-    "/api/devices/v1/authentication/auth_requests", response_class=Response,
+    AUTH_REQUESTS, response_class=Response,
     responses={200: {"content": {"application/jwt": {"schema": {"type": "string"}}}, "description": "the device token"},
-               401: error_doc("unknown (now pending), rejected or badly signed")},
+               401: error_doc("unknown (now pending), rejected or badly signed"),
+               429: error_doc("too many auth requests (per address, per identity) or too many pending devices")},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": AuthRequestBody.model_json_schema()}}}},
 )
 async def auth_request(request: Request) -> Response:
     """Signed with the device key (``X-MEN-Signature``: RSA PKCS#1 v1.5, ECDSA DER or ed25519 over the body).
-    An unknown device is recorded as pending; a preauthorized one is accepted."""
+    An unknown device is recorded as pending; a preauthorized one is accepted.
+
+    Raises:
+        APIError: 400 malformed; 401 badly signed, pending or rejected; 429 too many auth requests from this
+            address or for this identity, or too many devices (or keys of this device) already pending.
+    """
     ctx = get_ctx(request)
+    ctx.auth_limits.check_address(request.client.host if request.client else "")
     body = await request.body()
     req = parse_auth_request(body, request.headers.get("x-men-signature"))
+    ctx.auth_limits.check_identity(req.identity_hash)
+    settings = ctx.settings
     t = now()
     token: str | None = None
     with ctx.db.write() as c:
         device = c.execute(sa.select(devices.c.id).where(devices.c.identity_hash == req.identity_hash)).first()
         if device is None:
+            _check_room(c, devices.c.status == "pending", settings.max_pending_devices,
+                        "too many devices are waiting for an administrator")
             device_id = str(uuid.uuid4())
             c.execute(devices.insert().values(
                 id=device_id, identity_json=req.identity_json, identity_hash=req.identity_hash, status="pending",
@@ -85,6 +96,9 @@ async def auth_request(request: Request) -> Response:
         aset = c.execute(sa.select(auth_sets.c.id, auth_sets.c.status).where(
             auth_sets.c.device_id == device_id, auth_sets.c.pubkey_hash == req.pubkey_hash)).first()
         if aset is None:
+            _check_room(c, (auth_sets.c.device_id == device_id) & (auth_sets.c.status == "pending"),
+                        settings.max_pending_auth_sets, "too many keys of this device are waiting for an administrator",
+                        auth_sets)
             c.execute(auth_sets.insert().values(id=str(uuid.uuid4()), device_id=device_id, pubkey=req.pubkey_pem,
                                                 pubkey_hash=req.pubkey_hash, status="pending", created=t))
             _refresh_status(c, device_id)
@@ -95,6 +109,18 @@ async def auth_request(request: Request) -> Response:
     if token is None:
         raise unauthorized("device is not authorized (pending or rejected); an administrator must accept it")
     return Response(token, media_type="application/jwt")
+
+
+#: what a refused newcomer is told to wait (seconds) when the pending devices or keys are at their cap
+PENDING_RETRY_AFTER = 300
+
+
+def _check_room(c: sa.Connection, where: Any, cap: int, message: str, table: sa.Table = devices) -> None:
+    """Raises:
+        APIError: 429 when ``cap`` (0: no cap) rows of ``table`` already match ``where``."""
+    if cap and c.execute(sa.select(sa.func.count()).select_from(table).where(where)).scalar_one() >= cap:
+        raise APIError(429, f"{message} (at most {cap}); try again later",
+                       {"Retry-After": str(PENDING_RETRY_AFTER)})
 
 
 def _refresh_status(c: sa.Connection, device_id: str) -> str:
@@ -431,7 +457,12 @@ class StatusBody(BaseModel):
         return v
 
 
-def _own_deployment(c: sa.Connection, deployment_id: str, device_id: str) -> Any:
+def own_deployment(c: sa.Connection, deployment_id: str, device_id: str) -> Any:
+    """The device's row in the deployment (its status, the deployment's status and retries).
+
+    Raises:
+        APIError: 404 when the deployment is not this device's.
+    """
     row = c.execute(
         sa.select(dd.c.status, dd.c.active, dd.c.attempts, dep.c.status.label("dep_status"), dep.c.retries)
         .join(dep, dep.c.id == dd.c.deployment_id)
@@ -450,7 +481,7 @@ async def put_status(deployment_id: str, body: StatusBody, device: Device, ctx: 
     changes), a different status after a final one is refused with 400; 409 once the deployment was aborted."""
     error: APIError | None = None
     with ctx.db.write() as c:
-        row = _own_deployment(c, deployment_id, device.id)
+        row = own_deployment(c, deployment_id, device.id)
         if row.status == "aborted" or row.dep_status == "aborted":
             error = APIError(409, "the deployment was aborted")
         elif not row.active:
@@ -469,29 +500,6 @@ async def put_status(deployment_id: str, body: StatusBody, device: Device, ctx: 
             mark_started(c, deployment_id)
     if error is not None:
         raise error
-    return Response(status_code=NO_CONTENT)
-
-
-class LogMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    timestamp: str = Field(max_length=64)
-    level: str = Field(max_length=32)
-    message: str
-
-
-class LogBody(BaseModel):
-    messages: list[LogMessage] = Field(max_length=100_000)
-
-
-@router.put("/api/devices/v1/deployments/device/deployments/{deployment_id}/log", status_code=204)
-async def put_log(deployment_id: str, body: LogBody, device: Device, ctx: Ctx) -> Response:
-    """Store the deployment log (appended to what the device sent before for this deployment)."""
-    with ctx.db.write() as c:
-        _own_deployment(c, deployment_id, device.id)
-        c.execute(logs_t.insert().values(deployment_id=deployment_id, device_id=device.id, created=now(),
-                                         messages=[m.model_dump() for m in body.messages]))
-        c.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device.id)
-                  .values(has_log=True))
     return Response(status_code=NO_CONTENT)
 
 
@@ -563,22 +571,3 @@ async def download(artifact_id: str, ctx: Ctx, expires: str | None = None, sig: 
         raise not_found("artifact")
     path = f"{ctx.artifact_dir}/{artifact_id}.mender"
     return ArtifactFileResponse(path, row.sha256, f"{row.name}.mender")
-
-
-def format_log(rows: list[list[dict[str, Any]]]) -> str:
-    lines = []
-    for messages in rows:
-        for m in messages:
-            lines.append(f"{m.get('timestamp', '')} {m.get('level', '')}: {m.get('message', '')}")
-    return "\n".join(lines) + ("\n" if lines else "")
-
-
-def device_log(ctx: ServerContext, deployment_id: str, device_id: str) -> PlainTextResponse:
-    with ctx.db.read() as c:
-        rows = [r[0] for r in c.execute(sa.select(logs_t.c.messages).where(
-            logs_t.c.deployment_id == deployment_id, logs_t.c.device_id == device_id).order_by(logs_t.c.id))]
-    if not rows:
-        raise not_found("log")
-    return PlainTextResponse(format_log(rows))
-
-

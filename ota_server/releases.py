@@ -22,7 +22,8 @@ from ota_common.errors import ArtifactError
 
 from . import deployments as rollout
 from .context import ServerContext, get_ctx
-from .device_api import device_log, source_checksum
+from .device_api import source_checksum
+from .device_logs import device_log
 from .errors import APIError, bad_request, conflict, not_found
 from .management import DEFAULT_PER_PAGE, Page, PerPage, require_admin
 from .models import artifacts as art_t
