@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import dashboard, device_api, device_logs, http_protocol, management, metrics, releases
+from . import dashboard, device_api, device_logs, http_protocol, management, metrics, openapi_links, releases
 from .auth import check_admin
 from .context import ServerContext
 from .downloads import DOWNLOAD_PATH
@@ -258,6 +258,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(management.router)
     app.include_router(releases.router)
     app.include_router(dashboard.router)
+    generate_openapi = app.openapi
+
+    def openapi_with_links() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            openapi_links.add_links(generate_openapi())  # FastAPI keeps the document it generated
+        return app.openapi_schema or generate_openapi()
+
+    app.openapi = openapi_with_links  # type: ignore[method-assign]
     app.add_middleware(device_api.FastPoll)  # innermost: the checks below wrap it as they wrap routes
     app.add_middleware(UnicodeCheck)  # inside BodyLimit: never buffers more than max_body
     app.add_middleware(BodyLimit, ctx=ctx, limit=settings.max_body, unauthenticated=settings.max_unauthenticated_body)

@@ -556,14 +556,32 @@ async def get_configuration(device: Device, ctx: Ctx) -> Response:
 # Downloads
 
 
+#: the shapes of a link's query values, documented (not validated by FastAPI: any other value is a 403, as a
+#: wrong signature is), so that fuzzing sends valid ones next to invalid ones
+LinkExpires = Annotated[str | None, Query(description="expiry of the link (epoch seconds)",
+                                          json_schema_extra={"pattern": "^[0-9]{1,15}$"})]
+LinkSig = Annotated[str | None, Query(description="HMAC-SHA256 of the artifact id and the expiry, hex",
+                                      json_schema_extra={"pattern": "^[0-9a-f]{64}$"})]
+
+
 @router.head("/api/devices/v1/download/{artifact_id}", include_in_schema=False)
 @router.get("/api/devices/v1/download/{artifact_id}", response_class=Response,
             responses={200: {"content": {"application/vnd.mender-artifact": {}}},
                        206: {"content": {"application/vnd.mender-artifact": {}}},
                        403: error_doc("bad or expired link"), 404: error_doc("no such artifact"),
-                       416: error_doc("unsatisfiable range")})
-async def download(artifact_id: str, ctx: Ctx, expires: str | None = None, sig: str | None = None) -> Response:
-    """The artifact behind a signed link (from ``next``). Range requests: one range → 206."""
+                       416: error_doc("unsatisfiable range")},
+            openapi_extra={"parameters": [  # read by the file response; documented so that they are fuzzed too
+                {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "one byte range (several, or a malformed one: the whole file)"},
+                {"name": "If-Range", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "the ETag (or date) the Range is valid for"}]})
+async def download(artifact_id: str, ctx: Ctx, expires: LinkExpires = None, sig: LinkSig = None) -> Response:
+    """The artifact behind a signed link (from ``next``). Range requests: one range → 206.
+
+    Raises:
+        APIError: 403 for a link that is malformed, not signed by this server or expired; 404 for an artifact
+            that is gone.
+    """
     ctx.links.check(artifact_id, expires, sig)
     with ctx.db.read() as c:
         row = c.execute(sa.select(art_t.c.name, art_t.c.sha256).where(art_t.c.id == artifact_id)).first()
