@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from typing import Any
 
@@ -138,9 +139,44 @@ def _not_unicode(body: bytes) -> bool:
     return False
 
 
+#: what a JSON number that is not finite looks like: Python's NaN/Infinity tokens, an exponent of 3 digits
+NON_FINITE = re.compile(rb"NaN|Infinity|[0-9][eE][+]?[0-9]{3}")
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _reject_constant(_: str) -> float:
+    raise _NonFinite
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite
+    return value
+
+
+def _not_finite(body: bytes) -> bool:
+    """A JSON body holding ``NaN``, ``Infinity`` or a number too large for a double (``1e999``): Python's
+    parser takes them, JSON does not (PostgreSQL refuses to store them, answers turn them into null). Only
+    bodies that look like they may hold one are decoded here."""
+    if not NON_FINITE.search(body):
+        return False
+    try:
+        json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NonFinite:
+        return True
+    except (ValueError, RecursionError):
+        return False  # not JSON: the handler says so
+    return False
+
+
 class UnicodeCheck:
-    """Refuse (400) request bodies whose JSON strings are not valid Unicode, before any handler stores them
-    (SQLite and PostgreSQL refuse them, a JSON or text answer cannot encode them: a 500 later)."""
+    """Refuse (400) request bodies whose JSON strings are not valid Unicode, or whose numbers are not finite,
+    before any handler stores them (SQLite and PostgreSQL refuse lone surrogates, PostgreSQL NaN and Infinity;
+    a JSON or text answer cannot encode them: a 500 later)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -158,9 +194,18 @@ class UnicodeCheck:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        problem = None
         if _not_unicode(body):
-            await _json(400, "the body is not valid Unicode text: a string holds a lone surrogate escape "
-                        "(\\uD800-\\uDFFF)")(scope, receive, send)
+            problem = "the body is not valid Unicode text: a string holds a lone surrogate escape (\\uD800-\\uDFFF)"
+        elif _not_finite(body):
+            problem = ("the body is not valid JSON: it holds a number that is not finite (NaN, Infinity, or too "
+                       "large for a double)")
+        if problem is not None:
+            ctx: ServerContext = scope["app"].state.ctx
+            if needs_credentials(scope["path"]) and not has_credentials(ctx, scope):  # credentials come first
+                await _json(401, "missing or invalid credentials", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            else:
+                await _json(400, problem)(scope, receive, send)
             return
         replayed = False
 

@@ -482,3 +482,44 @@ def test_hostile_download_links_are_403_never_500(server: Server, fleet: Fleet) 
         assert c.get(uri).status_code == 200
     log = server.log.read_text(errors="replace")
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers JSON does not have
+
+
+NON_FINITE = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-2E+400"]
+
+
+def test_non_finite_numbers_are_a_400_and_never_stored(server: Server, fleet: Fleet) -> None:
+    """Python's JSON parser takes NaN, Infinity and 1e999; JSON does not. They were stored (PostgreSQL refuses
+    them: a 500 there) and came back as null."""
+    a = fleet.a
+    json_headers = {**a.headers, "Content-Type": "application/json"}
+    dep = f"{DEV}/deployments/device/deployments/{fleet.dep_a}"
+    with server.client() as c:
+        for n in NON_FINITE:
+            for method, path, body in (
+                    ("PUT", f"{DEV}/inventory/device/attributes", b'[{"name": "nf", "value": %s}]' % n),
+                    ("PATCH", f"{DEV}/inventory/device/attributes", b'[{"name": "nf", "value": [1, %s]}]' % n),
+                    ("POST", NEXT, b'{"device_provides": {"device_type": "qemu-virt", "artifact_name": "old", "nf": %s}}' % n),
+                    ("POST", f"{DEV}/deployments/device/deployments/next",
+                     b'{"device_type": "qemu-virt", "artifact_name": "old", "nf": %s}' % n),
+                    ("PUT", f"{dep}/log", b'{"messages": [{"timestamp": "t", "level": "info", "message": "m", "nf": %s}]}' % n)):
+                r = c.request(method, path, content=body, headers=json_headers)
+                assert_error(r, 400, contains="finite")
+                r = c.request(method, path, content=body, headers={"Content-Type": "application/json"})
+                assert_error(r, 401)  # credentials first
+            r = c.post(DEVAUTH, content=b'{"identity_data": {"nf": %s}, "pubkey": "x"}' % n,
+                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
+            assert_error(r, 400, contains="finite")
+            r = c.post(AUTH, content=b'{"id_data": "{}", "pubkey": "x", "n": %s}' % n)
+            assert_error(r, 400, contains="finite")
+        # strings that spell them, and large finite numbers, are fine
+        r = c.patch(f"{DEV}/inventory/device/attributes", headers=json_headers,
+                    content=b'[{"name": "nf", "value": "NaN Infinity 1e999"}, {"name": "big", "value": 1.5e300}]')
+        assert r.status_code == 200, r.text
+    with server.admin() as adm:
+        attrs = {x["name"]: x["value"] for x in adm.get(f"/api/management/v1/inventory/devices/{fleet.a_id}")
+                 .json()["attributes"]}
+    assert attrs["nf"] == "NaN Infinity 1e999" and attrs["big"] == 1.5e300, attrs
