@@ -122,8 +122,9 @@ async def put_log(deployment_id: str, body: LogBody, device: Device, ctx: Ctx) -
         # uploads of one device are serialized (PostgreSQL; SQLite writers are anyway), so the quota holds
         c.execute(sa.select(dd.c.device_id).where(dd.c.deployment_id == deployment_id, dd.c.device_id == device.id)
                   .with_for_update())
-        uploads, used = c.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(logs_t.c.size), 0))
-                                  .where(*mine)).one()
+        row = c.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(logs_t.c.size), 0))
+                        .where(*mine)).one()
+        uploads, used = int(row[0]), int(row[1])  # PostgreSQL's sum() of a bigint is a numeric (Decimal)
         if (max_uploads and uploads >= max_uploads) or (max_bytes and used >= max_bytes):
             raise APIError(413, f"the log of this deployment is full ({max_bytes} bytes or {max_uploads} uploads "
                                 "per device); nothing was stored")
