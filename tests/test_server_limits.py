@@ -43,7 +43,8 @@ def stop(server: Server) -> None:
 def slow(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, tuple[Path, Path]]) -> Iterator[Server]:
     """Short connection deadlines."""
     s = start(tmp_path_factory, keys, "--header-timeout", "1", "--body-timeout", "1", "--body-min-rate", "1000",
-              "--keep-alive-timeout", "1", "--max-header-size", "8KiB")
+              "--keep-alive-timeout", "1", "--max-header-size", "8KiB", "--max-body", "512KiB",
+              "--max-artifact", "40KiB")
     yield s
     stop(s)
 
@@ -236,6 +237,20 @@ def test_credentials_lift_the_small_limit(slow: Server) -> None:
         r = a.put("/api/management/v1/deviceconfig/configurations/group/big",
                   json={f"V{i}": "y" * 1000 for i in range(200)})
         assert r.status_code == 204, r.text
+
+
+def test_body_and_artifact_size_limits(slow: Server, keys: dict[str, tuple[Path, Path]], run_cli_module: Any,
+                                       tmp_path: Path) -> None:
+    dev = Device(slow)
+    dev.accept()
+    body = json.dumps([{"name": "k", "value": "x" * 600_000}]).encode()
+    r = dev.http.put(INVENTORY, headers={**dev.headers, "Content-Type": "application/json"}, content=body)
+    assert r.status_code == 413 and "524288" in r.json()["error"], r.text
+    small = write_artifact(run_cli_module, tmp_path / "small.mender", "small-1", key=keys["ec"][0], size=10_000)
+    big = write_artifact(run_cli_module, tmp_path / "big.mender", "big-1", key=keys["ec"][0], size=200_000, seed=7)
+    assert upload(slow, small).status_code == 201
+    r = upload(slow, big)
+    assert r.status_code == 413 and "artifact larger than 40960" in r.json()["error"], r.text
 
 
 # ---------------------------------------------------------------------------------------------------------
