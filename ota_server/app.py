@@ -139,8 +139,9 @@ def _not_unicode(body: bytes) -> bool:
     return False
 
 
-#: what a JSON number that is not finite looks like: Python's NaN/Infinity tokens, an exponent of 3 digits
-NON_FINITE = re.compile(rb"NaN|Infinity|[0-9][eE][+]?[0-9]{3}")
+#: what a JSON number that is not finite looks like: Python's NaN/Infinity tokens, a number with an exponent of
+#: 3 digits (not inside a word: a hex checksum such as "ab1e234f" in every poll does not match)
+NON_FINITE = re.compile(rb"NaN|Infinity|(?<![0-9A-Za-z_.-])-?[0-9]+(?:\.[0-9]+)?[eE]\+?[0-9]{3}")
 
 
 class _NonFinite(Exception):

@@ -35,7 +35,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ from schemathesis.specs.openapi.checks import (
     use_after_free,
 )
 
-from .server_helpers import ADMIN_TOKEN, Device, Server, deploy, server_fixture, upload, write_artifact  # noqa: F401
+from .server_helpers import ADMIN_TOKEN, Device, Server, deploy, upload, write_artifact
 
 pytestmark = pytest.mark.slow
 DEVAUTH = "/api/management/v2/devauth/devices"
@@ -135,6 +135,17 @@ def world(server: Server, run_cli: Any, keys: dict[str, tuple[Path, Path]], tmp_
     assert r.status_code == 200, r.text
     query = dict(p.split("=", 1) for p in r.json()["artifact"]["source"]["uri"].split("?", 1)[1].split("&"))
     return World(dev, device_id, auth_id, artifact_id, deployment_id, name, query)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, tuple[Path, Path]]) -> Iterator[Server]:
+    """The server, trusting the ``ec`` release key. The fuzzer sends many hundreds of auth requests from one
+    address: the per-address rate limit is off here (tests/test_server_limits.py tests it), or the fixtures'
+    own devices could not authenticate once a budget drained the bucket."""
+    s = Server(tmp_path_factory.mktemp("server"), "--release-key", str(keys["ec"][1]),
+               "--auth-rate-per-address", "off").start()
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="module")
