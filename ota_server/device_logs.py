@@ -113,7 +113,11 @@ def fit_messages(messages: list[dict[str, Any]], budget: int) -> tuple[list[dict
                        413: error_doc("this device's log of this deployment is full: nothing stored")})
 async def put_log(deployment_id: str, body: LogBody, device: Device, ctx: Ctx) -> Response:
     """Store the deployment log (appended to what the device sent before for this deployment), within the
-    quota: the first upload past it is truncated, later ones are refused with 413."""
+    quota: the first upload past it is truncated, later ones are refused with 413.
+
+    Raises:
+        APIError: 404 when the deployment is not this device's; 413 when its log is full.
+    """
     max_bytes, max_uploads = ctx.settings.log_max_bytes, ctx.settings.log_max_uploads
     messages = [m.model_dump() for m in body.messages]
     mine = (logs_t.c.deployment_id == deployment_id, logs_t.c.device_id == device.id)
