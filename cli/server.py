@@ -59,6 +59,35 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str) -> int:
     return int(number) * (unit or 1)
 
 
+class _Size(click.ParamType):
+    """Bytes: 65536, 64K, 64KiB, 16M, 8G."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        from ota_server.limits import parse_size
+
+        try:
+            return parse_size(str(value), f"--{param.name.replace('_', '-')}" if param and param.name else "size")
+        except UserError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = _Size()
+
+
+def _rate(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from ota_server.limits import parse_rate
+
+    try:
+        parse_rate(value, f"--{(param.name or '').replace('_', '-')}")
+    except UserError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @click.group(invoke_without_command=True)
 @DB_OPTION
 @click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=Path("var"), show_default=True,
@@ -94,11 +123,42 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--public-metrics", is_flag=True, help="Serve /metrics without a token (default: scope read).")
 @click.option("--public-docs", is_flag=True,
               help="Serve /docs, /redoc and /openapi.json without a token (default: scope read).")
+@click.option("--max-body", type=SIZE, default="16MiB", show_default=True,
+              help="Largest JSON/YAML request body with valid credentials (artifact uploads: --max-artifact).")
+@click.option("--max-artifact", type=SIZE, default="8GiB", show_default=True, help="Largest artifact upload.")
+@click.option("--max-unauthenticated-body", type=SIZE, default="64KiB", show_default=True,
+              help="Largest request body without valid credentials, and of every device auth request; refused "
+              "(401 or 413) before it is read.")
+@click.option("--max-pending-devices", type=click.IntRange(min=0), default=10_000, show_default=True,
+              help="Devices waiting for an administrator; a new identity past it gets 429 (0: no cap).")
+@click.option("--max-pending-auth-sets", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Pending keys of one device; a new key past it gets 429 (0: no cap).")
+@click.option("--auth-rate-per-address", default="300/60s", show_default=True, callback=_rate,
+              help="Device auth requests per client address, N/PERIOD (a burst of N, N per PERIOD); 'off'. "
+              "Each worker process counts on its own.")
+@click.option("--auth-rate-per-identity", default="30/60s", show_default=True, callback=_rate,
+              help="Device auth requests per identity, N/PERIOD; 'off'. Each worker process counts on its own.")
+@click.option("--log-max-bytes", type=SIZE, default="1MiB", show_default=True,
+              help="Deployment log stored per device and deployment; the upload that passes it is truncated "
+              "(marker message), later ones get 413 (0: no limit).")
+@click.option("--log-max-uploads", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Log uploads per device and deployment; past it 413 (0: no limit).")
+@click.option("--header-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds for a request's line and headers to arrive; then the connection is closed.")
+@click.option("--max-header-size", type=SIZE, default="64KiB", show_default=True,
+              help="Largest request line and headers (431 past it).")
+@click.option("--body-timeout", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
+              help="Seconds for a request body to arrive, plus 1 s per --body-min-rate bytes received (408).")
+@click.option("--body-min-rate", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Bytes per second that extend --body-timeout.")
+@click.option("--keep-alive-timeout", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Seconds an idle keep-alive connection stays open.")
 @click.pass_context
 def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path],
            allow_unsigned: bool, admin_token_file: Path | None, workers: int, public_url: str | None,
            tls_cert: Path | None, tls_key: Path | None, forwarded_allow_ips: str, device_token_ttl: int,
-           secrets_key_file: Path | None, run_migrations: bool, public_metrics: bool, public_docs: bool) -> None:
+           secrets_key_file: Path | None, run_migrations: bool, public_metrics: bool, public_docs: bool,
+           **limits: Any) -> None:
     """Run the update server: Mender-compatible device API, management API (OpenAPI at /docs).
 
     Without a subcommand it serves; `build.py server token create|list|revoke` manage its named API tokens, the
@@ -159,7 +219,7 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
     settings = Settings(db_url=db_url, storage=storage, admin_token_sha256=hash_token(token),
                         release_keys=tuple(keys), allow_unsigned=allow_unsigned, public_url=public_url,
                         device_token_ttl=device_token_ttl, public_metrics=public_metrics, public_docs=public_docs,
-                        secrets_keys=secrets_keys.keys)
+                        secrets_keys=secrets_keys.keys, **limits)
 
     if run_migrations:
         migrate(db_url)
@@ -189,6 +249,7 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
 
     uvicorn.run("ota_server.app:app_from_env", factory=True, host=host, port=port, workers=workers, http=PROTOCOL,
                 log_level="warning", access_log=False, timeout_graceful_shutdown=10,
+                timeout_keep_alive=settings.keep_alive_timeout,
                 server_header=False, proxy_headers=bool(trusted_proxies), forwarded_allow_ips=trusted_proxies or None,
                 ssl_certfile=tls_cert, ssl_keyfile=tls_key)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -18,9 +19,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import admin_api, dashboard, device_api, management, metrics, releases
-from .apitokens import READ, RequireScope, route_scope
+from . import admin_api, dashboard, device_api, device_logs, http_protocol, management, metrics, openapi_links, releases
+from .apitokens import READ, RequireScope, find_principal, route_scope
 from .context import ServerContext
+from .downloads import DOWNLOAD_PATH
 from .errors import ERROR_RESPONSES, APIError
 from .settings import Settings, load_or_create_secrets
 
@@ -30,21 +32,78 @@ log = logging.getLogger("ota_server")
 STREAMED = frozenset({releases.ARTIFACTS})
 
 
-class BodyLimit:
-    """Refuse request bodies (Content-Length or chunked) larger than ``limit`` with 413."""
+def needs_credentials(path: str) -> bool:
+    """Whether the routes at ``path`` answer 401 to a request without valid credentials."""
+    if path.startswith("/api/management/"):
+        return True
+    return (path.startswith("/api/devices/") and path != device_api.AUTH_REQUESTS
+            and not path.startswith(DOWNLOAD_PATH))
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+def has_credentials(ctx: ServerContext, scope: Scope) -> bool:
+    """The request carries a valid API token (management API, dashboard) or the current token of an accepted
+    device (device API: its auth set and epoch still the device's). Costs a token check and one primary-key
+    read."""
+    auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+    path: str = scope["path"]
+    try:
+        if path.startswith(("/api/management/", "/ui/")):
+            token = auth[7:].strip() if auth and auth.startswith("Bearer ") else ""
+            return find_principal(ctx.db, token, ctx.settings.admin_token_sha256) is not None
+        if path.startswith("/api/devices/"):
+            claims = ctx.tokens.verify(auth)
+            rows = ctx.db.fetch(device_api.DEVICE_SQL, (claims.device_id,))
+            return (bool(rows) and rows[0][0] == "accepted" and rows[0][3] == claims.auth_set_id
+                    and rows[0][4] == claims.epoch)
+    except APIError:
+        return False
+    return False
+
+
+class BodyLimit:
+    """Bound request bodies before they are read. With valid credentials (:func:`has_credentials`) a body may
+    have ``limit`` bytes; without them, and always for device auth requests, ``unauthenticated`` bytes. A
+    ``Content-Length`` past the limit is refused before any of the body is read, a chunked body as soon as it
+    passes the limit; the credentials are looked at only then (small bodies, polls included, pay nothing).
+    The refusal is 401 where the route needs credentials (it would be 401 anyway), else 413, and it closes the
+    connection (the rest of the body is never read). Streamed uploads (:data:`STREAMED`) are bounded by their
+    handler once the credentials are known good."""
+
+    def __init__(self, app: ASGIApp, ctx: ServerContext, limit: int, unauthenticated: int) -> None:
         self.app = app
+        self.ctx = ctx
         self.limit = limit
+        self.unauthenticated = unauthenticated
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in STREAMED:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        small = self.unauthenticated
+        large: int | None = None if path in STREAMED else self.limit  # None: not bounded here
+        if path == device_api.AUTH_REQUESTS:
+            large = small
+        authorized: bool | None = None
+
+        def allowed() -> int | None:
+            nonlocal authorized
+            if authorized is None:
+                authorized = has_credentials(self.ctx, scope)
+            return large if authorized else small
+
+        def refusal(limit: int) -> Response:
+            if not authorized and needs_credentials(path):
+                return _json(401, f"a body larger than {small} bytes needs valid credentials",
+                             {"WWW-Authenticate": "Bearer", "Connection": "close"})
+            return _json(413, f"request body larger than {limit} bytes", {"Connection": "close"})
+
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _json(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
-                return
+            if name == b"content-length" and value.isdigit() and int(value) > small:
+                limit = allowed()
+                if limit is not None and int(value) > limit:
+                    await refusal(limit)(scope, receive, send)
+                    return
         seen = 0
         refused = False
 
@@ -55,10 +114,10 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > small and (limit := allowed()) is not None and seen > limit:
                     # answer now; the handler sees a disconnected client and whatever it sends is dropped
                     refused = True
-                    await _json(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
+                    await refusal(limit)(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -87,9 +146,45 @@ def _not_unicode(body: bytes) -> bool:
     return False
 
 
+#: what a JSON number that is not finite looks like: Python's NaN/Infinity tokens, a number with an exponent of
+#: 3 digits (not inside a word: a hex checksum such as "ab1e234f" in every poll does not match)
+NON_FINITE = re.compile(rb"NaN|Infinity|(?<![0-9A-Za-z_.-])-?[0-9]+(?:\.[0-9]+)?[eE]\+?[0-9]{3}")
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _reject_constant(_: str) -> float:
+    raise _NonFinite
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite
+    return value
+
+
+def _not_finite(body: bytes) -> bool:
+    """A JSON body holding ``NaN``, ``Infinity`` or a number too large for a double (``1e999``): Python's
+    parser takes them, JSON does not (PostgreSQL refuses to store them, answers turn them into null). Only
+    bodies that look like they may hold one are decoded here."""
+    if not NON_FINITE.search(body):
+        return False
+    try:
+        json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NonFinite:
+        return True
+    except (ValueError, RecursionError):
+        return False  # not JSON: the handler says so
+    return False
+
+
 class UnicodeCheck:
-    """Refuse (400) request bodies whose JSON strings are not valid Unicode, before any handler stores them
-    (SQLite and PostgreSQL refuse them, a JSON or text answer cannot encode them: a 500 later)."""
+    """Refuse (400) request bodies whose JSON strings are not valid Unicode, or whose numbers are not finite,
+    before any handler stores them (SQLite and PostgreSQL refuse lone surrogates, PostgreSQL NaN and Infinity;
+    a JSON or text answer cannot encode them: a 500 later)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -107,9 +202,18 @@ class UnicodeCheck:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        problem = None
         if _not_unicode(body):
-            await _json(400, "the body is not valid Unicode text: a string holds a lone surrogate escape "
-                        "(\\uD800-\\uDFFF)")(scope, receive, send)
+            problem = "the body is not valid Unicode text: a string holds a lone surrogate escape (\\uD800-\\uDFFF)"
+        elif _not_finite(body):
+            problem = ("the body is not valid JSON: it holds a number that is not finite (NaN, Infinity, or too "
+                       "large for a double)")
+        if problem is not None:
+            ctx: ServerContext = scope["app"].state.ctx
+            if needs_credentials(scope["path"]) and not has_credentials(ctx, scope):  # credentials come first
+                await _json(401, "missing or invalid credentials", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            else:
+                await _json(400, problem)(scope, receive, send)
             return
         replayed = False
 
@@ -193,6 +297,7 @@ def create_app(settings: Settings) -> FastAPI:
     for sub in ("artifacts", "tmp"):
         (settings.storage / sub).mkdir(parents=True, exist_ok=True)
     ctx = ServerContext.create(settings, load_or_create_secrets(settings.storage))
+    http_protocol.configure(http_protocol.ConnectionLimits.from_settings(settings))
     app = FastAPI(
         title="vv-ota update server",
         version="1",
@@ -261,14 +366,23 @@ def create_app(settings: Settings) -> FastAPI:
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - API")
 
     app.include_router(device_api.router)
+    app.include_router(device_logs.router)
     app.include_router(management.router)
     app.include_router(releases.router)
     app.include_router(admin_api.router)
     app.include_router(dashboard.router)
     _document_scopes(app)
+    generate_openapi = app.openapi
+
+    def openapi_with_links() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            openapi_links.add_links(generate_openapi())  # FastAPI keeps the document it generated
+        return app.openapi_schema or generate_openapi()
+
+    app.openapi = openapi_with_links  # type: ignore[method-assign]
     app.add_middleware(device_api.FastPoll)  # innermost: the checks below wrap it as they wrap routes
     app.add_middleware(UnicodeCheck)  # inside BodyLimit: never buffers more than max_body
-    app.add_middleware(BodyLimit, limit=settings.max_body)
+    app.add_middleware(BodyLimit, ctx=ctx, limit=settings.max_body, unauthenticated=settings.max_unauthenticated_body)
     app.add_middleware(metrics.MetricsMiddleware)
     return app
 

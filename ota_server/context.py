@@ -13,6 +13,7 @@ from .auth import TokenCodec
 from .configvars import ConfigStore
 from .db import Database
 from .downloads import LinkSigner
+from .limits import AuthLimiter
 from .settings import ServerSecrets, Settings
 
 
@@ -26,6 +27,7 @@ class ServerContext:
     verifiers: list[Any]
     #: HMAC key of dashboard sessions and login links (derived from the server secrets)
     session_key: bytes
+    auth_limits: AuthLimiter
 
     @classmethod
     def create(cls, settings: Settings, secrets: ServerSecrets) -> ServerContext:
@@ -37,6 +39,7 @@ class ServerContext:
             config=ConfigStore(settings.secrets_keys or ([secrets.fernet_key] if secrets.fernet_key else [])),
             verifiers=list(load_verifiers(settings.release_keys)),
             session_key=secrets.session_key,
+            auth_limits=AuthLimiter.from_settings(settings.auth_rate_per_address, settings.auth_rate_per_identity),
         )
 
     def base_url(self, request: Request) -> str:

@@ -12,10 +12,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import deployments as rollout
+from .device_logs import newest_messages
 from .models import artifacts as art_t
 from .models import auth_sets, devices
 from .models import deployment_devices as dd
-from .models import deployment_logs as logs_t
 from .models import deployments as dep
 
 PER_PAGE = 100
@@ -200,14 +200,9 @@ def device_detail(conn: Connection, device_id: str) -> dict[str, Any] | None:
 
 def log_messages(conn: Connection, deployment_id: str, device_id: str, limit: int = LOG_LIMIT
                  ) -> tuple[list[dict[str, Any]], int]:
-    """The newest ``limit`` messages of a device's deployment log (oldest first) and how many were left out."""
-    messages: list[dict[str, Any]] = []
-    for (chunk,) in conn.execute(sa.select(logs_t.c.messages).where(
-            logs_t.c.deployment_id == deployment_id, logs_t.c.device_id == device_id).order_by(logs_t.c.id)):
-        if isinstance(chunk, list):
-            messages.extend(m for m in chunk if isinstance(m, dict))
-    dropped = max(0, len(messages) - limit)
-    return messages[dropped:], dropped
+    """The newest ``limit`` messages of a device's deployment log (oldest first) and how many were left out;
+    only the rows holding them are read."""
+    return newest_messages(conn, deployment_id, device_id, limit)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import deployments as rollout
@@ -29,11 +30,13 @@ from .errors import APIError, bad_request, error_doc, not_found, unauthorized
 from .models import artifacts as art_t
 from .models import auth_sets, devices
 from .models import deployment_devices as dd
-from .models import deployment_logs as logs_t
 from .timeutil import now, rfc3339
 
 router = APIRouter(tags=["device API"])
 ROOTFS_CHECKSUM = "rootfs-image.checksum"
+AUTH_REQUESTS = "/api/devices/v1/authentication/auth_requests"
+NEXT_V2 = "/api/devices/v2/deployments/device/deployments/next"
+NEXT_V1 = "/api/devices/v1/deployments/device/deployments/next"
 NO_CONTENT = 204
 
 
@@ -57,18 +60,26 @@ class AuthRequestBody(BaseModel):
 
 
 @router.post(
-    "/api/devices/v1/authentication/auth_requests", response_class=Response,
+    AUTH_REQUESTS, response_class=Response,
     responses={200: {"content": {"application/jwt": {"schema": {"type": "string"}}}, "description": "the device token"},
-               401: error_doc("unknown (now pending), rejected or badly signed")},
+               401: error_doc("unknown (now pending), rejected or badly signed"),
+               429: error_doc("too many auth requests (per address, per identity) or too many pending devices")},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": AuthRequestBody.model_json_schema()}}}},
 )
 async def auth_request(request: Request) -> Response:
     """Signed with the device key (``X-MEN-Signature``: RSA PKCS#1 v1.5, ECDSA DER or ed25519 over the body).
-    An unknown device is recorded as pending; a preauthorized one is accepted."""
+    An unknown device is recorded as pending; a preauthorized one is accepted.
+
+    Raises:
+        APIError: 400 malformed; 401 badly signed, pending or rejected; 429 too many auth requests from this
+            address or for this identity, or too many devices (or keys of this device) already pending.
+    """
     ctx = get_ctx(request)
+    ctx.auth_limits.check_address(request.client.host if request.client else "")
     body = await request.body()
     req = parse_auth_request(body, request.headers.get("x-men-signature"))
+    ctx.auth_limits.check_identity(req.identity_hash)
     try:
         token = _authenticate(ctx, req)
     except sa.exc.IntegrityError:  # the same new device asked twice at once: the other request created it
@@ -82,12 +93,15 @@ def _authenticate(ctx: ServerContext, req: AuthRequest) -> str | None:
     """Record the auth request; the token when its auth set is accepted (or preauthorized). The device's row
     is locked while its auth sets are looked at, so that its status follows them (an administrator may accept
     or reject at the same moment). Raises IntegrityError when another request created the same device or auth
-    set meanwhile (the caller tries again)."""
+    set meanwhile (the caller tries again), APIError 429 past the pending caps."""
+    settings = ctx.settings
     t = now()
     with ctx.db.write() as c:
         device = c.execute(sa.select(devices.c.id).where(devices.c.identity_hash == req.identity_hash)
                            .with_for_update()).first()
         if device is None:
+            _check_room(c, devices.c.status == "pending", settings.max_pending_devices,
+                        "too many devices are waiting for an administrator")
             device_id = str(uuid.uuid4())
             c.execute(devices.insert().values(
                 id=device_id, identity_json=req.identity_json, identity_hash=req.identity_hash, status="pending",
@@ -97,6 +111,9 @@ def _authenticate(ctx: ServerContext, req: AuthRequest) -> str | None:
         aset = c.execute(sa.select(auth_sets.c.id, auth_sets.c.status).where(
             auth_sets.c.device_id == device_id, auth_sets.c.pubkey_hash == req.pubkey_hash)).first()
         if aset is None:
+            _check_room(c, (auth_sets.c.device_id == device_id) & (auth_sets.c.status == "pending"),
+                        settings.max_pending_auth_sets, "too many keys of this device are waiting for an administrator",
+                        auth_sets)
             c.execute(auth_sets.insert().values(id=str(uuid.uuid4()), device_id=device_id, pubkey=req.pubkey_pem,
                                                 pubkey_hash=req.pubkey_hash, status="pending", created=t))
             _refresh_status(c, device_id)
@@ -107,6 +124,18 @@ def _authenticate(ctx: ServerContext, req: AuthRequest) -> str | None:
             epoch = c.execute(sa.select(devices.c.token_epoch).where(devices.c.id == device_id)).scalar_one()
             return ctx.tokens.issue(device_id, aset.id, int(epoch))
     return None
+
+
+#: what a refused newcomer is told to wait (seconds) when the pending devices or keys are at their cap
+PENDING_RETRY_AFTER = 300
+
+
+def _check_room(c: sa.Connection, where: Any, cap: int, message: str, table: sa.Table = devices) -> None:
+    """Raises:
+        APIError: 429 when ``cap`` (0: no cap) rows of ``table`` already match ``where``."""
+    if cap and c.execute(sa.select(sa.func.count()).select_from(table).where(where)).scalar_one() >= cap:
+        raise APIError(429, f"{message} (at most {cap}); try again later",
+                       {"Retry-After": str(PENDING_RETRY_AFTER)})
 
 
 def _lock_device(c: sa.Connection, device_id: str) -> None:
@@ -202,22 +231,60 @@ Ctx = Annotated[ServerContext, Depends(_ctx)]
 # Deployments
 
 
+PROVIDES_SCHEMA: dict[str, Any] = {
+    "required": ["device_type", "artifact_name"], "maxProperties": 200, "propertyNames": {"maxLength": 1024},
+    "properties": {"device_type": {"type": "string", "minLength": 1}, "artifact_name": {"type": "string", "minLength": 1}}}
+
+
+def provides_problem(v: dict[str, Any], prefix: str = "") -> str | None:
+    """What is wrong with a provides map (``device_type`` and ``artifact_name`` non-empty strings, at most 200
+    keys of at most 1024 characters), or None."""
+    for key in ("device_type", "artifact_name"):
+        if not isinstance(v.get(key), str) or not v[key]:
+            return f"{prefix}{key} must be a non-empty string"
+    if len(v) > 200 or any(len(k) > 1024 for k in v):
+        return f"too many or too long {prefix.rstrip('.') or 'provides'}"
+    return None
+
+
 class NextBody(BaseModel):
+    """The body of ``next`` v2 (and of v1 POST in its v2 shape)."""
+
     model_config = ConfigDict(extra="allow")
-    device_provides: dict[str, Any] = Field(json_schema_extra={  # documented; checked by _provides
-        "required": ["device_type", "artifact_name"], "maxProperties": 200, "propertyNames": {"maxLength": 1024},
-        "properties": {"device_type": {"type": "string", "minLength": 1}, "artifact_name": {"type": "string", "minLength": 1}}})
+    device_provides: dict[str, Any] = Field(json_schema_extra=PROVIDES_SCHEMA)  # documented; checked by _provides
     update_control_map: bool = False
 
     @field_validator("device_provides")
     @classmethod
     def _provides(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in ("device_type", "artifact_name"):
-            if not isinstance(v.get(key), str) or not v[key]:
-                raise ValueError(f"device_provides.{key} must be a non-empty string")
-        if len(v) > 200 or any(len(k) > 1024 for k in v):
-            raise ValueError("too many or too long device_provides")
+        if problem := provides_problem(v, "device_provides."):
+            raise ValueError(problem)
         return v
+
+
+#: the v1 POST body: the v2 shape, or the flat provides map that mender-client 3.4 sends when v2 answered 404
+NEXT_V1_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+    {"$ref": "#/components/schemas/NextBody"},
+    {"type": "object", "title": "FlatProvides", "additionalProperties": True, "not": {"required": ["device_provides"]},
+     "description": "the device's provides as the body itself (mender-client 3.4's fallback)", **PROVIDES_SCHEMA},
+]}}}}}
+
+
+def v1_provides(doc: dict[str, Any]) -> dict[str, Any]:
+    """The provides in a v1 POST body, either shape.
+
+    Raises:
+        RequestValidationError: the v2 shape is malformed (answered 400 like any invalid body).
+        APIError: 400 when the flat map is malformed.
+    """
+    if "device_provides" in doc:
+        try:
+            return NextBody.model_validate(doc).device_provides
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(include_url=False)) from None
+    if problem := provides_problem(doc):
+        raise bad_request(f"invalid request: {problem} (the body is the provides map, or {{\"device_provides\": {{...}}}})")
+    return doc
 
 
 def _record_provides(ctx: ServerContext, device: CurrentDevice, provides: dict[str, Any]) -> None:
@@ -311,15 +378,17 @@ NEXT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/api/devices/v2/deployments/device/deployments/next", responses=NEXT_RESPONSES)
+@router.post(NEXT_V2, responses=NEXT_RESPONSES)
 async def next_v2(body: NextBody, request: Request, device: Device, ctx: Ctx) -> Response:
     """The deployment this device should install now (204: none)."""
     return _next(ctx, request, device, body.device_provides)
 
 
-@router.post("/api/devices/v1/deployments/device/deployments/next", responses=NEXT_RESPONSES)
-async def next_v1_post(body: NextBody, request: Request, device: Device, ctx: Ctx) -> Response:
-    return _next(ctx, request, device, body.device_provides)
+@router.post(NEXT_V1, responses=NEXT_RESPONSES, openapi_extra=NEXT_V1_BODY)
+async def next_v1_post(body: Annotated[dict[str, Any], Body()], request: Request, device: Device, ctx: Ctx) -> Response:
+    """v1 of ``next``: the body is v2's, or the device's flat provides map (mender-client 3.4 sends that here
+    after v2 answered 404)."""
+    return _next(ctx, request, device, v1_provides(body))
 
 
 class FastPoll:
@@ -331,8 +400,7 @@ class FastPoll:
     goes on, body replayed, to the regular route, which gives the answer. Installed innermost, so metrics,
     body limits and body checks wrap it as they wrap the routes."""
 
-    PATHS = frozenset({"/api/devices/v2/deployments/device/deployments/next",
-                       "/api/devices/v1/deployments/device/deployments/next"})
+    PATHS = frozenset({NEXT_V2, NEXT_V1})
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -381,14 +449,17 @@ POLL_SQL = ("SELECT d.status, d.provides_hash, d.auth_set_id, d.token_epoch, (SE
             "deployment_devices dd WHERE dd.device_id = d.id AND dd.active = ?) FROM devices d WHERE d.id = ?")
 #: ``next`` bodies already checked -> the hash of their provides (None: not a body the shortcut takes). A
 #: fleet sends few distinct bodies (one per running version and device type), so this stays small.
-_BODIES: dict[bytes, str | None] = {}
+_BODIES: dict[tuple[bool, bytes], str | None] = {}
 BODY_CACHE_SIZE = 10_000
 BODY_CACHE_MAX_LEN = 4096
 
 
-def _provides_hash(body: bytes) -> str | None:
-    """The hash of a ``next`` body's provides if the body follows :class:`NextBody`'s rules, else None."""
-    known = _BODIES.get(body, "")
+def _provides_hash(body: bytes, flat_allowed: bool) -> str | None:
+    """The hash of a ``next`` body's provides if the body follows the route's rules (the v2 shape, or with
+    ``flat_allowed`` — v1 POST — the flat provides map; :func:`provides_problem`), else None. Bodies are
+    remembered: a device sends the same one on every poll."""
+    key = (flat_allowed, body)
+    known = _BODIES.get(key, "")
     if known != "":
         return known
     found: str | None = None
@@ -396,16 +467,19 @@ def _provides_hash(body: bytes) -> str | None:
         doc = json.loads(body)
     except (ValueError, RecursionError):
         doc = None
-    if isinstance(doc, dict) and type(doc.get("update_control_map", False)) is bool:
-        provides = doc.get("device_provides")
-        if (isinstance(provides, dict) and all(isinstance(provides.get(k), str) and provides[k]
-                                               for k in ("device_type", "artifact_name"))
-                and len(provides) <= 200 and all(len(k) <= 1024 for k in provides)):
-            found = sha256_hex(canonical_json(provides))
+    provides: Any = None
+    if isinstance(doc, dict):
+        if "device_provides" in doc or not flat_allowed:  # v2's shape
+            if type(doc.get("update_control_map", False)) is bool:
+                provides = doc.get("device_provides")
+        else:  # v1 POST with the flat provides map
+            provides = doc
+    if isinstance(provides, dict) and provides_problem(provides) is None:
+        found = sha256_hex(canonical_json(provides))
     if len(body) <= BODY_CACHE_MAX_LEN:
         if len(_BODIES) >= BODY_CACHE_SIZE:
             _BODIES.clear()
-        _BODIES[body] = found
+        _BODIES[key] = found
     return found
 
 
@@ -424,7 +498,7 @@ def _idle_poll(scope: Scope, body: bytes) -> bool:
         claims = ctx.tokens.verify(auth.decode("latin-1"))
     except APIError:
         return False
-    provides_hash = _provides_hash(body)
+    provides_hash = _provides_hash(body, scope["path"] == NEXT_V1)
     if provides_hash is None:
         return False
     rows = ctx.db.fetch(POLL_SQL, (True, claims.device_id))
@@ -443,7 +517,7 @@ def _idle_poll(scope: Scope, body: bytes) -> bool:
     return True
 
 
-@router.get("/api/devices/v1/deployments/device/deployments/next", responses=NEXT_RESPONSES)
+@router.get(NEXT_V1, responses=NEXT_RESPONSES)
 async def next_v1_get(request: Request, device: Device, ctx: Ctx,
                       artifact_name: Annotated[str, Query(min_length=1, max_length=256)],
                       device_type: Annotated[str, Query(min_length=1, max_length=128)]) -> Response:
@@ -462,7 +536,12 @@ class StatusBody(BaseModel):
         return v
 
 
-def _own_deployment(c: sa.Connection, deployment_id: str, device_id: str) -> Any:
+def own_deployment(c: sa.Connection, deployment_id: str, device_id: str) -> Any:
+    """The device's row in the deployment (its status, the deployment's status and retries).
+
+    Raises:
+        APIError: 404 when the deployment is not this device's.
+    """
     row = c.execute(
         sa.select(dd.c.status).where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
     ).first()
@@ -482,29 +561,6 @@ async def put_status(deployment_id: str, body: StatusBody, device: Device, ctx: 
     refused with 400; 409 once the deployment was aborted."""
     with ctx.db.write() as c:
         rollout.report_status(c, deployment_id, device.id, body.status, body.substate)
-    return Response(status_code=NO_CONTENT)
-
-
-class LogMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    timestamp: str = Field(max_length=64)
-    level: str = Field(max_length=32)
-    message: str
-
-
-class LogBody(BaseModel):
-    messages: list[LogMessage] = Field(max_length=100_000)
-
-
-@router.put("/api/devices/v1/deployments/device/deployments/{deployment_id}/log", status_code=204)
-async def put_log(deployment_id: str, body: LogBody, device: Device, ctx: Ctx) -> Response:
-    """Store the deployment log (appended to what the device sent before for this deployment)."""
-    with ctx.db.write() as c:
-        _own_deployment(c, deployment_id, device.id)
-        c.execute(logs_t.insert().values(deployment_id=deployment_id, device_id=device.id, created=now(),
-                                         messages=[m.model_dump() for m in body.messages]))
-        c.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device.id)
-                  .values(has_log=True))
     return Response(status_code=NO_CONTENT)
 
 
@@ -564,14 +620,32 @@ async def get_configuration(device: Device, ctx: Ctx) -> Response:
 # Downloads
 
 
+#: the shapes of a link's query values, documented (not validated by FastAPI: any other value is a 403, as a
+#: wrong signature is), so that fuzzing sends valid ones next to invalid ones
+LinkExpires = Annotated[str | None, Query(description="expiry of the link (epoch seconds)",
+                                          json_schema_extra={"pattern": "^[0-9]{1,15}$"})]
+LinkSig = Annotated[str | None, Query(description="HMAC-SHA256 of the artifact id and the expiry, hex",
+                                      json_schema_extra={"pattern": "^[0-9a-f]{64}$"})]
+
+
 @router.head("/api/devices/v1/download/{artifact_id}", include_in_schema=False)
 @router.get("/api/devices/v1/download/{artifact_id}", response_class=Response,
             responses={200: {"content": {"application/vnd.mender-artifact": {}}},
                        206: {"content": {"application/vnd.mender-artifact": {}}},
                        403: error_doc("bad or expired link"), 404: error_doc("no such artifact"),
-                       416: error_doc("unsatisfiable range")})
-async def download(artifact_id: str, ctx: Ctx, expires: str | None = None, sig: str | None = None) -> Response:
-    """The artifact behind a signed link (from ``next``). Range requests: one range → 206."""
+                       416: error_doc("unsatisfiable range")},
+            openapi_extra={"parameters": [  # read by the file response; documented so that they are fuzzed too
+                {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "one byte range (several, or a malformed one: the whole file)"},
+                {"name": "If-Range", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "the ETag (or date) the Range is valid for"}]})
+async def download(artifact_id: str, ctx: Ctx, expires: LinkExpires = None, sig: LinkSig = None) -> Response:
+    """The artifact behind a signed link (from ``next``). Range requests: one range → 206.
+
+    Raises:
+        APIError: 403 for a link that is malformed, not signed by this server or expired; 404 for an artifact
+            that is gone.
+    """
     ctx.links.check(artifact_id, expires, sig)
     with ctx.db.read() as c:
         row = c.execute(sa.select(art_t.c.name, art_t.c.sha256).where(art_t.c.id == artifact_id)).first()
@@ -579,22 +653,3 @@ async def download(artifact_id: str, ctx: Ctx, expires: str | None = None, sig: 
         raise not_found("artifact")
     path = f"{ctx.artifact_dir}/{artifact_id}.mender"
     return ArtifactFileResponse(path, row.sha256, f"{row.name}.mender")
-
-
-def format_log(rows: list[list[dict[str, Any]]]) -> str:
-    lines = []
-    for messages in rows:
-        for m in messages:
-            lines.append(f"{m.get('timestamp', '')} {m.get('level', '')}: {m.get('message', '')}")
-    return "\n".join(lines) + ("\n" if lines else "")
-
-
-def device_log(ctx: ServerContext, deployment_id: str, device_id: str) -> PlainTextResponse:
-    with ctx.db.read() as c:
-        rows = [r[0] for r in c.execute(sa.select(logs_t.c.messages).where(
-            logs_t.c.deployment_id == deployment_id, logs_t.c.device_id == device_id).order_by(logs_t.c.id))]
-    if not rows:
-        raise not_found("log")
-    return PlainTextResponse(format_log(rows))
-
-

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from urllib.parse import urlencode
@@ -21,6 +22,10 @@ from starlette.types import Message, Receive, Scope, Send
 from .errors import APIError
 
 DOWNLOAD_PATH = "/api/devices/v1/download/"
+#: what a link's query values look like (``str.isdigit`` and ``int`` also take other scripts' digits; hex
+#: digits compared as bytes: ``hmac.compare_digest`` raises TypeError on a non-ASCII str)
+EXPIRES_RE = re.compile(r"[0-9]{1,15}")
+SIG_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class LinkSigner:
@@ -37,13 +42,20 @@ class LinkSigner:
         return f"{base_url.rstrip('/')}{DOWNLOAD_PATH}{artifact_id}?{query}", expires
 
     def check(self, artifact_id: str, expires: str | None, sig: str | None) -> None:
+        """Accept a link made by :meth:`link` that has not expired. The query values come from anyone: they
+        are checked for shape (ASCII digits, 64 hex digits) before anything is computed with them.
+
+        Raises:
+            APIError: 403 for a missing, malformed, wrong or expired signature.
+        """
         if not expires or not sig:
             raise APIError(403, "download link is not signed (expires and sig are required)")
-        try:
-            exp = int(expires)
-        except ValueError:
-            raise APIError(403, "download link has an invalid expiry") from None
-        if not hmac.compare_digest(self._mac(artifact_id, exp), sig):
+        if not EXPIRES_RE.fullmatch(expires):
+            raise APIError(403, "download link has an invalid expiry")
+        if not SIG_RE.fullmatch(sig):
+            raise APIError(403, "download link signature is invalid")
+        exp = int(expires)
+        if not hmac.compare_digest(self._mac(artifact_id, exp).encode(), sig.lower().encode()):
             raise APIError(403, "download link signature is invalid")
         if exp < time.time():
             raise APIError(403, "download link expired; ask for the deployment again to get a fresh one")

@@ -138,6 +138,10 @@ class DeploymentLog(Base):
     device_id: Mapped[str] = mapped_column(sa.String(36))
     created: Mapped[float] = mapped_column(sa.Double)
     messages: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON)
+    #: len(messages), so that readers can page from the newest message without loading every row
+    message_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    #: bytes charged against the log quota (UTF-8 JSON of the messages; the rest of the quota when truncated)
+    size: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
 
 
 class ConfigValue(Base):

@@ -25,7 +25,8 @@ from . import deployments as rollout
 from .apitokens import READ, Operator
 from .audit import names
 from .context import ServerContext, get_ctx
-from .device_api import device_log, source_checksum
+from .device_api import source_checksum
+from .device_logs import device_log
 from .errors import APIError, bad_request, conflict, not_found
 from .management import DEFAULT_PER_PAGE, READS, Page, PerPage
 from .models import artifact_targets as targets_t

@@ -49,6 +49,27 @@ class Settings:
     public_metrics: bool = False
     #: ``/docs``, ``/redoc`` and ``/openapi.json`` without a token (default: scope ``read`` needed)
     public_docs: bool = False
+    # --- limits against hostile or broken clients (docs/server.md, "Limits"); 0 switches a count limit off
+    #: largest body of a request without valid credentials (auth requests always), refused before it is read
+    max_unauthenticated_body: int = 64 * 1024
+    #: devices waiting for an administrator (status pending); a new unknown identity past it gets 429
+    max_pending_devices: int = 10_000
+    #: pending auth sets (keys) of one device; a new key for it past this gets 429
+    max_pending_auth_sets: int = 10
+    #: auth requests per client address and per identity: ``N/PERIOD`` (a bucket of N refilled over PERIOD)
+    auth_rate_per_address: str = "300/60s"
+    auth_rate_per_identity: str = "30/60s"
+    #: one device's deployment log: stored bytes (of message JSON) and uploads (PUT .../log)
+    log_max_bytes: int = 1024 * 1024
+    log_max_uploads: int = 100
+    #: seconds to receive a request's line and headers; their largest total size
+    header_timeout: float = 10.0
+    max_header_size: int = 64 * 1024
+    #: seconds to receive a request body, plus one second per ``body_min_rate`` bytes received
+    body_timeout: float = 20.0
+    body_min_rate: int = 500
+    #: seconds an idle keep-alive connection stays open
+    keep_alive_timeout: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_env(self) -> str:

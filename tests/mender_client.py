@@ -348,6 +348,9 @@ class RecordingProxy:
         self.upstream_port = upstream_port
         self._tls = tls
         self._conns: list[tuple[bytearray, bytearray]] = []
+        #: (old, new) byte strings of the same length replaced in what the client sends (and recorded as sent
+        #: on): e.g. a request line made to ask a path the server does not have, to see the client fall back
+        self.rewrites: list[tuple[bytes, bytes]] = []
         self._lock = threading.Lock()
         self._writers: list[asyncio.StreamWriter] = []
         self._loop = asyncio.new_event_loop()
@@ -370,12 +373,15 @@ class RecordingProxy:
         with self._lock:
             self._conns.append((c2s, s2c))
             self._writers += [down_w, up_w]
-        await asyncio.gather(self._pump(down_r, up_w, c2s, down_w), self._pump(up_r, down_w, s2c, up_w))
+        await asyncio.gather(self._pump(down_r, up_w, c2s, down_w, rewrite=True),
+                             self._pump(up_r, down_w, s2c, up_w))
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray,
-                    src_w: asyncio.StreamWriter) -> None:
+                    src_w: asyncio.StreamWriter, rewrite: bool = False) -> None:
         try:
             while data := await src.read(65536):
+                for old, new in self.rewrites if rewrite else ():
+                    data = data.replace(old, new)
                 with self._lock:
                     record += data
                 dst.write(data)

@@ -365,3 +365,68 @@ def test_client_talks_https_to_the_server_itself_and_checks_the_certificate(
     finally:
         for client in (trusting, distrusting):
             client.stop()
+
+
+def _blocked(request_line: bytes) -> tuple[bytes, bytes]:
+    """A rewrite making the server answer 404 to this request line (same length: ``/next`` → ``/nexx``)."""
+    return request_line, request_line.replace(b"/next ", b"/nexx ")
+
+
+V2_NEXT = b"POST /api/devices/v2/deployments/device/deployments/next "
+V1_POST_NEXT = b"POST /api/devices/v1/deployments/device/deployments/next "
+
+
+def test_next_fallbacks_v1_post_with_flat_provides_then_v1_get(
+    tmp_path: Path, server: OtaServer, proxy: RecordingProxy, make_client: Callable[[str], MenderClient],
+    release_keys: tuple[Path, Path],
+) -> None:
+    """mender-client 3.4 asks ``next`` as v2 POST, on a 404 as v1 POST with the flat provides map as the body,
+    on a 404 as v1 GET. The proxy makes the server answer 404 to v2 (then to v1 POST too): the client installs
+    through each fallback. The v1 POST used to be refused with 400 ("device_provides: Field required")."""
+    mac = "02:00:00:00:00:0e"
+    key = ec.generate_private_key(ec.SECP256R1())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    resp = server.send_json("POST", f"{MGMT}/v2/devauth/devices", {"identity_data": {"mac": mac}, "pubkey": public_pem})
+    assert resp.status == 201, resp
+    client = make_client(mac)
+    client.set_device_key(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                            serialization.NoEncryption()))
+    client.add_module("vv-ok")
+    dump = diagnostics(server, proxy, client)
+
+    def next_asked(method: str, path_prefix: str, status: int) -> list[HttpExchange]:
+        return [e for e in device_exchanges(proxy) if e.method == method and e.path.startswith(path_prefix)
+                and e.status == status]
+
+    proxy.rewrites = [_blocked(V2_NEXT)]
+    try:
+        client.start()
+        found = wait_for(lambda: [d for d in devices_with_mac(server, mac) if d["status"] == "accepted"], 30,
+                         "the preauthorized device to be accepted", dump)
+        device_id = found[0]["id"]
+        wait_for(lambda: inventory_attributes(server, device_id).get("device_type") == DEVICE_TYPE, 30,
+                 "the inventory of the client", dump)
+        for name, form, rewrites in (("app-v1-post-1", "POST", [_blocked(V2_NEXT)]),
+                                     ("app-v1-get-1", "GET", [_blocked(V2_NEXT), _blocked(V1_POST_NEXT)])):
+            proxy.rewrites = rewrites
+            artifact, payload = module_artifact(tmp_path, release_keys[0], "vv-ok", name, f"{name}\n")
+            assert server.upload_artifact(artifact).status == 201
+            deployment_id = deploy(server, name, device_id, f"fallback to v1 {form}")
+            wait_for(lambda d=deployment_id: statistics(server, d).get("success") == 1, DEPLOY_TIMEOUT,
+                     f"success through v1 {form}", dump)
+            assert (client.installed_dir / payload.name).read_text() == f"{name}\n"
+            v1 = "/api/devices/v1/deployments/device/deployments/next"
+            got = [e for e in next_asked(form, v1, 200) if json.loads(e.response_body)["id"] == deployment_id]
+            assert got, dump()
+            if form == "POST":  # the body is the flat provides map
+                body = json.loads(got[0].request_body)
+                assert "device_provides" not in body and body["device_type"] == DEVICE_TYPE, body
+                assert isinstance(body["artifact_name"], str) and body["artifact_name"], body
+            else:
+                assert "artifact_name=" in got[0].path and "device_type=" in got[0].path, got[0].path
+            assert next_asked("POST", "/api/devices/v2/deployments/device/deployments/nexx", 404), dump()
+    finally:
+        proxy.rewrites = []
+    errors = [e.summary() for e in device_exchanges(proxy) if e.status is None or e.status >= 500]
+    assert not errors, "\n".join(errors)

@@ -28,6 +28,8 @@ DEVAUTH = "/api/management/v2/devauth/devices"
 CONFIG = "/api/management/v1/deviceconfig/configurations"
 ANSIBLE = "/api/management/v1/inventory/import/ansible"
 ARTIFACTS = "/api/management/v1/deployments/artifacts"
+#: the default --max-unauthenticated-body
+UNAUTHENTICATED_BODY = 64 * 1024
 
 
 def assert_error(r: httpx.Response, *statuses: int, contains: str = "") -> str:
@@ -261,7 +263,7 @@ def test_malformed_json_is_a_400_with_a_message(server: Server, fleet: Fleet) ->
                                                                     "Content-Type": "application/json"})
                 assert_error(r, 400)
             r = c.post(AUTH, content=body, headers={"X-MEN-Signature": a.sign(body)})
-            assert_error(r, 400)
+            assert_error(r, 400 if len(body) <= UNAUTHENTICATED_BODY else 413)  # auth requests: 64 KiB at most
         r = c.put(f"{DEV}/inventory/device/attributes", content=b"{", headers={**a.headers, "Content-Type": "application/json"})
         assert "not valid JSON" in assert_error(r, 400)
         # JSON with the wrong shape
@@ -347,7 +349,7 @@ def test_invalid_identity_data_is_a_400(server: Server) -> None:
         "lone surrogate in a value": json.dumps({"id_data": lone, "pubkey": dev.pubkey}).encode(),
         "lone surrogate in a key": json.dumps({"id_data": '{"\\udfff": 1}', "pubkey": dev.pubkey}).encode(),
         "lone surrogate in the body": b'{"id_data": "{\\"mac\\": \\"\\ud800\\"}", "pubkey": ' + json.dumps(dev.pubkey).encode() + b"}",
-        "id_data nested 100,000 deep": json.dumps({"id_data": DEEP.decode(), "pubkey": dev.pubkey}).encode(),
+        "id_data nested 20,000 deep": json.dumps({"id_data": "[" * 20_000 + "]" * 20_000, "pubkey": dev.pubkey}).encode(),
         "larger than 16 KiB": json.dumps({"id_data": too_big, "pubkey": dev.pubkey}).encode(),
         "not an object": json.dumps({"id_data": "[1]", "pubkey": dev.pubkey}).encode(),
         "NUL in the PEM": json.dumps({"id_data": '{"a": 1}', "pubkey": dev.pubkey.replace("\n", "\x00", 1)}).encode(),
@@ -436,3 +438,88 @@ def test_unsatisfiable_range_is_a_json_error(server: Server, fleet: Fleet) -> No
         # a link for another artifact id, or a tampered one
         assert_error(c.get(uri.replace("sig=", "sig=0")), 403)
         assert_error(c.get(uri.split("?")[0]), 403)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The download link: no credentials, every query value and header from anyone
+
+
+def test_hostile_download_links_are_403_never_500(server: Server, fleet: Fleet) -> None:
+    """A non-ASCII ``sig`` used to reach ``hmac.compare_digest`` as a str: TypeError, 500 and a traceback."""
+    r = fleet.a.next()
+    assert r.status_code == 200, r.text
+    uri = r.json()["artifact"]["source"]["uri"]
+    path, query = uri.split("?", 1)
+    params = dict(p.split("=", 1) for p in query.split("&"))
+    expires, sig = params["expires"], params["sig"]
+    bad_sigs = ["é", "é" * 64, "\u0663" * 64, "０" * 64, "%ff", "%ff" * 64, "%00" * 64, sig[:-1] + "g", sig + "0",
+                sig[:-1], "%F0%9F%93%B7" * 16, "\\x00", "%C3%A9" + sig[1:], " " + sig, "null", "[]"]
+    bad_expires = ["\u0661\u0662\u0663", "１２３", "1e9", "-1", "+" + expires, " " + expires, "9" * 5000,
+                   "0x10", "%ff", "é", expires + ".0", "١" * 10]
+    with server.client() as c:
+        for bad in bad_sigs:
+            r = c.get(f"{path}?expires={expires}&sig={bad}")
+            assert_error(r, 403, contains="signature")
+            r = c.head(f"{path}?expires={expires}&sig={bad}")
+            assert r.status_code == 403, (bad, r.status_code)
+        for bad in bad_expires:
+            r = c.get(f"{path}?expires={bad}&sig={sig}")
+            assert_error(r, 403)
+        for bad in ("%ff", "é", "..", "x" * 5000, "%00"):  # another artifact id with this signature
+            r = c.get(f"{DEV}/download/{bad}?expires={expires}&sig={sig}")
+            assert_error(r, 403, 404)
+        # repeated parameters, the signature in upper case (the same hex digits)
+        assert c.get(f"{path}?expires={expires}&sig={sig}&sig=é").status_code == 403
+        assert c.get(f"{path}?expires={expires}&sig={sig.upper()}").status_code == 200
+        # hostile Range and If-Range headers on a good link: the whole file, a range, or a 416
+        for rng in ("bytes=é-", "bytes=0-0,1-1", "bytes=-0", "bytes=99999999999999999999999999-", "bytes=5-1",
+                    "bytes=\u0661-\u0662", "items=0-1", "bytes=" + "0-1," * 2000, "bytes=-99999999999999999999"):
+            r = c.get(uri, headers={"Range": rng.encode()})
+            assert r.status_code in (200, 206, 416), (rng, r.status_code, r.text[:200])
+        for if_range in ('"nope"', "é", "Mon, 99 Foo 9999 99:99:99 GMT", 'W/"x"', '"' + "x" * 10_000 + '"'):
+            r = c.get(uri, headers={"Range": "bytes=0-9", "If-Range": if_range.encode()})
+            assert r.status_code in (200, 206), (if_range, r.status_code, r.text[:200])
+        assert c.get(uri).status_code == 200
+    log = server.log.read_text(errors="replace")
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers JSON does not have
+
+
+NON_FINITE = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-2E+400"]
+
+
+def test_non_finite_numbers_are_a_400_and_never_stored(server: Server, fleet: Fleet) -> None:
+    """Python's JSON parser takes NaN, Infinity and 1e999; JSON does not. They were stored (PostgreSQL refuses
+    them: a 500 there) and came back as null."""
+    a = fleet.a
+    json_headers = {**a.headers, "Content-Type": "application/json"}
+    dep = f"{DEV}/deployments/device/deployments/{fleet.dep_a}"
+    with server.client() as c:
+        for n in NON_FINITE:
+            for method, path, body in (
+                    ("PUT", f"{DEV}/inventory/device/attributes", b'[{"name": "nf", "value": %s}]' % n),
+                    ("PATCH", f"{DEV}/inventory/device/attributes", b'[{"name": "nf", "value": [1, %s]}]' % n),
+                    ("POST", NEXT, b'{"device_provides": {"device_type": "qemu-virt", "artifact_name": "old", "nf": %s}}' % n),
+                    ("POST", f"{DEV}/deployments/device/deployments/next",
+                     b'{"device_type": "qemu-virt", "artifact_name": "old", "nf": %s}' % n),
+                    ("PUT", f"{dep}/log", b'{"messages": [{"timestamp": "t", "level": "info", "message": "m", "nf": %s}]}' % n)):
+                r = c.request(method, path, content=body, headers=json_headers)
+                assert_error(r, 400, contains="finite")
+                r = c.request(method, path, content=body, headers={"Content-Type": "application/json"})
+                assert_error(r, 401)  # credentials first
+            r = c.post(DEVAUTH, content=b'{"identity_data": {"nf": %s}, "pubkey": "x"}' % n,
+                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
+            assert_error(r, 400, contains="finite")
+            r = c.post(AUTH, content=b'{"id_data": "{}", "pubkey": "x", "n": %s}' % n)
+            assert_error(r, 400, contains="finite")
+        # strings that spell them, and large finite numbers, are fine
+        r = c.patch(f"{DEV}/inventory/device/attributes", headers=json_headers,
+                    content=b'[{"name": "nf", "value": "NaN Infinity 1e999"}, {"name": "big", "value": 1.5e300}]')
+        assert r.status_code == 200, r.text
+    with server.admin() as adm:
+        attrs = {x["name"]: x["value"] for x in adm.get(f"/api/management/v1/inventory/devices/{fleet.a_id}")
+                 .json()["attributes"]}
+    assert attrs["nf"] == "NaN Infinity 1e999" and attrs["big"] == 1.5e300, attrs

@@ -3,6 +3,7 @@ threshold, retries, abort, logs, statistics)."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -111,6 +112,75 @@ def test_full_deployment_and_next_variants(server: Server, release: str) -> None
         assert row["id"] == dev_id and row["status"] == "success" and row["started"] and row["finished"]
         assert any(d["id"] == dep_id for d in a.get(DEPLOYMENTS, params={"status": "finished"}).json())
         assert all(d["id"] != dep_id for d in a.get(DEPLOYMENTS, params={"status": "inprogress"}).json())
+
+
+def mender_chunks(doc: dict[str, Any]) -> Any:
+    """A JSON body sent as the Mender client sends it: chunked (no Content-Length), in pieces."""
+    body = json.dumps(doc).encode()
+    return iter([body[:7], body[7:40], body[40:]])
+
+
+def test_next_in_the_three_forms_mender_client_3_4_sends(server: Server, release: str) -> None:
+    """mender-client 3.4 asks ``next`` as v2 POST ``{"device_provides": {...}, "update_control_map": true}``,
+    on a 404 as v1 POST with the *flat* provides map as the body, on a 404 as v1 GET with query parameters
+    (DESIGN.md §7). Each form gets the deployment; the flat one used to get 400 "device_provides: Field
+    required"."""
+    provides = {"artifact_name": "app-1", "device_type": "qemu-virt", "rootfs-image.version": "app-1",
+                "rootfs-image.checksum": "4f1e" * 16}
+    forms = {
+        "v2 POST": ("POST", "/api/devices/v2/deployments/device/deployments/next",
+                    {"device_provides": provides, "update_control_map": True}),
+        "v1 POST (flat provides)": ("POST", "/api/devices/v1/deployments/device/deployments/next", provides),
+        "v1 GET": ("GET", "/api/devices/v1/deployments/device/deployments/next", None),
+    }
+    for form, (method, path, body) in forms.items():
+        (dev, dev_id), = devices(server, 1)
+
+        def ask(extra: dict[str, Any] | None = None, dev: Device = dev, method: str = method, path: str = path,
+                body: dict[str, Any] | None = body) -> Any:
+            if body is None:
+                return dev.http.get(path, headers=dev.headers, params={
+                    "artifact_name": provides["artifact_name"], "device_type": provides["device_type"]})
+            return dev.http.request(method, path, headers={**dev.headers, "Content-Type": "application/json"},
+                                    content=mender_chunks({**body, **(extra or {})}))
+
+        assert ask().status_code == 204, form  # nothing yet (the provides are recorded, then the idle poll)
+        assert ask().status_code == 204, form
+        dep_id = deploy(server, name=form, artifact_name=release, devices=[dev_id])
+        r = ask()
+        assert r.status_code == 200, (form, r.status_code, r.text)
+        doc = r.json()
+        assert doc["id"] == dep_id and doc["artifact"]["artifact_name"] == release, (form, doc)
+        assert doc["artifact"]["source"]["uri"].startswith(server.url + "/api/devices/v1/download/"), form
+        with server.admin() as a:
+            attrs = {x["name"]: x["value"] for x in a.get(f"/api/management/v1/inventory/devices/{dev_id}").json()["attributes"]}
+        assert attrs["device_type"] == "qemu-virt" and attrs["artifact_name"] == "app-1", (form, attrs)
+        if body is not None:
+            assert attrs["rootfs-image.version"] == "app-1", (form, attrs)
+        assert dev.status(dep_id, "success").status_code == 204
+        assert ask().status_code == 204, form
+        # the device runs the release now: already installed (204) for a new deployment of it
+        if body is not None:
+            dep2 = deploy(server, name=form + " again", artifact_name=release, devices=[dev_id])
+            r = ask({"artifact_name": release} if "device_provides" not in body else
+                    {"device_provides": {**provides, "artifact_name": release}})
+            assert r.status_code == 204, (form, r.text)
+            with server.admin() as a:
+                (row,) = a.get(f"{DEPLOYMENTS}/{dep2}/devices").json()
+            assert row["status"] == "already-installed", (form, row)
+    # malformed flat bodies on v1: 400 saying what is missing
+    (dev, _), = devices(server, 1)
+    v1 = "/api/devices/v1/deployments/device/deployments/next"
+    for bad, word in (({"artifact_name": "a"}, "device_type"), ({"device_type": "qemu-virt"}, "artifact_name"),
+                      ({"device_type": "", "artifact_name": "a"}, "device_type"),
+                      ({"device_type": 1, "artifact_name": "a"}, "device_type"),
+                      ({"device_provides": {"device_type": "qemu-virt"}}, "artifact_name"), ([], "")):
+        r = dev.http.post(v1, headers=dev.headers, json=bad)
+        assert r.status_code == 400 and word in r.json()["error"], (bad, r.text)
+    # the flat form is v1's only: v2 still wants device_provides
+    r = dev.http.post("/api/devices/v2/deployments/device/deployments/next", headers=dev.headers,
+                      json={"device_type": "qemu-virt", "artifact_name": "a"})
+    assert r.status_code == 400 and "device_provides" in r.json()["error"], r.text
 
 
 def test_already_installed_and_incompatible(server: Server, release: str) -> None:

@@ -14,8 +14,17 @@ Every answer must be:
 - 401 when the credentials do not fit the API: management operations (and ``/metrics``) without an API token, device
   operations without a valid token of an accepted device — whatever the body, never 400/403/5xx.
 
-The run is bounded and reproducible: ``MAX_EXAMPLES`` per operation and generation mode, derandomized
-hypothesis (a fixed seed per operation), no example database, no shrinking.
+Then the API is run as a state machine along its OpenAPI links (``ota_server/openapi_links.py``): a scenario
+starts with an operation that creates or lists something (preauthorize, upload, deploy, poll ``next``, list
+devices...) and goes on with operations fed from the answers (read, group, configure, decommission the device
+just created; report on the deployment ``next`` handed out, download its artifact through the signed link...),
+with schema-valid and schema-violating data. Same checks, plus schemathesis' stateful ones (a created object can
+be read; a deleted one is gone).
+
+The run is bounded and reproducible: ``MAX_EXAMPLES`` per operation and generation mode, ``SCENARIOS`` state
+machine runs of up to ``STEPS`` calls, derandomized hypothesis (fixed seeds), no example database, no shrinking.
+``OTA_FUZZ_EXAMPLES`` and ``OTA_FUZZ_SCENARIOS`` raise the budget (the defaults keep this module around two
+minutes on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -23,9 +32,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +44,8 @@ import jwt
 import pytest
 import requests
 import schemathesis
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -42,19 +54,26 @@ from schemathesis.checks import load_all_checks, not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    ensure_resource_availability,
     response_schema_conformance,
     status_code_conformance,
+    use_after_free,
 )
 
-from .server_helpers import ADMIN_TOKEN, Device, Server, deploy, server_fixture, upload, write_artifact  # noqa: F401
+from .server_helpers import ADMIN_TOKEN, Device, Server, deploy, upload, write_artifact
 
 pytestmark = pytest.mark.slow
+DEVAUTH = "/api/management/v2/devauth/devices"
 
 #: examples per operation and generation mode for the API the credentials are meant for, and for the others
 #: (where the answer must be 401 whatever is sent)
-MAX_EXAMPLES = 25
-MAX_EXAMPLES_FOREIGN = 5
+MAX_EXAMPLES = int(os.environ.get("OTA_FUZZ_EXAMPLES", "60"))
+MAX_EXAMPLES_FOREIGN = max(5, MAX_EXAMPLES // 8)
+#: state machine runs along the OpenAPI links, and calls in each
+SCENARIOS = int(os.environ.get("OTA_FUZZ_SCENARIOS", "80"))
+STEPS = 10
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+STATEFUL_CHECKS = [*CHECKS, use_after_free, ensure_resource_availability]
 
 #: operations that need no credentials at all (``/metrics`` needs a token with scope read, like the rest of the
 #: management API, unless the server runs with ``--public-metrics``)
@@ -82,11 +101,21 @@ class World:
     auth_id: str
     artifact_id: str
     deployment_id: str
+    artifact_name: str
+    #: the query of a download link ``next`` handed to the device for the artifact
+    link_query: dict[str, str]
     group: str = "fuzz-group"
 
     def path_ids(self) -> dict[str, str]:
         return {"device_id": self.device_id, "auth_id": self.auth_id, "artifact_id": self.artifact_id,
                 "deployment_id": self.deployment_id, "group": self.group, "name": self.group}
+
+    def valid_queries(self) -> dict[str, dict[str, str]]:
+        """Operation label → a query it accepts: the fuzzer also varies one parameter at a time with the
+        others valid (a bug behind a valid ``expires`` is out of reach of two random values)."""
+        return {"GET /api/devices/v1/download/{artifact_id}": self.link_query,
+                "GET /api/devices/v1/deployments/device/deployments/next": {"artifact_name": "old",
+                                                                            "device_type": "qemu-virt"}}
 
 
 @pytest.fixture
@@ -102,7 +131,21 @@ def world(server: Server, run_cli: Any, keys: dict[str, tuple[Path, Path]], tmp_
         auth_id = a.get(f"/api/management/v2/devauth/devices/{device_id}").json()["auth_sets"][0]["id"]
         assert a.put(f"/api/management/v1/inventory/devices/{device_id}/group", json={"group": "fuzz-group"}).status_code == 204
     deployment_id = deploy(server, name=name, artifact_name=name, devices=[device_id])
-    return World(dev, device_id, auth_id, artifact_id, deployment_id)
+    r = dev.next()
+    assert r.status_code == 200, r.text
+    query = dict(p.split("=", 1) for p in r.json()["artifact"]["source"]["uri"].split("?", 1)[1].split("&"))
+    return World(dev, device_id, auth_id, artifact_id, deployment_id, name, query)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, tuple[Path, Path]]) -> Iterator[Server]:
+    """The server, trusting the ``ec`` release key. The fuzzer sends many hundreds of auth requests from one
+    address: the per-address rate limit is off here (tests/test_server_limits.py tests it), or the fixtures'
+    own devices could not authenticate once a budget drained the bucket."""
+    s = Server(tmp_path_factory.mktemp("server"), "--release-key", str(keys["ec"][1]),
+               "--auth-rate-per-address", "off").start()
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +218,10 @@ def fuzz(schema: Any, server: Server, world: World, mode: str,
             strategies = [op.as_strategy(generation_mode=gen)]
             if params and all(p in ids for p in params):
                 strategies.append(op.as_strategy(generation_mode=gen, path_parameters={p: ids[p] for p in params}))
+            valid = world.valid_queries().get(op.label, {})
+            for name in valid:  # this one generated, the others valid
+                strategies.append(op.as_strategy(generation_mode=gen, path_parameters={p: ids[p] for p in params},
+                                                 query={k: v for k, v in valid.items() if k != name}))
             run = _fuzz_operation(server, session, report, f"{op.label} {gen.value}", mode, api,
                                   st.one_of(strategies), st.sampled_from(creds))
             with contextlib.suppress(Unsatisfiable):  # nothing schema-violating to generate (plain string ids)
@@ -242,3 +289,119 @@ def test_fuzz_with_admin_token(schema: Any, server: Server, world: World) -> Non
     report = fuzz(schema, server, world, "admin", lambda: [{"Authorization": f"Bearer {ADMIN_TOKEN}"}])
     check(report)
     assert report.statuses["GET /api/management/v2/devauth/devices positive"].get(200, 0) > 0
+
+
+def _public_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+class Steering:
+    """What the state machine is nudged with so that its scenarios get past validation and reach each other's
+    objects: schema-valid (positive) bodies get a real public key (preauthorize), the release and the device of
+    the world (a deployment), the device's type (``next``); every scenario starts with a fresh deployment for the
+    device, so that ``next`` hands something out. The world's device and artifact are not removed or rejected
+    (that would turn every later device call into a 401): such a call goes to a device made for it, or to an
+    unknown artifact id."""
+
+    def __init__(self, server: Server, world: World) -> None:
+        self.server = server
+        self.world = world
+        self.admin = server.admin()
+
+    def new_deployment(self) -> None:
+        self.admin.post("/api/management/v1/deployments/deployments", json={
+            "name": f"stateful-{uuid.uuid4().hex[:6]}", "artifact_name": self.world.artifact_name,
+            "devices": [self.world.device_id]})
+
+    def victim(self) -> tuple[str, str]:
+        """A preauthorized device to reject or decommission: (device id, auth set id)."""
+        r = self.admin.post(DEVAUTH, json={"identity_data": {"victim": uuid.uuid4().hex}, "pubkey": _public_pem()})
+        device_id = r.headers["Location"].rsplit("/", 1)[1]
+        return device_id, self.admin.get(f"{DEVAUTH}/{device_id}").json()["auth_sets"][0]["id"]
+
+    def adjust(self, case: Any) -> None:
+        op, params = case.operation, case.path_parameters or {}
+        if params.get("device_id") == self.world.device_id and (
+                op.method == "delete" and op.path == DEVAUTH + "/{device_id}" or op.path.endswith("/status")
+                and "auth_id" in params):
+            params["device_id"], victim_auth = self.victim()
+            if "auth_id" in params:
+                params["auth_id"] = victim_auth
+        if op.method == "delete" and params.get("artifact_id") == self.world.artifact_id:
+            params["artifact_id"] = str(uuid.uuid4())
+        if case.meta is None or case.meta.generation.mode != GenerationMode.POSITIVE or not isinstance(case.body, dict):
+            return
+        if op.method == "post" and op.path == DEVAUTH:
+            case.body["pubkey"] = _public_pem()
+        elif op.method == "post" and op.path == "/api/management/v1/deployments/deployments":
+            for key in ("group", "all_devices"):
+                case.body.pop(key, None)
+            case.body.update(artifact_name=self.world.artifact_name, devices=[self.world.device_id])
+        elif op.path.endswith("/next"):
+            provides = case.body.get("device_provides", case.body)
+            if isinstance(provides, dict):
+                provides.update(device_type="qemu-virt", artifact_name="running-something-else")
+
+
+def test_fuzz_stateful_along_links(schema: Any, server: Server, world: World) -> None:
+    """Scenarios along the OpenAPI links, device operations with the device's token, the others with the
+    admin token."""
+    report = Report()
+    session = requests.Session()
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    steering = Steering(server, world)
+
+    schema.config.phases.stateful.inference.algorithms = []  # the links the API documents, none guessed
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def setup(self) -> None:
+            steering.new_deployment()
+
+        def before_call(self, case: Any) -> None:
+            steering.adjust(case)
+
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            device = case.operation.path.startswith("/api/devices/") and api_of(case.operation.label) != "public"
+            return {"base_url": server.url, "session": session, "timeout": 60,
+                    "headers": world.device.headers if device else admin}
+
+        def validate_response(self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any) -> None:
+            label = f"{case.operation.label} stateful"
+            statuses = report.statuses.setdefault(label, {})
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            curl = case.as_curl_command(headers=kwargs.get("headers"), base_url=server.url)
+            answer = f"-> {response.status_code} {response.content[:500]!r}\n{curl}"
+            try:
+                case.validate_response(response, checks=STATEFUL_CHECKS, headers=kwargs.get("headers"),
+                                       transport_kwargs=kwargs, recorder=getattr(self, "recorder", None))
+            except FailureGroup as group:
+                for failure in group.exceptions:
+                    report.add(f"{label}: {failure.title}", f"{failure.message}\n{answer}")
+            except AssertionError as e:
+                report.add(f"{label}: {type(e).__name__}", f"{e}\n{answer}")
+            if response.status_code >= 400 and (problem := error_body_problem(response)):
+                report.add(f"{label}: {problem}", answer)
+
+    # one scenario per run, each with its own seed: the server keeps what earlier scenarios did, so hypothesis
+    # replaying a choice sequence in one run would see other answers (FlakyStrategyDefinition)
+    try:
+        for seed in range(SCENARIOS):
+            Workflow._hypothesis_internal_use_seed = seed
+            Workflow.run(settings=settings(max_examples=1, stateful_step_count=STEPS, deadline=None, database=None,
+                                           phases=[Phase.generate], suppress_health_check=list(HealthCheck)))
+    finally:
+        steering.admin.close()
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    check(report)
+
+    # the links were followed: objects made or found in one step were used by the next
+    def ok(label: str) -> int:
+        return sum(n for code, n in report.statuses.get(f"{label} stateful", {}).items() if 200 <= code < 300)
+
+    for label in ("GET /api/management/v2/devauth/devices/{device_id}",
+                  "GET /api/management/v1/deployments/deployments/{deployment_id}",
+                  "GET /api/management/v1/deployments/artifacts/{artifact_id}",
+                  "PUT /api/devices/v1/deployments/device/deployments/{deployment_id}/status",
+                  "GET /api/devices/v1/download/{artifact_id}"):
+        assert ok(label) > 0, (label, report.statuses.get(f"{label} stateful"))

@@ -27,6 +27,7 @@ from .test_server_deployments import (  # noqa: F401
     test_abort_gives_409,
     test_failure_threshold_pauses_and_resume,
     test_full_deployment_and_next_variants,
+    test_next_in_the_three_forms_mender_client_3_4_sends,
     test_phases_release_devices_in_batches,
     test_repeated_failure_uses_no_retry,
     test_retries_and_logs,
@@ -313,3 +314,26 @@ def test_backup_and_restore_on_postgres(server: Server, postgres: str, tmp_path:
         backup_and_restore(src, tmp_path, keys, run_cli, _createdb(postgres, "ota_restored"))
     finally:
         src.stop()
+
+
+def test_log_quota_and_non_finite_numbers_on_postgres(server: Server, release: str) -> None:  # noqa: F811
+    """The log quota (the counting query, the row lock) and the refusal of NaN/Infinity, which PostgreSQL's
+    JSON type does not store."""
+    from .server_helpers import Device, deploy
+
+    dev = Device(server)
+    device_id = dev.accept()
+    dep = deploy(server, name="pg-log", artifact_name=release, devices=[device_id])
+    url = f"/api/devices/v1/deployments/device/deployments/{dep}/log"
+    big = {"messages": [{"timestamp": f"t{i}", "level": "info", "message": f"line {i} " + "x" * 1000}
+                        for i in range(1500)]}  # 1.5 MB: over the default 1 MiB
+    assert dev.http.put(url, headers=dev.headers, json=big).status_code == 204
+    assert dev.http.put(url, headers=dev.headers, json={"messages": [
+        {"timestamp": "t", "level": "info", "message": "more"}]}).status_code == 413
+    with server.admin() as a:
+        text = a.get(f"/api/management/v1/deployments/deployments/{dep}/devices/{device_id}/log").text
+        assert text.startswith("t0 info: line 0 ") and "line 1499 " in text.splitlines()[-1] and "log quota" in text
+        assert a.get(f"/ui/deployments/{dep}/devices/{device_id}/log").status_code == 200
+    r = dev.http.put("/api/devices/v1/inventory/device/attributes", headers={**dev.headers,
+                     "Content-Type": "application/json"}, content=b'[{"name": "x", "value": Infinity}]')
+    assert r.status_code == 400 and "finite" in r.json()["error"], r.text
