@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import shlex
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from typing import Any
 from artifacts import Verifier
 from ota_common.errors import ArtifactError, BootEnvError, DownloadError, IncompatibleArtifact, OTAError
 
-from . import envvars, journal, validate
+from . import inventory, journal, validate
 from .agentstate import Current, Phase, Slot, StateStore
 from .api import Aborted, BadDeployment, Deployment, DeviceAPI, ServerError, Unauthorized
 from .bootenv import BootEnv
@@ -55,7 +54,7 @@ from .install import DELTA, DeviceFacts, arm, stream_install
 from .reports import DeploymentLog, Outbox
 from .scripts import ScriptError, ScriptRunner, scripts_dir, store_scripts
 from .slots import Slots, check_writable_target, detect
-from .state import atomic_write, read_json, write_json
+from .state import read_json, write_json
 from .trust import Trust, security_version
 
 log = logging.getLogger("ota-agent")
@@ -615,71 +614,36 @@ class Agent:
 
     def inventory(self) -> dict[str, Any]:
         p = self.running_provides()
-        st = os.statvfs(self.cfg.paths.data_mount) if os.path.isdir(self.cfg.paths.data_mount) else None
-        inv: dict[str, Any] = {
+        base: dict[str, Any] = {
             "artifact_name": p.get("artifact_name", ""),
             "rootfs-image.version": p.get("rootfs-image.version", ""),
             "device_type": self.device_type,
-            "kernel": os.uname().release,
-            "hostname": socket.gethostname(),
             "ota_slot": self.running.label,
             "agent_version": VERSION,
             # payload types this agent installs (the server offers a delta only to a device that lists it)
             "update_modules": ["rootfs-image", DELTA] if self.deltas_work(p) else ["rootfs-image"],
             "security_floor": self.trust.floor(),
         }
-        if "rootfs-image.checksum" in p:
-            inv["rootfs-image.checksum"] = p["rootfs-image.checksum"]
         if self.state.config_refused:
-            inv["config_refused"] = self.state.config_refused
+            base["config_refused"] = self.state.config_refused
         if self.cfg.device.unsigned:
-            inv["unsigned_image"] = "yes: refuses every update"
-        if st is not None:
-            inv["data_free_mb"] = st.f_bavail * st.f_frsize // (1024 * 1024)
-        addrs = _ipv4_addresses()
-        if addrs:
-            inv["ipv4"] = addrs if len(addrs) > 1 else addrs[0]
-        inv.update(_inventory_scripts(Path(self.cfg.device.inventory_dir)))
-        return inv
+            base["unsigned_image"] = "yes: refuses every update"
+        return inventory.collect(self.cfg, p, base)
 
     def sync_configuration(self) -> bool:
-        """Fetch the device's configuration variables. Only names the signed image declares
-        (``[device] config_variables``), none of :mod:`.envvars`' denied names, and one-line printable values
-        are accepted; any refusal keeps the last good ``device_env`` and is reported in the inventory
-        (``config_refused``). On a change the file is replaced and the units that use it restarted."""
+        """Fetch the device's configuration variables and apply them when every one is acceptable
+        (:func:`.inventory.refusals`); any refusal keeps the last good ``device_env`` and is reported in the
+        inventory (``config_refused``). Returns True when the file changed."""
         values = self.api.configuration()
-        allowed = set(self.cfg.device.config_variables)
-        problems = []
-        for name, value in sorted(values.items()):
-            shown = name[:64]
-            why = envvars.name_problem(name)
-            if why is None and name not in allowed:
-                why = "not declared by this image (config_variables)"
-            if why is None and not envvars.VALUE.match(value):
-                why = "its value has a newline, NUL or another control character, or is too long"
-            if why:
-                problems.append(f"{shown}: {why}")
-        refused = "; ".join(problems)[:1000]
+        refused = inventory.refusals(self.cfg, values)
         if refused != self.state.config_refused:
             self.state.config_refused = refused
             self.save()
             self._inventory_due = 0.0
-        if problems:
+        if refused:
             log.error("configuration from the server refused, the last good one stays: %s", refused)
             return False
-        path = Path(self.cfg.paths.device_env)
-        text = "".join(f"{k}={_env_quote(v)}\n" for k, v in sorted(values.items()))
-        try:
-            old = path.read_text()
-        except FileNotFoundError:
-            old = ""  # no file and no values: nothing changed
-        if old == text:
-            return False
-        atomic_write(path, text.encode(), 0o640)
-        log.info("configuration updated: %s", ", ".join(sorted(values)) or "(none)")
-        for unit in self.cfg.commands.restart_on_config:
-            subprocess.run(["systemctl", "try-restart", unit], check=False, timeout=120)
-        return True
+        return inventory.write_device_env(self.cfg, values)
 
     def cycle(self) -> str:
         """One poll: reports, inventory and configuration when due, then the next deployment."""
@@ -803,45 +767,6 @@ def _int(value: str | None, default: int = 0) -> int:
         return int(value or default)
     except ValueError:
         return default
-
-
-def _env_quote(value: str) -> str:
-    if value and all(c.isalnum() or c in "._-/:@+," for c in value):
-        return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`")
-    return f'"{escaped}"'
-
-
-def _ipv4_addresses() -> list[str]:
-    try:
-        proc = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capture_output=True,
-                              text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    out = []
-    for line in proc.stdout.splitlines():
-        fields = line.split()
-        if "inet" in fields:
-            out.append(fields[fields.index("inet") + 1].split("/")[0])
-    return out
-
-
-def _inventory_scripts(directory: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    if not directory.is_dir():
-        return out
-    for script in sorted(directory.iterdir()):
-        if not (script.is_file() and os.access(script, os.X_OK)):
-            continue
-        try:
-            proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=30, check=False)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        for line in proc.stdout.splitlines():
-            name, sep, value = line.partition("=")
-            if sep and name.strip():
-                out[name.strip()] = value.strip()
-    return out
 
 
 __all__ = ["Agent", "Clock", "Rebooting"]
