@@ -26,6 +26,7 @@ from artifacts.compression import ParallelGzipEncoder
 from artifacts.format import Compression
 from artifacts.keys import Signer, Verifier
 from ota_common.errors import UserError
+from ota_common.files import sha256_file
 from ota_common.progress import Steps
 from ota_common.tools import require_tools
 
@@ -100,14 +101,6 @@ def layer_hash(layer: Layer) -> str:
             h.update(str(p.relative_to(src)).encode() + b"\0")
             if p.is_file():
                 h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(4 << 20):
-            h.update(b)
     return h.hexdigest()
 
 

@@ -1,7 +1,9 @@
-"""Reading a file the user named, with the error every caller wants: one line that names what and where."""
+"""Files: reading one the user named, with the error every caller wants (one line that names what and where),
+and the SHA-256 of a file of any size."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from .errors import UserError
@@ -16,3 +18,12 @@ def read_input(path: Path, what: str, error: type[UserError] = UserError) -> byt
         raise error(f"{what} not found: {path}") from None
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file, read in 4 MiB pieces. Raises ``OSError``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(4 << 20):
+            h.update(b)
+    return h.hexdigest()

@@ -15,7 +15,6 @@ A backup is a directory (mode 0700), written under a temporary name and renamed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ota_common.errors import UserError
+from ota_common.files import sha256_file
 from ota_common.tools import find_program, install_hint, run
 
 from . import secretkeys
@@ -83,14 +83,6 @@ def _pg_tool(name: str) -> str:
     if path is None:
         raise UserError(f"{name} is needed for PostgreSQL backups: {install_hint(name)}")
     return str(path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -203,7 +195,7 @@ def backup(db_url: str, storage: Path, keys: SecretKeys | None, out: Path, inclu
         db_file = tmp / (SQLITE_COPY if kind == "sqlite" else PG_DUMP)
         manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "database": kind, "revision": revision, "database_file": db_file.name,
-                    "database_sha256": _sha256(db_file), "artifacts": report.artifacts,
+                    "database_sha256": sha256_file(db_file), "artifacts": report.artifacts,
                     "secrets_key": report.secrets_key, "warnings": report.warnings}
         _write(tmp / MANIFEST, json.dumps(manifest, indent=2).encode() + b"\n")
         _fsync(tmp)
@@ -223,7 +215,7 @@ def _read_manifest(src: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise UserError(f"{src}: backup format {manifest.get('format')!r} is not {FORMAT}")
     db_file = src / str(manifest.get("database_file"))
-    if not db_file.is_file() or _sha256(db_file) != manifest.get("database_sha256"):
+    if not db_file.is_file() or sha256_file(db_file) != manifest.get("database_sha256"):
         raise UserError(f"{db_file} is missing or damaged (its SHA-256 differs from the manifest's)")
     return manifest
 
@@ -324,7 +316,7 @@ def restore(src: Path, db_url: str, storage: Path, key_file: Path | None) -> Rep
         f = storage / "artifacts" / f"{artifact_id}.mender"
         if not f.is_file():
             report.warnings.append(f"artifact {artifact_id} is in the database but not in the backup")
-        elif _sha256(f) != sha:
+        elif sha256_file(f) != sha:
             raise UserError(f"artifact {artifact_id} in the backup is damaged (its SHA-256 differs)")
     secretkeys.check_database(db_url, keys)
     return report

@@ -103,8 +103,9 @@ class ServerSecrets:
         return hmac.new(self.jwt_key, b"vv-ota dashboard session key v2", hashlib.sha256).digest()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` (mode 0600) atomically; if another process won the race, keep its file."""
+def write_private(path: Path, data: bytes, *, replace: bool) -> None:
+    """Write ``path`` (mode 0600) atomically: never a half-written file. With ``replace`` it replaces what is
+    there; without, it creates the file, and if another process won the race its file is kept."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -112,24 +113,17 @@ def _write_private(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def replace_private(path: Path, data: bytes) -> None:
-    """Write ``path`` (mode 0600) atomically, replacing it: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_private(path, data, replace=True)
 
 
 def load_or_create_secrets(storage: Path, with_fernet_key: bool = False) -> ServerSecrets:
@@ -144,7 +138,7 @@ def load_or_create_secrets(storage: Path, with_fernet_key: bool = False) -> Serv
         }
         if with_fernet_key:
             doc["fernet_key"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
-        _write_private(path, json.dumps(doc).encode())
+        write_private(path, json.dumps(doc).encode(), replace=False)
     try:
         doc = json.loads(path.read_text())
         if with_fernet_key and not doc.get("fernet_key"):
@@ -164,7 +158,7 @@ def load_or_create_admin_token(storage: Path) -> tuple[str, Path, bool]:
     path = storage / "admin-token"
     created = False
     if not path.exists():
-        _write_private(path, (secrets.token_urlsafe(32) + "\n").encode())
+        write_private(path, (secrets.token_urlsafe(32) + "\n").encode(), replace=False)
         created = True
     token = path.read_text().strip()
     if not token:

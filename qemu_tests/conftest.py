@@ -17,7 +17,6 @@ outcome): a fresh boot and onboarding per scenario would cost minutes of the sui
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -240,11 +239,3 @@ def make_rig(fleet: Fleet, workdir: Path) -> Iterator[Rig]:
     finally:
         vm.kill()
         server.stop()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
