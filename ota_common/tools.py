@@ -77,6 +77,7 @@ TOOL_PACKAGES: Mapping[str, str] = {
     "pg_restore": "postgresql-client",
     "systemd-analyze": "systemd",
     "chromium": "chromium",
+    "nginx": "nginx",
     "xdelta3": "xdelta3",
     "/usr/bin/time": "time",
     "cp": "coreutils",

@@ -24,6 +24,7 @@ APT_PACKAGES=(
   postgresql postgresql-client                           # the server's PostgreSQL test starts its own cluster
   iproute2 time                                          # ip (agent tests), /usr/bin/time (bench/delta.py peaks)
   chromium                                               # the dashboard test renders pages headless
+  nginx                                                  # the server's reverse-proxy test: nginx terminates TLS
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
