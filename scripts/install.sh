@@ -37,6 +37,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing apt packages: ${missing[*]}"
   sudo_ apt-get update -qq
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # the tests run their own nginx and PostgreSQL: the stock services the packages start are not wanted here
+  for svc in nginx postgresql; do
+    if printf '%s\n' "${missing[@]}" | grep -qx "$svc" && command -v systemctl >/dev/null; then
+      sudo_ systemctl disable --now "$svc.service" >/dev/null 2>&1 || true
+    fi
+  done
 fi
 
 # the stock Mender client for the interop test: downloaded, never installed (its postinst would start a daemon)
