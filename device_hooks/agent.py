@@ -99,6 +99,7 @@ class Agent:
         self._verifiers: list[Verifier] | None = None
         self.reboot_command: str | None = self.cfg.commands.reboot
         self._inventory_due = 0.0
+        self._polled_in = ""
 
     @property
     def state(self) -> Any:
@@ -201,7 +202,21 @@ class Agent:
             remove_spool(self.spool(dep_id))
         self._remove_scripts(dep_id)
         self.state.finish(dep_id)
-        self.save()
+        try:
+            self.save()
+        except OSError as e:  # a full /data: the report still goes out (end), the state follows later
+            log.error("agent state not saved (%s)", e.strerror)
+
+    def end(self, dep_id: str, status: str, substate: str = "", *, upload_log: bool = False) -> None:
+        """The deployment ended with ``status``: its report is queued and the deployment cleared in one save
+        (a power cut between them cannot lose the report), then the report is sent."""
+        if dep_id.startswith(LOCAL_PREFIX):  # ota-agent install: no server to tell
+            log.info("local install %s: %s %s", dep_id, status, substate)
+        else:
+            self.outbox.queue(dep_id, status, substate, upload_log=upload_log)
+        self._clear(dep_id)
+        with contextlib.suppress(Aborted, ServerError, OTAError):
+            self.flush_reports()
 
     def _remove_scripts(self, dep_id: str) -> None:
         import shutil
@@ -337,8 +352,7 @@ class Agent:
         except (ServerError, OTAError) as e:
             log.info("trial boot: no poll with the server yet (%s)", e)
             return False
-        write_json(self.dir / "poll.json", {"boot_id": self.boot, "time": self.clock.now(),
-                                            "deployment": self.current.id if self.current else ""})
+        self.note_poll()
         return True
 
     def check_verdict(self) -> str | None:
@@ -388,10 +402,8 @@ class Agent:
         self.env.record_last_good(int(cur.target))
         with contextlib.suppress(IncompatibleArtifact):
             self.trust.raise_floor([security_version(self.slot_record(int(cur.target)).get("provides") or {})])
-        self._clear(cur.id)
         self._inventory_due = 0.0  # the new version shows on the server right away
-        with contextlib.suppress(Aborted):
-            self.report(cur.id, "success")
+        self.end(cur.id, "success")
 
     def finish_rollback(self, cur: Current, env: dict[str, str]) -> None:
         verdict = read_json(self.dir / "health.json")
@@ -411,9 +423,7 @@ class Agent:
         self._failure_scripts(cur.id, ("ArtifactRollbackReboot", "Leave"), ("ArtifactFailure", "Enter"),
                               ("ArtifactFailure", "Leave"))
         self._forget_slot(int(cur.target))
-        self._clear(cur.id)
-        with contextlib.suppress(Aborted):
-            self.report(cur.id, "failure", reason, upload_log=True)
+        self.end(cur.id, "failure", reason, upload_log=True)
 
     def _install_failed(self, dep_id: str, e: BaseException) -> str:
         reason = str(e) or type(e).__name__
@@ -427,9 +437,7 @@ class Agent:
         if isinstance(e, ArtifactError):  # the kept download is bad or refused: never reuse it
             with contextlib.suppress(OSError, validate.UntrustedInput):
                 remove_spool(self.spool(dep_id))
-        self._clear(dep_id)
-        with contextlib.suppress(Aborted):
-            self.report(dep_id, "failure", reason, upload_log=True)
+        self.end(dep_id, "failure", reason, upload_log=True)
         return "failure"
 
     def reboot(self, dep_id: str) -> None:
@@ -451,9 +459,7 @@ class Agent:
             return "replayed"
         facts = self.facts()
         if dep.artifact_name and dep.artifact_name == facts.artifact_name:
-            self.report(dep.id, "already-installed")
-            self.state.finish(dep.id)
-            self.save()
+            self.end(dep.id, "already-installed")
             return "already-installed"
         cur = self.current
         resumed = cur is not None and cur.id == dep.id and cur.phase is not Phase.ARMED
@@ -478,6 +484,9 @@ class Agent:
             self._clear(dep.id)
             return "aborted"
         except (ArtifactError, DownloadError, ScriptError, OSError, OTAError) as e:
+            return self._install_failed(dep.id, e)
+        except Exception as e:  # noqa: BLE001 - input nothing foresaw: a failure reported, not a crash loop
+            log.exception("install of %s failed unexpectedly", dep.id)
             return self._install_failed(dep.id, e)
         # ---- the last point where an abort is honoured: "rebooting" goes out before the boot state changes
         try:
@@ -656,7 +665,12 @@ class Agent:
                 self.sync_configuration()
             except (ServerError, OSError) as e:
                 log.warning("configuration not updated: %s", e)
-            self.api.send_inventory(self.inventory())
+            try:
+                self.api.send_inventory(self.inventory())
+            except Unauthorized:
+                raise
+            except ServerError as e:  # an inventory the server refuses must not stop the deployments
+                log.warning("inventory not taken: %s", e)
             # in memory: every start (a reboot into a new slot) reports at once
             self._inventory_due = now + self.cfg.server.inventory_interval
         try:
@@ -664,14 +678,26 @@ class Agent:
         except BadDeployment as e:
             log.error("%s", e)
             if e.deployment_id and e.deployment_id not in self.state.finished:
-                self.state.finish(e.deployment_id)
-                self.save()
-                with contextlib.suppress(Aborted):
-                    self.report(e.deployment_id, "failure", str(e))
+                self.end(e.deployment_id, "failure", str(e))
             return "refused"
+        self.note_poll()
+        cur = self.current
+        if (cur is not None and cur.phase is not Phase.ARMED and not cur.id.startswith(LOCAL_PREFIX)
+                and (dep is None or dep.id != cur.id)):
+            self.dlog(cur.id, "warning", f"the server no longer offers this deployment (during {cur.phase.value}): "
+                                         "forgotten; active slot and boot state untouched")
+            self.end(cur.id, "failure", "deployment withdrawn by the server before it was installed")
         if dep is None:
             return "idle"
         return self.process(dep)
+
+    def note_poll(self) -> None:
+        """This boot's agent authenticated and completed a poll: the proof the health verdict waits for
+        (``poll.json``, written once per boot)."""
+        if self._polled_in != self.boot:
+            write_json(self.dir / "poll.json", {"boot_id": self.boot, "time": self.clock.now(),
+                                                "deployment": self.current.id if self.current else ""})
+            self._polled_in = self.boot
 
     def run(self, *, once: bool = False) -> str:
         """The daemon loop (``once``: a single poll, for ``ota-agent check-update`` and tests). Errors of the
@@ -717,6 +743,10 @@ class Agent:
                 backoff = min(backoff * 2, self.cfg.server.poll_interval)
             except (OSError, BootEnvError, OTAError) as e:  # a full /data, a bad medium: keep going
                 log.error("cycle failed: %s", e)
+                result, wait = "error", backoff
+                backoff = min(backoff * 2, self.cfg.server.poll_interval)
+            except Exception:  # a bug, or input nothing above foresaw: logged, never a crash loop
+                log.exception("cycle failed unexpectedly")
                 result, wait = "error", backoff
                 backoff = min(backoff * 2, self.cfg.server.poll_interval)
             if once:

@@ -4,9 +4,10 @@ taken by the server (one queue per deployment), and the facts that must survive 
 It lives in ``<state_dir>/state.json`` on ``/data``, which is writable and survives updates, so it is
 validated like any other input when read: a value that does not fit (a deployment id that is not a UUID, a
 slot that is not 2 or 3, a phase we do not know) makes the whole file unusable; it is moved aside and the
-agent starts from an empty state instead of acting on it. The layout written by the previous agent version
-(flat ``phase``/``deployment``/``target_part`` keys, one outbox list) is read too, so a device updating from
-it finishes its deployment.
+agent starts from an empty state instead of acting on it. The layout is the previous agent version's
+(flat ``phase``/``deployment``/``target_part`` keys, one outbox list) with a few more keys it ignores, so each
+reads the other's file: a device updating from it finishes its deployment, and a trial that rolls back to a
+slot with the previous agent has it report the rollback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from .state import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2
 KEEP_FINISHED = 50  # deployment ids remembered as done: a replayed one is refused
 
 
@@ -86,70 +86,58 @@ class AgentState:
     config_refused: str = ""  # why the server's last configuration was not applied
 
     def finish(self, dep_id: str) -> None:
-        self.current = None
+        """``dep_id`` is over: remembered as finished; it stops being the current deployment if it was."""
+        if self.current is not None and self.current.id == dep_id:
+            self.current = None
         if dep_id not in self.finished:
             self.finished = [*self.finished, dep_id][-KEEP_FINISHED:]
 
-    # -- serialisation
+    # -- serialisation: the flat layout of the previous agent, so that both read each other's file (a trial
+    # that rolls back to a slot with the previous agent finds its deployment and its queued reports there)
     def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"format": FORMAT, "current": None, "outbox": [], "finished": self.finished,
-                               "no_delta_for": self.no_delta_for, "config_refused": self.config_refused}
-        if self.current is not None:
-            cur = asdict(self.current)
-            cur.update(phase=self.current.phase.value, target=int(self.current.target),
-                       source=int(self.current.source))
-            doc["current"] = cur
-        # a list of [deployment, reports] pairs: the file is written with sorted keys, and the oldest
-        # deployment's reports go first
-        doc["outbox"] = [[dep, [asdict(r) for r in reports]] for dep, reports in self.outbox.items()]
-        return doc
+        doc: dict[str, Any] = {
+            "outbox": [{"deployment": dep, **asdict(r)} for dep, reports in self.outbox.items() for r in reports],
+            "finished": self.finished, "no_delta_for": self.no_delta_for or None,
+            "config_refused": self.config_refused}
+        if self.finished:
+            doc["last_deployment"] = self.finished[-1]
+        cur = self.current
+        if cur is not None:
+            doc.update(phase=cur.phase.value, target_part=int(cur.target), from_part=int(cur.source),
+                       deployment={"id": cur.id, "artifact_name": cur.artifact_name, "uri": cur.uri,
+                                   "allow_downgrade": cur.allow_downgrade, "local_path": cur.local_path})
+            if cur.phase is Phase.ARMED:
+                doc.update(boot_id=cur.boot_id, armed_at=cur.armed_at, arm_attempts=cur.arm_attempts)
+        return {k: v for k, v in doc.items() if v is not None}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> AgentState:
         """Raises ``ValueError`` (or ``TypeError``/``KeyError``) for anything that does not fit."""
-        if doc.get("format") != FORMAT:
-            return cls._from_v1(doc)
-        cur = doc.get("current")
-        current = None
-        if cur is not None:
-            current = Current(
-                id=validate.deployment_id(cur["id"], local_ok=True),
-                artifact_name=_str(cur.get("artifact_name", ""), allow_empty=True),
-                uri=_str(cur.get("uri", ""), allow_empty=True), phase=Phase(cur["phase"]),
-                target=Slot(int(cur["target"])), source=Slot(int(cur["source"])),
-                allow_downgrade=_bool(cur.get("allow_downgrade", False)),
-                local_path=_str(cur.get("local_path", ""), allow_empty=True),
-                verified=_bool(cur.get("verified", False)), boot_id=_str(cur.get("boot_id", ""), allow_empty=True),
-                armed_at=float(cur.get("armed_at", 0.0)), arm_attempts=int(cur.get("arm_attempts", 0)))
-        outbox = {validate.deployment_id(pair[0]): [_report(r) for r in _list(pair[1])]
-                  for pair in _list(doc.get("outbox", [])) if len(_list(pair)) == 2}
-        finished = [validate.deployment_id(d, local_ok=True) for d in _list(doc.get("finished", []))]
-        return cls(current, outbox, finished[-KEEP_FINISHED:], _str(doc.get("no_delta_for", ""), allow_empty=True),
-                   _str(doc.get("config_refused", ""), allow_empty=True))
-
-    @classmethod
-    def _from_v1(cls, doc: dict[str, Any]) -> AgentState:
-        """The flat layout of the agent before this one."""
         current = None
         dep = doc.get("deployment")
-        if doc.get("phase") in ("downloading", "installing", "armed") and isinstance(dep, dict):
+        if doc.get("phase") is not None:
+            dep = _dict(dep)
+            phase = Phase(doc["phase"])
             current = Current(
                 id=validate.deployment_id(dep["id"], local_ok=True),
                 artifact_name=_str(dep.get("artifact_name", ""), allow_empty=True),
-                uri=_str(dep.get("uri", ""), allow_empty=True), phase=Phase(doc["phase"]),
+                uri=_str(dep.get("uri", ""), allow_empty=True), phase=phase,
                 target=Slot(int(doc["target_part"])), source=Slot(int(doc.get("from_part", 5 - int(doc["target_part"])))),
                 allow_downgrade=_bool(dep.get("allow_downgrade", False)),
-                verified=doc["phase"] != "downloading", boot_id=_str(doc.get("boot_id", ""), allow_empty=True),
-                armed_at=float(doc.get("armed_at", 0.0)), arm_attempts=int(doc.get("arm_attempts", 0)))
+                local_path=_str(dep.get("local_path", ""), allow_empty=True),
+                # the header of a deployment past downloading was verified (its scripts stored from it)
+                verified=phase is not Phase.DOWNLOADING, boot_id=_str(doc.get("boot_id", ""), allow_empty=True),
+                armed_at=_finite(doc.get("armed_at", 0.0)), arm_attempts=_count(doc.get("arm_attempts", 0)))
         outbox: dict[str, list[Report]] = {}
         for item in _list(doc.get("outbox", [])):
             item = _dict(item)
-            outbox.setdefault(validate.deployment_id(item["deployment"]), []).append(
-                Report(_str(item["status"]), _str(item.get("substate", ""), allow_empty=True),
-                       _bool(item.get("log", False))))
+            outbox.setdefault(validate.deployment_id(item["deployment"]), []).append(_report(item))
+        finished = [validate.deployment_id(d, local_ok=True) for d in _list(doc.get("finished", []))]
         last = doc.get("last_deployment")
-        finished = [validate.deployment_id(last, local_ok=True)] if isinstance(last, str) else []
-        return cls(current, outbox, finished, _str(doc.get("no_delta_for") or "", allow_empty=True))
+        if isinstance(last, str) and last not in finished:  # written by the previous agent
+            finished.append(validate.deployment_id(last, local_ok=True))
+        return cls(current, outbox, finished[-KEEP_FINISHED:], _str(doc.get("no_delta_for") or "", allow_empty=True),
+                   _str(doc.get("config_refused", ""), allow_empty=True))
 
 
 class StateStore:
@@ -187,6 +175,20 @@ def _list(v: Any) -> list[Any]:
     if not isinstance(v, list):
         raise ValueError("expected a list")
     return v
+
+
+def _finite(v: Any) -> float:
+    f = float(v)
+    if f != f or f in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, got {v!r}")
+    return f
+
+
+def _count(v: Any) -> int:
+    n = int(v)
+    if n < 0 or n > 1_000_000:
+        raise ValueError(f"expected a small count, got {v!r}")
+    return n
 
 
 def _dict(v: Any) -> dict[str, Any]:

@@ -153,8 +153,10 @@ class DeviceAPI:
             if self.token is None:
                 self.authenticate()
             headers["Authorization"] = f"Bearer {self.token}"
+        kw.setdefault("stream", True)  # bodies are read bounded (_bounded_json, _message, the token)
         try:
-            resp = self.session.request(method, self.url + path, headers=headers, timeout=self.timeout, **kw)
+            resp = self.session.request(method, self.url + path, headers=headers, timeout=self.timeout,
+                                        allow_redirects=False, **kw)
         except requests.RequestException as e:
             raise ServerError(f"{method} {path}: {type(e).__name__}: {e}") from None
         if resp.status_code == 401:
@@ -171,7 +173,7 @@ class DeviceAPI:
                              headers={"Content-Type": "application/json", "X-MEN-Signature": sig})
         if resp.status_code != 200:
             raise ServerError(f"authentication: {resp.status_code} {_message(resp)}")
-        token = str(resp.text).strip()
+        token = _bounded_text(resp, 16 * 1024).strip()
         if not token:
             raise ServerError("authentication: the server answered with an empty token")
         self.token = token
@@ -181,6 +183,7 @@ class DeviceAPI:
         resp = self._request("POST", NEXT_V2, json={"device_provides": provides, "update_control_map": False},
                              stream=True)
         if resp.status_code == 204:
+            resp.close()
             return None
         if resp.status_code != 200:
             raise ServerError(f"next deployment: {resp.status_code} {_message(resp)}")
@@ -201,6 +204,7 @@ class DeviceAPI:
             raise Rejected(f"status {status!r}: {resp.status_code} {_message(resp)}")
         if resp.status_code not in (200, 204):
             raise ServerError(f"status {status!r}: {resp.status_code} {_message(resp)}")
+        resp.close()
 
     def upload_log(self, deployment_id: str, messages: list[dict[str, str]]) -> None:
         resp = self._request("PUT", f"{DEPLOYMENTS_V1}/{validate.deployment_id(deployment_id)}/log",
@@ -209,16 +213,19 @@ class DeviceAPI:
             raise Rejected(f"log upload: {resp.status_code} {_message(resp)}")
         if resp.status_code not in (200, 204):
             raise ServerError(f"log upload: {resp.status_code} {_message(resp)}")
+        resp.close()
 
     def send_inventory(self, attributes: dict[str, Any]) -> None:
         body = [{"name": k, "value": v} for k, v in sorted(attributes.items())]
         resp = self._request("PUT", INVENTORY, json=body)
         if resp.status_code not in (200, 204):
             raise ServerError(f"inventory: {resp.status_code} {_message(resp)}")
+        resp.close()
 
     def configuration(self) -> dict[str, str]:
         resp = self._request("GET", CONFIGURATION, stream=True)
         if resp.status_code == 404:
+            resp.close()
             return {}
         if resp.status_code != 200:
             raise ServerError(f"configuration: {resp.status_code} {_message(resp)}")
@@ -248,15 +255,28 @@ def _bounded_json(resp: requests.Response, what: str) -> Any:
         raise ServerError(f"{what}: the answer is larger than {MAX_JSON} bytes")
     try:
         return json.loads(body)
-    except ValueError:
-        raise ServerError(f"{what}: the answer is not JSON") from None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        raise ServerError(f"{what}: the answer is not JSON (or nested too deeply)") from None
+
+
+def _bounded_text(resp: requests.Response, limit: int) -> str:
+    """At most ``limit`` bytes of a streamed body, as text (never decompressed: asked for identity)."""
+    try:
+        body = resp.raw.read(limit, decode_content=False)
+    except (requests.RequestException, OSError):
+        body = b""
+    finally:
+        resp.close()
+    return body.decode("utf-8", errors="replace")
 
 
 def _message(resp: requests.Response) -> str:
+    """The error of a failed answer: its ``error`` field, else the start of its body (4 KiB read at most)."""
+    text = _bounded_text(resp, 4096)
     try:
-        doc = resp.json()
+        doc = json.loads(text)
         if isinstance(doc, dict) and "error" in doc:
-            return str(doc["error"])
-    except ValueError:
+            return str(doc["error"])[:300]
+    except (ValueError, RecursionError):
         pass
-    return str(resp.text)[:200].strip()
+    return text[:200].strip()

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             return HealthRun(cfg).verdict() if args.command == "health" else deadline_reached(cfg)
         from .agent import Agent
 
+        if args.command in ("daemon", "check-update", "install"):
+            _hold_agent_lock(cfg.state_dir)
         agent = Agent(cfg)
         if args.command == "daemon":
             agent.run()
@@ -71,6 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+_LOCK: object = None
+
+
+def _hold_agent_lock(state_dir: Path) -> None:
+    """One agent process changes the state at a time (the daemon, or ``check-update``/``install`` when it is
+    not running): held until the process ends. Raises OTAError naming the holder's kind when it is taken."""
+    import fcntl
+
+    global _LOCK
+    state_dir.mkdir(parents=True, exist_ok=True)
+    f = open(state_dir / "agent.lock", "a+")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise OTAError(f"another ota-agent (the daemon?) is using {state_dir}; stop it first "
+                       "(systemctl stop ota-agent)") from None
+    _LOCK = f
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ import requests
 
 from ota_common.errors import DownloadError
 
+from . import validate
 from .state import atomic_write
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,8 @@ _T = TypeVar("_T")
 
 CHUNK = 256 * 1024
 SPOOL_RESERVE = 64 * 1024 * 1024  # keep this much of /data free
-SYNC_EVERY = 4 * 1024 * 1024  # the spool is fsynced and its durable length recorded this often
+SYNC_EVERY = 4 * 1024 * 1024
+MAX_REDIRECTS = 5  # the spool is fsynced and its durable length recorded this often
 
 
 class LinkGone(DownloadError):
@@ -191,7 +194,7 @@ class ResumableDownload:
             headers["Range"] = f"bytes={offset}-"
             if self.etag:
                 headers["If-Range"] = self.etag
-        resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.timeout)
+        resp = self._get(headers)
         if resp.status_code in (403, 404, 410):
             resp.close()
             fresh = self.refresh_url() if self.refresh_url else None
@@ -220,7 +223,8 @@ class ResumableDownload:
             total = int(m.group(3))
             log.info("resumed at byte %d of %d with HTTP Range", offset, total)
         elif resp.status_code == 200:
-            total = int(resp.headers.get("Content-Length", "-1"))
+            length = resp.headers.get("Content-Length", "")
+            total = int(length) if re.fullmatch(r"[0-9]{1,15}", length) else -1
             if offset:
                 # the server ignored the range (or the resource changed: If-Range): skip what we already have
                 # only if it is the same resource; otherwise start over
@@ -248,6 +252,20 @@ class ResumableDownload:
         self.etag = resp.headers.get("ETag") or self.etag
         self._resp = resp
         self._net_pos = offset
+
+    def _get(self, headers: dict[str, str]) -> requests.Response:
+        """GET the link, following at most 5 redirects by hand: each target checked against the link's scheme
+        and host class (:func:`device_hooks.validate.redirect`), no redirect body ever read."""
+        url = self.url
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = self.session.get(url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False)
+            if resp.status_code not in (301, 302, 303, 307, 308):
+                return resp
+            location = resp.headers.get("Location", "")
+            resp.close()
+            url = validate.redirect(url, urllib.parse.urljoin(url, location),
+                                    allow_http=bool(getattr(self.session, "allow_http", False)))
+        raise DownloadError(f"more than {MAX_REDIRECTS} redirects")
 
     def _close_response(self) -> None:
         if self._resp is not None:

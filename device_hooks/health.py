@@ -214,9 +214,12 @@ class HealthRun:
                 output.append(runner.run(state, action))
             except ScriptError as e:
                 output.append(str(e))
-        write_json(self.cfg.state_dir / "health.json", {
-            "boot_id": self.boot, "deployment": dep_id, "verdict": "fail", "summary": summary,
-            "output": "\n".join(o for o in output if o), "time": time.time()})
+        try:  # the verdict for the agent's report; a full /data must not stop the rollback
+            write_json(self.cfg.state_dir / "health.json", {
+                "boot_id": self.boot, "deployment": dep_id, "verdict": "fail", "summary": summary,
+                "output": "\n".join(o for o in output if o), "time": time.time()})
+        except OSError as e:
+            log.error("the verdict could not be written to /data (%s); rolling back anyway", e.strerror)
         self.env.update({"mender_boot_part": str(back), "upgrade_available": "0", "bootcount": "0"},
                         fault_point="rollback-write")
         for state, action in (("ArtifactRollback", "Leave"), ("ArtifactRollbackReboot", "Enter")):

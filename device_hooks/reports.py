@@ -81,8 +81,7 @@ class Outbox:
     def add(self, dep_id: str, status: str, substate: str = "", *, upload_log: bool = False) -> None:
         """Queue a report and try to send everything queued. Raises :class:`Aborted` when the server says
         ``dep_id`` was aborted."""
-        queue = self.store.state.outbox.setdefault(dep_id, [])
-        queue.append(Report(status, substate[:900], upload_log))
+        self.queue(dep_id, status, substate, upload_log=upload_log)
         self._save()
         if dep_id in self.flush():
             raise Aborted(f"deployment {dep_id} was aborted")
@@ -92,9 +91,13 @@ class Outbox:
 
     def flush(self) -> set[str]:
         """Send queued reports in order, deployment by deployment. Returns the deployments the server
-        reported aborted. A network or server error stops the flush (the rest stays queued)."""
+        reported aborted. A network or server error stops the flush (the rest stays queued); so does a 401
+        that a new authentication does not cure (authenticated once per flush)."""
         outbox = self.store.state.outbox
         aborted: set[str] = set()
+        if not outbox:
+            return aborted
+        reauthenticated = False
         try:
             for dep_id in list(outbox):
                 queue = outbox[dep_id]
@@ -108,8 +111,16 @@ class Outbox:
                     except Rejected as e:
                         log.warning("report %s for %s dropped: the server refuses it for good (%s)",
                                     queue[0].status, dep_id[:8], e)
-                    except Unauthorized:
-                        self.api().authenticate()
+                    except Unauthorized as e:
+                        if reauthenticated:
+                            log.warning("reports queued: still unauthorised after authenticating again (%s)", e)
+                            return aborted
+                        reauthenticated = True
+                        try:
+                            self.api().authenticate()
+                        except (ServerError, OTAError) as auth_error:
+                            log.warning("reports queued: cannot authenticate (%s)", auth_error)
+                            return aborted
                         continue
                     except (ServerError, OTAError) as e:
                         log.warning("report %s for %s queued: %s", queue[0].status, dep_id[:8], e)
@@ -118,8 +129,12 @@ class Outbox:
                 if not queue:
                     outbox.pop(dep_id, None)
         finally:
-            self._save()
+            self._save()  # only reached with something queued: a poll with nothing to send writes nothing
         return aborted
+
+    def queue(self, dep_id: str, status: str, substate: str = "", *, upload_log: bool = False) -> None:
+        """Queue a report without saving or sending (the caller saves it with the change it belongs to)."""
+        self.store.state.outbox.setdefault(dep_id, []).append(Report(status, substate[:900], upload_log))
 
     def _send(self, dep_id: str, report: Report) -> None:
         api = self.api()

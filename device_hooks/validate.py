@@ -54,6 +54,10 @@ def host_class(host: str) -> str:
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
+        # a name; but numbers the resolver takes as addresses in other forms (127.1, 2130706433, 0x7f.1) are
+        # not names: refused rather than classed public
+        if re.fullmatch(r"[0-9.]+|0[xX][0-9a-fA-F.]+|[0-9a-fA-FxX.]*\.[0-9]+", host):
+            return "invalid"
         return "public"
     if ip.is_unspecified or ip.is_multicast or ip.is_reserved or (ip.version == 4 and ip.packed[0] == 0):
         return "invalid"

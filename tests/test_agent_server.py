@@ -337,7 +337,7 @@ def test_reports_survive_a_server_outage(server: OtaServer, device: FileDevice, 
     device.write_config()
     assert device.agent("health").returncode == 0
     assert device.agent("check-update").stdout.strip() in ("offline", "trial", "idle")
-    assert device.state()["outbox"] == [[dep, [{"status": "success", "substate": "", "log": False}]]]
+    assert device.state()["outbox"] == [{"deployment": dep, "status": "success", "substate": "", "log": False}]
     server.start()
     device.agent("check-update")
     assert stats(server, dep) == {"success": 1}

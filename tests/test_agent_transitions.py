@@ -270,8 +270,8 @@ def test_a_failed_reboot_script_arms_nothing_even_when_its_error_script_fails(de
 
 
 def test_an_invalid_state_file_is_moved_aside_not_obeyed(device: FileDevice) -> None:
-    (device.data / "state.json").write_text('{"format": 2, "current": {"id": "../../x", "phase": "armed", '
-                                            '"target": 3, "source": 2}}')
+    (device.data / "state.json").write_text('{"phase": "armed", "deployment": {"id": "../../x"}, "target_part": 3, '
+                                            '"armed_at": 1e999}')
     a = agent(device)
     assert a.state.current is None
     assert list(device.data.glob("state.json.invalid-*"))

@@ -74,7 +74,7 @@ def untouched(s: Scene, before: dict[str, str]) -> None:
     assert snapshot(s) == before
     assert list(s.marks.iterdir()) == [], f"state scripts ran: {[p.name for p in s.marks.iterdir()]}"
     assert s.device.reboots() == 0
-    assert s.device.state().get("current") is None
+    assert s.device.state().get("phase") is None
 
 
 @pytest.fixture
