@@ -30,6 +30,12 @@ class Hostile:
     logs: list[tuple[str, Any]] = field(default_factory=list)
     inventory: list[Any] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    #: extra headers per download path (they replace the computed ones)
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: ``next`` answered verbatim: (status, body, headers)
+    raw_next: tuple[int, bytes, dict[str, str]] | None = None
+    #: the answer to status reports (204: taken)
+    status_code: int = 204
 
     @property
     def url(self) -> str:
@@ -75,6 +81,9 @@ def _handler(h: Hostile) -> type[BaseHTTPRequestHandler]:
             self._body()
             if self.path.endswith("/authentication/auth_requests"):
                 self._send(200, b"hostile-token", "application/jwt")
+            elif self.path.endswith("/deployments/next") and h.raw_next is not None:
+                code, raw, extra = h.raw_next
+                self._send(code, raw, headers=extra)
             elif self.path.endswith("/deployments/next"):
                 if h.next is None:
                     self._send(204)
@@ -91,7 +100,7 @@ def _handler(h: Hostile) -> type[BaseHTTPRequestHandler]:
             parts = self.path.split("/")
             if self.path.endswith("/status"):
                 h.statuses.append((parts[-2], body))
-                self._send(204)
+                self._send(h.status_code, b'{"error": "no"}' if h.status_code != 204 else b"")
             elif self.path.endswith("/log"):
                 h.logs.append((parts[-2], body))
                 self._send(204)
@@ -126,7 +135,8 @@ def _handler(h: Hostile) -> type[BaseHTTPRequestHandler]:
                 else:
                     self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(data) - start))
+                extra = h.headers.get(path, {})
+                self.send_header("Content-Length", extra.get("Content-Length", str(len(data) - start)))
                 self.end_headers()
                 self.wfile.write(data[start:])
 

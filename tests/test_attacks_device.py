@@ -332,3 +332,99 @@ def test_configuration_variables_that_would_run_code(scene: Scene, variables: di
     s.server.configuration = {"DEVICE_ID": "cam-019"}
     s.poll()
     assert env.read_text() == "DEVICE_ID=cam-019\n" and "config_refused" not in s.server.last_inventory()
+
+
+# ------------------------------------------------------------------ found by a review: loops, memory, stuck states
+
+def test_deployment_nested_too_deep_is_refused_not_a_crash_loop(scene: Scene) -> None:
+    s = scene
+    s.server.next = b"[" * 200_000 + b"]" * 200_000  # under 1 MiB, deeper than any JSON parser goes
+    before = snapshot(s)
+    for _ in range(2):
+        out = s.poll()
+        assert out.startswith("refused") and "Traceback" not in out, out
+    untouched(s, before)
+
+
+def test_garbage_content_length_fails_the_deployment_once(scene: Scene) -> None:
+    """A download whose Content-Length is not a number: the deployment fails with a report; the next poll does
+    not start it again (it used to crash the agent at the same point, forever)."""
+    s = scene
+    dep = new_id()
+    art = s.artifact(marked=False)
+
+    def serve() -> bytes:
+        return art
+
+    s.server.files["/dl/artifact.mender"] = serve
+    s.server.headers["/dl/artifact.mender"] = {"Content-Length": "12abc"}
+    s.server.next = s.server.deployment(dep, "vv-2.0.0")
+    out = s.poll()
+    assert out.startswith("failure") and "Traceback" not in out, out
+    assert s.poll().startswith(("replayed", "idle")), "the failed deployment came back"
+    assert s.device.state().get("phase") is None and reported_failure(s, dep)
+
+
+def test_decompression_bomb_in_an_error_answer(scene: Scene) -> None:
+    """A 500 to `next` with a body that gzip would blow up to 1 GiB: read 4 KiB at most, never decompressed."""
+    import resource
+
+    s = scene
+    s.server.raw_next = (500, _gzip_of_zeros(1 << 30), {"Content-Encoding": "gzip"})
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out = s.poll()
+    assert out.startswith("offline"), out
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak < max(before, 200 * 1024), f"the agent grew to {peak} KiB"
+
+
+def _gzip_of_zeros(size: int) -> bytes:
+    """A gzip stream of ``size`` zero bytes (about 1 MB for 1 GiB), made without holding them."""
+    import zlib
+
+    enc = zlib.compressobj(1, zlib.DEFLATED, 31)
+    chunk = bytes(16 << 20)
+    parts = [enc.compress(chunk) for _ in range(size // len(chunk))]
+    return b"".join(parts) + enc.flush()
+
+
+def test_a_server_that_refuses_every_report_with_401_does_not_spin(scene: Scene) -> None:
+    s = scene
+    dep = new_id()
+    s.server.files["/dl/artifact.mender"] = b"garbage"
+    s.server.next = s.server.deployment(dep, "vv-2.0.0")
+    s.server.status_code = 401
+    auth_before = sum(r.endswith("/auth_requests") for r in s.server.requests)
+    out = s.poll()
+    assert out.startswith("failure"), out
+    auths = sum(r.endswith("/auth_requests") for r in s.server.requests) - auth_before
+    assert auths <= 4, f"{auths} authentications in one poll"
+    assert s.device.state()["outbox"], "the report stays queued"
+
+
+def test_a_trial_armed_by_hand_gets_the_proof_of_contact_from_an_idle_poll(scene: Scene) -> None:
+    """No deployment of the agent's own (armed with fw_setenv, or its state lost): the ordinary poll still
+    leaves poll.json, so the verdict commits instead of rolling back after server_grace."""
+    s = scene
+    s.device.bootenv.update({"mender_boot_part": "3", "upgrade_available": "1"})
+    s.device.boot()
+    s.device.check_server = True
+    s.device.write_config()
+    out = s.poll()
+    assert out.startswith("idle"), out
+    assert json.loads((s.device.data / "poll.json").read_text())["boot_id"] in (s.device.root / "boot_id").read_text()
+    assert s.device.agent("health").returncode == 0
+    assert s.device.bootenv.read()["upgrade_available"] == "0"
+
+
+def test_state_file_keeps_the_previous_agents_layout(scene: Scene) -> None:
+    """A trial that rolls back to a slot with the previous agent: that agent reads the same file (flat
+    phase/deployment/target_part, one outbox list) and reports the rollback."""
+    s = scene
+    dep = new_id()
+    s.server.files["/dl/artifact.mender"] = s.artifact(marked=False)
+    s.server.next = s.server.deployment(dep, "vv-2.0.0")
+    assert s.poll().startswith("rebooting")
+    state = s.device.state()
+    assert (state["phase"], state["target_part"], state["from_part"]) == ("armed", 3, 2)
+    assert state["deployment"]["id"] == dep and isinstance(state["outbox"], list)
