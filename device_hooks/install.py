@@ -161,6 +161,15 @@ def version_key(v: str) -> tuple[tuple[int, int | str], ...]:
     return tuple(parts)
 
 
+def security_version(provides: Mapping[str, str]) -> int:
+    """The signed security version of an artifact or slot (0 when it names none). Raises
+    :class:`IncompatibleArtifact` for a value that is not a small non-negative integer."""
+    raw = provides.get(SECURITY_VERSION, "0")
+    if not re.fullmatch(r"[0-9]{1,9}", str(raw)):
+        raise IncompatibleArtifact(f"{SECURITY_VERSION} {str(raw)[:40]!r} is not a non-negative integer")
+    return int(raw)
+
+
 def check_compatible(header: ArtifactHeader, device: DeviceFacts, *, allow_downgrade: bool = False) -> dict[str, str]:
     """Raise :class:`IncompatibleArtifact` with the reason, or return the provides the slot will have. The
     signed security version must not be below the device's floor; ``allow_downgrade`` (from the deployment)
@@ -196,10 +205,8 @@ def check_compatible(header: ArtifactHeader, device: DeviceFacts, *, allow_downg
                 f"{key}={have if have is not None else '(unknown)'}"
             )
     provides = dict(ti.provides)
-    security = provides.get(SECURITY_VERSION, "0")
-    if not re.fullmatch(r"[0-9]{1,9}", str(security)):
-        raise IncompatibleArtifact(f"{SECURITY_VERSION} {str(security)[:40]!r} is not a non-negative integer")
-    if int(security) < device.security_floor:
+    security = security_version(provides)
+    if security < device.security_floor:
         raise IncompatibleArtifact(f"security version {security} of the artifact is below this device's floor "
                                    f"{device.security_floor}: refused whatever the deployment allows")
     new_version = provides.get("rootfs-image.version")

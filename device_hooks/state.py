@@ -54,28 +54,3 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
     atomic_write(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
-
-
-class StateFile:
-    """A JSON object on disk; :meth:`save` replaces it atomically."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = read_json(path)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-    def update(self, **changes: Any) -> None:
-        for k, v in changes.items():
-            if v is None:
-                self.data.pop(k, None)
-            else:
-                self.data[k] = v
-        self.save()
-
-    def save(self) -> None:
-        write_json(self.path, self.data)
-
-    def reload(self) -> None:
-        self.data = read_json(self.path)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from artifacts import Verifier
 from artifacts.keys import load_verifier
-from ota_common.errors import IncompatibleArtifact, OTAError
+from ota_common.errors import OTAError
 
 from .config import Config
-from .install import SECURITY_VERSION
+from .install import SECURITY_VERSION, security_version
 from .state import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,6 @@ def parse_revoked(text: str, source: str) -> set[str]:
         else:
             log.error("%s:%d: not a key fingerprint (sha256:<64 hex digits>): %r", source, n, line[:100])
     return out
-
-
-def security_version(provides: dict[str, str]) -> int:
-    """The signed security version of an artifact or slot (0 when it names none). Raises
-    :class:`IncompatibleArtifact` for a value that is not a small non-negative integer."""
-    raw = provides.get(SECURITY_VERSION, "0")
-    if not re.fullmatch(r"[0-9]{1,9}", str(raw)):
-        raise IncompatibleArtifact(f"{SECURITY_VERSION} {str(raw)[:40]!r} is not a non-negative integer")
-    return int(raw)
 
 
 class Trust:
@@ -98,21 +89,21 @@ class Trust:
         return out
 
     # -- security floor
-    def floor(self) -> int:
+    def _stored_floor(self) -> int:
         stored = read_json(self.floor_file).get("security_version", 0)
-        stored = stored if isinstance(stored, int) and stored >= 0 else 0
-        return max(stored, self.cfg.device.security_version)
+        return stored if isinstance(stored, int) and stored >= 0 else 0
+
+    def floor(self) -> int:
+        return max(self._stored_floor(), self.cfg.device.security_version)
 
     def raise_floor(self, versions: Iterable[int]) -> int:
         """Persist the floor as the highest of itself and ``versions`` (never lower). Returns it."""
-        current = read_json(self.floor_file).get("security_version", 0)
-        current = current if isinstance(current, int) and current >= 0 else 0
+        current = self._stored_floor()
         new = max([current, self.cfg.device.security_version, *versions])
         if new != current:
             write_json(self.floor_file, {"security_version": new})
             log.info("security floor raised to %d", new)
         return new
-
 
 
 __all__ = ["SECURITY_VERSION", "Trust", "parse_revoked", "security_version"]
