@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,18 +30,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def cache_dir() -> Path:
+def default_cache_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    d = base / "vv-ota" / "bench"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return base / "vv-ota" / "bench"
 
 
-def build_rootfs(size_mb: int, fill_mb: int) -> Path:
-    out = cache_dir() / f"rootfs-{size_mb}-{fill_mb}.ext4"
+def build_rootfs(cache: Path, size_mb: int, fill_mb: int) -> Path:
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"rootfs-{size_mb}-{fill_mb}.ext4"
     if out.exists():
         return out
-    stage = cache_dir() / "stage"
+    stage = cache / "stage"
     shutil.rmtree(stage, ignore_errors=True)
     budget = fill_mb << 20
     copied = 0
@@ -100,7 +100,7 @@ def floor(path: Path) -> dict[str, float]:
         t = time.perf_counter()
         size = 0
         comp = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
-        tmp = cache_dir() / "floor.gz"
+        tmp = path.with_name("floor.gz")
         with open(path, "rb") as f, open(tmp, "wb") as o:
             while b := f.read(4 << 20):
                 o.write(comp.compress(b))
@@ -125,12 +125,24 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=1200)
     ap.add_argument("--fill-mb", type=int, default=850)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="where the payload image is kept between runs (default: $XDG_CACHE_HOME/vv-ota/bench)")
+    ap.add_argument("--quick", action="store_true",
+                    help="seconds, for CI: a 48 MiB payload, one run, in a temporary directory (numbers mean little)")
     args = ap.parse_args()
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="bench-artifacts-") as tmp:
+            run(Path(tmp), 48, 24, 1)
+    else:
+        run(args.cache_dir or default_cache_dir(), args.size_mb, args.fill_mb, args.repeat)
+
+
+def run(cache: Path, size_mb: int, fill_mb: int, repeat: int) -> None:
     if not shutil.which("mender-artifact"):
         raise SystemExit("mender-artifact is not installed (scripts/install.sh installs it)")
 
-    rootfs = build_rootfs(args.size_mb, args.fill_mb)
-    work = cache_dir() / "run"
+    rootfs = build_rootfs(cache, size_mb, fill_mb)
+    work = cache / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     from artifacts import KeyType, generate_keypair
@@ -150,7 +162,7 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {k: [] for k in cmds}
     peaks: dict[str, int] = dict.fromkeys(cmds, 0)
-    for i in range(args.repeat):
+    for i in range(repeat):
         for name, cmd in cmds.items():
             if name.startswith("write"):
                 Path(cmd[-1]).unlink(missing_ok=True)
@@ -158,11 +170,11 @@ def main() -> None:
             elapsed, rss = timed(cmd)
             times[name].append(elapsed)
             peaks[name] = max(peaks[name], rss)
-        print(f"run {i + 1}/{args.repeat} done", flush=True)
+        print(f"run {i + 1}/{repeat} done", flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     payload = rootfs.stat().st_size
-    print(f"\npayload: {rootfs} ({payload / 1e6:.0f} MB), median of {args.repeat} interleaved runs\n")
+    print(f"\npayload: {rootfs} ({payload / 1e6:.0f} MB), median of {repeat} interleaved runs\n")
     print(f"{'':52} {'time s':>8} {'peak MB':>8} {'runs':>24}")
     for k in cmds:
         runs = " ".join(f"{t:.2f}" for t in times[k])
@@ -183,6 +195,7 @@ def main() -> None:
     for k, v in floor(rootfs).items():
         print(f"  {k:40} {v:8.2f}")
     shutil.rmtree(work)
+    (rootfs.with_name("floor.gz")).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def release(config: Path, out: Path, cache: Path | None, key: Path) -> tuple[float, dict]:  # type: ignore[type-arg]
+def release(config: Path, out: Path, cache: Path | None, key: Path,
+            boards: tuple[str, ...] = ()) -> tuple[float, dict]:  # type: ignore[type-arg]
     cmd = [sys.executable, str(REPO / "build.py"), "release", "--config", str(config), "--out", str(out), "--key", str(key)]
+    for board in boards:
+        cmd += ["--board", board]
     if cache:
         cmd += ["--cache-dir", str(cache)]
     env = dict(os.environ, SOURCE_DATE_EPOCH="1700000000", PYTHONPATH=str(REPO))
@@ -46,6 +49,9 @@ def artifact_manifest(path: Path) -> bytes:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warm-only", action="store_true", help="skip the cold build (use the normal cache)")
+    ap.add_argument("--quick", action="store_true",
+                    help="for CI: one warm build of the qemu-virt board from the normal cache, its stage times and "
+                         "outputs (no cold build, no rebuilds, so no reproducibility verdict)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-build-"))
     try:
@@ -58,8 +64,15 @@ def main() -> None:
         from artifacts import KeyType, generate_keypair
 
         key, _ = generate_keypair(KeyType.ECDSA_P256, work / "key")
-        cache = None if args.warm_only else work / "cache"
+        cache = None if args.warm_only or args.quick else work / "cache"
         rows = []
+        if args.quick:
+            t, first = release(config, work / "first", None, key, boards=("qemu-virt",))
+            print(f"warm build of qemu-virt (normal cache): {t:.1f} s")
+            print("stages:", ", ".join(f"{k} {v} s" for k, v in first["timings"].items()))
+            for name, entry in first["outputs"].items():
+                print(f"  {name:45} {entry['size'] / 1e6:10.1f} MB")
+            return
         if not args.warm_only:
             t, manifest = release(config, work / "cold", cache, key)
             rows.append(("cold build (empty cache)", t))
