@@ -5,7 +5,8 @@ One pass over each payload file: the calling thread hashes while worker threads 
 the manifest (which must come first) needs the payload checksums. The output is then assembled into a
 temporary file and renamed over ``out``, so a failure never leaves a partial artifact behind.
 
-Timestamps come from ``SOURCE_DATE_EPOCH`` when it is set, so that the same inputs give the same bytes.
+Timestamps come from the epoch pinned by :func:`pinned_epoch`, else from ``SOURCE_DATE_EPOCH`` when it is set, so
+that the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -200,14 +203,33 @@ def _check_regular_file(path: Path, what: str) -> None:
         raise UserError(f"{what} is not readable: {path}")
 
 
-def _timestamp() -> int:
+#: the epoch :func:`pinned_epoch` set in this context (None: ``$SOURCE_DATE_EPOCH``, else the clock)
+_PINNED_EPOCH: ContextVar[int | None] = ContextVar("artifact_epoch", default=None)
+
+
+@contextmanager
+def pinned_epoch(epoch: int) -> Iterator[None]:
+    """Artifacts written inside the block (in this thread) — also by code that calls :func:`write_artifact` itself,
+    such as the delta artifact writer — take ``epoch`` as their time, as with ``SOURCE_DATE_EPOCH=epoch``, without
+    touching ``os.environ`` (where it would outlive the block: a release build pins its own epoch this way)."""
+    token = _PINNED_EPOCH.set(epoch)
+    try:
+        yield
+    finally:
+        _PINNED_EPOCH.reset(token)
+
+
+def _source_date_epoch() -> int | None:
+    pinned = _PINNED_EPOCH.get()
+    if pinned is not None:
+        return pinned
     sde = os.environ.get("SOURCE_DATE_EPOCH")
-    if sde:
-        try:
-            return int(sde)
-        except ValueError:
-            raise UserError(f"SOURCE_DATE_EPOCH must be an integer, got {sde!r}") from None
-    return int(time.time())
+    if not sde:
+        return None
+    try:
+        return int(sde)
+    except ValueError:
+        raise UserError(f"SOURCE_DATE_EPOCH must be an integer, got {sde!r}") from None
 
 
 @dataclass(frozen=True)
@@ -325,8 +347,8 @@ def write_artifact(
     space and any rest of it becomes a PAX comment record (a standard tar extension that every reader skips).
     """
     validate_spec(spec)
-    now = _timestamp()
-    sde = now if os.environ.get("SOURCE_DATE_EPOCH") else None
+    sde = _source_date_epoch()
+    now = int(time.time()) if sde is None else sde
     out = out.absolute()
     if not out.parent.is_dir():
         raise UserError(f"output directory does not exist: {out.parent}")

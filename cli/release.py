@@ -17,13 +17,6 @@ from ota_common.errors import UserError
 console = Console(stderr=True)
 
 
-_STAGES = {
-    "release": frozenset({"rootfs", "images", "artifacts"}),
-    "image": frozenset({"rootfs", "images"}),
-    "rootfs": frozenset({"rootfs"}),
-}
-
-
 def _options(f):  # type: ignore[no-untyped-def]
     for opt in reversed(_OPTIONS):
         f = opt(f)
@@ -108,15 +101,17 @@ def _check_signing(key: Path | None, unsigned: bool) -> None:
 def _run(kind: str, *, config: Path | None, version: str | None, boards: Sequence[str], key: Path | None,
          unsigned: bool, out: Path, cache_dir: Path | None, server_url: str | None, server_ca: Path | None,
          insecure_http: bool | None, security_version: int | None, previous: Path | None) -> list[Path]:
-    from image.release import DEFAULT_CONFIG, build_release
+    from image.release import ALL_STAGES, DEFAULT_CONFIG, Stage, build_release
     from image.trust import InsecureServerError
 
+    stages = {"release": ALL_STAGES, "image": frozenset({Stage.ROOTFS, Stage.IMAGES}),
+              "rootfs": frozenset({Stage.ROOTFS})}[kind]
     signer = load_signer(key) if key else None
     try:
         result = build_release(config=config or DEFAULT_CONFIG, version=version, boards=boards, signer=signer,
                                unsigned=unsigned, out=out, cache_dir=cache_dir, server_url=server_url,
                                security_version=security_version, server_ca=server_ca, insecure_http=insecure_http,
-                               progress=progress_line, stages=_STAGES[kind], previous=previous)
+                               progress=progress_line, stages=stages, previous=previous)
     except InsecureServerError as e:
         raise InsecureServerError(f"{e}, or with --insecure-http") from None
     table = Table(title=f"release {result.version} → {result.out_dir}")

@@ -20,6 +20,7 @@ from ota_common.tools import run
 
 from .config import BoardModel, ReleaseModel
 from .disk import DiskLayout, assemble, bmap, make_ext4, make_vfat
+from .epoch import tool_env
 from .trust import KEYS_DIR, REVOKED_KEYS, SERVER_CA
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ def disk_context(layout: DiskLayout) -> dict[str, str]:
 
 
 def render_boot_script(work: Path, board_name: str, board: BoardModel, layout: DiskLayout, *,
-                       signed: bool = True) -> Path:
-    """boot.cmd from its template, compiled to boot.scr with mkimage. An unsigned image's script says so at
-    every boot. Raises :class:`ToolError` when mkimage fails."""
+                       signed: bool = True, epoch: int | None = None) -> Path:
+    """boot.cmd from its template, compiled to boot.scr with mkimage (which stamps the build's ``epoch`` into its
+    header). An unsigned image's script says so at every boot. Raises :class:`ToolError` when mkimage fails."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(BOOT_CMD.read_text()).render(
         board={"name": board_name, **board.model_dump()}, disk=disk_context(layout), env={"size": hex(ENV_SIZE)},
@@ -51,7 +52,7 @@ def render_boot_script(work: Path, board_name: str, board: BoardModel, layout: D
     cmd.write_text(text)
     scr = work / "boot.scr"
     run(["mkimage", "-A", "arm64", "-O", "linux", "-T", "script", "-C", "none", "-n", "ota boot script",
-         "-d", cmd, scr], stage="boot script")
+         "-d", cmd, scr], stage="boot script", env=tool_env(epoch))
     return scr
 
 
@@ -164,23 +165,26 @@ def build_disk(
     seed: str,
     signed: bool,
     data_files: dict[str, bytes] | None = None,
+    epoch: int | None = None,
 ) -> BoardImage:
     """boot FAT + slot A (the rootfs) + empty slot B + empty data → disk.img and its bmap.
 
     ``signed``: whether the image trusts a release key (an unsigned one's boot script warns at every boot).
-    ``data_files`` (relative path → content) are placed on the data partition besides ``ota/device_type``."""
+    ``data_files`` (relative path → content) are placed on the data partition besides ``ota/device_type``.
+    ``epoch``: the build's SOURCE_DATE_EPOCH (default: ``$SOURCE_DATE_EPOCH`` if set)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="disk-", dir=out_dir) as tmp:
         work = Path(tmp)
         files = dict(boot_files)
-        files["boot.scr"] = render_boot_script(work, board_name, board, layout, signed=signed)
+        files["boot.scr"] = render_boot_script(work, board_name, board, layout, signed=signed, epoch=epoch)
         # two valid initial copies of the boot state (libubootenv refuses to write when both are invalid)
         initial = work / "uboot.env"
         initial.write_bytes(encode(INITIAL_STATE, 1))
         files["ota/uboot.env.a"] = initial
         files["ota/uboot.env.b"] = initial
         boot_img = work / "boot.vfat"
-        make_vfat(boot_img, files, size_mib=layout.by_name("boot").size_mib, label="boot", seed=f"{seed}:boot")
+        make_vfat(boot_img, files, size_mib=layout.by_name("boot").size_mib, label="boot", seed=f"{seed}:boot",
+                  epoch=epoch)
         data_tree = work / "data"
         (data_tree / "ota").mkdir(parents=True)
         (data_tree / "ota" / "device_type").write_text(f"device_type={board.device_type}\n")
@@ -190,7 +194,8 @@ def build_disk(
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(content)
         data_img = work / "data.ext4"
-        make_ext4(data_img, data_tree, size_mib=layout.by_name("data").size_mib, label="data", seed=f"{seed}:data")
+        make_ext4(data_img, data_tree, size_mib=layout.by_name("data").size_mib, label="data", seed=f"{seed}:data",
+                  epoch=epoch)
         disk = out_dir / "disk.img"
         assemble(disk, layout, {"boot": boot_img, "rootfs-a": rootfs_image, "data": data_img})
     return BoardImage(board_name, rootfs_image, disk, bmap(disk))

@@ -9,7 +9,7 @@ Layout (MBR, so every Pi firmware can read it)::
     3 rootfs B ext4    slot B, same size
     4 data     ext4    device identity, agent state, app data (grown to the medium on first boot)
 
-Everything is reproducible from the inputs and ``SOURCE_DATE_EPOCH``: filesystem UUIDs, hash seeds, the
+Everything is reproducible from the inputs and the build's epoch (``SOURCE_DATE_EPOCH``): filesystem UUIDs, hash seeds, the
 MBR disk identifier and timestamps are derived from a seed string, never random.
 """
 
@@ -25,6 +25,8 @@ from pathlib import Path
 
 from ota_common.errors import UserError
 from ota_common.tools import run
+
+from .epoch import given_or_environment, tool_env
 
 SECTOR = 512
 MIB = 1 << 20
@@ -88,18 +90,15 @@ def plan_layout(*, slot_mib: int, boot_mib: int = 256, data_mib: int = 128, seed
     return DiskLayout(tuple(parts), disk_id)
 
 
-def _epoch_env() -> dict[str, str]:
-    sde = os.environ.get("SOURCE_DATE_EPOCH")
-    return {"E2FSPROGS_FAKE_TIME": sde} if sde else {}
-
-
-def make_ext4(image: Path, tree: Path, *, size_mib: int, label: str, seed: str, clamp_mtime: bool = True) -> None:
+def make_ext4(image: Path, tree: Path, *, size_mib: int, label: str, seed: str, clamp_mtime: bool = True,
+              epoch: int | None = None) -> None:
     """An ext4 filesystem of ``size_mib`` holding ``tree`` (owners and modes as in the tree).
 
-    With ``SOURCE_DATE_EPOCH`` set, inode times are made reproducible: ctime, atime and crtime are set to
-    the file's mtime, and mtimes later than the epoch are clamped to it — unless ``clamp_mtime`` is False,
-    for a tree whose times were already made reproducible (:func:`image.rootfs.normalise`).
+    With an ``epoch`` (default: ``$SOURCE_DATE_EPOCH`` if set), inode times are made reproducible: ctime, atime
+    and crtime are set to the file's mtime, and mtimes later than the epoch are clamped to it — unless
+    ``clamp_mtime`` is False, for a tree whose times were already made reproducible (:func:`image.rootfs.normalise`).
     Raises :class:`UserError` when the tree does not fit."""
+    epoch = given_or_environment(epoch)
     image.unlink(missing_ok=True)
     used = _tree_size(tree)
     if used > size_mib * MIB * 0.95:
@@ -114,10 +113,10 @@ def make_ext4(image: Path, tree: Path, *, size_mib: int, label: str, seed: str, 
         ["mkfs.ext4", "-q", "-F", "-d", tree, "-L", label[:16], "-U", fs_uuid, "-E", f"hash_seed={hash_seed},root_owner=0:0",
          "-m", "1", "-b", "4096", image],
         stage=f"filesystem {label}",
-        env=_epoch_env(),
+        env={} if epoch is None else {**tool_env(epoch), "E2FSPROGS_FAKE_TIME": str(epoch)},
     )
-    if "SOURCE_DATE_EPOCH" in os.environ:
-        _clamp_inode_times(image, tree, int(os.environ["SOURCE_DATE_EPOCH"]), label, clamp_mtime)
+    if epoch is not None:
+        _clamp_inode_times(image, tree, epoch, label, clamp_mtime)
 
 
 def _clamp_inode_times(image: Path, tree: Path, epoch: int, label: str, clamp_mtime: bool = True) -> None:
@@ -168,14 +167,17 @@ def _tree_size(tree: Path) -> int:
     return total
 
 
-def make_vfat(image: Path, files: Mapping[str, Path], *, size_mib: int, label: str, seed: str) -> None:
-    """A FAT32 filesystem of ``size_mib`` holding ``files`` (``{"dir/name": source}``), built with mtools."""
+def make_vfat(image: Path, files: Mapping[str, Path], *, size_mib: int, label: str, seed: str,
+              epoch: int | None = None) -> None:
+    """A FAT32 filesystem of ``size_mib`` holding ``files`` (``{"dir/name": source}``), built with mtools; with an
+    ``epoch`` (default: ``$SOURCE_DATE_EPOCH`` if set), reproducible."""
     image.unlink(missing_ok=True)
     volume_id = hashlib.sha256(f"vfat:{seed}".encode()).hexdigest()[:8]
-    invariant = ["--invariant"] if "SOURCE_DATE_EPOCH" in os.environ else []
+    epoch = given_or_environment(epoch)
+    invariant = ["--invariant"] if epoch is not None else []
     run(["mkfs.vfat", *invariant, "-F", "32", "-n", label[:11].upper(), "-i", volume_id, "-C", image, str(size_mib * 1024)],
-        stage=f"filesystem {label}")
-    env = {"MTOOLS_SKIP_CHECK": "1", **({"SOURCE_DATE_EPOCH": os.environ["SOURCE_DATE_EPOCH"]} if "SOURCE_DATE_EPOCH" in os.environ else {})}
+        stage=f"filesystem {label}", env=tool_env(epoch))
+    env = {"MTOOLS_SKIP_CHECK": "1", **tool_env(epoch)}
     made: set[str] = set()
     for dest in sorted(files):
         parts = dest.strip("/").split("/")

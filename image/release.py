@@ -1,13 +1,22 @@
 """``build.py release``: everything for a release into ``out/<version>/``.
 
-Stages, each a small step: load and validate the configuration and layers (all errors at once) → check tools
-→ bootstrap or reuse the cached base → rootfs tree (layers, kernel, normalisation) → ``rootfs.ext4`` (one
-for every board) → per board: boot partition, ``disk.img``, ``disk.img.bmap``, ``disk.img.gz`` and the
-signed artifact ``<name>-<version>-<board>.mender`` → ``manifest.json``.
+:func:`build_release` checks everything it can before building (configuration and layers, all errors at once;
+keys and server settings; the previous release's artifacts; the tools), gathers it into a
+:class:`BuildContext`, then runs :data:`STEPS`, a straight list of small step functions ``step(ctx)``, each
+timed (:class:`ota_common.progress.Steps`) and returning early when its :class:`Stage` was not asked for:
+
+    base rootfs (bootstrap or reuse the cached base) → layers (the rootfs tree: layers, kernel, normalisation)
+    → ``rootfs.ext4`` (one for every board) → per board: boot partition, ``disk.img``, ``disk.img.bmap``,
+    ``disk.img.gz`` and the signed artifact ``<name>-<version>-<board>.mender`` → deltas from the previous
+    release → ``manifest.json`` (not timed: it records the timings).
+
+The release's ``SOURCE_DATE_EPOCH`` (:attr:`BuildContext.epoch`) is passed to each step's tools, never written
+into ``os.environ`` (:mod:`image.epoch`).
 """
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import hashlib
 import json
@@ -16,11 +25,11 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from artifacts.compression import ParallelGzipEncoder
 from artifacts.format import Compression
@@ -32,15 +41,47 @@ from ota_common.tools import require_tools
 
 from . import rootfs as rootfs_mod
 from .build import build_disk, firmware_files, template_context
-from .config import load_board, load_release, with_overrides
-from .disk import make_ext4, plan_layout
-from .layers import Layer, load_layers, merge_layers
-from .trust import check_server_url, install_trust, load_trust
+from .config import BoardModel, ReleaseModel, load_board, load_release, with_overrides
+from .disk import DiskLayout, make_ext4, plan_layout
+from .epoch import release_epoch
+from .layers import Layer, MergedLayers, load_layers, merge_layers
+from .manifest import (
+    MANIFEST,
+    BaseEntry,
+    BoardEntry,
+    DiskEntry,
+    OutputEntry,
+    PackageEntry,
+    PreviousRelease,
+    ReleaseManifest,
+    TrustEntry,
+)
+from .trust import ImageTrust, check_server_url, install_trust, load_trust
+
+if TYPE_CHECKING:
+    from artifacts.delta import DeltaStats
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "release.yaml"
 TOOLS = ["mmdebstrap", "mkfs.ext4", "debugfs", "mkfs.vfat", "mcopy", "mmd", "sfdisk", "bmaptool", "mkimage", "dpkg-deb"]
+
+
+class Stage(enum.Enum):
+    """How far a build goes: the rootfs (``build.py rootfs``), the disk images (``build.py image``), the
+    artifacts (``build.py release``). Each needs the ones before it."""
+
+    ROOTFS = "rootfs"
+    IMAGES = "images"
+    ARTIFACTS = "artifacts"
+
+
+ALL_STAGES = frozenset(Stage)
+
+
+def stage_set(stages: Iterable[Stage | str]) -> frozenset[Stage]:
+    """Stages given as members or by their values (``"images"``). Raises :class:`ValueError` for an unknown one."""
+    return frozenset(Stage(s) for s in stages)
 
 
 def preflight() -> None:
@@ -67,18 +108,6 @@ def cache_lock(cache: Path, progress: Callable[[str], None] = lambda msg: None) 
 def default_cache_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "vv-ota"
-
-
-def source_date_epoch() -> int:
-    """SOURCE_DATE_EPOCH, else the time of the last git commit, else now."""
-    sde = os.environ.get("SOURCE_DATE_EPOCH")
-    if sde:
-        return int(sde)
-    try:
-        out = subprocess.run(["git", "log", "-1", "--format=%ct"], cwd=REPO, capture_output=True, text=True, check=True)
-        return int(out.stdout.strip())
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        return int(time.time())
 
 
 @dataclass
@@ -112,6 +141,53 @@ def _tool_version(cmd: list[str]) -> str:
         return "unknown"
 
 
+@dataclass
+class BuildContext:
+    """What the steps read (the checked inputs of one build), and what earlier steps leave for later ones."""
+
+    release: ReleaseModel
+    trust: ImageTrust
+    boards: dict[str, BoardModel]
+    layers: list[Layer]
+    merged: MergedLayers
+    spec: rootfs_mod.BaseSpec
+    layout: DiskLayout
+    stages: frozenset[Stage]
+    signer: Signer | None
+    previous: PreviousRelease | None
+    cache: Path
+    #: the release's SOURCE_DATE_EPOCH, given to every tool that stamps times
+    epoch: int
+    out_dir: Path
+    steps: Steps
+    started: float  # time.monotonic() when the build began
+    # left by the steps
+    outputs: dict[str, Path] = field(default_factory=dict)
+    base: Path | None = None
+    kernel: str = ""
+    packages: list[dict[str, str]] = field(default_factory=list)
+    deltas: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def artifact_name(self) -> str:
+        return f"{self.release.name}-{self.release.version}"
+
+    @property
+    def work(self) -> Path:
+        return self.cache / "work" / self.release.name
+
+    @property
+    def root(self) -> Path:
+        return self.work / "root"
+
+    @property
+    def rootfs_image(self) -> Path:
+        return self.out_dir / "rootfs.ext4"
+
+    def full_artifact(self, board: str) -> Path:
+        return self.out_dir / f"{self.artifact_name}-{board}.mender"
+
+
 def build_release(
     *,
     config: Path = DEFAULT_CONFIG,
@@ -126,39 +202,34 @@ def build_release(
     server_ca: Path | None = None,
     insecure_http: bool | None = None,
     progress: Callable[[str], None] = lambda msg: None,
-    stages: frozenset[str] = frozenset({"rootfs", "images", "artifacts"}),
+    stages: Iterable[Stage | str] = ALL_STAGES,
     previous: Path | None = None,
+    epoch: int | None = None,
 ) -> ReleaseResult:
-    """Build a release, or only its first ``stages`` (``rootfs``; ``rootfs`` + ``images``) for debugging.
+    """Build a release, or only its first ``stages`` (:class:`Stage` members or their values: ``rootfs``;
+    ``rootfs`` + ``images``) for debugging.
 
     The image trusts ``signer``'s public key (and the configuration's ``trusted_keys``). Without a signer the
     image trusts no key and refuses every update, so that must be asked for with ``unsigned=True``.
     ``security_version``, ``server_ca`` (a PEM file of certificates) and ``insecure_http`` replace the
-    configuration's values when given. Raises :class:`UserError` for bad configuration, keys or server settings
-    (:class:`image.trust.InsecureServerError` for a plain http server URL that is not allowed), all before
-    anything is built; :class:`ToolError` for tools."""
+    configuration's values when given. ``previous``: the output directory of the release this one updates
+    from (delta artifacts from it). ``epoch``: the release's SOURCE_DATE_EPOCH (default: ``$SOURCE_DATE_EPOCH``,
+    else the last commit's time). Raises :class:`UserError` for bad configuration, keys, server settings or
+    previous release (:class:`image.trust.InsecureServerError` for a plain http server URL that is not allowed),
+    all before anything is built; :class:`ToolError` for tools."""
     if signer is None and not unsigned:
         raise UserError("no release key to sign with: an image built without one trusts no release key and refuses "
                         "every update; give a signer, or ask for an unsigned image explicitly (unsigned=True)")
     if signer is not None and unsigned:
         raise UserError("an unsigned image was asked for, but with a release key to sign it: choose one")
-    with cache_lock(cache_dir or default_cache_dir(), progress):
-        from artifacts.writer import SECURITY_VERSION_KEY, rootfs_image_spec, write_artifact
+    wanted = stage_set(stages)
+    cache = cache_dir or default_cache_dir()
+    with cache_lock(cache, progress):
+        from artifacts.writer import pinned_epoch
 
-        t0 = time.monotonic()
-        release = load_release(config)
-        overrides: dict[str, Any] = {}
-        if version:
-            overrides["version"] = version
-        if boards:
-            overrides["boards"] = tuple(boards)
-        if server_url is not None:
-            overrides["server_url"] = server_url
-        if security_version is not None:
-            overrides["security_version"] = security_version
-        if insecure_http is not None:
-            overrides["insecure_http"] = insecure_http
-        release = with_overrides(release, overrides)
+        started = time.monotonic()
+        release = _release_config(config, version=version, boards=boards, server_url=server_url,
+                                  security_version=security_version, insecure_http=insecure_http)
         trust = load_trust(release, config.parent, signer, server_ca=server_ca, config=str(config))
         for line in (*check_server_url(release.server_url, insecure_http=release.insecure_http,
                                        server_ca=trust.server_ca is not None, config=str(config)), *trust.notes):
@@ -167,156 +238,214 @@ def build_release(
             progress("unsigned image: it trusts no release key and refuses every update (its boot script and "
                      "ota.conf say so)")
         board_models = {b: load_board(b) for b in release.boards}
-        layers_dir = config.parent / "layers"
-        layers = load_layers([layers_dir / f"{n}.yaml" for n in release.layers])
+        layers = load_layers([config.parent / "layers" / f"{n}.yaml" for n in release.layers])
         merged = merge_layers(layers)
-        previous_manifest = _previous_release(previous) if previous else None
-        if previous is not None and previous_manifest is not None and "artifacts" in stages:
+        prev = PreviousRelease.load(previous) if previous is not None else None
+        if prev is not None and Stage.ARTIFACTS in wanted:
             # fail before the build, not after it, when a delta could not be made from the previous artifacts
-            check_previous_artifacts(previous, previous_manifest, board_models, trust.verifiers())
+            check_previous_artifacts(prev.path, prev, board_models, trust.verifiers())
         preflight()
-        cache = cache_dir or default_cache_dir()
-        epoch = source_date_epoch()
-        os.environ["SOURCE_DATE_EPOCH"] = str(epoch)
         out_dir = (out / release.version).absolute()
         out_dir.mkdir(parents=True, exist_ok=True)
-        result = ReleaseResult(release.version, out_dir)
-
-        steps = Steps(progress)
-        with steps.step("base rootfs") as note:
-            spec = rootfs_mod.base_spec(release.suite, release.mirror, merged)
-            base = rootfs_mod.bootstrap(spec, cache, progress=note)
-
-        with steps.step("layers"):
-            layout = plan_layout(slot_mib=release.slot_size_mib, boot_mib=release.boot_size_mib,
-                                 data_mib=release.data_size_mib, seed=release.name)
-            work = cache / "work" / release.name
-            root = work / "root"
-            unpacked = time.time() - 2  # file times have a coarse clock: anything from here on is this build's
-            rootfs_mod.extract(base, root)
-            variables = {**merged.variables, **release.variables}
-            context = template_context(release, layout, variables, signed=trust.signed,
-                                       config_variables=merged.config_variables,
-                                       server_ca=trust.server_ca is not None)
-            rootfs_mod.apply_layers(root, merged, context)
-            install_trust(root, trust)
-            kernel = rootfs_mod.place_kernel(root)
-            packages = rootfs_mod.package_list(root)
-            rootfs_mod.normalise(root, epoch, touched_since=unpacked)
-
-        with steps.step("rootfs.ext4"):
-            rootfs_img = out_dir / "rootfs.ext4"
-            make_ext4(rootfs_img, root, size_mib=release.slot_size_mib, label="rootfs", seed=f"{release.name}:rootfs",
-                      clamp_mtime=False)
-            result.outputs["rootfs.ext4"] = rootfs_img
-
-        artifact_name = f"{release.name}-{release.version}"
-        # what the agent knows about the factory slot A (an installed slot gets the same record from its artifact)
-        slot_a = {"artifact_name": artifact_name,
-                  "provides": {"artifact_name": artifact_name, "rootfs-image.version": release.version,
-                               SECURITY_VERSION_KEY: str(release.security_version),
-                               "rootfs-image.checksum": sha256_file(rootfs_img)}}
-        data_files = {"ota/slots.json": (json.dumps({"2": slot_a}, indent=1, sort_keys=True) + "\n").encode()}
-        for board_name, board in board_models.items():
-            if "images" not in stages:
-                break
-            with steps.step(f"{board_name}: disk image"):
-                files = firmware_files(board, work / board_name, cache, root=root, mirror=release.mirror,
-                                       suite=release.suite)
-                image = build_disk(board_name=board_name, board=board, layout=layout, rootfs_image=rootfs_img,
-                                   boot_files=files, out_dir=out_dir / board_name, seed=release.name,
-                                   signed=trust.signed, data_files=data_files)
-                gz = image.disk.with_name("disk.img.gz")
-                _gzip(image.disk, gz)
-                result.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
-                                       f"{board_name}/disk.img.gz": gz})
-            if "artifacts" not in stages:
-                continue
-            with steps.step(f"{board_name}: artifact"):
-                art = out_dir / f"{artifact_name}-{board_name}.mender"
-                write_artifact(rootfs_image_spec(file=rootfs_img, name=artifact_name, device_types=[board.device_type],
-                                                 software_version=release.version,
-                                                 security_version=release.security_version),
-                               art, compression=Compression(release.compression), signer=signer)
-                result.outputs[art.name] = art
-
-        deltas: dict[str, dict[str, Any]] = {}
-        if previous is not None and previous_manifest is not None:
-            full = {b: result.outputs[f"{artifact_name}-{b}.mender"] for b in board_models
-                    if f"{artifact_name}-{b}.mender" in result.outputs}
-            deltas = write_release_deltas(previous, previous_manifest, full, out_dir, work / "delta", signer=signer,
-                                          verifiers=trust.verifiers(), steps=steps)
-            result.outputs.update({entry["file"]: out_dir / entry["file"] for entry in deltas.values()})
-        manifest = {
-            "name": release.name,
-            "version": release.version,
-            "artifact_name": artifact_name,
-            "boards": {b: {"device_type": m.device_type} for b, m in board_models.items()},
-            "source_date_epoch": epoch,
-            "built_at": int(time.time()),
-            "build_seconds": round(time.monotonic() - t0, 1),
-            "signed": signer is not None,
-            "security_version": release.security_version,
-            # fingerprints (sha256 of the DER SubjectPublicKeyInfo) of the keys the image trusts and revokes
-            "trust": {**trust.manifest(), "server_url": release.server_url, "insecure_http": release.insecure_http,
-                      "config_variables": list(merged.config_variables)},
-            # the release this one updates from, and the delta artifacts from it (delta-from-<old>-<board>.mender)
-            "previous": None if previous_manifest is None else {
-                "version": previous_manifest.get("version"), "artifact_name": previous_manifest.get("artifact_name"),
-                "rootfs_sha256": previous_manifest.get("outputs", {}).get("rootfs.ext4", {}).get("sha256"),
-                "deltas": deltas},
-            "kernel": kernel,
-            "disk": {"disk_id": f"{layout.disk_id:08x}", "slot_mib": release.slot_size_mib},
-            "layers": {layer.name: layer_hash(layer) for layer in layers},
-            "base": {"key": spec.key, "suite": release.suite, "mirror": release.mirror or "(apt default)"},
-            "outputs": {name: {"sha256": sha256_file(p), "size": p.stat().st_size} for name, p in sorted(result.outputs.items())},
-            "packages": packages,
-            "tools": {
-                "python": platform.python_version(),
-                "mmdebstrap": _tool_version(["mmdebstrap", "--version"]),
-                "mke2fs": _tool_version(["mke2fs", "-V"]),
-                "mkimage": _tool_version(["mkimage", "-V"]),
-            },
-            "timings": {k: round(v, 1) for k, v in steps.timings.items()},
-        }
-        result.timings.update(steps.timings)
-        (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        result.outputs["manifest.json"] = out_dir / "manifest.json"
-        return result
+        ctx = BuildContext(
+            release=release, trust=trust, boards=board_models, layers=layers, merged=merged,
+            spec=rootfs_mod.base_spec(release.suite, release.mirror, merged),
+            layout=plan_layout(slot_mib=release.slot_size_mib, boot_mib=release.boot_size_mib,
+                               data_mib=release.data_size_mib, seed=release.name),
+            stages=wanted, signer=signer, previous=prev, cache=cache,
+            epoch=release_epoch(REPO) if epoch is None else epoch,
+            out_dir=out_dir, steps=Steps(progress), started=started)
+        with pinned_epoch(ctx.epoch):  # the artifact writers' clock, for this build only
+            for step in STEPS:
+                step(ctx)
+        return ReleaseResult(release.version, out_dir, dict(ctx.outputs), dict(ctx.steps.timings))
 
 
-def _previous_release(path: Path) -> dict[str, Any]:
-    manifest = path / "manifest.json"
-    try:
-        doc = json.loads(manifest.read_text())
-    except FileNotFoundError:
-        raise UserError(f"--previous {path}: no manifest.json there; pass a release output directory (OUT/<version>)") from None
-    except ValueError:
-        raise UserError(f"--previous {path}: manifest.json is not valid JSON") from None
-    if not isinstance(doc, dict) or "version" not in doc:
-        raise UserError(f"--previous {path}: manifest.json is not a release manifest")
-    return doc
+def _release_config(config: Path, *, version: str | None, boards: Sequence[str], server_url: str | None,
+                    security_version: int | None, insecure_http: bool | None) -> ReleaseModel:
+    """The release configuration with what the caller gave replaced. Raises :class:`UserError`."""
+    overrides: dict[str, Any] = {}
+    if version:
+        overrides["version"] = version
+    if boards:
+        overrides["boards"] = tuple(boards)
+    for key, value in (("server_url", server_url), ("security_version", security_version),
+                       ("insecure_http", insecure_http)):
+        if value is not None:
+            overrides[key] = value
+    return with_overrides(load_release(config), overrides)
 
 
-def check_previous_artifacts(previous: Path, previous_manifest: dict[str, Any], boards: Iterable[str],
-                             verifiers: Sequence[Verifier]) -> None:
+# ---------------------------------------------------------------------------------------------------------
+# the steps, in order
+
+
+def base_rootfs(ctx: BuildContext) -> None:
+    with ctx.steps.step("base rootfs") as note:
+        ctx.base = rootfs_mod.bootstrap(ctx.spec, ctx.cache, progress=note)
+
+
+def rootfs_tree(ctx: BuildContext) -> None:
+    """The base unpacked, the layers and the trust settings applied, the kernel placed, times normalised."""
+    assert ctx.base is not None, "the base rootfs step runs first"
+    with ctx.steps.step("layers"):
+        unpacked = time.time() - 2  # file times have a coarse clock: anything from here on is this build's
+        rootfs_mod.extract(ctx.base, ctx.root, epoch=ctx.epoch)
+        variables = {**ctx.merged.variables, **ctx.release.variables}
+        context = template_context(ctx.release, ctx.layout, variables, signed=ctx.trust.signed,
+                                   config_variables=ctx.merged.config_variables,
+                                   server_ca=ctx.trust.server_ca is not None)
+        rootfs_mod.apply_layers(ctx.root, ctx.merged, context, epoch=ctx.epoch)
+        install_trust(ctx.root, ctx.trust)
+        ctx.kernel = rootfs_mod.place_kernel(ctx.root)
+        ctx.packages = rootfs_mod.package_list(ctx.root)
+        rootfs_mod.normalise(ctx.root, ctx.epoch, touched_since=unpacked)
+
+
+def rootfs_image(ctx: BuildContext) -> None:
+    with ctx.steps.step("rootfs.ext4"):
+        make_ext4(ctx.rootfs_image, ctx.root, size_mib=ctx.release.slot_size_mib, label="rootfs",
+                  seed=f"{ctx.release.name}:rootfs", clamp_mtime=False, epoch=ctx.epoch)
+        ctx.outputs["rootfs.ext4"] = ctx.rootfs_image
+
+
+def board_outputs(ctx: BuildContext) -> None:
+    """Per board, its disk image, then its artifact."""
+    if Stage.IMAGES not in ctx.stages:
+        return
+    data_files = _data_partition_files(ctx)
+    for board in ctx.boards:
+        disk_image(ctx, board, data_files)
+        full_artifact(ctx, board)
+
+
+def _data_partition_files(ctx: BuildContext) -> dict[str, bytes]:
+    """What the agent knows about the factory slot A (an installed slot gets the same record from its
+    artifact), for the data partition."""
+    from artifacts.writer import SECURITY_VERSION_KEY
+
+    release = ctx.release
+    slot_a = {"artifact_name": ctx.artifact_name,
+              "provides": {"artifact_name": ctx.artifact_name, "rootfs-image.version": release.version,
+                           SECURITY_VERSION_KEY: str(release.security_version),
+                           "rootfs-image.checksum": sha256_file(ctx.rootfs_image)}}
+    return {"ota/slots.json": (json.dumps({"2": slot_a}, indent=1, sort_keys=True) + "\n").encode()}
+
+
+def disk_image(ctx: BuildContext, board_name: str, data_files: dict[str, bytes]) -> None:
+    board = ctx.boards[board_name]
+    release = ctx.release
+    with ctx.steps.step(f"{board_name}: disk image"):
+        files = firmware_files(board, ctx.work / board_name, ctx.cache, root=ctx.root, mirror=release.mirror,
+                               suite=release.suite)
+        image = build_disk(board_name=board_name, board=board, layout=ctx.layout, rootfs_image=ctx.rootfs_image,
+                           boot_files=files, out_dir=ctx.out_dir / board_name, seed=release.name,
+                           signed=ctx.trust.signed, data_files=data_files, epoch=ctx.epoch)
+        gz = image.disk.with_name("disk.img.gz")
+        _gzip(image.disk, gz)
+        ctx.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
+                            f"{board_name}/disk.img.gz": gz})
+
+
+def full_artifact(ctx: BuildContext, board_name: str) -> None:
+    if Stage.ARTIFACTS not in ctx.stages:
+        return
+    from artifacts.writer import rootfs_image_spec, write_artifact
+
+    release = ctx.release
+    with ctx.steps.step(f"{board_name}: artifact"):
+        art = ctx.full_artifact(board_name)
+        write_artifact(rootfs_image_spec(file=ctx.rootfs_image, name=ctx.artifact_name,
+                                         device_types=[ctx.boards[board_name].device_type],
+                                         software_version=release.version, security_version=release.security_version),
+                       art, compression=Compression(release.compression), signer=ctx.signer)
+        ctx.outputs[art.name] = art
+
+
+def deltas(ctx: BuildContext) -> None:
+    """Delta artifacts from the previous release's full artifacts (timed per board)."""
+    if ctx.previous is None:
+        return
+    full = {b: ctx.full_artifact(b) for b in ctx.boards if ctx.full_artifact(b).name in ctx.outputs}
+    if not full:
+        return
+    ctx.deltas = write_release_deltas(ctx.previous.path, ctx.previous, full, ctx.out_dir, ctx.work / "delta",
+                                      signer=ctx.signer, verifiers=ctx.trust.verifiers(), steps=ctx.steps)
+    ctx.outputs.update({entry["file"]: ctx.out_dir / entry["file"] for entry in ctx.deltas.values()})
+
+
+def manifest(ctx: BuildContext) -> None:
+    """``manifest.json``: what was built, from what, with which tools, how long each step took."""
+    release = ctx.release
+    doc = ReleaseManifest(
+        name=release.name,
+        version=release.version,
+        artifact_name=ctx.artifact_name,
+        boards={b: BoardEntry(m.device_type) for b, m in ctx.boards.items()},
+        source_date_epoch=ctx.epoch,
+        built_at=int(time.time()),
+        build_seconds=round(time.monotonic() - ctx.started, 1),
+        signed=ctx.signer is not None,
+        security_version=release.security_version,
+        trust=TrustEntry(**ctx.trust.manifest(), server_url=release.server_url, insecure_http=release.insecure_http,
+                         config_variables=list(ctx.merged.config_variables)),
+        previous=None if ctx.previous is None else ctx.previous.entry(ctx.deltas),
+        kernel=ctx.kernel,
+        disk=DiskEntry(f"{ctx.layout.disk_id:08x}", release.slot_size_mib),
+        layers={layer.name: layer_hash(layer) for layer in ctx.layers},
+        base=BaseEntry(ctx.spec.key, release.suite, release.mirror or "(apt default)"),
+        outputs={name: OutputEntry(sha256_file(p), p.stat().st_size) for name, p in sorted(ctx.outputs.items())},
+        packages=[PackageEntry(**p) for p in ctx.packages],
+        tools={
+            "python": platform.python_version(),
+            "mmdebstrap": _tool_version(["mmdebstrap", "--version"]),
+            "mke2fs": _tool_version(["mke2fs", "-V"]),
+            "mkimage": _tool_version(["mkimage", "-V"]),
+        },
+        timings={k: round(v, 1) for k, v in ctx.steps.timings.items()},
+    )
+    path = ctx.out_dir / MANIFEST
+    path.write_text(doc.to_json())
+    ctx.outputs[MANIFEST] = path
+
+
+#: the build, in order; each step returns early when it does not apply
+STEPS: tuple[Callable[[BuildContext], None], ...] = (base_rootfs, rootfs_tree, rootfs_image, board_outputs, deltas,
+                                                     manifest)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the previous release and delta artifacts from it
+
+
+def _previous_of(previous: Path, previous_manifest: PreviousRelease | Mapping[str, Any]) -> PreviousRelease:
+    if isinstance(previous_manifest, PreviousRelease):
+        return previous_manifest
+    return PreviousRelease.from_manifest(previous, previous_manifest)
+
+
+def check_previous_artifacts(previous: Path, previous_manifest: PreviousRelease | Mapping[str, Any],
+                             boards: Iterable[str], verifiers: Sequence[Verifier]) -> None:
     """The previous release's full artifacts that deltas will be made from must be full rootfs-image
-    artifacts signed by a key the devices trust (header only: quick). Raises UserError or ArtifactError."""
+    artifacts signed by a key the devices trust (header only: quick). ``previous_manifest``: what
+    :meth:`PreviousRelease.load` read, or the manifest document. Raises UserError or ArtifactError."""
     from artifacts.reader import ArtifactReader
 
+    prev = _previous_of(previous, previous_manifest)
     for board in boards:
-        art = previous / f"{previous_manifest.get('artifact_name')}-{board}.mender"
+        art = prev.artifact(board)
         if not art.is_file():
             continue
         with ArtifactReader.open(art, verifiers=verifiers, require_signature=bool(verifiers)) as r:
             types = r.read_header().info.payload_types
         if types != ("rootfs-image",):
-            raise UserError(f"--previous {previous}: {art.name} is not a full rootfs-image artifact ({', '.join(types)})")
+            raise UserError(f"the previous release {previous}: {art.name} is not a full rootfs-image artifact "
+                            f"({', '.join(types)})")
 
 
 def write_release_deltas(
     previous: Path,
-    previous_manifest: dict[str, Any],
+    previous_manifest: PreviousRelease | Mapping[str, Any],
     full: dict[str, Path],
     out_dir: Path,
     work: Path,
@@ -331,34 +460,30 @@ def write_release_deltas(
     board, so the delta payload is made once (in ``work``) and reused. A board without a previous artifact,
     or with the same image as before, gets none. Steps are timed in ``steps`` (else reported to ``progress``).
     Returns the manifest entries, by board."""
-    from artifacts.delta import make_delta_payload, write_delta_artifact
+    from artifacts.delta import write_delta_artifact
 
-    old_version = str(previous_manifest.get("version"))
+    prev = _previous_of(previous, previous_manifest)
     steps = steps or Steps(progress, heartbeat=None)
     out: dict[str, dict[str, Any]] = {}
-    payloads: dict[tuple[str | None, str | None], tuple[Path, Any]] = {}
+    payloads: dict[tuple[str | None, str | None], tuple[Path, DeltaStats]] = {}
     work.mkdir(parents=True, exist_ok=True)
     try:
         for board, art in full.items():
-            old_art = previous / f"{previous_manifest.get('artifact_name')}-{board}.mender"
+            old_art = prev.artifact(board)
             if not old_art.is_file():
                 steps.emit(f"{board}: no delta: the previous release has no artifact {old_art.name}")
                 continue
-            old_sha = previous_manifest.get("outputs", {}).get("rootfs.ext4", {}).get("sha256")
-            with steps.step(f"{board}: delta from {old_version}") as note:
-                key = (old_sha, None)
+            with steps.step(f"{board}: delta from {prev.version}") as note:
+                key = (prev.rootfs_sha256, None)
                 if key not in payloads:
                     payload = work / f"rootfs-{len(payloads)}.delta"
-                    try:
-                        stats, _, _ = make_delta_payload(old_art, art, payload, verifiers=tuple(verifiers))
-                    except UserError as e:
-                        if "the same image" not in str(e):
-                            raise
-                        note(f"no delta: the image is the same as {old_version}'s")
+                    stats = delta_payload_unless_same_image(old_art, art, payload, verifiers)
+                    if stats is None:
+                        note(f"no delta: the image is the same as {prev.version}'s")
                         continue
                     payloads[key] = (payload, stats)
                 payload, stats = payloads[key]
-                target = out_dir / f"delta-from-{old_version}-{board}.mender"
+                target = out_dir / f"delta-from-{prev.version}-{board}.mender"
                 res = write_delta_artifact(old_art, art, signer=signer, out=target, verifiers=tuple(verifiers),
                                            payload=payload)
                 out[board] = {"file": target.name, "from": old_art.name, "size": res.artifact.size,
@@ -370,6 +495,21 @@ def write_release_deltas(
     return out
 
 
+def delta_payload_unless_same_image(old: Path, new: Path, payload: Path,
+                                    verifiers: Sequence[Verifier]) -> DeltaStats | None:
+    """The delta payload from ``old``'s image to ``new``'s, written to ``payload``; None when both artifacts hold
+    the same image (nothing to send). Raises what :func:`artifacts.delta.make_delta_payload` raises otherwise."""
+    from artifacts.delta import make_delta_payload
+
+    try:
+        stats, _, _ = make_delta_payload(old, new, payload, verifiers=tuple(verifiers))
+    except UserError as e:
+        if "the same image" not in str(e):
+            raise
+        return None
+    return stats
+
+
 def _gzip(src: Path, dst: Path) -> None:
     """A compressed image for flashing (gzip: bmaptool, zcat and Raspberry Pi Imager read it), on all cores."""
     with open(src, "rb") as f, open(dst, "wb") as out:
@@ -379,4 +519,5 @@ def _gzip(src: Path, dst: Path) -> None:
         enc.close()
 
 
-__all__ = ["DEFAULT_CONFIG", "build_release", "default_cache_dir", "sha256_file", "write_release_deltas"]
+__all__ = ["ALL_STAGES", "DEFAULT_CONFIG", "STEPS", "BuildContext", "Stage", "build_release", "default_cache_dir",
+           "sha256_file", "stage_set", "write_release_deltas"]

@@ -26,6 +26,7 @@ import jinja2
 from ota_common.errors import ToolError, UserError
 from ota_common.tools import require_tools, run
 
+from .epoch import tool_env
 from .layers import MergedLayers
 
 log = logging.getLogger(__name__)
@@ -145,13 +146,14 @@ def _mmdebstrap_stages(progress: Callable[[str], None]) -> Callable[[str], None]
     return on_line
 
 
-def extract(base: Path, root: Path) -> None:
-    """Unpack a base tarball into an empty directory, keeping owners and modes."""
+def extract(base: Path, root: Path, *, epoch: int | None = None) -> None:
+    """Unpack a base tarball into an empty directory, keeping owners and modes (tar runs at the build's
+    ``epoch``, like every program of a build)."""
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     run(["tar", "--extract", "--numeric-owner", "--same-owner", "--preserve-permissions", "--file", base,
-         "--directory", root], stage="unpack base rootfs")
+         "--directory", root], stage="unpack base rootfs", env=tool_env(epoch))
 
 
 def _ids(root: Path, owner: str) -> tuple[int, int]:
@@ -187,11 +189,14 @@ def render_template(source: Path, context: Mapping[str, Any], where: str = "") -
         raise UserError(f"template {source}{f' ({where})' if where else ''}: {e}") from None
 
 
-def apply_layers(root: Path, merged: MergedLayers, context: Mapping[str, Any]) -> None:
-    """Groups, users, files, trees, templates, units, then commands — in that order."""
+def apply_layers(root: Path, merged: MergedLayers, context: Mapping[str, Any], *, epoch: int | None = None) -> None:
+    """Groups, users, files, trees, templates, units, then commands — in that order. The programs run at the
+    build's ``epoch`` (useradd dates /etc/shadow by it; a layer's command may stamp files)."""
+    env = tool_env(epoch)
     for g in merged.groups:
         if not _has(root / "etc/group", g.name):
-            run(["groupadd", "--root", root, *(["--system"] if g.system else []), g.name], stage=f"group {g.name}")
+            run(["groupadd", "--root", root, *(["--system"] if g.system else []), g.name], stage=f"group {g.name}",
+                env=env)
     for u in merged.users:
         if not _has(root / "etc/passwd", u.name):
             args: list[str] = ["useradd", "--root", str(root), "--shell", u.shell]
@@ -203,7 +208,7 @@ def apply_layers(root: Path, merged: MergedLayers, context: Mapping[str, Any]) -
                 args += ["--home-dir", u.home, "--create-home"]
             if u.groups:
                 args += ["--groups", ",".join(u.groups)]
-            run([*args, u.name], stage=f"user {u.name}")
+            run([*args, u.name], stage=f"user {u.name}", env=env)
     for f in merged.files:
         dest = _inside(root, f.dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -223,11 +228,11 @@ def apply_layers(root: Path, merged: MergedLayers, context: Mapping[str, Any]) -
         for p in [dest, *dest.rglob("*")]:
             os.lchown(p, uid, gid)
     if merged.enable:
-        run(["systemctl", f"--root={root}", "enable", *merged.enable], stage="enable units")
+        run(["systemctl", f"--root={root}", "enable", *merged.enable], stage="enable units", env=env)
     if merged.mask:
-        run(["systemctl", f"--root={root}", "mask", *merged.mask], stage="mask units")
+        run(["systemctl", f"--root={root}", "mask", *merged.mask], stage="mask units", env=env)
     for layer, command in merged.commands:
-        run(["chroot", root, "/bin/sh", "-c", command], stage=f"command of layer {layer}: {command}")
+        run(["chroot", root, "/bin/sh", "-c", command], stage=f"command of layer {layer}: {command}", env=env)
 
 
 def _has(db: Path, name: str) -> bool:
