@@ -78,16 +78,17 @@ class SlotWriter:
     collected into ranges and zeroed by the kernel (:class:`artifacts.zeroing.Zeroer`: ``BLKZEROOUT`` on a
     block device, which issues WRITE ZEROES or writes zero pages itself; the medium may not even be
     written). About 40 % of a root filesystem image is free space, so this saves that much CPU on a slow
-    board. Where the call is not supported the zeros are written as usual."""
+    board. Where the call is not supported the zeros are written as usual, and always with ``fast_zero=False``
+    (``bench/delta.py`` measures both)."""
 
-    def __init__(self, fd: int, *, on_write: Callable[[], None] | None = None) -> None:
+    def __init__(self, fd: int, *, on_write: Callable[[], None] | None = None, fast_zero: bool = True) -> None:
         self.fd = fd
         self.pos = 0  # everything before it is written or zeroed (or queued in the zero range)
         self.zero_from: int | None = None
         self.zeroed = 0
         self.since_sync = 0
         self.on_write = on_write
-        self.zeroer = Zeroer(fd, True)
+        self.zeroer = Zeroer(fd, fast_zero)
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if isinstance(chunk, memoryview):

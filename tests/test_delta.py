@@ -164,6 +164,25 @@ def test_errors_of_the_caller_and_of_the_stream_pass_through(images: dict[str, P
     assert threading.active_count() == before
 
 
+def test_full_install_writer_without_fast_zero_writes_the_zeros(images: dict[str, Path], tmp_path: Path) -> None:
+    """bench/delta.py compares the apply with the agent's own full-install writer, both with zeros written
+    (``fast_zero=False``) and with zero runs left to the kernel: the slot gets the image either way."""
+    from device_hooks.install import SlotWriter
+
+    new = images["new"].read_bytes()
+    slot = tmp_path / "slot"
+    shutil.copyfile(images["other"], slot)
+    fd = os.open(slot, os.O_WRONLY)
+    try:
+        writer = SlotWriter(fd, fast_zero=False)
+        for chunk in _ragged(new):
+            writer.write(chunk)
+        assert writer.finish() == len(new) and writer.zeroed == 0 and writer.zeroer.mode is None
+    finally:
+        os.close(fd)
+    assert slot.read_bytes()[: len(new)] == new
+
+
 def test_odd_sizes_and_blocks_found_anywhere(tmp_path: Path) -> None:
     """Images that are not multiples of 4 KiB, blocks moved backwards and forwards, duplicates, zero runs."""
     rng = random.Random(9)
