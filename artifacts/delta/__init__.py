@@ -25,8 +25,9 @@ never loads the make side (``python -X importtime -c "import artifacts.delta.app
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ota_common.lazy import lazy_getattr
 
 from .format import DELTA_PAYLOAD_TYPE, HEADER_SIZE, DeltaError, DeltaHeader, SameImageError, parse_header
 
@@ -65,11 +66,4 @@ __all__ = [
     "write_delta_artifact",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'artifacts.delta' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
