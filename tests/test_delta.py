@@ -116,6 +116,16 @@ def _apply(delta: bytes | Iterator[bytes], src: Path, out: Path, **kw: Any) -> A
         os.close(tfd)
 
 
+def test_the_device_side_does_not_load_the_make_side() -> None:
+    """What the device imports for a delta (the package, its format, the apply) loads none of the make side,
+    the artifact writer or a compression library beyond the standard library's."""
+    script = ("import sys, artifacts.delta, artifacts.delta.apply; "
+              "print(' '.join(sorted(m for m in sys.modules if m.startswith(('artifacts', 'zstandard', 'isal')))))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
+    assert proc.stdout.split() == ["artifacts", "artifacts.delta", "artifacts.delta.apply", "artifacts.delta.format",
+                                   "artifacts.zeroing"]
+
+
 @pytest.mark.parametrize("fast_zero", [True, False])
 def test_round_trip_on_ext4_images(images: dict[str, Path], tmp_path: Path, fast_zero: bool) -> None:
     delta = _make(images["old"], images["new"])
