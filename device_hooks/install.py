@@ -25,7 +25,6 @@ from typing import Any
 
 from artifacts import ArtifactReader, Verifier
 from artifacts.delta import DELTA_PAYLOAD_TYPE, DeltaError
-from artifacts.delta.apply import apply_delta, peek_header
 from artifacts.format import SECURITY_VERSION_KEY
 from artifacts.header import ArtifactHeader
 from artifacts.zeroing import Zeroer
@@ -302,6 +301,8 @@ def _apply_delta(reader: ArtifactReader, files: Any, pf: Any, header: ArtifactHe
     """Rebuild the target image from the running slot and the delta, straight into ``target``: memory stays at a
     few MiB (the source is read with ``pread`` where the delta says). The result must hash to the target
     checksum the artifact's signed header provides; it is then read back like a full install."""
+    from artifacts.delta.apply import apply_delta, peek_header  # standard library only; loaded when a delta comes
+
     want = header.type_infos[0].provides.get("rootfs-image.checksum")
     if not want:
         raise IncompatibleArtifact("delta artifact does not provide rootfs-image.checksum: nothing to check against")
