@@ -8,8 +8,9 @@ on a device).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ota_common.lazy import lazy_getattr
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports on first use
     from .format import Compression
@@ -61,11 +62,4 @@ __all__ = [
     "write_artifact",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'artifacts' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

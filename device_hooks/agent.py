@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import Verifier
+from artifacts.delta import DeltaError
 from ota_common.errors import ArtifactError, BootEnvError, DownloadError, IncompatibleArtifact, OTAError
 
 from . import inventory, journal, validate
@@ -428,7 +429,7 @@ class Agent:
     def _install_failed(self, dep_id: str, e: BaseException) -> str:
         reason = str(e) or type(e).__name__
         self.dlog(dep_id, "error", f"install failed: {reason}; active slot and boot state untouched")
-        if type(e).__name__ == "DeltaError":  # artifacts.delta, not imported unless a delta was installed
+        if isinstance(e, DeltaError):
             self.state.no_delta_for = self.running_provides().get("rootfs-image.checksum", "")
             self._inventory_due = 0.0
             self.dlog(dep_id, "warning", "deltas no longer requested for the running image; a retry gets the "

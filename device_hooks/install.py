@@ -14,7 +14,6 @@ Order of events, each a precondition of the next (nothing on the device changes 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import ArtifactReader, Verifier
+from artifacts.delta import DELTA_PAYLOAD_TYPE, DeltaError
 from artifacts.format import SECURITY_VERSION_KEY
 from artifacts.header import ArtifactHeader
 from artifacts.zeroing import Zeroer
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 ROOTFS = "rootfs-image"
 SECURITY_VERSION = SECURITY_VERSION_KEY
-DELTA = "rootfs-delta"  # artifacts.delta.DELTA_PAYLOAD_TYPE (not imported: the full path stays lean)
+DELTA = DELTA_PAYLOAD_TYPE
 WRITE_SYNC_EVERY = 32 * 1024 * 1024
 VERIFY_CHUNK = 1024 * 1024
 ZERO_BLOCK = 64 * 1024  # all-zero blocks of this size (aligned) become zero-range requests
@@ -77,16 +77,17 @@ class SlotWriter:
     collected into ranges and zeroed by the kernel (:class:`artifacts.zeroing.Zeroer`: ``BLKZEROOUT`` on a
     block device, which issues WRITE ZEROES or writes zero pages itself; the medium may not even be
     written). About 40 % of a root filesystem image is free space, so this saves that much CPU on a slow
-    board. Where the call is not supported the zeros are written as usual."""
+    board. Where the call is not supported the zeros are written as usual, and always with ``fast_zero=False``
+    (``bench/delta.py`` measures both)."""
 
-    def __init__(self, fd: int, *, on_write: Callable[[], None] | None = None) -> None:
+    def __init__(self, fd: int, *, on_write: Callable[[], None] | None = None, fast_zero: bool = True) -> None:
         self.fd = fd
         self.pos = 0  # everything before it is written or zeroed (or queued in the zero range)
         self.zero_from: int | None = None
         self.zeroed = 0
         self.since_sync = 0
         self.on_write = on_write
-        self.zeroer = Zeroer(fd, True)
+        self.zeroer = Zeroer(fd, fast_zero)
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if isinstance(chunk, memoryview):
@@ -300,19 +301,12 @@ def _apply_delta(reader: ArtifactReader, files: Any, pf: Any, header: ArtifactHe
     """Rebuild the target image from the running slot and the delta, straight into ``target``: memory stays at a
     few MiB (the source is read with ``pread`` where the delta says). The result must hash to the target
     checksum the artifact's signed header provides; it is then read back like a full install."""
-    from artifacts.delta import DeltaError, apply_delta, parse_header
+    from artifacts.delta.apply import apply_delta, peek_header  # standard library only; loaded when a delta comes
 
     want = header.type_infos[0].provides.get("rootfs-image.checksum")
     if not want:
         raise IncompatibleArtifact("delta artifact does not provide rootfs-image.checksum: nothing to check against")
-    chunks = iter(pf.chunks())
-    head = b""
-    while len(head) < 4096:
-        more = next(chunks, b"")
-        if not more:
-            break
-        head += bytes(more)
-    dh = parse_header(head)
+    dh, payload = peek_header(pf.chunks())
     if dh.target_sha256 != want:
         raise DeltaError(f"the delta's target checksum {dh.target_sha256[:16]}… is not the signed one {want[:16]}…")
     src = os.open(active, os.O_RDONLY | os.O_CLOEXEC)
@@ -328,7 +322,7 @@ def _apply_delta(reader: ArtifactReader, files: Any, pf: Any, header: ArtifactHe
                 if progress:
                     progress(written, total)
 
-            applied = apply_delta(itertools.chain([head], chunks), src, fd, progress=step)
+            applied = apply_delta(payload, src, fd, progress=step)
         finally:
             os.close(fd)
     finally:

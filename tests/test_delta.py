@@ -21,21 +21,22 @@ from typing import Any
 
 import pytest
 
-from artifacts import ArtifactReader, load_signer, load_verifier
-from artifacts.delta import (
+from artifacts import ArtifactReader, Compression, load_signer, load_verifier
+from artifacts.delta.apply import apply_delta
+from artifacts.delta.artifact import delta_artifact_spec, make_delta_payload, write_delta_artifact
+from artifacts.delta.ext4 import Ext4FileBlocks
+from artifacts.delta.format import (
     DELTA_PAYLOAD_TYPE,
     HEADER_SIZE,
     OP_COPY,
     OP_END,
     DeltaError,
     DeltaHeader,
-    Ext4FileBlocks,
-    apply_delta,
-    make_delta,
+    SameImageError,
     parse_header,
-    write_delta_artifact,
 )
-from artifacts.writer import rootfs_image_spec, write_artifact
+from artifacts.delta.make import make_delta
+from artifacts.writer import module_image_spec, rootfs_image_spec, write_artifact
 from image.release import check_previous_artifacts, write_release_deltas
 from ota_common.errors import BadSignature, UserError
 
@@ -115,6 +116,16 @@ def _apply(delta: bytes | Iterator[bytes], src: Path, out: Path, **kw: Any) -> A
         os.close(tfd)
 
 
+def test_the_device_side_does_not_load_the_make_side() -> None:
+    """What the device imports for a delta (the package, its format, the apply) loads none of the make side,
+    the artifact writer or a compression library beyond the standard library's."""
+    script = ("import sys, artifacts.delta, artifacts.delta.apply; "
+              "print(' '.join(sorted(m for m in sys.modules if m.startswith(('artifacts', 'zstandard', 'isal')))))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
+    assert proc.stdout.split() == ["artifacts", "artifacts.delta", "artifacts.delta.apply", "artifacts.delta.format",
+                                   "artifacts.zeroing"]
+
+
 @pytest.mark.parametrize("fast_zero", [True, False])
 def test_round_trip_on_ext4_images(images: dict[str, Path], tmp_path: Path, fast_zero: bool) -> None:
     delta = _make(images["old"], images["new"])
@@ -161,6 +172,25 @@ def test_errors_of_the_caller_and_of_the_stream_pass_through(images: dict[str, P
     with pytest.raises(ConnectionError, match="network drop"):
         _apply(dropped(), images["old"], tmp_path / "out")
     assert threading.active_count() == before
+
+
+def test_full_install_writer_without_fast_zero_writes_the_zeros(images: dict[str, Path], tmp_path: Path) -> None:
+    """bench/delta.py compares the apply with the agent's own full-install writer, both with zeros written
+    (``fast_zero=False``) and with zero runs left to the kernel: the slot gets the image either way."""
+    from device_hooks.install import SlotWriter
+
+    new = images["new"].read_bytes()
+    slot = tmp_path / "slot"
+    shutil.copyfile(images["other"], slot)
+    fd = os.open(slot, os.O_WRONLY)
+    try:
+        writer = SlotWriter(fd, fast_zero=False)
+        for chunk in _ragged(new):
+            writer.write(chunk)
+        assert writer.finish() == len(new) and writer.zeroed == 0 and writer.zeroer.mode is None
+    finally:
+        os.close(fd)
+    assert slot.read_bytes()[: len(new)] == new
 
 
 def test_odd_sizes_and_blocks_found_anywhere(tmp_path: Path) -> None:
@@ -282,7 +312,7 @@ def test_apply_streams_in_bounded_memory(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from artifacts.delta import apply_delta
+        from artifacts.delta.apply import apply_delta
         def chunks():
             with open({str(delta)!r}, "rb") as f:
                 while b := f.read(1 << 20):
@@ -425,6 +455,47 @@ def test_release_deltas_one_per_board(artifacts_: dict[str, Path], keys: dict[st
     shutil.copyfile(out / "delta-from-1.0-rpi4.mender", prev / "rel-1.0-rpi4.mender")
     with pytest.raises(UserError, match="not a full rootfs-image artifact"):
         check_previous_artifacts(prev, manifest, ["rpi4"], [])
+
+
+def test_same_image_is_its_own_error_and_library_messages_name_no_cli_flags(
+        artifacts_: dict[str, Path], tmp_path: Path, payload: Path) -> None:
+    """A release skips the delta of an unchanged image by the error's class, not by its text; the library says
+    which input is wrong in words (the CLI's --from/--to are the CLI's)."""
+    with pytest.raises(SameImageError, match="hold the same image") as same:
+        make_delta_payload(artifacts_["new"], artifacts_["new"], tmp_path / "p.delta")
+    assert isinstance(same.value, UserError)
+    module = write_artifact(module_image_spec(module_type="vv-app", files=[payload], name="m",
+                                              device_types=["qemu-virt"]), tmp_path / "m.mender", signer=None).path
+    for old, new, role in ((module, artifacts_["new"], "source"), (artifacts_["old"], module, "target")):
+        with pytest.raises(UserError) as e:
+            write_delta_artifact(old, new, signer=None, out=tmp_path / "x.mender")
+        assert str(e.value) == (f"the {role} artifact {module}: not a full rootfs-image artifact "
+                                "(payload types: vv-app)")
+        assert "--" not in str(e.value) and not isinstance(e.value, SameImageError)
+
+
+def test_device_refuses_a_delta_whose_header_is_not_the_signed_target_before_opening_a_slot(
+        artifacts_: dict[str, Path], images: dict[str, Path], keys: dict[str, tuple[Path, Path]],
+        tmp_path: Path) -> None:
+    """A signed delta artifact whose payload header names another target than the signed provides (a build
+    bug, or a payload swapped before signing): the device reads the header first and writes nothing."""
+    import dataclasses
+
+    from device_hooks.install import DeviceFacts, stream_install
+
+    payload = tmp_path / "rootfs.delta"
+    stats, _, tgt = make_delta_payload(artifacts_["old"], artifacts_["new"], payload)
+    lying = dataclasses.replace(stats, target_sha256=hashlib.sha256(b"another image").hexdigest())
+    art = write_artifact(delta_artifact_spec(payload, lying, tgt), tmp_path / "d.mender",
+                         signer=load_signer(keys["ec"][0]), compression=Compression.NONE).path
+    slot = tmp_path / "slot-b"
+    shutil.copyfile(images["other"], slot)
+    before = slot.read_bytes()
+    device = DeviceFacts("qemu-virt", "rel-1.0", {"rootfs-image.checksum": stats.source_sha256})
+    with open(art, "rb") as f, pytest.raises(DeltaError, match="is not the signed one"):
+        stream_install(f, verifiers=[load_verifier(keys["ec"][1])], device=device, target=slot,
+                       active=tmp_path / "no-such-slot")
+    assert slot.read_bytes() == before
 
 
 def _payload_of(art: Path, tmp: Path) -> Path:

@@ -1,0 +1,419 @@
+"""Applying a delta payload (on the device: standard library only, Debian's python3): ``lzma`` for the op
+stream, ``os.pread``/``os.pwrite`` for the slots, ``hashlib`` for the result. It imports nothing of the make
+side (:mod:`.make`, :mod:`.ext4`, :mod:`.artifact`). The format is :mod:`.format`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import lzma
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from ..zeroing import Zeroer
+from .format import HEADER_SIZE, MAX_VARINT, OP_COPY, OP_DATA, OP_END, OP_ZERO, DeltaError, DeltaHeader, parse_header
+
+#: the decoder refuses a stream that needs more memory than this (ours need ~9 MiB: an 8 MiB dictionary)
+DECODER_MEMLIMIT = 32 << 20
+#: output is written in pieces of at most this size, and small pieces are gathered up to it (256 KiB: with
+#: the pieces in flight between the two threads, a 1 MiB size cost 8 MB more peak memory and no speed)
+WRITE_CHUNK = 256 << 10
+#: flush the target to the medium every this many bytes, so a 1 GB board never holds much dirty data
+SYNC_EVERY = 32 << 20
+
+
+@dataclass(frozen=True)
+class AppliedDelta:
+    target_size: int
+    target_sha256: str
+    source_sha256: str  # from the delta header: the image the delta was made from
+    copied_bytes: int
+    literal_bytes: int
+    zero_bytes: int
+
+
+class _OpStream:
+    """The decompressed op stream over the payload's byte chunks: concatenated xz streams."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._in = b""
+        self._dec: lzma.LZMADecompressor | None = None
+        self._streams = 0
+        self._buf = b""
+        self._pos = 0
+
+    def _next_input(self) -> bytes | None:
+        for chunk in self._chunks:
+            if chunk:
+                return bytes(chunk)
+        return None
+
+    def _more(self, want: int) -> bytes:
+        """Up to ``want`` more decompressed bytes; b"" at the clean end of the input (after a whole stream)."""
+        while True:
+            dec = self._dec
+            if dec is not None:
+                if dec.eof:
+                    self._in = dec.unused_data + self._in
+                    self._dec = None
+                    continue
+                if not dec.needs_input:
+                    out = self._decompress(b"", want)
+                    if out:
+                        return out
+                    continue
+            if not self._in:
+                nxt = self._next_input()
+                if nxt is None:
+                    if dec is not None:
+                        raise DeltaError("delta is truncated: its compressed op stream ends in the middle")
+                    if self._streams == 0:
+                        raise DeltaError("delta is truncated: no op stream after the header")
+                    return b""
+                self._in = nxt
+            if self._dec is None:
+                self._dec = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=DECODER_MEMLIMIT)
+                self._streams += 1
+            data, self._in = self._in, b""
+            out = self._decompress(data, want)
+            if out:
+                return out
+
+    def _decompress(self, data: bytes, want: int) -> bytes:
+        assert self._dec is not None
+        try:
+            return self._dec.decompress(data, want)
+        except lzma.LZMAError as e:
+            raise DeltaError(f"delta op stream is corrupt: {e}") from None
+
+    def byte(self) -> int:
+        if self._pos >= len(self._buf):
+            self._buf = self._more(WRITE_CHUNK)
+            self._pos = 0
+            if not self._buf:
+                raise DeltaError("delta is truncated: the op stream ends before its END op")
+        b = self._buf[self._pos]
+        self._pos += 1
+        return b
+
+    def varint(self) -> int:
+        value = shift = 0
+        while True:
+            b = self.byte()
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise DeltaError("delta op stream is corrupt: a number is too long")
+        if value > MAX_VARINT:
+            raise DeltaError("delta op stream is corrupt: absurd count or block number")
+        return value
+
+    def read_some(self, n: int) -> bytes:
+        """1 to ``n`` bytes of op data; raises DeltaError at the end."""
+        if self._pos >= len(self._buf):
+            self._buf = self._more(max(n, 1 << 16))
+            self._pos = 0
+            if not self._buf:
+                raise DeltaError("delta is truncated: the op stream ends inside literal data")
+        end = min(len(self._buf), self._pos + n)
+        data = self._buf[self._pos : end] if (self._pos, end) != (0, len(self._buf)) else self._buf
+        self._pos = end
+        return data
+
+    def finish(self) -> None:
+        """After END: nothing may follow, neither ops nor compressed data; the payload iterator is drained
+        so that its own checks (the artifact reader's checksum) run."""
+        if self._pos < len(self._buf):
+            raise DeltaError("delta op stream is corrupt: data after the END op")
+        try:
+            extra = self._more(1)
+        except DeltaError:
+            raise DeltaError("delta is corrupt: data after its op stream") from None
+        if extra:
+            raise DeltaError("delta op stream is corrupt: data after the END op")
+
+
+class _Target:
+    """Sequential writer of the target (the calling thread): hashes what it writes, syncs periodically."""
+
+    def __init__(self, fd: int, total: int, *, progress: Callable[[int, int], None] | None,
+                 on_chunk: Callable[[], None] | None, fast_zero: bool) -> None:
+        self.fd = fd
+        self.total = total
+        self.written = 0
+        self.sha = hashlib.sha256()
+        self.unsynced = 0
+        self.progress = progress
+        self.on_chunk = on_chunk
+        self.zeroer = Zeroer(fd, fast_zero)
+        self.zeros = bytes(WRITE_CHUNK)
+
+    def zero(self, n: int) -> None:
+        if n >= WRITE_CHUNK and self.zeroer(self.written, n):
+            full, rest = divmod(n, WRITE_CHUNK)
+            for _ in range(full):
+                self.sha.update(self.zeros)
+            self.sha.update(self.zeros[:rest])
+            self.written += n
+            self._after_write(n)
+            return
+        while n:
+            k = min(n, WRITE_CHUNK)
+            self.write(self.zeros[:k] if k < WRITE_CHUNK else self.zeros)
+            n -= k
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            try:
+                n = os.pwrite(self.fd, view[done:], self.written + done)
+            except OSError as e:
+                raise OSError(e.errno, f"writing the target at byte {self.written + done}: {e.strerror}") from None
+            if n <= 0:
+                raise OSError(f"writing the target at byte {self.written + done}: no progress")
+            done += n
+        self.sha.update(data)
+        self.written += len(data)
+        self._after_write(len(data))
+
+    def _after_write(self, n: int) -> None:
+        self.unsynced += n
+        if self.unsynced >= SYNC_EVERY:
+            os.fdatasync(self.fd)
+            self.unsynced = 0
+        if self.on_chunk is not None:
+            self.on_chunk()
+        if self.progress is not None:
+            self.progress(self.written, self.total)
+
+    def close(self) -> None:
+        os.fdatasync(self.fd)
+
+
+class _Reader:
+    """Turns the op stream into the target's bytes, in order: pieces of up to :data:`WRITE_CHUNK` bytes
+    (small ones gathered) and zero runs (an int). Runs in its own thread, so that reading the source and
+    decompressing overlap with hashing, writing and syncing the target."""
+
+    def __init__(self, header: DeltaHeader, ops: _OpStream, source_fd: int, put: Callable[[object], None]) -> None:
+        self.header = header
+        self.ops = ops
+        self.source_fd = source_fd
+        self.put = put
+        self.pending = bytearray()
+        self.copied = self.literal = self.zeros = 0
+
+    def _data(self, data: bytes) -> None:
+        if not self.pending and len(data) >= WRITE_CHUNK // 2:
+            self.put(data)
+            return
+        self.pending += data
+        if len(self.pending) >= WRITE_CHUNK // 2:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.put(bytes(self.pending))
+            self.pending.clear()
+
+    def run(self) -> None:
+        header, ops = self.header, self.ops
+        bs = header.block_size
+        expected_src = 0
+        block = 0
+        blocks = header.target_blocks
+        tail = header.target_size - (blocks - 1) * bs if blocks else 0
+        while True:
+            op = ops.byte()
+            if op == OP_END:
+                break
+            count = ops.varint()
+            if count == 0:
+                raise DeltaError(f"delta op stream is corrupt: an op of 0 blocks at target block {block}")
+            if block + count > blocks:
+                raise DeltaError(f"delta op stream is corrupt: an op covers blocks {block}..{block + count} "
+                                 f"of a {blocks}-block target")
+            n = count * bs if block + count < blocks else (count - 1) * bs + tail
+            if op == OP_COPY:
+                z = ops.varint()
+                start = expected_src + ((z >> 1) ^ -(z & 1))
+                self._copy(start * bs, n)
+                expected_src = start + count
+                self.copied += n
+            elif op == OP_ZERO:
+                self._flush()
+                self.put(n)
+                self.zeros += n
+            elif op == OP_DATA:
+                left = n
+                while left:
+                    data = ops.read_some(min(left, WRITE_CHUNK))
+                    self._data(data)
+                    left -= len(data)
+                self.literal += n
+            else:
+                raise DeltaError(f"delta op stream is corrupt: unknown op {op:#x} at target block {block}")
+            block += count
+        if block != blocks:
+            raise DeltaError(f"delta op stream is corrupt: it ends after {block} of {blocks} target blocks")
+        ops.finish()
+        self._flush()
+
+    def _copy(self, offset: int, n: int) -> None:
+        size = self.header.source_size
+        if offset < 0 or offset + n > size:
+            raise DeltaError(f"delta reads source bytes {offset}..{offset + n}, past the end of the "
+                             f"{size}-byte source it was made for")
+        done = 0
+        while done < n:
+            want = min(WRITE_CHUNK, n - done)
+            try:
+                data = os.pread(self.source_fd, want, offset + done)
+            except OSError as e:
+                raise OSError(e.errno, f"reading the source at byte {offset + done}: {e.strerror}") from None
+            if len(data) != want:
+                raise DeltaError(f"the source ends at byte {offset + done + len(data)}, but the delta reads up "
+                                 f"to byte {offset + n} (it was made for a {size}-byte image)")
+            self._data(data)
+            done += want
+
+
+class _Stopped(Exception):
+    """The writer gave up: the reader thread ends quietly."""
+
+
+_DONE = object()
+#: pieces in flight between the reader thread and the writer (each at most WRITE_CHUNK bytes)
+QUEUE_DEPTH = 4
+
+
+def _head(chunks: Iterator[bytes]) -> bytes:
+    """The first chunks of a payload: at least its :data:`HEADER_SIZE` bytes, unless it is shorter."""
+    buf = b""
+    for chunk in chunks:
+        buf += chunk
+        if len(buf) >= HEADER_SIZE:
+            break
+    return buf
+
+
+def peek_header(payload: Iterable[bytes]) -> tuple[DeltaHeader, Iterator[bytes]]:
+    """The header of a delta payload (byte chunks), and the payload's chunks again from its first byte, to
+    give to :func:`apply_delta`: so a caller checks the header (the target checksum against a signed one, the
+    target size against the slot) before it opens or writes anything. Raises :class:`DeltaError`."""
+    chunks = iter(payload)
+    head = _head(chunks)
+    return parse_header(head), _prepend(head, chunks)
+
+
+def apply_delta(
+    payload: Iterable[bytes],
+    source_fd: int,
+    target_fd: int,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    on_chunk: Callable[[], None] | None = None,
+    fast_zero: bool = True,
+) -> AppliedDelta:
+    """Apply a delta payload (its byte chunks, e.g. ``PayloadFile.chunks()``): read the source with
+    ``os.pread(source_fd)``, write the target from offset 0 of ``target_fd``, hash what was written.
+
+    Returns only when the written target matches the target checksum in the delta header; raises
+    :class:`DeltaError` for a malformed or truncated delta, a read past the end of the source, and a result
+    that does not match (the message says whether the source differs from the one the delta was made from).
+    ``progress(written, total)`` and ``on_chunk()`` are called in the calling thread after each write to
+    the target (pieces of at most 256 KiB); an exception they raise stops the apply and is raised as is, as
+    is one raised by the ``payload`` iterator (a dropped download). A helper thread reads the payload and the
+    source while the calling thread hashes and writes; both are done when this returns or raises. Long runs
+    of zeros are zeroed by the kernel where it can (``fast_zero``). The target is flushed (``fdatasync``)
+    every 32 MiB and at the end. Memory: ~20 MB above the interpreter's (an 8 MiB xz dictionary and a few
+    pieces in flight), whatever the image size."""
+    import queue
+    import threading
+
+    chunks = iter(payload)
+    head = _head(chunks)
+    header = parse_header(head)
+    target = _Target(target_fd, header.target_size, progress=progress, on_chunk=on_chunk, fast_zero=fast_zero)
+    pieces: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
+    stop = threading.Event()
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                pieces.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped()
+
+    reader = _Reader(header, _OpStream(_prepend(head[HEADER_SIZE:], chunks)), source_fd, put)
+
+    def run() -> None:
+        try:
+            reader.run()
+            put(_DONE)
+        except _Stopped:
+            pass
+        except BaseException as e:  # handed to the writer, which raises it
+            with contextlib.suppress(_Stopped):
+                put(e)
+
+    thread = threading.Thread(target=run, name="delta-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := pieces.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, int):
+                target.zero(item)
+            else:
+                target.write(item)  # type: ignore[arg-type]
+    finally:
+        stop.set()
+        thread.join()
+    target.close()
+    actual = target.sha.hexdigest()
+    if target.written != header.target_size:  # cannot happen: the reader checks the block count
+        raise DeltaError(f"delta wrote {target.written} bytes, not the target's {header.target_size}")
+    if actual != header.target_sha256:
+        raise DeltaError(_mismatch_reason(header, actual, source_fd))
+    return AppliedDelta(header.target_size, actual, header.source_sha256, reader.copied, reader.literal, reader.zeros)
+
+
+def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    if first:
+        yield first
+    yield from rest
+
+
+def _mismatch_reason(header: DeltaHeader, actual: str, source_fd: int) -> str:
+    """Why the result differs: hash the source (only on this failure path) to tell a changed source slot
+    from a bad delta."""
+    msg = (f"the result of the delta has sha256 {actual[:16]}…, not the target's {header.target_sha256[:16]}…; "
+           "the written slot must not be booted")
+    h = hashlib.sha256()
+    pos = 0
+    try:
+        while pos < header.source_size:
+            data = os.pread(source_fd, min(WRITE_CHUNK, header.source_size - pos), pos)
+            if not data:
+                break
+            h.update(data)
+            pos += len(data)
+    except OSError:
+        return msg
+    if pos == header.source_size and h.hexdigest() != header.source_sha256:
+        # a slot that was mounted differs anyway; the delta copies only file data, so some of that changed
+        return (f"{msg}: the source is not the image the delta was made from (its sha256 is "
+                f"{h.hexdigest()[:16]}…, the delta's source is {header.source_sha256[:16]}…), and differs in the "
+                "file data the delta copies: was a file of the image changed in place on this slot?")
+    return f"{msg}: the source is the right image, so the delta itself is corrupt"
+
+
+__all__ = ["DECODER_MEMLIMIT", "SYNC_EVERY", "WRITE_CHUNK", "AppliedDelta", "apply_delta", "peek_header"]
