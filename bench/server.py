@@ -22,6 +22,11 @@ kept under the threshold), and the statistics must then count exactly every devi
 The generator is a small asyncio HTTP/1.1 client (``--client raw``, with uvloop when installed):
 ``--client httpx`` runs the same poll load through httpx.AsyncClient for comparison. Targets (issue #5):
 >= 2,000 polls/s with p99 < 50 ms on the 2-core machine. Prints numbers and ratios; asserts only correctness.
+``--quick`` runs in seconds to check the bench still works.
+
+The servers are started with :mod:`devkit`. This file is longer than our modules should be (about 800 lines):
+it is one standalone script whose parts (a raw HTTP/1.1 client, the poll load in worker processes, the
+rollout) only serve each other; splitting it would leave modules nothing else imports.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import os
 import random
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -53,15 +57,21 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from devkit.client import ManagementClient  # noqa: E402 - after the repository is on the path
+from devkit.server import OtaServer, ServerProcess  # noqa: E402
+
 NEXT = "/api/devices/v2/deployments/device/deployments/next"
 AUTH = "/api/devices/v1/authentication/auth_requests"
 DEVAUTH = "/api/management/v2/devauth/devices"
 DEPLOYMENTS = "/api/management/v1/deployments/deployments"
-ARTIFACTS = "/api/management/v1/deployments/artifacts"
 STATUS = "/api/devices/v1/deployments/device/deployments/{}/status"
 DEVICE_TYPE = "raspberrypi4"
 CURRENT = "vv-1.0.0"
 RELEASE = "vv-1.1.0"
+
+#: ``--quick``: seconds instead of minutes, to check that the bench (and the server under it) still work
+QUICK = {"devices": 100, "duration": 2.0, "warmup": 0.5, "workers": "1", "concurrency": 8, "gen_procs": 1,
+         "rollout_devices": 100, "phase_wait": 1.0, "poll_interval": 0.5}
 
 FLOOR_APP = '''
 from fastapi import FastAPI
@@ -214,12 +224,6 @@ class Pool:
 # Processes: the update server, the floor app, CPU accounting
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) of a process and its descendants, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -241,83 +245,45 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-STARTED: list[Proc] = []
+STARTED: list[ServerProcess] = []
 
 
-@dataclass
-class Proc:
-    cmd: list[str]
-    workdir: Path
-    env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, ready_path: str = "/health", timeout: float = 60.0) -> None:
-        log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
-        STARTED.append(self)
-        self.proc = subprocess.Popen([*self.cmd, "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env, cwd=self.workdir,
-                                     start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(http_request("GET" if ready_path == "/health" else "POST", ready_path, self.port,
-                                           headers={"Connection": "close"}))
-                    if s.recv(64).startswith((b"HTTP/1.1 200", b"HTTP/1.1 204")):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"server not ready after {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        p = self.workdir / "server.log"
-        return "\n".join(p.read_text(errors="replace").splitlines()[-40:]) if p.exists() else ""
-
-    def cpu(self) -> float:
-        assert self.proc is not None
-        return tree_cpu(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+def cpu(server: ServerProcess) -> float:
+    """CPU seconds taken so far by a started server and its workers."""
+    assert server.proc is not None
+    return tree_cpu(server.proc.pid)
 
 
-def ota_server(base: Path, workers: int, admin_token: str, release_key: Path, extra: Sequence[str] = (),
-               repo: Path = REPO) -> Proc:
-    base.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(repo / "build.py"), "server", "--db", f"sqlite:///{base / 'ota.db'}",
-           "--storage", str(base / "storage"), "--host", "127.0.0.1", "--workers", str(workers),
-           "--release-key", str(release_key)]
-    if "--auth-rate-per-address" in (repo / "cli" / "server.py").read_text():
-        # thousands of devices authenticate from this one address: the auth rate limits would measure themselves
-        cmd += ["--auth-rate-per-address", "off", "--auth-rate-per-identity", "off"]
-    cmd += extra
-    env = dict(os.environ, OTA_ADMIN_TOKEN=admin_token, PYTHONPATH=str(repo))
-    env.pop("OTA_RELEASE_KEYS", None)
-    return Proc(cmd, base, env)
+def ota_server(base: Path, workers: int, admin_token: str, release_key: Path, extra: Sequence[str] = ()) -> OtaServer:
+    """``build.py server`` (devkit) with its own database and storage in ``base``; thousands of devices
+    authenticate from this one address, so the auth rate limits are off (they would measure themselves)."""
+    server = OtaServer(base, release_key, "--auth-rate-per-address", "off", "--auth-rate-per-identity", "off",
+                       *extra, workers=workers, admin_token=admin_token)
+    STARTED.append(server)
+    return server
 
 
-def floor_server(base: Path, workers: int) -> Proc:
-    base.mkdir(parents=True, exist_ok=True)
-    (base / "bench_floor_app.py").write_text(FLOOR_APP.replace("{path}", NEXT))
-    cmd = [sys.executable, "-m", "uvicorn", "bench_floor_app:app", "--app-dir", str(base), "--host", "127.0.0.1",
-           "--workers", str(workers), "--no-access-log", "--log-level", "warning", "--no-server-header"]
-    return Proc(cmd, base, dict(os.environ))
+class FloorServer(ServerProcess):
+    """The floor: a bare FastAPI app on uvicorn answering 204 on the poll path, with the same worker count."""
+
+    ready = ("POST", NEXT)
+
+    def __init__(self, base: Path, workers: int) -> None:
+        super().__init__(base)
+        self.workers = workers
+
+    def command(self) -> list[str]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "bench_floor_app.py").write_text(FLOOR_APP.replace("{path}", NEXT))
+        return [sys.executable, "-m", "uvicorn", "bench_floor_app:app", "--app-dir", str(self.workdir), "--host",
+                "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers), "--no-access-log",
+                "--log-level", "warning", "--no-server-header"]
+
+
+def floor_server(base: Path, workers: int) -> FloorServer:
+    server = FloorServer(base, workers)
+    STARTED.append(server)
+    return server
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -567,20 +533,6 @@ def make_artifact(work: Path, private_key: Path, size: int) -> Path:
     return out
 
 
-async def upload(port: int, admin: dict[str, str], artifact: Path) -> None:
-    boundary = uuid.uuid4().hex
-    body = b"".join([f"--{boundary}\r\n".encode(),
-                     f'Content-Disposition: form-data; name="artifact"; filename="{artifact.name}"\r\n'.encode(),
-                     b"Content-Type: application/octet-stream\r\n\r\n", artifact.read_bytes(),
-                     f"\r\n--{boundary}--\r\n".encode()])
-    conn = await HTTPConnection.open(port)
-    status, _, raw = await conn.request(http_request(
-        "POST", ARTIFACTS, port, body, {**admin, "Content-Type": f"multipart/form-data; boundary={boundary}"}))
-    conn.close()
-    if status != 201:
-        raise SystemExit(f"artifact upload failed: {status} {raw!r}")
-
-
 @dataclass
 class RolloutCounters:
     polls: int = 0
@@ -595,8 +547,10 @@ class RolloutCounters:
     poll_lat: list[float] = field(default_factory=list)
 
 
-async def rollout(port: int, admin: dict[str, str], devs: list[SimDevice], args: argparse.Namespace
+async def rollout(server: ManagementClient, port: int, devs: list[SimDevice], args: argparse.Namespace
                   ) -> dict[str, Any]:
+    """Every device through a phased deployment, over the device API on ``port``; the deployment is made and read
+    through the management ``server``."""
     pool = Pool(port, args.rollout_concurrency)
     c = RolloutCounters()
     threshold = args.failure_threshold
@@ -659,18 +613,17 @@ async def rollout(port: int, admin: dict[str, str], devs: list[SimDevice], args:
     for d in random.Random(7).sample(devs, n_fail):
         d.fails = True
     phases = [{"batch_size": 10}, {"wait_s": args.phase_wait}]
-    status, body = await pool.json("POST", DEPLOYMENTS, {
+    resp = server.send_json("POST", DEPLOYMENTS, {
         "name": "bench rollout", "artifact_name": RELEASE, "all_devices": True, "phases": phases,
-        "failure_threshold": threshold}, admin)
-    if status != 201:
-        raise SystemExit(f"deployment not created: {status} {body!r}")
-    status, deployments = await pool.json("GET", DEPLOYMENTS, headers=admin)
-    dep_id = deployments[0]["id"]
+        "failure_threshold": threshold})
+    if resp.status != 201:
+        raise SystemExit(f"deployment not created: {resp}")
+    dep_id = resp.headers["location"].rstrip("/").rsplit("/", 1)[-1]
     t0 = time.perf_counter()
     await asyncio.gather(*(device(d) for d in devs))
     elapsed = time.perf_counter() - t0
-    _, stats = await pool.json("GET", f"{DEPLOYMENTS}/{dep_id}/statistics", headers=admin)
-    _, deployment = await pool.json("GET", f"{DEPLOYMENTS}/{dep_id}", headers=admin)
+    stats = server.get(f"{DEPLOYMENTS}/{dep_id}/statistics").json()
+    deployment = server.get(f"{DEPLOYMENTS}/{dep_id}").json()
     pool.close()
     return {"devices": n, "expected_failures": n_fail, "seconds": elapsed, "statistics": stats,
             "deployment_status": deployment["status"], "polls": c.polls, "polls_204": c.polls_204,
@@ -724,7 +677,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--server-arg", action="append", default=[], help="extra build.py server argument")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server logs, databases)")
+    ap.add_argument("--quick", action="store_true", help="a run of seconds that checks the bench still works: "
+                    "small sizes (options given explicitly still count), no verdict against the targets")
     args = ap.parse_args(argv)
+    if args.quick:
+        ap.set_defaults(**QUICK)
+        args = ap.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
 
     from artifacts import KeyType, generate_keypair
@@ -747,10 +705,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             label = f"{w} worker{'s' if w > 1 else ''}"
             floor = None
             if not args.no_floor:
-                floor = floor_server(work / f"floor-{w}", w)
-                floor.start(ready_path=NEXT)
-            srv = ota_server(work / f"server-{w}", w, admin_token, public, args.server_arg)
-            srv.start()
+                floor = floor_server(work / f"floor-{w}", w).start(timeout=60)
+            srv = ota_server(work / f"server-{w}", w, admin_token, public, args.server_arg).start(timeout=60)
             loop = new_loop()
             times = loop.run_until_complete(provision(srv.port, admin, devs))
             loop.close()
@@ -762,10 +718,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     if proc is None:
                         continue
                     reqs = [d.poll_request(proc.port) for d in devs]
-                    c0 = proc.cpu()
+                    c0 = cpu(proc)
                     r = run_load(proc.port, reqs, args.concurrency, args.duration, args.warmup, args.gen_procs,
                                  args.client)
-                    r["server_cpu"] = (proc.cpu() - c0) / (args.duration + args.warmup)
+                    r["server_cpu"] = (cpu(proc) - c0) / (args.duration + args.warmup)
                     rounds[kind].append(r)
                     name = f"{'floor' if kind == 'floor' else 'next'}, {label}"
                     rows.append(fmt_load(name + (f" #{i + 1}" if args.rounds > 1 else ""), r, r["server_cpu"]))
@@ -795,24 +751,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                  if "round_ratios" in r else "")
                     print(f"  {w} worker(s): polls/s / floor ({'same workers' if str(w) in results['floor'] else '1 worker'})"
                           f" = {r.get('ratio', r['rps'] / f['rps']):.2f}{per_round}; server CPU per request: next "
-                          f"{r['cpu_us']:.0f} us, floor {f['cpu_us']:.0f} us; target >= 2000 polls/s with p99 < 50 ms: "
-                          f"{'met' if r['rps'] >= 2000 and r['p99_ms'] < 50 else 'NOT met'}")
+                          f"{r['cpu_us']:.0f} us, floor {f['cpu_us']:.0f} us" + ("" if args.quick else
+                          "; target >= 2000 polls/s with p99 < 50 ms: "
+                          f"{'met' if r['rps'] >= 2000 and r['p99_ms'] < 50 else 'NOT met'}"))
         if args.rollout_devices:
             print(f"\nrollout: {args.rollout_devices} devices, server with {args.rollout_workers} worker(s)", flush=True)
-            srv = ota_server(work / "rollout", args.rollout_workers, admin_token, public, args.server_arg)
-            srv.start()
+            srv = ota_server(work / "rollout", args.rollout_workers, admin_token, public, args.server_arg).start(
+                timeout=60)
             art = make_artifact(work, private, args.artifact_kib * 1024)
             loop = new_loop()
             t = time.perf_counter()
             rdevs = make_devices(args.rollout_devices)
-            loop.run_until_complete(upload(srv.port, admin, art))
+            uploaded = srv.upload_artifact(art)
+            if uploaded.status != 201:
+                raise SystemExit(f"artifact upload failed: {uploaded}")
             times = loop.run_until_complete(provision(srv.port, admin, rdevs, concurrency=32))
             print(f"  {args.rollout_devices} devices ready in {time.perf_counter() - t:.1f}s (" +
                   ", ".join(f"{k} {args.rollout_devices / v:.0f}/s" for k, v in times.items()) + ")", flush=True)
-            c0 = srv.cpu()
-            r = loop.run_until_complete(rollout(srv.port, admin, rdevs, args))
+            c0 = cpu(srv)
+            r = loop.run_until_complete(rollout(srv, srv.port, rdevs, args))
             loop.close()
-            r["server_cpu"] = (srv.cpu() - c0) / r["seconds"]
+            r["server_cpu"] = (cpu(srv) - c0) / r["seconds"]
             r["provision"] = times
             srv.stop()
             results["rollout"] = r

@@ -11,63 +11,30 @@ from __future__ import annotations
 import secrets
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import click
-import yaml
 
 from cli.common import progress_line
-from ota_common.errors import ToolError, UserError
+from devkit.config import demo_config, run_ca
+from ota_common.errors import ToolError
 from ota_common.progress import elapsed
 from ota_common.tools import require_tools, run
 
+if TYPE_CHECKING:
+    from devkit.qemu import Vm
+    from devkit.server import OtaServer
+
 REPO = Path(__file__).resolve().parent.parent
 HEARTBEAT = 30.0  # seconds of silence after which a wait says it is still waiting
+T = TypeVar("T")
 SERIES: tuple[tuple[str, dict[str, str]], ...] = (("1.0.0", {}), ("2.0.0", {}), ("2.1.0", {"DVR_IP": ""}))  # v3: empty DVR_IP, the app answers 503
 
 
-def demo_config(workdir: Path, base: Path, server_url: str, variables: dict[str, str],
-                extra_layers: Sequence[Path] = ()) -> Path:
-    """A release configuration like ``base`` pointed at ``server_url`` with demo-friendly timings.
-
-    ``extra_layers`` (layer files; their ``src`` paths resolve next to them) are appended to the layer list."""
-    cfg = yaml.safe_load(base.read_text())
-    cfg.update(server_url=server_url, boards=["qemu-virt"])
-    cfg["variables"] = {**(cfg.get("variables") or {}), "OTA_POLL_INTERVAL": "5s", "OTA_INVENTORY_INTERVAL": "30s",
-                        "OTA_HEALTH_DEADLINE": "3m", **variables}
-    workdir.mkdir(parents=True, exist_ok=True)
-    layers = workdir / "layers"
-    if not layers.exists():
-        layers.mkdir()
-        for entry in (base.resolve().parent / "layers").iterdir():
-            (layers / entry.name).symlink_to(entry)
-    for extra in extra_layers:
-        link = layers / extra.name
-        link.unlink(missing_ok=True)
-        link.symlink_to(extra.resolve())
-        cfg["layers"] = [*cfg["layers"], extra.stem]
-    path = workdir / "release.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def run_ca(directory: Path) -> tuple[Path, tuple[Path, Path]]:
-    """A CA for one run and the server's certificate for the names devices and the host use: QEMU's view of the
-    host (10.0.2.2) and the loopback. Reused when already there. Returns (ca.pem, (server.pem, server.key))."""
-    from ota_common.tls import make_ca, make_server_cert
-
-    ca, ca_key = directory / "ca" / "ca.pem", directory / "ca" / "ca.key"
-    if not ca.exists():
-        make_ca(ca.parent, "vv-ota demo CA")
-    cert, key = directory / "server" / "server.pem", directory / "server" / "server.key"
-    if not cert.exists():
-        make_server_cert(ca, ca_key, cert.parent, ["10.0.2.2", "127.0.0.1", "localhost"])
-    return ca, (cert, key)
-
-
-def _last_console_line(vm: Any) -> str:
+def _last_console_line(vm: Vm) -> str:
     lines = [line.strip() for line in vm.console().splitlines() if line.strip()]
     return f"console: {lines[-1][-100:]}" if lines else "console still empty"
 
@@ -85,8 +52,8 @@ class Demo:
         """Everything the demo needs, checked in about a second before the first build (minutes) starts:
         the build tools and arm64 emulation, mender-artifact, and QEMU started with the device's exact options.
         Raises :class:`ToolError` naming the Debian package to install."""
+        from devkit.qemu import preflight as qemu_preflight
         from image.release import preflight as build_preflight
-        from image.vm import preflight as qemu_preflight
 
         started = time.monotonic()
         build_preflight()
@@ -120,31 +87,33 @@ class Demo:
             self.say(f"{art.name}: {art.stat().st_size / 1e6:.0f} MB, signature checked by mender-artifact")
         return releases
 
-    def wait(self, what: str, check: Any, timeout: float, vm: Any) -> Any:
-        started = time.monotonic()
-        deadline = started + timeout
-        beat = started
-        while time.monotonic() < deadline:
+    def wait(self, what: str, check: Callable[[], T], timeout: float, vm: Vm) -> T:
+        """Poll ``check`` every 2 s until it returns something true, and return that; say every 30 s that it
+        still waits. Raises :class:`~devkit.qemu.VmError` when the device stops, a
+        :class:`~devkit.wait.WaitTimeout` after ``timeout`` (both tool errors: the user did nothing wrong)."""
+        started = beat = time.monotonic()
+
+        def check_and_say() -> T:
+            nonlocal beat
             value = check()
-            if value:
-                return value
-            if not vm.running:
-                raise UserError(f"the device stopped while waiting for {what}\n{vm.tail()}")
-            if time.monotonic() - beat >= HEARTBEAT:
+            if not value and time.monotonic() - beat >= HEARTBEAT:
                 beat = time.monotonic()
                 self.say(f"still waiting for {what} ({elapsed(beat - started)}; {_last_console_line(vm)})")
-            time.sleep(2)
-        raise UserError(f"timed out after {timeout:.0f} s waiting for {what}\n{vm.tail()}")
+            return value
 
-    def follow(self, server: Any, dep: str, vm: Any, until: set[str], timeout: float) -> dict[str, int]:
-        """Print each new deployment status and console milestone until a final one."""
+        check_and_say.__doc__ = what
+        return vm.wait_for(check_and_say, timeout, poll=2)
+
+    def follow(self, server: OtaServer, dep: str, vm: Vm, until: set[str], timeout: float) -> dict[str, int]:
+        """Print each new deployment status and console milestone until a final one. Raises like :meth:`wait`."""
         seen: dict[str, int] = {}
         mark = vm.mark()
         beat = started = time.monotonic()
         milestones = ("ota-boot: slot=", "rolling back", "committed", "trial of slot", "boot state armed")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            stats: dict[str, int] = server.statistics(dep)
+
+        def finished() -> dict[str, int] | None:
+            nonlocal seen, mark, beat
+            stats = server.statistics(dep)
             if stats != seen:
                 self.say("deployment: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
                 seen, beat = stats, time.monotonic()
@@ -157,17 +126,17 @@ class Demo:
                 beat = time.monotonic()
                 self.say(f"deployment still {', '.join(sorted(stats)) or 'pending'} ({elapsed(beat - started)})")
             mark = len(text)
-            if set(stats) & until:
-                return stats
-            if not vm.running:
-                raise UserError(f"the device stopped\n{vm.tail()}")
-            time.sleep(3)
-        raise UserError(f"deployment {dep} did not finish in {timeout:.0f} s\n{vm.tail()}")
+            return stats if set(stats) & until else None
+
+        finished.__doc__ = f"deployment {dep} to finish"
+        return vm.wait_for(finished, timeout, poll=3)
 
     def run(self) -> None:
         from artifacts import KeyType, generate_keypair
-        from image.vm import Vm
-        from ota_server.process import OtaServer, free_port
+        from devkit.client import PublishError
+        from devkit.net import free_port
+        from devkit.qemu import Vm
+        from devkit.server import OtaServer
 
         self.preflight()
         keys = self.out / "keys"
@@ -180,10 +149,13 @@ class Demo:
         releases = self.build(keys / "private.pem", server_url, ca)
         server = OtaServer(self.out / "server", keys / "public.pem", admin_token=secrets.token_hex(16), port=port,
                            tls=tls, ca_file=ca)
-        self.say(f"starting the update server on 127.0.0.1:{port} (log: {server.log_path})")
-        server.start()
-        vm = Vm(releases["1.0.0"] / "qemu-virt" / "disk.img", self.out / "vm", name="device", grow_bytes=256 << 20)
-        try:
+        with ExitStack() as cleanup:  # the device, then the server, stopped on any exit
+            self.say(f"starting the update server on 127.0.0.1:{port} (log: {server.log_path})")
+            server.start()
+            cleanup.callback(server.stop)
+            vm = Vm.device(releases["1.0.0"] / "qemu-virt" / "disk.img", self.out / "vm", name="device",
+                           grow_bytes=256 << 20, server_log=server.log_path)
+            cleanup.callback(vm.kill)
             self.say(f"dashboard: {server.url}/ui/  (admin token: {server.admin_token}; CA: {ca})")
             self.say(f"booting a device from release 1.0.0 (console: {vm.console_log})")
             vm.start()
@@ -198,7 +170,7 @@ class Demo:
                 art = releases[version] / f"vv-video-ai-{version}-qemu-virt.mender"
                 resp = server.upload_artifact(art)
                 if resp.status != 201:
-                    raise UserError(f"upload of {art.name} refused: {resp}")
+                    raise PublishError(f"upload of {art.name} refused: {resp}")
                 dep = server.deploy(f"rollout {version}", f"vv-video-ai-{version}", [device["id"]])
                 self.say(f"deployed vv-video-ai-{version} ({art.stat().st_size / 1e6:.0f} MB){' — broken on purpose' if broken else ''}")
                 stats = self.follow(server, dep, vm, {"success", "failure"}, 1800)
@@ -211,9 +183,6 @@ class Demo:
                 self.say(f"deployment {stats}; the device now runs {current} "
                          f"from slot {server.attributes(device['id']).get('ota_slot')}")
             self.say("demo complete: v1 → v2 updated and committed; v2 → broken v3 rolled back to v2")
-        finally:
-            vm.kill()
-            server.stop()
 
 
 @click.command()

@@ -59,18 +59,16 @@ _PUBLISH = click.option("--publish", "publish_url", metavar="URL",
 @_PUBLISH
 def release(publish_url: str | None, **opts: Any) -> None:
     """Build disk images, the rootfs and signed artifacts for every board into OUT/<version>/."""
-    from cli.publish import admin_token, check_server, check_url, publish
+    from cli.publish import publisher
 
     _check_signing(opts["key"], opts["unsigned"])
-    token = None
+    client = None
     if publish_url is not None:  # fail before a long build, not after it
-        check_url(publish_url)
-        token = admin_token()
-        check_server(publish_url, token)
+        client = publisher(publish_url)
+        client.check()
     outputs = _run("release", **opts)
-    if publish_url is not None:
-        publish(publish_url, sorted(p for p in outputs if p.suffix == ".mender"), token,
-                progress=progress_line)
+    if client is not None:
+        client.publish(sorted(p for p in outputs if p.suffix == ".mender"), progress=progress_line)
 
 
 @click.command()

@@ -56,7 +56,7 @@ TOOL_PACKAGES: Mapping[str, str] = {
     "git": "git",
     "xz": "xz-utils",
     "zstd": "zstd",
-    # QEMU boots (image/vm.py) and the commands the tests run in the guest
+    # QEMU boots (devkit/qemu.py) and the commands the tests run in the guest
     "qemu-system-aarch64": "qemu-system-arm",
     "qemu-img": "qemu-utils",
     "ssh": "openssh-client",

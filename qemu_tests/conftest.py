@@ -6,7 +6,7 @@
   ``DVR_IP``), a broken ``2.2.0`` that cannot boot (no ``/sbin/init``: the initramfs panics), and ``2.3.0``
   built with ``previous`` = 2.0.0, so it comes with ``delta-from-2.0.0-qemu-virt.mender``. Every image also
   carries a test layer that lets root log in over SSH with the session's key.
-- :class:`Rig`: one server (fresh database) and one device (:class:`image.vm.Vm`, a copy-on-write overlay of
+- :class:`Rig`: one server (fresh database) and one device (:class:`devkit.qemu.Vm`, a copy-on-write overlay of
   v1's ``disk.img`` on a card 512 MiB bigger than the image) with helpers to onboard, deploy, follow, pull
   the plug and power up again.
 - Timings (boot to healthy, update downtime, per scenario) are collected and printed at the end of the run.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from typing import Any
 import pytest
 
 from artifacts import KeyType, generate_keypair, load_signer
-from cli.demo import demo_config, run_ca
+from devkit.config import demo_config, run_ca
+from devkit.net import free_port
+from devkit.qemu import Vm, VmError
+from devkit.qemu import preflight as qemu_preflight
+from devkit.server import OtaServer
+from devkit.wait import wait_until
 from image.release import DEFAULT_CONFIG, build_release
 from image.release import preflight as build_preflight
-from image.vm import Vm
-from image.vm import preflight as qemu_preflight
-from ota_server.process import OtaServer, free_port
 
 NAME = "vv-video-ai"
 GROW = 512 << 20
@@ -189,10 +192,15 @@ class Rig:
 
     def follow(self, dep: str, until: set[str], timeout: float,
                on_status: Callable[[str, float], object] | None = None) -> dict[str, int]:
-        """Poll the deployment's statistics until one of ``until`` shows; ``on_status`` sees each new one."""
+        """Poll the deployment's statistics until one of ``until`` shows; ``on_status`` sees each new one.
+
+        Raises :class:`VmError` when QEMU stops first, :class:`~devkit.wait.WaitTimeout` after ``timeout`` (both
+        with the console's tail, the free disk space and the server log's tail)."""
         seen: set[str] = set()
-        deadline = time.monotonic() + timeout
-        while True:
+        stats: dict[str, int] = {}
+
+        def finished() -> dict[str, int] | None:
+            nonlocal stats
             stats = self.server.statistics(dep)
             for status in stats:
                 if status not in seen:
@@ -201,11 +209,12 @@ class Rig:
                         on_status(status, time.monotonic())
             if set(stats) & until:
                 return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"deployment {dep} still {stats} after {timeout:.0f} s\n{self.vm.tail()}")
             if not self.vm.running:
-                raise AssertionError(f"QEMU stopped; deployment {dep} is {stats}\n{self.vm.tail()}")
-            time.sleep(1)
+                raise VmError(f"QEMU stopped; deployment {dep} is {stats}\n{self.vm.report()}")
+            return None
+
+        return wait_until(finished, timeout, 1, f"deployment {dep} to reach one of {sorted(until)}",
+                          lambda: f"deployment {dep} is {stats}\n{self.vm.report()}")
 
     def log(self, dep: str) -> str:
         return self.server.device_log(dep, self.device_id)
@@ -224,18 +233,17 @@ class Rig:
 
 
 def make_rig(fleet: Fleet, workdir: Path) -> Iterator[Rig]:
-    server = OtaServer(workdir / "server", fleet.public, port=fleet.port, tls=fleet.tls, ca_file=fleet.ca)
-    server.start()
-    vm = Vm(fleet.disk("1.0.0"), workdir / "vm", name="device", grow_bytes=GROW, ssh_key=fleet.ssh_key,
-            ssh_port=free_port())
-    rig = Rig(fleet, server, vm)
-    try:
+    with ExitStack() as cleanup:  # the device, then the server, stopped on any exit
+        server = OtaServer(workdir / "server", fleet.public, port=fleet.port, tls=fleet.tls, ca_file=fleet.ca)
+        server.start()
+        cleanup.callback(server.stop)
+        vm = Vm.device(fleet.disk("1.0.0"), workdir / "vm", name="device", grow_bytes=GROW, ssh_key=fleet.ssh_key,
+                       ssh_port=free_port(), server_log=server.log_path)
+        cleanup.callback(vm.kill)
+        rig = Rig(fleet, server, vm)
         rig.power_on()
         vm.wait_for("vv-video-ai: serving /health", 600)
         timing("power on to application healthy (v1, first boot)", time.monotonic() - rig.booted_at)
         rig.onboard()
         timing("power on to onboarded (pending, accepted, inventory)", time.monotonic() - rig.booted_at)
         yield rig
-    finally:
-        vm.kill()
-        server.stop()

@@ -7,7 +7,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,22 +95,3 @@ def build_release(out: Path, key: Path, *extra: str) -> Path:
 def release_dir(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, tuple[Path, Path]]) -> Path:
     """The default release (both boards), built once per test session and shared by the image tests."""
     return build_release(tmp_path_factory.mktemp("release"), keys["ec"][0])
-
-
-def boot_until(cmd: list[str], log: Path, markers: list[str], timeout: float) -> str:
-    """Run ``cmd`` (a QEMU line) with the console in ``log`` until every marker has appeared; kill it then."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                text = log.read_bytes().decode(errors="replace")
-                if all(m in text for m in markers):
-                    return text
-                if proc.poll() is not None:
-                    break
-                time.sleep(1)
-            raise AssertionError(f"markers {markers} not seen within {timeout} s; console tail:\n{text[-3000:]}")
-        finally:
-            proc.kill()
-            proc.wait()

@@ -1,17 +1,12 @@
-"""Helpers for the update-server tests: the real server as a subprocess, simulated devices that sign their
-auth requests like the Mender client, artifacts made with ``build.py artifact write``."""
+"""Helpers for the update-server tests: the real server as a subprocess (:mod:`devkit.server`) with httpx
+clients, simulated devices that sign their auth requests like the Mender client, artifacts made with
+``build.py artifact write``."""
 
 from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import socket
 import ssl
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,74 +17,32 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from .conftest import BUILD_PY, REPO, make_payload
+from devkit.server import OtaServer
+
+from .conftest import make_payload
 
 ADMIN_TOKEN = "test-admin-token-0123456789-abcdefghij"  # the bootstrap token: at least 32 characters
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``python build.py server`` on 127.0.0.1, with a temporary database and storage; with
-    ``tls=(certificate, key)`` it serves HTTPS and the clients made here trust ``ca_file``."""
+class Server(OtaServer):
+    """:class:`devkit.server.OtaServer` with the tests' admin token, one worker unless told, the server options
+    in ``args`` (release keys among them), and httpx clients; with ``tls=(certificate, key)`` it serves HTTPS
+    and the clients made here trust ``ca_file``."""
 
     def __init__(self, base: Path, *args: str, env: dict[str, str] | None = None, workers: int = 1,
                  db_url: str | None = None, tls: tuple[Path, Path] | None = None,
                  ca_file: Path | None = None) -> None:
-        self.base = base
-        self.storage = base / "storage"
-        self.db_path = base / "ota.db"
-        self.db_url = db_url or f"sqlite:///{self.db_path}"
-        self.args = list(args)
-        self.env = env
-        self.workers = workers
-        self.port = free_port()
-        self.tls = tls
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        #: what the clients verify the server with: the run's CA (TLS) or nothing to verify (HTTP)
-        self.verify: ssl.SSLContext | bool = (
-            ssl.create_default_context(cafile=str(ca_file) if ca_file else None) if tls else True)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = base / "server.log"
+        super().__init__(base, None, *args, db_url=db_url, workers=workers, tls=tls, ca_file=ca_file,
+                         admin_token=ADMIN_TOKEN, env=env)
 
-    def start(self) -> Server:
-        env = dict(os.environ, PYTHONPATH=str(REPO), OTA_ADMIN_TOKEN=ADMIN_TOKEN)
-        env.pop("OTA_RELEASE_KEYS", None)
-        env.update(self.env or {})
-        cmd = [sys.executable, str(BUILD_PY), "server", "--db", self.db_url, "--storage",
-               str(self.storage), "--port", str(self.port), "--workers", str(self.workers), *self.args]
-        if self.tls is not None:
-            cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
-        self.base.mkdir(parents=True, exist_ok=True)
-        self._log_f = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log_f, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1, verify=self.verify).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server did not come up:\n{self.log.read_text()}")
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What the clients verify the server with: the run's CA (TLS) or nothing to verify (HTTP)."""
+        return self.context if self.context is not None else True
 
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_f.close()
-        return self.proc.returncode
+    @verify.setter
+    def verify(self, context: ssl.SSLContext) -> None:
+        self.context = context
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30,

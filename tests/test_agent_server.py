@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from device_hooks.faults import EXIT_CODE
+from devkit.client import MGMT
+from devkit.server import OtaServer
 
 from .agent_device import FileDevice
-from .server_process import MGMT, OtaServer
 from .test_agent_local import make_artifact
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from device_hooks.bootenv import ENV_SIZE, INITIAL_STATE, BootEnv, decode, encode
+from devkit.qemu import Vm, virt_argv
 from image.build import render_boot_script
 from image.config import load_board
 from image.disk import assemble, make_vfat, plan_layout
@@ -35,22 +35,14 @@ def _disk(tmp: Path, a: bytes, b: bytes, last_good: bytes | None = None) -> tupl
 
 
 def _run_uboot(disk: Path, log: Path, until: str, count: int = 1, timeout: float = 90) -> list[str]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-m", "1024", "-nographic",
-             "-bios", "/usr/lib/u-boot/qemu_arm64/u-boot.bin", "-drive", f"if=virtio,format=raw,file={disk}"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lines = [ln for ln in log.read_bytes().decode(errors="replace").splitlines() if ln.startswith("ota-boot:")]
-            if sum(until in ln for ln in lines) >= count:
-                return lines
-            time.sleep(0.5)
-        raise AssertionError(f"{until!r} x{count} not seen; console:\n{log.read_text(errors='replace')[-3000:]}")
-    finally:
-        proc.kill()
-        proc.wait()
+    """U-Boot alone (no watchdog, no NIC) until ``until`` shows ``count`` times; returns the ota-boot lines."""
+    def lines() -> list[str]:
+        seen = [ln for ln in vm.console().splitlines() if ln.startswith("ota-boot:")]
+        return seen if sum(until in ln for ln in seen) >= count else []
+
+    lines.__doc__ = f"{until!r} x{count}"
+    with Vm(virt_argv(disk, smp=1, network=False, watchdog=False), log) as vm:
+        return vm.wait_for(lines, timeout, poll=0.5)
 
 
 def _env_files(disk: Path, offset: int, tmp: Path) -> BootEnv:

@@ -35,9 +35,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from device_hooks.api import DeviceAPI, Unauthorized
+from devkit.client import MGMT, Response
+from devkit.server import OtaServer
 
 from .conftest import BUILD_PY, REPO, make_payload
-from .server_process import MGMT, OtaServer, Response
 from .test_server_postgres import postgres  # noqa: F401 - fixture (used through pg_url)
 
 SCREENSHOTS = REPO / "out" / "test-screenshots"

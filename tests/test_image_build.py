@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from artifacts import load_verifier, read_artifact
+from devkit.qemu import Vm
 from image.disk import partitions_of
 from image.release import sha256_file
 
-from .conftest import REPO, boot_until, build_release
+from .conftest import REPO, build_release
 
 _release = build_release
-_boot = boot_until
 
 pytestmark = pytest.mark.slow
 EPOCH = "1700000000"
@@ -70,17 +70,9 @@ def test_rebuild_is_bit_identical(release_dir: Path, tmp_path: Path, keys) -> No
 
 @pytest.mark.qemu
 def test_qemu_virt_image_boots_to_the_app(release_dir: Path, tmp_path: Path) -> None:
-    overlay = tmp_path / "overlay.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(release_dir / "qemu-virt" / "disk.img"),
-                    "-F", "raw", str(overlay)], check=True)
-    text = _boot(
-        ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024", "-nographic",
-         "-bios", "/usr/lib/u-boot/qemu_arm64/u-boot.bin", "-drive", f"if=virtio,format=qcow2,file={overlay}",
-         "-device", "i6300esb", "-watchdog-action", "reset"],
-        tmp_path / "serial.log",
-        ["ota-boot: slot=A part=2 upgrade_available=0 bootcount=0", "vv-video-ai: serving /health"],
-        timeout=420,
-    )
+    with Vm.device(release_dir / "qemu-virt" / "disk.img", tmp_path, name="serial", network=False) as vm:
+        text = vm.wait_for_all(["ota-boot: slot=A part=2 upgrade_available=0 bootcount=0",
+                                "vv-video-ai: serving /health"], timeout=420)
     assert "Kernel panic" not in text
 
 
@@ -100,14 +92,11 @@ def test_rpi_image_runs_debian_u_boot_and_boot_script_on_emulated_pi3(release_di
     size = sd.stat().st_size
     os.truncate(sd, 1 << (size - 1).bit_length())  # QEMU's SD card wants a power-of-two size
     assert not root.exists()
-    _boot(
-        ["qemu-system-aarch64", "-M", "raspi3b", "-m", "1024", "-nographic", "-serial", "null", "-serial", "mon:stdio",
-         "-kernel", str(unpacked / "usr/lib/u-boot/rpi_3/u-boot.bin"), "-dtb", str(dtb),
-         "-drive", f"if=sd,format=raw,file={sd}"],
-        tmp_path / "serial.log",
-        ["ota-boot: slot=A part=2", "Starting kernel"],
-        timeout=420,
-    )
+    argv = ["qemu-system-aarch64", "-M", "raspi3b", "-m", "1024", "-nographic", "-serial", "null", "-serial",
+            "mon:stdio", "-kernel", str(unpacked / "usr/lib/u-boot/rpi_3/u-boot.bin"), "-dtb", str(dtb),
+            "-drive", f"if=sd,format=raw,file={sd}"]
+    with Vm(argv, tmp_path / "serial.log") as vm:
+        vm.wait_for_all(["ota-boot: slot=A part=2", "Starting kernel"], timeout=420)
 
 
 def test_stage_commands_stop_where_asked(tmp_path: Path) -> None:

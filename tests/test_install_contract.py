@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from image import vm
+from devkit import qemu
 from ota_common.errors import ToolError
 from ota_common.progress import Steps
 from ota_common.tools import FILE_PACKAGES, REQUIRED_PACKAGES, TOOL_PACKAGES, missing_packages, package_for, run
@@ -26,7 +26,7 @@ from ota_common.tools import FILE_PACKAGES, REQUIRED_PACKAGES, TOOL_PACKAGES, mi
 REPO = Path(__file__).resolve().parent.parent
 #: calls whose first argument names a program: run(["prog", ...]), Popen([...]), which("prog"), ...
 PROGRAM_CALLS = {"run", "Popen", "check_output", "check_call", "call", "which", "require_tools", "_tool_version",
-                 "_pg_tool", "find_program", "run_until", "boot_until", "_boot"}
+                 "_pg_tool", "find_program"}
 #: argv lists assigned to these names are started too (``cmd = [...]; Popen(cmd)``)
 ARGV_NAMES = {"cmd", "argv", "args", "command", "TOOLS"}
 #: first words of such lists that are not programs
@@ -54,7 +54,7 @@ def programs_in_code() -> dict[str, str]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             found.setdefault(node.value, where)
 
-    files = [p for d in ("ota_common", "artifacts", "image", "device_hooks", "ota_server", "cli", "tests",
+    files = [p for d in ("ota_common", "artifacts", "image", "device_hooks", "ota_server", "devkit", "cli", "tests",
                          "qemu_tests", "bench") for p in (REPO / d).rglob("*.py")] + [REPO / "build.py"]
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -118,10 +118,10 @@ def test_qemu_preflight_starts_the_exact_device_line(tmp_path: Path, monkeypatch
         seen.append(list(argv))
         return real_run(argv, **kw)  # type: ignore[call-overload,no-any-return]
 
-    monkeypatch.setattr(vm.subprocess, "run", spy)
-    vm.preflight(tmp_path)
+    monkeypatch.setattr(qemu.subprocess, "run", spy)
+    qemu.preflight(tmp_path)
     (argv,) = seen
-    device_line = vm.virt_argv(tmp_path / "preflight.img")
+    device_line = qemu.virt_argv(tmp_path / "preflight.img")
     assert argv[:len(device_line)] == device_line  # every machine and device option of a real boot
     assert "virtio-net-pci,netdev=n0,romfile=" in device_line  # no option ROM: ipxe-qemu is not needed
     assert list(tmp_path.iterdir()) == []
@@ -129,21 +129,21 @@ def test_qemu_preflight_starts_the_exact_device_line(tmp_path: Path, monkeypatch
 
 def test_qemu_preflight_names_the_package_of_a_missing_rom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first user's failure, caught in a fraction of a second: a NIC whose ROM file is not installed."""
-    real = vm.virt_argv
+    real = qemu.virt_argv
 
     def without_rom(disk: Path, **kw: object) -> list[str]:
         argv = real(disk, **kw)  # type: ignore[arg-type]
         return [a.replace("romfile=", f"romfile={tmp_path}/absent/efi-virtio.rom") for a in argv]
 
-    monkeypatch.setattr(vm, "virt_argv", without_rom)
+    monkeypatch.setattr(qemu, "virt_argv", without_rom)
     with pytest.raises(ToolError, match=r'failed to find romfile ".*efi-virtio.rom".*apt-get install ipxe-qemu'):
-        vm.preflight(tmp_path)
+        qemu.preflight(tmp_path)
 
 
 def test_qemu_preflight_names_a_missing_program(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ToolError, match=r"qemu-system-aarch64, qemu-img.*apt-get install qemu-system-arm"):
-        vm.preflight(tmp_path)
+        qemu.preflight(tmp_path)
 
 
 def test_run_streams_stderr_lines_and_still_captures_them() -> None:

@@ -23,6 +23,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from devkit.client import MGMT
+from devkit.server import OtaServer
 from ota_common.tls import make_ca, make_server_cert
 
 from .mender_client import (
@@ -36,7 +38,6 @@ from .mender_client import (
     unpack_client,
     wait_for,
 )
-from .server_process import MGMT, OtaServer
 
 pytestmark = pytest.mark.slow
 

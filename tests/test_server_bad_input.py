@@ -480,7 +480,7 @@ def test_hostile_download_links_are_403_never_500(server: Server, fleet: Fleet) 
             r = c.get(uri, headers={"Range": "bytes=0-9", "If-Range": if_range.encode()})
             assert r.status_code in (200, 206), (if_range, r.status_code, r.text[:200])
         assert c.get(uri).status_code == 200
-    log = server.log.read_text(errors="replace")
+    log = server.log_path.read_text(errors="replace")
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
 
 

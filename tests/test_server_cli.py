@@ -14,8 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.net import free_port
+
 from .conftest import BUILD_PY, REPO
-from .server_helpers import ADMIN_TOKEN, Device, Server, free_port, write_artifact
+from .server_helpers import ADMIN_TOKEN, Device, Server, write_artifact
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

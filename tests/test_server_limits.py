@@ -35,7 +35,7 @@ def start(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, tuple[Path, 
 def stop(server: Server) -> None:
     """Stop the server; what the clients did must not have raised anything in it."""
     assert server.stop() == 0
-    log = server.log.read_text(errors="replace")
+    log = server.log_path.read_text(errors="replace")
     assert "Traceback" not in log and "internal error" not in log and "Exception" not in log, log[-5000:]
 
 

@@ -18,8 +18,10 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
+from devkit.net import free_port
+
 from .conftest import BUILD_PY, REPO
-from .server_helpers import ADMIN_TOKEN, Device, Server, deploy, free_port, server_fixture, upload, write_artifact  # noqa: F401
+from .server_helpers import ADMIN_TOKEN, Device, Server, deploy, server_fixture, upload, write_artifact  # noqa: F401
 
 UNITS = REPO / "ota_server" / "systemd"
 CONFIG = "/api/management/v1/deviceconfig/configurations"

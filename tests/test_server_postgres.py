@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
+from devkit.net import free_port
 from ota_common.tools import find_program, install_hint
 
 from .conftest import BUILD_PY, REPO
-from .server_helpers import Device, Server, deploy, free_port, write_artifact
+from .server_helpers import Device, Server, deploy, write_artifact
 from .test_server_config import test_ansible_import, test_device_and_group_variables_with_secrets  # noqa: F401
 from .test_server_deployments import (  # noqa: F401
     release,

@@ -24,10 +24,11 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.net import free_port
 from ota_common.tls import make_ca, make_server_cert
 
 from .conftest import REPO, make_payload
-from .server_helpers import Device, Server, deploy, free_port, upload, write_artifact
+from .server_helpers import Device, Server, deploy, upload, write_artifact
 
 DOCS = REPO / "docs" / "server.md"
 #: nginx's own default client_max_body_size: the uploaded artifact is larger, so the block's setting matters

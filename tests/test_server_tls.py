@@ -120,8 +120,8 @@ def test_sigterm_with_idle_tls_clients_stops_promptly(tmp_path: Path, pki: dict[
             assert c.get("/health").status_code == 200
         start = time.monotonic()
         assert s.stop() == 0
-        assert time.monotonic() - start < 5, s.log.read_text()
-        assert "timeout graceful shutdown exceeded" not in s.log.read_text()
+        assert time.monotonic() - start < 5, s.log_path.read_text()
+        assert "timeout graceful shutdown exceeded" not in s.log_path.read_text()
     finally:
         for c in clients:
             c.close()
