@@ -499,13 +499,11 @@ def delta_payload_unless_same_image(old: Path, new: Path, payload: Path,
                                     verifiers: Sequence[Verifier]) -> DeltaStats | None:
     """The delta payload from ``old``'s image to ``new``'s, written to ``payload``; None when both artifacts hold
     the same image (nothing to send). Raises what :func:`artifacts.delta.make_delta_payload` raises otherwise."""
-    from artifacts.delta import make_delta_payload
+    from artifacts.delta import SameImageError, make_delta_payload
 
     try:
         stats, _, _ = make_delta_payload(old, new, payload, verifiers=tuple(verifiers))
-    except UserError as e:
-        if "the same image" not in str(e):
-            raise
+    except SameImageError:
         return None
     return stats
 
