@@ -489,6 +489,8 @@ def load_yaml(text: str, source: str) -> Any:
                              + (f" (line {mark.line + 1})" if mark is not None else "")) from None
     except RecursionError:
         raise InventoryError(f"{source}: the YAML is nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise InventoryError(f"{source}: not valid YAML: {str(e)[:200]}") from None
     finally:
         loader.dispose()
 

@@ -187,6 +187,7 @@ def test_bad_ini_names_the_file_and_line(text: str, message: str) -> None:
     ("all:\n  hostz: {}\n", "only vars, hosts and children"),
     ("all:\n  hosts:\n    h1:\n      \"X\\nY\": 1\n", "invalid variable name"),
     ("all:\n  hosts:\n    h1:\n      X: .nan\n", "finite number"),
+    ("all:\n  hosts:\n    h1:\n      X: " + "9" * 5000 + "\n", "hosts.yml: not valid YAML"),
     ("all:\n  vars:\n    X: " + "y" * (64 * 1024 + 1) + "\n", "longer than"),
 ])
 def test_bad_yaml_names_the_file_and_line(text: str, message: str) -> None:
