@@ -8,6 +8,7 @@ import click
 from cli.artifact import artifact
 from cli.common import ErrorHandlingGroup, setup_logging
 from cli.demo import demo
+from cli.fleet import fleet
 from cli.keys import keys
 from cli.publish import publish_command
 from cli.release import image, release, rootfs
@@ -31,6 +32,7 @@ main.add_command(image)
 main.add_command(demo)
 main.add_command(server)
 main.add_command(publish_command)
+main.add_command(fleet)
 
 if __name__ == "__main__":
     main()

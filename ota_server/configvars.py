@@ -12,35 +12,31 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-import yaml
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.engine import Connection
+
+from ota_common.varnames import GROUP_RE, MAX_VALUE, MAX_VARS, NAME_RE, SECRETS_KEY, is_group_name, is_var_name
 
 from .db import advisory_xact_lock
 from .errors import APIError, bad_request
 from .models import config_values as cv
-from .models import devices
 from .timeutil import now
 
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
-GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+__all__ = ["GROUP_RE", "MAX_VALUE", "MAX_VARS", "NAME_RE", "SECRETS_KEY", "SECRET_MASK", "ConfigStore", "Stored",
+           "check_group_name", "parse_config_body", "scalar_to_str"]
 SECRET_MASK = "********"
-SECRETS_KEY = "_secrets"
-MAX_VALUE = 64 * 1024
-MAX_VARS = 1000
 log = logging.getLogger("ota_server")
 
 
 def check_group_name(name: Any) -> str:
-    if not isinstance(name, str) or not GROUP_RE.match(name):
+    if not is_group_name(name):
         raise bad_request(f"invalid group name {name!r}: use 1-64 characters A-Z a-z 0-9 _ -")
-    return name
+    return str(name)
 
 
 def scalar_to_str(name: str, value: Any) -> str:
@@ -74,7 +70,7 @@ def parse_config_body(body: Any) -> tuple[dict[str, str], set[str]]:
     for name, value in body.items():
         if name == SECRETS_KEY:
             continue
-        if not NAME_RE.match(name):
+        if not is_var_name(name):
             raise bad_request(f"invalid variable name {name!r}: letters, digits, _ . - (not starting with a digit)")
         values[name] = scalar_to_str(name, value)
     if len(values) > MAX_VARS:
@@ -171,132 +167,3 @@ class ConfigStore:
         out = self.plain(self.load(conn, "group", group), f"group {group}") if group else {}
         out.update(self.plain(self.load(conn, "device", device_id), f"device {device_id}"))
         return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Ansible inventory import
-
-#: identity attributes a host name (or its DEVICE_ID variable) is compared with
-MATCH_IDENTITY_KEYS = ("hostname", "device_id", "DEVICE_ID", "serial", "serial_number", "mac")
-
-
-@dataclass
-class HostVars:
-    name: str
-    group: str | None
-    vars: dict[str, Any]
-    secrets: set[str]
-
-
-@dataclass
-class ParsedInventory:
-    hosts: dict[str, HostVars]
-    #: group name → its variables merged with its ancestors' (and ``all``'s), lowest precedence first
-    groups: dict[str, dict[str, Any]]
-    group_secrets: dict[str, set[str]]
-    warnings: list[str]
-
-
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise bad_request(f"{where} must be a mapping")
-    return value
-
-
-def parse_ansible_inventory(text: str) -> ParsedInventory:
-    """The standard YAML inventory: ``all: {vars, hosts, children: {group: {vars, hosts, children}}}``.
-    Precedence as in Ansible: host vars > child group vars > parent group vars > ``all`` vars. A host in
-    several groups is placed in the last one read (the server has one group per device) and a warning says so."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise bad_request(f"not a valid YAML inventory: {e}".splitlines()[0]) from None
-    except RecursionError:
-        raise bad_request("not a valid YAML inventory: nested too deeply") from None
-    doc = _mapping(doc, "the inventory")
-    if set(doc) - {"all"} and "all" not in doc:  # top-level groups without `all:` are allowed too
-        doc = {"all": {"children": doc}}
-    root = _mapping(doc.get("all"), "all")
-    hosts: dict[str, HostVars] = {}
-    groups: dict[str, dict[str, Any]] = {}
-    group_secrets: dict[str, set[str]] = {}
-    warnings: list[str] = []
-
-    def split_secrets(vars_: dict[str, Any], where: str) -> tuple[dict[str, Any], set[str]]:
-        vars_ = dict(vars_)
-        raw = vars_.pop(SECRETS_KEY, [])
-        if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
-            raise bad_request(f"{where}: {SECRETS_KEY} must be a list of variable names")
-        return vars_, set(raw)
-
-    def walk(name: str, node: dict[str, Any], inherited: dict[str, Any], inherited_secrets: set[str], depth: int) -> None:
-        if depth > 20:
-            raise bad_request("the inventory nests groups more than 20 levels deep")
-        node_vars, node_secrets = split_secrets(_mapping(node.get("vars"), f"{name}.vars"), f"{name}.vars")
-        merged = {**inherited, **node_vars}
-        secrets = inherited_secrets | node_secrets
-        if name != "all":
-            check_group_name(name)
-            groups[name] = merged
-            group_secrets[name] = secrets
-        for host, hvars in _mapping(node.get("hosts"), f"{name}.hosts").items():
-            hv, hs = split_secrets(_mapping(hvars, f"host {host}"), f"host {host}")
-            host = str(host)
-            entry = hosts.setdefault(host, HostVars(host, None, {}, set()))
-            entry.vars.update(hv)
-            entry.secrets |= hs
-            if name != "all":
-                if entry.group is not None and entry.group != name:
-                    warnings.append(f"host {host} is in groups {entry.group} and {name}; the server keeps {name}")
-                entry.group = name
-        for child, cnode in _mapping(node.get("children"), f"{name}.children").items():
-            walk(str(child), _mapping(cnode, f"group {child}"), merged, secrets, depth + 1)
-
-    walk("all", root, {}, set(), 0)
-    all_vars, all_secrets = split_secrets(_mapping(root.get("vars"), "all.vars"), "all.vars")
-    for h in hosts.values():
-        if h.group is None:  # only under `all`: its device variables carry `all`'s too
-            h.vars = {**all_vars, **h.vars}
-            h.secrets |= all_secrets
-    return ParsedInventory(hosts, groups, group_secrets, warnings)
-
-
-def match_hosts(conn: Connection, host_names: Iterable[str], host_vars: Mapping[str, Mapping[str, Any]]
-                ) -> tuple[dict[str, str], dict[str, str]]:
-    """Map host → device id. A host matches a device when the host name, or its ``DEVICE_ID`` variable, equals
-    the device id or one of the identity attributes in ``MATCH_IDENTITY_KEYS``. Returns (matched, unmatched
-    host → reason)."""
-    import json
-
-    index: dict[str, set[str]] = {}
-    for r in conn.execute(sa.select(devices.c.id, devices.c.identity_json)):
-        keys = {r.id}
-        try:
-            ident = json.loads(r.identity_json)
-        except ValueError:
-            ident = {}
-        for k in MATCH_IDENTITY_KEYS:
-            v = ident.get(k)
-            if isinstance(v, (str, int)):
-                keys.add(str(v))
-        for k in keys:
-            index.setdefault(k, set()).add(r.id)
-    matched: dict[str, str] = {}
-    unmatched: dict[str, str] = {}
-    for host in host_names:
-        candidates = {host}
-        dev_id_var = host_vars.get(host, {}).get("DEVICE_ID")
-        if isinstance(dev_id_var, (str, int)):
-            candidates.add(str(dev_id_var))
-        found: set[str] = set()
-        for c in candidates:
-            found |= index.get(c, set())
-        if len(found) == 1:
-            matched[host] = found.pop()
-        elif not found:
-            unmatched[host] = "no device has this id, hostname, device_id or DEVICE_ID"
-        else:
-            unmatched[host] = f"ambiguous: {len(found)} devices match"
-    return matched, unmatched

@@ -7,27 +7,23 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import deployments as rollout
+from .ansible_import import ImportPlan, apply_staged, import_inventory, parse_body, staged_list
 from .apitokens import READ, Operator
 from .audit import names
 from .auth import canonical_identity, load_device_pubkey, normalize_pubkey, sha256_hex
-from .configvars import (
-    GROUP_RE,
-    check_group_name,
-    match_hosts,
-    parse_ansible_inventory,
-    parse_config_body,
-)
+from .bulk_accept import MAX_DEVICES, accept_devices, select_ids
+from .configvars import GROUP_RE, check_group_name, parse_config_body
 from .context import ServerContext, get_ctx
 from .device_api import set_auth_status
-from .errors import APIError, bad_request, conflict, not_found
+from .errors import bad_request, conflict, not_found
 from .models import auth_sets, devices
 from .models import config_values as cv
 from .timeutil import now, rfc3339
@@ -110,7 +106,9 @@ def preauthorize(body: Preauth, ctx: Ctx, who: Operator) -> Response:
                                           status="preauthorized", inventory={}, created=t, updated=t))
         c.execute(auth_sets.insert().values(id=str(uuid.uuid4()), device_id=device_id, pubkey=pem,
                                             pubkey_hash=sha256_hex(pem), status="preauthorized", created=t))
-        who.record(c, f"preauthorized device {device_id} (identity: {names(body.identity_data)})")
+        staged = apply_staged(c, ctx.config, device_id)
+        who.record(c, f"preauthorized device {device_id} (identity: {names(body.identity_data)})"
+                      + (f"; {staged}" if staged else ""))
     return _created(f"{DEVAUTH}/{device_id}")
 
 
@@ -144,8 +142,48 @@ def put_auth_status(device_id: str, auth_id: str, body: AuthStatus, ctx: Ctx, wh
         if found is None:
             raise not_found("device or auth set")
         device_status = set_auth_status(c, device_id, auth_id, body.status)
-        who.record(c, f"auth set {auth_id} of device {device_id} set to {body.status} (device now {device_status})")
+        staged = apply_staged(c, ctx.config, device_id) if device_status == "accepted" else ""
+        who.record(c, f"auth set {auth_id} of device {device_id} set to {body.status} (device now {device_status})"
+                      + (f"; {staged}" if staged else ""))
     return Response(status_code=204)
+
+
+class AcceptFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["pending"] = "pending"
+    #: identity attributes that must all be equal
+    identity: dict[str, str | int] | None = Field(None, max_length=32)
+    group: str | None = Field(None, pattern=GROUP_RE.pattern)
+
+
+class BulkAccept(BaseModel):
+    """Either ``ids`` or ``filter``."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[Annotated[str, Field(max_length=ID_MAX)]] | None = Field(None, min_length=1, max_length=MAX_DEVICES)
+    filter: AcceptFilter | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> BulkAccept:
+        if (self.ids is None) == (self.filter is None):
+            raise ValueError("give either ids or filter")
+        return self
+
+
+@router.post(DEVAUTH + "/accept", tags=["devices"])
+def bulk_accept(body: BulkAccept, ctx: Ctx, who: Operator) -> dict[str, Any]:
+    """Accept many devices: ``{"ids": [...]}`` or ``{"filter": {"status": "pending", "identity": {name: value},
+    "group": name}}``. A device is accepted only when it has exactly one pending key and no accepted one; the
+    answer has one result per device (``accepted``, ``already accepted``, ``not found``, ...); each accepted
+    device gets its staged configuration and one audit entry. Idempotent."""
+    with ctx.db.write() as c:
+        if body.ids is not None:
+            ids = body.ids
+        else:
+            assert body.filter is not None
+            ids = select_ids(c, body.filter.status, body.filter.identity, body.filter.group)
+        results = accept_devices(c, ctx.config, ids, lambda summary: who.record(c, summary))
+    return {"results": results, "accepted": sum(r["result"] == "accepted" for r in results)}
 
 
 @router.delete(DEVAUTH + "/{device_id}", status_code=204, tags=["devices"])
@@ -237,51 +275,36 @@ def groups(ctx: Ctx) -> list[str]:
 
 
 @router.post(INVENTORY + "/import/ansible", tags=["inventory", "configuration"],
-             openapi_extra={"requestBody": {"required": True, "content": {"application/yaml": {
-                 "schema": {"type": "string"}}}}})
-async def import_ansible(request: Request, ctx: Ctx, who: Operator) -> dict[str, Any]:
-    """Import groups, group variables and host variables from an Ansible YAML inventory (the body).
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/yaml": {"schema": {"type": "string"}}, "text/x-ini": {"schema": {"type": "string"}},
+                 "application/json": {"schema": {"type": "object"}}}}})
+async def import_ansible(request: Request, ctx: Ctx, who: Operator,
+                         dry_run: Annotated[bool, Query(description="report what would change, change nothing")]
+                         = False) -> dict[str, Any]:
+    """Import groups, group variables and host variables from an Ansible inventory: YAML, INI, or the resolved
+    JSON form that ``build.py fleet import-ansible`` sends (see :mod:`ota_server.ansible_import`).
 
     A host matches a device when its name, or its ``DEVICE_ID`` variable, equals the device id or the
     identity attribute ``hostname``, ``device_id``, ``DEVICE_ID``, ``serial``, ``serial_number`` or ``mac``.
     Matched devices join the host's group; group variables (with inherited ones) become the group's variables,
     host variables the device's (only the names the inventory mentions are replaced). ``_secrets: [names]`` in
-    any ``vars`` marks secrets."""
-    raw = await request.body()
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        raise bad_request("the inventory is not UTF-8 text") from None
-    inv = parse_ansible_inventory(text)
-
-    def as_values(vars_: dict[str, Any], where: str) -> dict[str, str]:
-        try:
-            values, _ = parse_config_body({k: v for k, v in vars_.items()})
-        except APIError as e:
-            raise bad_request(f"{where}: {e.message}") from None
-        return values
-
-    group_values = {g: as_values(v, f"group {g}") for g, v in inv.groups.items()}
-    host_values = {h.name: as_values(h.vars, f"host {h.name}") for h in inv.hosts.values()}
+    any ``vars`` marks secrets. ``ansible_*`` variables are dropped (``dropped`` names them). A host that no device
+    matches yet is staged (``staged``) and applied when a matching device is accepted."""
+    plan = ImportPlan.of(parse_body(await request.body(), request.headers.get("content-type")))
+    if dry_run:
+        with ctx.db.read() as c:
+            return import_inventory(c, ctx.config, plan, write=False)[0]
     with ctx.db.write() as c:
-        matched, unmatched = match_hosts(c, list(inv.hosts), {h.name: h.vars for h in inv.hosts.values()})
-        for g, values in group_values.items():
-            secret = inv.group_secrets.get(g, set()) & set(values)
-            ctx.config.replace(c, "group", g, values, secret, merge=True)
-        for host, device_id in matched.items():
-            h = inv.hosts[host]
-            ctx.config.replace(c, "device", device_id, host_values[host], h.secrets & set(host_values[host]), merge=True)
-            if h.group is not None:
-                c.execute(devices.update().where(devices.c.id == device_id).values(group_name=h.group, updated=now()))
-        who.record(c, f"imported an Ansible inventory: {len(matched)} host(s) matched, {len(unmatched)} unmatched; "
-                      f"groups: {names(group_values)}")
-    return {
-        "matched": [{"host": h, "device_id": d, "group": inv.hosts[h].group,
-                     "variables": sorted(host_values[h])} for h, d in sorted(matched.items())],
-        "unmatched": [{"host": h, "reason": r} for h, r in sorted(unmatched.items())],
-        "groups": {g: sorted(v) for g, v in sorted(group_values.items())},
-        "warnings": inv.warnings,
-    }
+        answer, summary = import_inventory(c, ctx.config, plan)
+        who.record(c, summary)
+    return answer
+
+
+@router.get(INVENTORY + "/import/ansible/staged", tags=["inventory", "configuration"], dependencies=READS)
+def staged_hosts(ctx: Ctx) -> list[dict[str, Any]]:
+    """Hosts of an import that wait for their device: ``[{host, device_id_var, group, variables}]`` (names only)."""
+    with ctx.db.read() as c:
+        return staged_list(c)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -157,6 +157,19 @@ class ConfigValue(Base):
     updated: Mapped[float] = mapped_column(sa.Double)
 
 
+class StagedHost(Base):
+    """A host of an Ansible import that no device matched yet: its variables wait (``config_values`` of scope
+    ``staged``, owner = host) for a device whose id or identity equals ``host`` or ``device_key`` (the host's
+    ``DEVICE_ID``), and are applied when that device is accepted."""
+
+    __tablename__ = "staged_hosts"
+    host: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    device_key: Mapped[str | None] = mapped_column(sa.String(128), index=True)
+    group_name: Mapped[str | None] = mapped_column(sa.String(64))
+    created: Mapped[float] = mapped_column(sa.Double)
+    updated: Mapped[float] = mapped_column(sa.Double)
+
+
 class ApiToken(Base):
     """A named management API token. Only the SHA-256 of the token is stored; ``id`` is the public part of
     the token (``vvota_<id>_<secret>``) used to find the row before the hash is compared in constant time."""
@@ -191,5 +204,6 @@ deployments = cast(sa.Table, Deployment.__table__)
 deployment_devices = cast(sa.Table, DeploymentDevice.__table__)
 deployment_logs = cast(sa.Table, DeploymentLog.__table__)
 config_values = cast(sa.Table, ConfigValue.__table__)
+staged_hosts = cast(sa.Table, StagedHost.__table__)
 api_tokens = cast(sa.Table, ApiToken.__table__)
 audit_log = cast(sa.Table, AuditEntry.__table__)

@@ -78,7 +78,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python - <<'PY' > .venv/requirements.txt
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+extras = project["optional-dependencies"]
+print("\n".join(project["dependencies"] + extras["test"] + extras["ansible"]))
 PY
   .venv/bin/python -m pip install -q -r .venv/requirements.txt
   rm -f .venv/.installed-*

@@ -339,6 +339,10 @@ def test_every_change_is_audited(srv: Server, tokens: dict[str, str], run_cli: A
     aset = c.get(f"{DEVAUTH}/{device_id}", headers=h).json()["auth_sets"][0]["id"]
     call("PUT", f"{DEVAUTH}/{device_id}/auth/{aset}/status", 204, json={"status": "accepted"})
     assert dev.auth().status_code == 200
+    newcomer = Device(srv, "ec")
+    assert newcomer.auth().status_code == 401  # pending
+    r = call("POST", f"{DEVAUTH}/accept", 200, json={"filter": {"identity": newcomer.identity}})
+    assert [x["result"] for x in r.json()["results"]] == ["accepted"]  # bulk accept: one entry per accepted device
     call("PUT", f"{MGMT}/v1/inventory/devices/{device_id}/group", 204, json={"group": "audited"})
     call("PUT", f"{CONFIG}/device/{device_id}", 204, json={"A": "1"})
     call("PUT", f"{CONFIG}/group/audited", 204, json={"B": "2"})
