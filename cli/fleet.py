@@ -7,24 +7,27 @@
 
 The server comes from ``--server`` or ``$OTA_SERVER_URL``, the token from ``$OTA_ADMIN_TOKEN`` (scope ``operate``),
 a private CA from ``$OTA_CA_FILE``. The HTTP calls go through :class:`Management` (one method), so another
-transport can stand in for :class:`RequestsManagement`.
+transport can stand in for :class:`ClientManagement`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 import click
 
+from devkit.client import ManagementClient, check_url
 from ota_common.ansible_files import load_inventory
 from ota_common.ansible_wire import to_json
-from ota_common.errors import DownloadError, OTAError, UserError
+from ota_common.errors import OTAError, UserError
 
-from .publish import admin_token, check_url
+from .publish import admin_token
 from .vault import vault_decrypt
 
 IMPORT_PATH = "/api/management/v1/inventory/import/ansible"
@@ -43,36 +46,28 @@ class Management(Protocol):
         """The JSON answer of a 2xx; raises ServerRefused (4xx/5xx), UserError (401), DownloadError (network)."""
 
 
-class RequestsManagement:
+class ClientManagement:
+    """:class:`Management` over :class:`devkit.client.ManagementClient` (the one management client)."""
+
     def __init__(self, url: str, token: str, ca_file: str | None = None) -> None:
         check_url(url)
-        self.url = url.rstrip("/")
-        self.token = token
-        self.verify: str | bool = ca_file or True
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        self.client = ManagementClient(url.rstrip("/"), token, context=context, timeout=600)
 
     def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
-        import requests
-
-        try:
-            r = requests.request(method, self.url + path, json=body, params=params, timeout=600, verify=self.verify,
-                                 headers={"Authorization": f"Bearer {self.token}"})
-        except requests.RequestException as e:
-            raise DownloadError(f"cannot reach the update server at {self.url}: {e}") from None
-        if r.status_code == 401:
-            raise UserError(f"the update server at {self.url} refused the admin token ($OTA_ADMIN_TOKEN)")
-        if not 200 <= r.status_code < 300:
-            try:
-                why = str(r.json()["error"])
-            except (ValueError, KeyError, TypeError):
-                why = r.text.strip()[:300] or "no details"
-            raise ServerRefused(f"{method} {path}: HTTP {r.status_code}: {why}")
-        return r.json() if r.content else None
+        target = path + (f"?{urlencode(params)}" if params else "")
+        r = self.client.request(method, target) if body is None else self.client.send_json(method, target, body)
+        if r.status == 401:
+            raise UserError(f"the update server at {self.client.url} refused the admin token ($OTA_ADMIN_TOKEN)")
+        if not 200 <= r.status < 300:
+            raise ServerRefused(f"{method} {path}: HTTP {r.status}: {r.error()}")
+        return r.json() if r.body else None
 
 
 def management(server: str | None) -> Management:
     if not server:
         raise UserError("give the update server with --server URL or $OTA_SERVER_URL")
-    return RequestsManagement(server, admin_token(), os.environ.get(CA_ENV) or None)
+    return ClientManagement(server, admin_token(), os.environ.get(CA_ENV) or None)
 
 
 SERVER_OPTION = click.option("--server", envvar="OTA_SERVER_URL", metavar="URL",
