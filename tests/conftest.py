@@ -1,4 +1,5 @@
-"""Shared fixtures: keys made by our own generator, small payload files, the real mender-artifact binary."""
+"""Shared fixtures: a clean environment, keys made by our own generator, small payload files, the real
+mender-artifact binary."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,41 @@ from artifacts import KeyType, generate_keypair
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_PY = REPO / "build.py"
+
+#: environment variables the product reads (grep os.environ, getenv and click's envvar=), removed for the whole
+#: session so that no test depends on the caller's shell: every OTA_* variable (server settings, admin token,
+#: secrets keys, database URL, release keys, the agent's fault injection, the e2e seed), the reproducibility
+#: clock, the metrics directory, and what ``requests``/``urllib``/``ssl`` take from the environment (proxies,
+#: CA bundles, .netrc credentials). A test that needs one sets it with ``monkeypatch.setenv``.
+SCRUBBED_PREFIXES = ("OTA_",)
+SCRUBBED = frozenset({
+    "SOURCE_DATE_EPOCH", "PROMETHEUS_MULTIPROC_DIR",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "NETRC",
+})
+#: read by the product but kept, with the reason
+KEPT = {
+    "PATH": "where the external tools are",
+    "XDG_CACHE_HOME": "where the build cache lives, not what is built: the image tests reuse the caller's cache",
+    "VV_ENV_FILE": "read by the application stand-in inside the image only",
+    "VV_HEALTH_PORT": "read by the application stand-in inside the image only",
+    "OTA_E2E_SEED": "read by the QEMU suite, not the product: it repeats a run's random power-cut points",
+}
+
+
+def scrubbed(name: str) -> bool:
+    return name not in KEPT and (name in SCRUBBED or name.startswith(SCRUBBED_PREFIXES))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_environment() -> Iterator[None]:
+    """The session runs without the variables of :data:`SCRUBBED` (kas' ``monkeykas`` is the model); session
+    fixtures and the subprocesses the tests start (``build.py``, servers, agents) inherit the clean
+    environment. Restored at the end of the session."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if scrubbed(n)]:
+            mp.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="session")
