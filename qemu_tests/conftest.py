@@ -33,6 +33,7 @@ from image.release import preflight as build_preflight
 from image.vm import Vm
 from image.vm import preflight as qemu_preflight
 from ota_server.process import OtaServer, free_port
+from tests.conftest import clean_environment, clean_environment_per_test  # noqa: F401 - autouse: no caller's OTA_*, proxies, ...
 
 NAME = "vv-video-ai"
 GROW = 512 << 20

@@ -43,3 +43,11 @@ def test_the_session_and_its_subprocesses_run_without_them() -> None:
     child = subprocess.run([sys.executable, "-c", "import json, os; print(json.dumps(sorted(os.environ)))"],
                            capture_output=True, text=True, check=True)
     assert [n for n in json.loads(child.stdout) if scrubbed(n)] == []
+
+
+def test_a_variable_set_by_one_test_does_not_reach_the_next_1() -> None:
+    os.environ["SOURCE_DATE_EPOCH"] = "1"  # as build_release does in process, without monkeypatch
+
+
+def test_a_variable_set_by_one_test_does_not_reach_the_next_2() -> None:
+    assert "SOURCE_DATE_EPOCH" not in os.environ
