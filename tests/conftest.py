@@ -175,7 +175,7 @@ def boot_until(cmd: list[str], log: Path, markers: list[str], timeout: float) ->
 # Databases: the server's tests run on SQLite and on PostgreSQL through one fixture parameter
 
 
-def pg_tool(name: str) -> str:
+def _pg_tool(name: str) -> str:
     path = find_program(name)
     if path is None:
         pytest.fail(f"{name} not found: {install_hint(name)}")
@@ -195,15 +195,15 @@ def postgres() -> Iterator[str]:
         shutil.chown(base, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     data, port = base / "data", free_port()
-    subprocess.run([*as_user, pg_tool("initdb"), "-D", str(data), "-A", "trust", "-U", "ota"], check=True,
+    subprocess.run([*as_user, _pg_tool("initdb"), "-D", str(data), "-A", "trust", "-U", "ota"], check=True,
                    capture_output=True, cwd=base)
-    pg_ctl = pg_tool("pg_ctl")
+    pg_ctl = _pg_tool("pg_ctl")
     subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o",
                     f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
                    check=True, capture_output=True, cwd=base)
     try:
         deadline = time.monotonic() + 20
-        while subprocess.run([pg_tool("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "ota", "-d", "postgres",
+        while subprocess.run([_pg_tool("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "ota", "-d", "postgres",
                               "-c", "CREATE DATABASE ota"], capture_output=True).returncode != 0:
             assert time.monotonic() < deadline, (base / "log").read_text()
             time.sleep(0.3)
@@ -216,7 +216,7 @@ def postgres() -> Iterator[str]:
 def create_database(postgres: str, prefix: str = "ota") -> str:
     """A new, empty database on the session's cluster (``postgres`` is the fixture's URL); its URL."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    subprocess.run([pg_tool("psql"), postgres, "-c", f"CREATE DATABASE {name}"], check=True, capture_output=True)
+    subprocess.run([_pg_tool("psql"), postgres, "-c", f"CREATE DATABASE {name}"], check=True, capture_output=True)
     return postgres.rsplit("/", 1)[0] + "/" + name
 
 
