@@ -36,6 +36,7 @@ from devkit.server import OtaServer
 from devkit.wait import wait_until
 from image.release import DEFAULT_CONFIG, build_release
 from image.release import preflight as build_preflight
+from tests.conftest import clean_environment, clean_environment_per_test  # noqa: F401 - autouse: no caller's OTA_*, proxies, ...
 
 NAME = "vv-video-ai"
 GROW = 512 << 20

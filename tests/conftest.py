@@ -1,4 +1,5 @@
-"""Shared fixtures: keys made by our own generator, small payload files, the real mender-artifact binary."""
+"""Shared fixtures: a clean environment, keys made by our own generator, small payload files, the real
+mender-artifact binary."""
 
 from __future__ import annotations
 
@@ -7,15 +8,69 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from artifacts import KeyType, generate_keypair
+from ota_common.tools import find_program, install_hint
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_PY = REPO / "build.py"
+
+#: environment variables the product reads (grep os.environ, getenv and click's envvar=), removed for the whole
+#: session so that no test depends on the caller's shell: every OTA_* variable (server settings, admin token,
+#: secrets keys, database URL, release keys, the agent's fault injection, the e2e seed), the reproducibility
+#: clock, the metrics directory, and what ``requests``/``urllib``/``ssl`` take from the environment (proxies,
+#: CA bundles, .netrc credentials). A test that needs one sets it with ``monkeypatch.setenv``.
+SCRUBBED_PREFIXES = ("OTA_",)
+SCRUBBED = frozenset({
+    "SOURCE_DATE_EPOCH", "PROMETHEUS_MULTIPROC_DIR",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "NETRC",
+})
+#: read by the product but kept, with the reason
+KEPT = {
+    "PATH": "where the external tools are",
+    "XDG_CACHE_HOME": "where the build cache lives, not what is built: the image tests reuse the caller's cache",
+    "VV_ENV_FILE": "read by the application stand-in inside the image only",
+    "VV_HEALTH_PORT": "read by the application stand-in inside the image only",
+    "OTA_E2E_SEED": "read by the QEMU suite, not the product: it repeats a run's random power-cut points",
+}
+
+
+def scrubbed(name: str) -> bool:
+    return name not in KEPT and (name in SCRUBBED or name.startswith(SCRUBBED_PREFIXES))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_environment() -> Iterator[None]:
+    """The session runs without the variables of :data:`SCRUBBED` (kas' ``monkeykas`` is the model); session
+    fixtures and the subprocesses the tests start (``build.py``, servers, agents) inherit the clean
+    environment. Restored at the end of the session."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if scrubbed(n)]:
+            mp.delenv(name)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def clean_environment_per_test() -> Iterator[None]:
+    """Each test starts and ends without them too: product code run in process may set one (``build_release``
+    sets ``SOURCE_DATE_EPOCH``, ``build.py server`` its settings) and it must not reach the next test."""
+    _scrub()
+    yield
+    _scrub()
+
+
+def _scrub() -> None:
+    for name in [n for n in os.environ if scrubbed(n)]:
+        del os.environ[name]
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +150,74 @@ def build_release(out: Path, key: Path, *extra: str) -> Path:
 def release_dir(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, tuple[Path, Path]]) -> Path:
     """The default release (both boards), built once per test session and shared by the image tests."""
     return build_release(tmp_path_factory.mktemp("release"), keys["ec"][0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Databases: the server's tests run on SQLite and on PostgreSQL through one fixture parameter
+
+
+def _pg_tool(name: str) -> str:
+    path = find_program(name)
+    if path is None:
+        pytest.fail(f"{name} not found: {install_hint(name)}")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for the session (initdb/pg_ctl; run as the ``postgres`` user
+    when the tests run as root, its directory outside pytest's private temporary tree so that user can reach
+    it). The URL of its ``ota`` database; :func:`create_database` makes more."""
+    from devkit.net import free_port
+
+    base = Path(tempfile.mkdtemp(prefix="ota-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = base / "data", free_port()
+    subprocess.run([*as_user, _pg_tool("initdb"), "-D", str(data), "-A", "trust", "-U", "ota"], check=True,
+                   capture_output=True, cwd=base)
+    pg_ctl = _pg_tool("pg_ctl")
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True, cwd=base)
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run([_pg_tool("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "ota", "-d", "postgres",
+                              "-c", "CREATE DATABASE ota"], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, (base / "log").read_text()
+            time.sleep(0.3)
+        yield f"postgresql://ota@127.0.0.1:{port}/ota"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True, cwd=base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def create_database(postgres: str, prefix: str = "ota") -> str:
+    """A new, empty database on the session's cluster (``postgres`` is the fixture's URL); its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    subprocess.run([_pg_tool("psql"), postgres, "-c", f"CREATE DATABASE {name}"], check=True, capture_output=True)
+    return postgres.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str | None:
+    """The database of a module's server, one module run per backend: ``None`` (the server's own SQLite file
+    in its work directory) or a new database on the session's PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return None
+    return create_database(request.getfixturevalue("postgres"))
+
+
+@pytest.fixture(scope="module")
+def server(db_url: str | None, tmp_path_factory: pytest.TempPathFactory,
+           keys: dict[str, tuple[Path, Path]]) -> Iterator[Any]:
+    """One server per test module and database (see :func:`db_url`), trusting the ``ec`` and ``rsa`` release
+    keys. Modules that import ``server_fixture`` from server_helpers get a SQLite-only one instead."""
+    from .server_helpers import Server
+
+    s = Server(tmp_path_factory.mktemp("server"), "--release-key", str(keys["ec"][1]),
+               "--release-key", str(keys["rsa"][1]), db_url=db_url).start()
+    yield s
+    s.stop()

@@ -252,11 +252,39 @@ def test_restart_after_arming_in_the_same_boot_rearms_and_reboots(device: FileDe
     assert device.reboots() == 1
 
 
-def test_config_errors_are_clear(device: FileDevice) -> None:
-    device.config_path.write_text(device.config_path.read_text().replace("[health]\n", "[health]\nbogus = 1\n"))
+# (case, a line of the device's ota.conf, what replaces it, what the one error line must say)
+CONFIG_ERRORS = [
+    ("unknown key", "[health]\n", "[health]\nbogus = 1\n",
+     "{conf}: [health] unknown key 'bogus' (known: check_data_mount, check_server, deadline, "),
+    ("unknown section", "[health]\n", "[bogus]\nx = 1\n[health]\n",
+     "{conf}: unknown section [bogus] (known: server, device, paths, health, commands)"),
+    ("a key twice", "[health]\n", "[health]\ndeadline = 5\n",
+     "{conf}: While reading from '{conf}' [line 43]: option 'deadline' in section 'health' already exists"),
+    ("a line that is no key", "units =\n", "units\n", "{conf}: Source contains parsing errors"),
+    ("not a duration", "deadline = 2\n", "deadline = soon\n",
+     "[health] deadline: not a duration: 'soon' (use e.g. 30, 30s, 5m, 2h)"),
+    ("not a boolean", "check_data_mount = no\n", "check_data_mount = maybe\n",
+     "[health] check_data_mount: not a boolean: 'maybe'"),
+    ("not a non-negative integer", "security_version = 0\n", "security_version = -1\n",
+     "[device] security_version: not a non-negative integer: '-1'"),
+    ("a server URL that is not http(s)", "url = http://127.0.0.1:9\n", "url = ftp://x\n",
+     "{conf}: [server] url must be an http(s) URL, got 'ftp://x'"),
+]
+
+
+@pytest.mark.parametrize(("line", "replacement", "message"), [c[1:] for c in CONFIG_ERRORS],
+                         ids=[c[0] for c in CONFIG_ERRORS])
+def test_config_errors_are_clear(device: FileDevice, line: str, replacement: str, message: str) -> None:
+    """A mistake in ota.conf stops the agent with exit code 2 and one line that names the section and the key
+    (and the file, for mistakes found while reading it), never a traceback and never a silent default."""
+    text = device.config_path.read_text()
+    assert text.count(line) == 1, line
+    device.config_path.write_text(text.replace(line, replacement))
     proc = device.agent("show")
-    assert proc.returncode == 2 and "error:" in proc.stderr
-    assert "[health] unknown key 'bogus'" in proc.stderr and str(device.config_path) in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert message.format(conf=device.config_path) in proc.stderr, proc.stderr
+    assert proc.stdout == ""
 
 
 def test_data_partition_sets_only_where_the_server_is(device: FileDevice, caplog: pytest.LogCaptureFixture) -> None:

@@ -6,8 +6,7 @@ report inventory, and go through a phased deployment with a failure threshold (o
 a log, the rollout pauses itself) and a second deployment that leaves a device ``_INCONSISTENT``. One device
 sends ``<script>`` in its identity, inventory and log. The pages are checked over HTTP (content, escaping,
 authentication, login/logout) and rendered by a real headless Chromium (DOM and screenshots saved to
-``out/test-screenshots/``). A second server gets 10,000 devices written straight into its database to check
-that the pages stay fast.
+``out/test-screenshots/``). The pages of a 10,000-device fleet: tests/test_dashboard_scale.py.
 """
 
 from __future__ import annotations
@@ -38,8 +37,7 @@ from device_hooks.api import DeviceAPI, Unauthorized
 from devkit.client import MGMT, Response
 from devkit.server import OtaServer
 
-from .conftest import BUILD_PY, REPO, make_payload
-from .test_server_postgres import postgres  # noqa: F401 - fixture (used through pg_url)
+from .conftest import BUILD_PY, REPO, create_database, make_payload
 
 SCREENSHOTS = REPO / "out" / "test-screenshots"
 XSS_ID = '<script>document.title="pwned-identity"</script>'
@@ -569,98 +567,15 @@ def test_chromium_renders_the_dashboard(fleet: Fleet, tmp_path: Path, request: p
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 10,000 devices
-
-
-def test_pages_fast_with_10000_devices(tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> None:
-    """10,000 devices and a 10,000-device deployment are written straight into the server's database (going
-    through the API would only measure the device API); every page must still answer quickly."""
-    import sqlalchemy as sa
-
-    from ota_server.models import deployment_devices, deployments, devices
-
-    server = OtaServer(tmp_path / "server", keys["ec"][1])
-    server.start()
-    try:
-        engine = sa.create_engine(f"sqlite:///{server.workdir / 'ota.sqlite'}")
-        t = time.time()
-        n = 10_000
-        rows, dd_rows = [], []
-        statuses = ["success"] * 6 + ["failure", "downloading", "pending", "pending"]
-        for i in range(n):
-            ident = json.dumps({"hostname": f"cam-{i:05d}", "mac": f"02:00:00:{i >> 16:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"},
-                               sort_keys=True, separators=(",", ":"))
-            status = "accepted" if i % 50 else "pending"
-            version = "vv-app-2.0" if i % 3 else ("vv-app-1.0" if i % 97 else "vv-app-1.0_INCONSISTENT")
-            device_id = str(uuid.UUID(int=i + 1))
-            rows.append({"id": device_id, "identity_json": ident, "identity_hash": uuid.uuid4().hex,
-                         "status": status, "group_name": f"site-{i % 20}",
-                         "inventory": {"artifact_name": version, "device_type": "raspberrypi4"} if status == "accepted" else {},
-                         "device_type": "raspberrypi4", "created": t - n + i, "updated": t - n + i,
-                         "inventory_updated": t - i})
-            if status == "accepted":
-                st = statuses[i % len(statuses)]
-                dd_rows.append({"deployment_id": "big", "device_id": device_id, "status": st,
-                                "substate": "health check failed" if st == "failure" else None,
-                                "active": st in ("downloading", "pending"), "phase": 0, "not_before": t, "attempts": 1,
-                                "created": t, "started": t, "finished": t if st in ("success", "failure") else None,
-                                "has_log": False})
-        with engine.begin() as c:
-            c.execute(devices.insert(), rows)
-            c.execute(deployments.insert().values(
-                id="big", name="fleet-wide 2.0", artifact_name="vv-app-2.0", status="inprogress", created=t,
-                finished=None, device_count=len(dd_rows), phases=[{"id": 1, "batch_size": 100, "start_ts": t,
-                                                                    "device_count": len(dd_rows)}],
-                failure_threshold=20.0, allow_downgrade=False, retries=0, target={"all_devices": True}))
-            c.execute(deployment_devices.insert(), dd_rows)
-        engine.dispose()
-
-        timings = {}
-        failed_device = next(r["device_id"] for r in dd_rows if r["status"] == "failure")
-        for path in ("/ui/", "/ui/?page=100", "/ui/?artifact=vv-app-1.0_INCONSISTENT", "/ui/?group=site-3&page=5",
-                     "/ui/deployments", "/ui/deployments/big", "/ui/deployments/big?failures_page=9",
-                     f"/ui/devices/{failed_device}"):
-            fetch(server, path, bearer=server.admin_token)  # warm
-            t0 = time.monotonic()
-            r = fetch(server, path, bearer=server.admin_token)
-            timings[path] = time.monotonic() - t0
-            assert r.status == 200, (path, r)
-            html = text(r)
-            if path.startswith("/ui/?") or path == "/ui/":
-                assert _count(html, "count-total") == n and _count(html, "count-pending") == n // 50
-        print("page timings (s):", {k: round(v, 3) for k, v in timings.items()})
-        # generous for 2 shared cores; a page that counts in Python or renders every device takes seconds
-        assert max(timings.values()) < 1.5, timings
-
-        html = text(fetch(server, "/ui/?page=100", bearer=server.admin_token))
-        assert html[html.index('id="devices"'):].count('href="/ui/devices/') == 100 and "page 100 of 100" in html
-        assert "hostname=cam-09999" in html
-        html = text(fetch(server, "/ui/", bearer=server.admin_token))
-        assert html[html.index('id="devices"'):].count('href="/ui/devices/') == 100
-        html = text(fetch(server, "/ui/deployments/big", bearer=server.admin_token))
-        failures = sum(1 for r in dd_rows if r["status"] == "failure")
-        assert f'Failures <span class="muted small">{failures}</span>' in html
-        assert html[html.index('id="failures"'):].count('href="/ui/devices/') == 100
-        assert f"page 1 of {-(-failures // 100)}" in html
-    finally:
-        server.stop()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # PostgreSQL
 
 
-@pytest.fixture(scope="module")
-def pg_url(request: pytest.FixtureRequest) -> str:
-    """The throwaway PostgreSQL cluster of test_server_postgres."""
-    return str(request.getfixturevalue("postgres"))
-
-
-def test_pages_on_postgres(pg_url: str, tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> None:
+def test_pages_on_postgres(postgres: str, tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> None:
     """The same queries on a real PostgreSQL (JSON inventory access, GREATEST, grouping by an expression)."""
     from .server_helpers import Device, Server, deploy, upload
 
-    server = Server(tmp_path / "server", "--release-key", str(keys["ec"][1]), db_url=pg_url).start()
+    server = Server(tmp_path / "server", "--release-key", str(keys["ec"][1]),
+                    db_url=create_database(postgres)).start()
     try:
         assert upload(server, _build_artifact(tmp_path, keys["ec"][0])).status_code == 201
         devs = [Device(server, identity={"hostname": f"pg-{i}"}) for i in range(4)]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .conftest import BUILD_PY, REPO
-from .server_helpers import ADMIN_TOKEN, Device, Server, server_fixture  # noqa: F401 - fixture
+from .server_helpers import ADMIN_TOKEN, Device, Server
 
 IMPORT = "/api/management/v1/inventory/import/ansible"
 STAGED = IMPORT + "/staged"

@@ -1,9 +1,9 @@
 """Update server: configuration variables (device and group, secrets encrypted at rest) and the Ansible
-inventory import."""
+inventory import. The tests on the ``server`` fixture run on SQLite and on PostgreSQL (tests/conftest.py)."""
 
 from __future__ import annotations
 
-from .server_helpers import Device, Server, server_fixture  # noqa: F401 - fixture
+from .server_helpers import Device, Server
 
 CONFIG = "/api/management/v1/deviceconfig/configurations"
 DEVICE_CONFIG = "/api/devices/v1/deviceconfig/configuration"

@@ -1,5 +1,6 @@
 """Update server: deployments end to end with simulated devices (next v2/v1, statuses, phases, failure
-threshold, retries, abort, logs, statistics)."""
+threshold, retries, abort, logs, statistics). The tests on the ``server`` fixture run on SQLite and on PostgreSQL
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .server_helpers import Device, Server, deploy, server_fixture, upload, write_artifact  # noqa: F401 - fixture
+from .server_helpers import Device, Server, deploy, upload
 
 DEPLOYMENTS = "/api/management/v1/deployments/deployments"
 

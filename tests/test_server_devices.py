@@ -1,5 +1,6 @@
 """Update server, device side: signed auth requests (RSA, ECDSA, ed25519), acceptance, preauthorization,
-decommissioning, tokens, inventory, chunked bodies, restart."""
+decommissioning, tokens, inventory, chunked bodies, restart. The tests on the ``server`` fixture run on SQLite and
+on PostgreSQL (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from .server_helpers import Device, Server, server_fixture  # noqa: F401 - fixture
+from .server_helpers import Device, Server
 
 NEXT = "/api/devices/v2/deployments/device/deployments/next"
 DEVAUTH = "/api/management/v2/devauth/devices"

@@ -1,15 +1,14 @@
-"""The update server on a real PostgreSQL (a throwaway cluster started here with initdb/pg_ctl): the same
-device, deployment and configuration tests as on SQLite."""
+"""The update server on a real PostgreSQL (the session's throwaway cluster, tests/conftest.py): what only
+PostgreSQL shows. The device, deployment, configuration and token tests run on both databases through the
+``db_url`` fixture parameter; here: restarts on the same database, races between server processes under READ
+COMMITTED, migrations from several processes at once, backup and restore, the log quota."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,85 +16,18 @@ from typing import Any
 
 import pytest
 
-from devkit.net import free_port
-from ota_common.tools import find_program, install_hint
-
-from .conftest import BUILD_PY, REPO
+from .conftest import BUILD_PY, REPO, create_database
 from .server_helpers import Device, Server, deploy, write_artifact
-from .test_server_config import test_ansible_import, test_device_and_group_variables_with_secrets  # noqa: F401
-from .test_server_deployments import (  # noqa: F401
-    release,
-    test_abort_gives_409,
-    test_failure_threshold_pauses_and_resume,
-    test_full_deployment_and_next_variants,
-    test_next_in_the_three_forms_mender_client_3_4_sends,
-    test_phases_release_devices_in_batches,
-    test_repeated_failure_uses_no_retry,
-    test_retries_and_logs,
-    test_statuses_only_move_forward,
-)
-from .test_server_devices import (  # noqa: F401
-    test_device_tokens_bound_to_their_auth_set,
-    test_preauthorized_device_is_accepted_at_first_request,
-    test_tokens_refused_when_missing_bad_expired_rejected_or_decommissioned,
-)
-from .test_server_tokens import (  # noqa: F401
-    test_audit_log,
-    test_revoked_token_refused_at_once,
-    test_scopes,
-    test_token_api,
-    tokens,
-)
-
-
-def _pg_tool(name: str) -> str:
-    path = find_program(name)
-    if path is None:
-        pytest.fail(f"{name} not found: {install_hint(name)}")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A PostgreSQL cluster on 127.0.0.1 (run as the ``postgres`` user when the tests run as root; its
-    directory is outside pytest's private temporary tree so that user can reach it)."""
-    base = Path(tempfile.mkdtemp(prefix="ota-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", free_port()
-    subprocess.run([*as_user, _pg_tool("initdb"), "-D", str(data), "-A", "trust", "-U", "ota"], check=True,
-                   capture_output=True, cwd=base)
-    pg_ctl = _pg_tool("pg_ctl")
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o",
-                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True, cwd=base)
-    try:
-        deadline = time.monotonic() + 20
-        while subprocess.run([_pg_tool("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "ota", "-d", "postgres",
-                              "-c", "CREATE DATABASE ota"], capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline, (base / "log").read_text()
-            time.sleep(0.3)
-        yield f"postgresql://ota@127.0.0.1:{port}/ota"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True, cwd=base)
-        shutil.rmtree(base, ignore_errors=True)
+from .test_server_deployments import release  # noqa: F401 - fixture (on this module's server)
 
 
 @pytest.fixture(scope="module", name="server")
 def pg_server(postgres: str, tmp_path_factory: pytest.TempPathFactory,
               keys: dict[str, tuple[Path, Path]]) -> Iterator[Server]:
     s = Server(tmp_path_factory.mktemp("server"), "--release-key", str(keys["ec"][1]),
-               "--release-key", str(keys["rsa"][1]), db_url=postgres).start()
+               "--release-key", str(keys["rsa"][1]), db_url=create_database(postgres)).start()
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def srv(server: Server) -> Server:
-    """The API token tests' server (tokens made with `build.py server token create --db postgresql://...`)."""
-    return server
 
 
 def test_restart_on_postgres(server: Server) -> None:
@@ -283,15 +215,10 @@ def test_concurrent_uploads_of_one_artifact(server: Server, keys: dict[str, tupl
 # Operations: migrations from several processes at once, backup and restore
 
 
-def _createdb(postgres: str, name: str) -> str:
-    subprocess.run([_pg_tool("psql"), postgres, "-c", f"CREATE DATABASE {name}"], check=True, capture_output=True)
-    return postgres.rsplit("/", 1)[0] + "/" + name
-
-
 def test_servers_starting_at_once_migrate_once(postgres: str, tmp_path: Path) -> None:
     """Four ``build.py server migrate`` on a new database at the same moment: one migrates, the others wait
     for its advisory lock and find nothing to do; none fails."""
-    url = _createdb(postgres, "ota_migrate")
+    url = create_database(postgres, "ota_migrate")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, str(BUILD_PY), "server", "migrate", "--db", url], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
@@ -312,7 +239,7 @@ def test_backup_and_restore_on_postgres(server: Server, postgres: str, tmp_path:
 
     src = _sibling(server, tmp_path / "src", "--release-key", str(keys["ec"][1]), workers=1)
     try:
-        backup_and_restore(src, tmp_path, keys, run_cli, _createdb(postgres, "ota_restored"))
+        backup_and_restore(src, tmp_path, keys, run_cli, create_database(postgres, "ota_restored"))
     finally:
         src.stop()
 
