@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection
 from .errors import APIError, bad_request, not_found
 from .models import deployment_devices as dd
 from .models import deployments as dep
+from .models import devices
 from .timeutil import now
 
 TERMINAL = frozenset({"success", "failure", "already-installed", "noartifact", "aborted", "decommissioned"})
@@ -46,6 +47,10 @@ PROGRESS = {
     "rebooting": 5, "pause_before_committing": 6,
 }
 FINAL_RANK = len(PROGRESS)
+
+
+#: the provide that names the image a device runs, and that a delta artifact depends on
+ROOTFS_CHECKSUM = "rootfs-image.checksum"
 
 
 def rank(status: str) -> int:
@@ -76,6 +81,45 @@ def plan_phases(device_ids: Sequence[str], phases: Sequence[dict[str, Any]], cre
         pos += count
         out.append({"id": i + 1, "batch_size": batch, "start_ts": start, "device_count": count})
     return out, assignment
+
+
+def is_waiting(device_status: str, not_before: float, deployment_status: str, t: float) -> bool:
+    """Whether a device's row of a deployment has nothing for ``next`` at time ``t``: the device is ``pending``
+    and its phase has not started yet (``not_before``) or the deployment is not running (paused)."""
+    return device_status == "pending" and (not_before > t or deployment_status not in ("pending", "inprogress"))
+
+
+def source_checksum(info: dict[str, Any]) -> str | None:
+    """The ``rootfs-image.checksum`` an artifact depends on (a delta: installable only on that image)."""
+    value = (info.get("artifact_depends") or {}).get(ROOTFS_CHECKSUM)
+    return value if isinstance(value, str) else None
+
+
+def _update_modules(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return {v for v in value.replace(",", " ").split() if v}
+    if isinstance(value, list):
+        return {v for v in value if isinstance(v, str)}
+    return set()
+
+
+def choose_artifact(conn: Connection, device_id: str, provides: dict[str, Any], fitting: Sequence[Any]) -> Any:
+    """Of the artifacts with the deployment's name that fit the device type (rows with ``info``): a delta whose
+    source is the image the device runs (its ``rootfs-image.checksum`` provide equals the delta's depends) when
+    the device says it installs that payload type (inventory ``update_modules``, as the Mender client reports
+    update modules), else the full artifact, else None. An artifact that depends on another image is never
+    offered otherwise. The device's inventory is read only when there is such a delta."""
+    full = next((a for a in fitting if source_checksum(a.info) is None), None)
+    running = provides.get(ROOTFS_CHECKSUM)
+    deltas = [a for a in fitting if running and source_checksum(a.info) == running]
+    if deltas:
+        inventory = conn.execute(sa.select(devices.c.inventory).where(devices.c.id == device_id)).scalar() or {}
+        modules = _update_modules(inventory.get("update_modules")) | {"rootfs-image"}
+        for a in deltas:
+            types = {u.get("type_info", {}).get("type") for u in a.info.get("updates", [])}
+            if types and types <= modules:
+                return a
+    return full
 
 
 def statistics(conn: Connection, deployment_id: str) -> dict[str, int]:

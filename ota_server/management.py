@@ -26,7 +26,7 @@ from .configvars import (
     parse_config_body,
 )
 from .context import ServerContext, get_ctx
-from .device_api import set_auth_status
+from .devauth import set_auth_status
 from .errors import APIError, bad_request, conflict, not_found
 from .models import auth_sets, devices
 from .models import config_values as cv

@@ -25,7 +25,6 @@ from . import deployments as rollout
 from .apitokens import READ, Operator
 from .audit import names
 from .context import ServerContext, get_ctx
-from .device_api import source_checksum
 from .device_logs import device_log
 from .errors import APIError, bad_request, conflict, not_found
 from .management import DEFAULT_PER_PAGE, READS, Page, PerPage
@@ -187,7 +186,7 @@ def _refuse_conflicts(c: sa.Connection, name: str, device_types: list[str], sour
     artifact and deltas of it from different images share the name)."""
     for other in c.execute(sa.select(art_t.c.id, art_t.c.device_types, art_t.c.info).where(art_t.c.name == name)):
         common = sorted(set(other.device_types) & set(device_types))
-        if common and source_checksum(other.info) == source:
+        if common and rollout.source_checksum(other.info) == source:
             what = "" if source is None else f" (a delta from image {source[:16]}…)"
             raise conflict(f"artifact {name}{what} for device type {common[0]} already exists ({other.id})")
 
@@ -239,7 +238,7 @@ async def upload_artifact(request: Request, ctx: Ctx, who: Operator) -> Response
             raise bad_request(f"artifact rejected: {e}") from None
         artifact_id = str(uuid.uuid4())
         final = Path(ctx.artifact_dir) / f"{artifact_id}.mender"
-        source = source_checksum(meta["info"])
+        source = rollout.source_checksum(meta["info"])
         _check_key_lengths(meta["name"], meta["device_types"], source)
         try:
             with ctx.db.write() as c:
