@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -160,6 +160,15 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+SelectT = TypeVar("SelectT", bound=sa.Select[Any])
+
+
+def where_given(query: SelectT, column: sa.ColumnElement[Any], value: Any) -> SelectT:
+    """``query`` narrowed to the rows whose ``column`` equals ``value``; all its rows when ``value`` is None (a
+    list's filter parameter left out)."""
+    return query if value is None else query.where(column == value)
 
 
 #: key of the PostgreSQL advisory lock held while migrating: two processes starting at once never both migrate

@@ -1,4 +1,5 @@
-"""Rollout logic shared by the device and management APIs: phases, per-device statuses, the failure threshold.
+"""Rollout logic shared by the device and management APIs: phases, per-device statuses, the failure threshold,
+and which artifact a device is offered (the full one, or a delta from the image it runs).
 
 Per-device statuses are Mender's. ``pending`` devices wait for their phase (``not_before``) and for the
 deployment not to be paused; a device reporting ``failure`` while it has retries left goes back to
@@ -23,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .errors import APIError, bad_request, not_found
+from .errors import APIError, bad_request, found_or_404
 from .models import deployment_devices as dd
 from .models import deployments as dep
 from .models import devices
@@ -205,15 +206,13 @@ def report_status(conn: Connection, deployment_id: str, device_id: str, status: 
 
     Raises APIError: 404 when this is not the device's deployment, 409 once it was aborted, 400 for a
     different final status after a final one."""
-    row = conn.execute(
+    row = found_or_404(conn.execute(
         sa.select(dd.c.status, dd.c.active, dd.c.attempts, dd.c.delivered_attempt,
                   dep.c.status.label("dep_status"), dep.c.retries)
         .join(dep, dep.c.id == dd.c.deployment_id)
         .where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
         .with_for_update(of=dd)
-    ).first()
-    if row is None:
-        raise not_found("deployment for this device")
+    ).first(), "deployment for this device")
     if row.status == "aborted" or row.dep_status == "aborted":
         raise APIError(409, "the deployment was aborted")
     if not row.active:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from .context import ServerContext
 from .devauth import Ctx, CurrentDevice, Device
 from .downloads import ArtifactFileResponse
-from .errors import bad_request, error_doc, not_found
+from .errors import bad_request, error_doc, found_or_404
 from .models import artifacts as art_t
 from .models import devices
 from .timeutil import now
@@ -109,8 +109,7 @@ async def download(artifact_id: str, ctx: Ctx, expires: LinkExpires = None, sig:
     """
     ctx.links.check(artifact_id, expires, sig)
     with ctx.db.read() as c:
-        row = c.execute(sa.select(art_t.c.name, art_t.c.sha256).where(art_t.c.id == artifact_id)).first()
-    if row is None:
-        raise not_found("artifact")
+        row = found_or_404(c.execute(sa.select(art_t.c.name, art_t.c.sha256).where(art_t.c.id == artifact_id)).first(),
+                           "artifact")
     path = f"{ctx.artifact_dir}/{artifact_id}.mender"
     return ArtifactFileResponse(path, row.sha256, f"{row.name}.mender")

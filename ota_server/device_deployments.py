@@ -23,7 +23,7 @@ from .auth import canonical_json, sha256_hex
 from .context import ServerContext
 from .deployments import REPORTABLE
 from .devauth import Ctx, CurrentDevice, Device
-from .errors import bad_request, error_doc, not_found
+from .errors import bad_request, error_doc, found_or_404
 from .models import artifacts as art_t
 from .models import deployment_devices as dd
 from .models import devices
@@ -198,17 +198,14 @@ class StatusBody(BaseModel):
 
 
 def own_deployment(c: sa.Connection, deployment_id: str, device_id: str) -> Any:
-    """The device's row in the deployment (its status, the deployment's status and retries).
+    """The device's row in the deployment (its status).
 
     Raises:
         APIError: 404 when the deployment is not this device's.
     """
-    row = c.execute(
+    return found_or_404(c.execute(
         sa.select(dd.c.status).where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
-    ).first()
-    if row is None:
-        raise not_found("deployment for this device")
-    return row
+    ).first(), "deployment for this device")
 
 
 @router.put("/api/devices/v1/deployments/device/deployments/{deployment_id}/status", status_code=204,
