@@ -19,11 +19,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import admin_api, dashboard, device_api, device_logs, http_protocol, management, metrics, openapi_links, releases
+from . import (
+    admin_api,
+    dashboard,
+    devauth,
+    device_api,
+    device_deployments,
+    device_logs,
+    http_protocol,
+    management,
+    metrics,
+    openapi_links,
+    releases,
+)
 from .apitokens import READ, RequireScope, find_principal, route_scope
 from .context import ServerContext
 from .downloads import DOWNLOAD_PATH
 from .errors import ERROR_RESPONSES, APIError
+from .fastpoll import FastPoll
 from .settings import Settings, load_or_create_secrets
 
 log = logging.getLogger("ota_server")
@@ -36,7 +49,7 @@ def needs_credentials(path: str) -> bool:
     """Whether the routes at ``path`` answer 401 to a request without valid credentials."""
     if path.startswith("/api/management/"):
         return True
-    return (path.startswith("/api/devices/") and path != device_api.AUTH_REQUESTS
+    return (path.startswith("/api/devices/") and path != devauth.AUTH_REQUESTS
             and not path.startswith(DOWNLOAD_PATH))
 
 
@@ -52,9 +65,8 @@ def has_credentials(ctx: ServerContext, scope: Scope) -> bool:
             return find_principal(ctx.db, token, ctx.settings.admin_token_sha256) is not None
         if path.startswith("/api/devices/"):
             claims = ctx.tokens.verify(auth)
-            rows = ctx.db.fetch(device_api.DEVICE_SQL, (claims.device_id,))
-            return (bool(rows) and rows[0][0] == "accepted" and rows[0][3] == claims.auth_set_id
-                    and rows[0][4] == claims.epoch)
+            rows = ctx.db.fetch(devauth.DEVICE_SQL, (claims.device_id,))
+            return bool(rows) and devauth.token_problem(claims, rows[0][0], rows[0][3], rows[0][4]) is None
     except APIError:
         return False
     return False
@@ -82,7 +94,7 @@ class BodyLimit:
         path = scope["path"]
         small = self.unauthenticated
         large: int | None = None if path in STREAMED else self.limit  # None: not bounded here
-        if path == device_api.AUTH_REQUESTS:
+        if path == devauth.AUTH_REQUESTS:
             large = small
         authorized: bool | None = None
 
@@ -249,7 +261,7 @@ async def _credentials_error(request: Request) -> Response | None:
     them gets 401 (403: a token without the scope) whatever its body, and learns nothing."""
     dependant = getattr(request.scope.get("route"), "dependant", None)
     for dep in getattr(dependant, "dependencies", ()):
-        if isinstance(dep.call, RequireScope) or dep.call is device_api.current_device:
+        if isinstance(dep.call, RequireScope) or dep.call is devauth.current_device:
             try:
                 await dep.call(request)
             except APIError as e:
@@ -365,6 +377,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def redoc() -> HTMLResponse:
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - API")
 
+    app.include_router(devauth.router)
+    app.include_router(device_deployments.router)
     app.include_router(device_api.router)
     app.include_router(device_logs.router)
     app.include_router(management.router)
@@ -380,7 +394,7 @@ def create_app(settings: Settings) -> FastAPI:
         return app.openapi_schema or generate_openapi()
 
     app.openapi = openapi_with_links  # type: ignore[method-assign]
-    app.add_middleware(device_api.FastPoll)  # innermost: the checks below wrap it as they wrap routes
+    app.add_middleware(FastPoll)  # innermost: the checks below wrap it as they wrap routes
     app.add_middleware(UnicodeCheck)  # inside BodyLimit: never buffers more than max_body
     app.add_middleware(BodyLimit, ctx=ctx, limit=settings.max_body, unauthenticated=settings.max_unauthenticated_body)
     app.add_middleware(metrics.MetricsMiddleware)

@@ -32,7 +32,7 @@ from ota_common.files import sha256_file
 from ota_common.tools import find_program, install_hint, run
 
 from . import secretkeys
-from .db import make_engine, migrate, normalize_url
+from .db import make_engine, migrate, normalize_url, open_database
 from .secretkeys import SecretKeys
 from .settings import SECRETS_FILE
 
@@ -141,20 +141,16 @@ def _backup_postgres(db_url: str, out: Path) -> tuple[list[str], str | None]:
     """``pg_dump`` of a snapshot exported by a REPEATABLE READ transaction that also lists the artifacts, so the
     dump and the artifact files agree. Returns the artifact ids and the schema revision."""
     conninfo, env = _pg_command(db_url)
-    engine = make_engine(db_url)
-    try:
-        with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
-            snapshot = conn.execute(sa.text("SELECT pg_export_snapshot()")).scalar_one()
-            ids = [r[0] for r in conn.execute(sa.text("SELECT id FROM artifacts"))]
-            revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-            run([_pg_tool("pg_dump"), "--format=custom", f"--snapshot={snapshot}", "--no-owner",
-                 "--file", str(out / PG_DUMP), "--dbname", conninfo], stage="backup", env=env)
-    except sa.exc.OperationalError as e:
-        raise UserError(f"cannot open the database: {e.orig}") from None
-    except sa.exc.ProgrammingError as e:
-        raise UserError(f"the database does not hold an update server's tables: {e.orig}") from None
-    finally:
-        engine.dispose()
+    with open_database(db_url) as engine:
+        try:
+            with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+                snapshot = conn.execute(sa.text("SELECT pg_export_snapshot()")).scalar_one()
+                ids = [r[0] for r in conn.execute(sa.text("SELECT id FROM artifacts"))]
+                revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+                run([_pg_tool("pg_dump"), "--format=custom", f"--snapshot={snapshot}", "--no-owner",
+                     "--file", str(out / PG_DUMP), "--dbname", conninfo], stage="backup", env=env)
+        except sa.exc.ProgrammingError as e:
+            raise UserError(f"the database does not hold an update server's tables: {e.orig}") from None
     _fsync(out / PG_DUMP)
     return ids, revision
 
@@ -250,15 +246,9 @@ def _database_is_empty(db_url: str, kind: str) -> None:
         if path.exists() and path.stat().st_size > 0:
             raise UserError(f"{path} exists: restore into a new database")
         return
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            tables = conn.execute(sa.text("SELECT count(*) FROM information_schema.tables "
-                                          "WHERE table_schema = current_schema()")).scalar_one()
-    except sa.exc.OperationalError as e:
-        raise UserError(f"cannot open the database: {e.orig}") from None
-    finally:
-        engine.dispose()
+    with open_database(db_url) as engine, engine.connect() as conn:
+        tables = conn.execute(sa.text("SELECT count(*) FROM information_schema.tables "
+                                      "WHERE table_schema = current_schema()")).scalar_one()
     if tables:
         raise UserError("the target database is not empty: restore into a new database (createdb)")
 

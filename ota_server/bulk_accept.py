@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from .ansible_import import apply_staged
 from .configvars import ConfigStore
-from .device_api import set_auth_status
+from .devauth import set_auth_status
 from .errors import bad_request
 from .models import auth_sets, devices
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -69,6 +69,23 @@ def _tune_sqlite(engine: Engine) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         if mode != "NONE":  # NONE: each statement is its own (implicit) transaction, as reads on the hot path
             conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+@contextmanager
+def open_database(url: str) -> Iterator[Engine]:
+    """An engine for one task of the command line (migrate, check, rotate, back up), disposed at the end.
+
+    Raises:
+        UserError: "cannot open the database" when it cannot be reached, or a statement of the block fails
+            with an ``OperationalError``; what :func:`make_engine` raises for a bad URL.
+    """
+    engine = make_engine(url)
+    try:
+        yield engine
+    except sa.exc.OperationalError as e:
+        raise UserError(f"cannot open the database: {e.orig}") from None
+    finally:
+        engine.dispose()
 
 
 class Database:
@@ -145,6 +162,15 @@ class Database:
         self.engine.dispose()
 
 
+SelectT = TypeVar("SelectT", bound=sa.Select[Any])
+
+
+def where_given(query: SelectT, column: sa.ColumnElement[Any], value: Any) -> SelectT:
+    """``query`` narrowed to the rows whose ``column`` equals ``value``; all its rows when ``value`` is None (a
+    list's filter parameter left out)."""
+    return query if value is None else query.where(column == value)
+
+
 #: key of the PostgreSQL advisory lock held while migrating: two processes starting at once never both migrate
 MIGRATION_LOCK = 0x76765F6F7461  # "vv_ota"
 
@@ -207,11 +233,9 @@ def migrate(url: str, revision: str = "head") -> tuple[str | None, str]:
     migration refuses the data it finds (its message says what to do)."""
     from alembic import command
 
-    base = make_engine(url)
-    engine = base.execution_options(sqlite_begin="IMMEDIATE")
-    try:
+    with open_database(url) as base:
         cfg = _alembic_config()
-        with engine.begin() as conn:
+        with base.execution_options(sqlite_begin="IMMEDIATE").begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
             before = _current_revision(conn)
@@ -221,24 +245,14 @@ def migrate(url: str, revision: str = "head") -> tuple[str | None, str]:
             command.upgrade(cfg, revision)
             after = _current_revision(conn)
         return before, str(after)
-    except sa.exc.OperationalError as e:
-        raise UserError(f"cannot open the database: {e.orig}") from None
-    finally:
-        base.dispose()
 
 
 def check_schema(url: str) -> str:
     """For a server started without migrating: the schema must be exactly the one this code expects. Returns
     the revision; raises :class:`UserError` saying to run ``build.py server migrate`` (behind) or the newer
     version (ahead), or that the database cannot be opened."""
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            current = _current_revision(conn)
-    except sa.exc.OperationalError as e:
-        raise UserError(f"cannot open the database: {e.orig}") from None
-    finally:
-        engine.dispose()
+    with open_database(url) as engine, engine.connect() as conn:
+        current = _current_revision(conn)
     head = head_revision()
     if current == head:
         return head

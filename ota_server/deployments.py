@@ -1,4 +1,5 @@
-"""Rollout logic shared by the device and management APIs: phases, per-device statuses, the failure threshold.
+"""Rollout logic shared by the device and management APIs: phases, per-device statuses, the failure threshold,
+and which artifact a device is offered (the full one, or a delta from the image it runs).
 
 Per-device statuses are Mender's. ``pending`` devices wait for their phase (``not_before``) and for the
 deployment not to be paused; a device reporting ``failure`` while it has retries left goes back to
@@ -23,9 +24,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .errors import APIError, bad_request, not_found
+from .errors import APIError, bad_request, found_or_404
 from .models import deployment_devices as dd
 from .models import deployments as dep
+from .models import devices
 from .timeutil import now
 
 TERMINAL = frozenset({"success", "failure", "already-installed", "noartifact", "aborted", "decommissioned"})
@@ -46,6 +48,10 @@ PROGRESS = {
     "rebooting": 5, "pause_before_committing": 6,
 }
 FINAL_RANK = len(PROGRESS)
+
+
+#: the provide that names the image a device runs, and that a delta artifact depends on
+ROOTFS_CHECKSUM = "rootfs-image.checksum"
 
 
 def rank(status: str) -> int:
@@ -76,6 +82,45 @@ def plan_phases(device_ids: Sequence[str], phases: Sequence[dict[str, Any]], cre
         pos += count
         out.append({"id": i + 1, "batch_size": batch, "start_ts": start, "device_count": count})
     return out, assignment
+
+
+def is_waiting(device_status: str, not_before: float, deployment_status: str, t: float) -> bool:
+    """Whether a device's row of a deployment has nothing for ``next`` at time ``t``: the device is ``pending``
+    and its phase has not started yet (``not_before``) or the deployment is not running (paused)."""
+    return device_status == "pending" and (not_before > t or deployment_status not in ("pending", "inprogress"))
+
+
+def source_checksum(info: dict[str, Any]) -> str | None:
+    """The ``rootfs-image.checksum`` an artifact depends on (a delta: installable only on that image)."""
+    value = (info.get("artifact_depends") or {}).get(ROOTFS_CHECKSUM)
+    return value if isinstance(value, str) else None
+
+
+def _update_modules(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return {v for v in value.replace(",", " ").split() if v}
+    if isinstance(value, list):
+        return {v for v in value if isinstance(v, str)}
+    return set()
+
+
+def choose_artifact(conn: Connection, device_id: str, provides: dict[str, Any], fitting: Sequence[Any]) -> Any:
+    """Of the artifacts with the deployment's name that fit the device type (rows with ``info``): a delta whose
+    source is the image the device runs (its ``rootfs-image.checksum`` provide equals the delta's depends) when
+    the device says it installs that payload type (inventory ``update_modules``, as the Mender client reports
+    update modules), else the full artifact, else None. An artifact that depends on another image is never
+    offered otherwise. The device's inventory is read only when there is such a delta."""
+    full = next((a for a in fitting if source_checksum(a.info) is None), None)
+    running = provides.get(ROOTFS_CHECKSUM)
+    deltas = [a for a in fitting if running and source_checksum(a.info) == running]
+    if deltas:
+        inventory = conn.execute(sa.select(devices.c.inventory).where(devices.c.id == device_id)).scalar() or {}
+        modules = _update_modules(inventory.get("update_modules")) | {"rootfs-image"}
+        for a in deltas:
+            types = {u.get("type_info", {}).get("type") for u in a.info.get("updates", [])}
+            if types and types <= modules:
+                return a
+    return full
 
 
 def statistics(conn: Connection, deployment_id: str) -> dict[str, int]:
@@ -161,15 +206,13 @@ def report_status(conn: Connection, deployment_id: str, device_id: str, status: 
 
     Raises APIError: 404 when this is not the device's deployment, 409 once it was aborted, 400 for a
     different final status after a final one."""
-    row = conn.execute(
+    row = found_or_404(conn.execute(
         sa.select(dd.c.status, dd.c.active, dd.c.attempts, dd.c.delivered_attempt,
                   dep.c.status.label("dep_status"), dep.c.retries)
         .join(dep, dep.c.id == dd.c.deployment_id)
         .where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
         .with_for_update(of=dd)
-    ).first()
-    if row is None:
-        raise not_found("deployment for this device")
+    ).first(), "deployment for this device")
     if row.status == "aborted" or row.dep_status == "aborted":
         raise APIError(409, "the deployment was aborted")
     if not row.active:

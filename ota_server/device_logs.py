@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Connection
 
 from .context import ServerContext
-from .device_api import NO_CONTENT, Ctx, Device, own_deployment
+from .devauth import Ctx, Device
+from .device_deployments import NO_CONTENT, own_deployment
 from .errors import APIError, error_doc, not_found
 from .models import deployment_devices as dd
 from .models import deployment_logs as logs_t

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -43,6 +43,20 @@ def bad_request(message: str) -> APIError:
 
 def not_found(what: str) -> APIError:
     return APIError(404, f"{what} not found")
+
+
+T = TypeVar("T")
+
+
+def found_or_404(value: T | None, what: str) -> T:
+    """``value`` (a row read by its id), when there is one.
+
+    Raises:
+        APIError: 404 "<what> not found" when it is None.
+    """
+    if value is None:
+        raise not_found(what)
+    return value
 
 
 def conflict(message: str) -> APIError:

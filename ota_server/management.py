@@ -22,8 +22,9 @@ from .auth import canonical_identity, load_device_pubkey, normalize_pubkey, sha2
 from .bulk_accept import MAX_DEVICES, accept_devices, select_ids
 from .configvars import GROUP_RE, check_group_name, parse_config_body
 from .context import ServerContext, get_ctx
-from .device_api import set_auth_status
-from .errors import bad_request, conflict, not_found
+from .db import where_given
+from .devauth import set_auth_status
+from .errors import bad_request, conflict, found_or_404, not_found
 from .models import auth_sets, devices
 from .models import config_values as cv
 from .timeutil import now, rfc3339
@@ -137,10 +138,9 @@ def put_auth_status(device_id: str, auth_id: str, body: AuthStatus, ctx: Ctx, wh
     """Accept, reject (or return to pending) one auth set. Accepting one rejects the device's other accepted
     set; a device that is no longer accepted gets 401 at its next request."""
     with ctx.db.write() as c:
-        found = c.execute(sa.select(auth_sets.c.id).where(auth_sets.c.id == auth_id,
-                                                          auth_sets.c.device_id == device_id)).first()
-        if found is None:
-            raise not_found("device or auth set")
+        found_or_404(c.execute(sa.select(auth_sets.c.id).where(auth_sets.c.id == auth_id,
+                                                               auth_sets.c.device_id == device_id)).first(),
+                     "device or auth set")
         device_status = set_auth_status(c, device_id, auth_id, body.status)
         staged = apply_staged(c, ctx.config, device_id) if device_status == "accepted" else ""
         who.record(c, f"auth set {auth_id} of device {device_id} set to {body.status} (device now {device_status})"
@@ -225,18 +225,14 @@ def _inventory_doc(row: Any) -> dict[str, Any]:
 def inventory_devices(ctx: Ctx, group: Annotated[str | None, Query(pattern=GROUP_RE.pattern)] = None,
                       page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
     q = sa.select(devices).order_by(devices.c.created, devices.c.id).limit(per_page).offset((page - 1) * per_page)
-    if group is not None:
-        q = q.where(devices.c.group_name == group)
     with ctx.db.read() as c:
-        return [_inventory_doc(r) for r in c.execute(q)]
+        return [_inventory_doc(r) for r in c.execute(where_given(q, devices.c.group_name, group))]
 
 
 @router.get(INVENTORY + "/devices/{device_id}", tags=["inventory"], dependencies=READS)
 def inventory_device(device_id: str, ctx: Ctx) -> dict[str, Any]:
     with ctx.db.read() as c:
-        row = c.execute(sa.select(devices).where(devices.c.id == device_id)).first()
-    if row is None:
-        raise not_found("device")
+        row = found_or_404(c.execute(sa.select(devices).where(devices.c.id == device_id)).first(), "device")
     return _inventory_doc(row)
 
 
@@ -318,9 +314,7 @@ CONFIG_BODY = {"requestBody": {"required": True, "content": {"application/json":
 
 
 def _device_group(c: sa.Connection, device_id: str) -> str | None:
-    row = c.execute(sa.select(devices.c.group_name).where(devices.c.id == device_id)).first()
-    if row is None:
-        raise not_found("device")
+    row = found_or_404(c.execute(sa.select(devices.c.group_name).where(devices.c.id == device_id)).first(), "device")
     return row.group_name  # type: ignore[no-any-return]
 
 

@@ -21,6 +21,9 @@ from .models import deployments, devices
 REQUESTS = Counter("ota_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("ota_http_request_seconds", "HTTP request latency", ["route"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+#: of the ``next`` polls counted in REQUESTS (labelled with the route's path either way), those answered by the
+#: poll shortcut (:mod:`.fastpoll`) instead of the route
+FAST_POLLS = Counter("ota_fast_polls_total", "next polls answered 204 by the idle-poll shortcut, before the route")
 
 
 class MetricsMiddleware:

@@ -25,9 +25,9 @@ from . import deployments as rollout
 from .apitokens import READ, Operator
 from .audit import names
 from .context import ServerContext, get_ctx
-from .device_api import source_checksum
+from .db import where_given
 from .device_logs import device_log
-from .errors import APIError, bad_request, conflict, not_found
+from .errors import APIError, bad_request, conflict, found_or_404
 from .management import DEFAULT_PER_PAGE, READS, Page, PerPage
 from .models import artifact_targets as targets_t
 from .models import artifacts as art_t
@@ -187,7 +187,7 @@ def _refuse_conflicts(c: sa.Connection, name: str, device_types: list[str], sour
     artifact and deltas of it from different images share the name)."""
     for other in c.execute(sa.select(art_t.c.id, art_t.c.device_types, art_t.c.info).where(art_t.c.name == name)):
         common = sorted(set(other.device_types) & set(device_types))
-        if common and source_checksum(other.info) == source:
+        if common and rollout.source_checksum(other.info) == source:
             what = "" if source is None else f" (a delta from image {source[:16]}…)"
             raise conflict(f"artifact {name}{what} for device type {common[0]} already exists ({other.id})")
 
@@ -239,7 +239,7 @@ async def upload_artifact(request: Request, ctx: Ctx, who: Operator) -> Response
             raise bad_request(f"artifact rejected: {e}") from None
         artifact_id = str(uuid.uuid4())
         final = Path(ctx.artifact_dir) / f"{artifact_id}.mender"
-        source = source_checksum(meta["info"])
+        source = rollout.source_checksum(meta["info"])
         _check_key_lengths(meta["name"], meta["device_types"], source)
         try:
             with ctx.db.write() as c:
@@ -269,9 +269,7 @@ async def upload_artifact(request: Request, ctx: Ctx, who: Operator) -> Response
 
 @router.get(ARTIFACTS, tags=["artifacts"], dependencies=READS)
 def list_artifacts(ctx: Ctx, name: str | None = None) -> list[dict[str, Any]]:
-    q = sa.select(art_t).order_by(art_t.c.created)
-    if name is not None:
-        q = q.where(art_t.c.name == name)
+    q = where_given(sa.select(art_t).order_by(art_t.c.created), art_t.c.name, name)
     with ctx.db.read() as c:
         return [_artifact_doc(r) for r in c.execute(q)]
 
@@ -279,9 +277,7 @@ def list_artifacts(ctx: Ctx, name: str | None = None) -> list[dict[str, Any]]:
 @router.get(ARTIFACTS + "/{artifact_id}", tags=["artifacts"], dependencies=READS)
 def get_artifact(artifact_id: str, ctx: Ctx) -> dict[str, Any]:
     with ctx.db.read() as c:
-        r = c.execute(sa.select(art_t).where(art_t.c.id == artifact_id)).first()
-    if r is None:
-        raise not_found("artifact")
+        r = found_or_404(c.execute(sa.select(art_t).where(art_t.c.id == artifact_id)).first(), "artifact")
     return _artifact_doc(r)
 
 
@@ -290,9 +286,8 @@ def delete_artifact(artifact_id: str, ctx: Ctx, who: Operator) -> Response:
     """Delete an artifact no unfinished deployment uses (409 otherwise)."""
     with ctx.db.write() as c:
         # locked: a deployment created at the same moment for this name waits for the answer (see create)
-        r = c.execute(sa.select(art_t.c.name).where(art_t.c.id == artifact_id).with_for_update()).first()
-        if r is None:
-            raise not_found("artifact")
+        r = found_or_404(c.execute(sa.select(art_t.c.name).where(art_t.c.id == artifact_id).with_for_update()).first(),
+                         "artifact")
         using = c.execute(sa.select(dep.c.id).where(dep.c.artifact_name == r.name,
                                                     dep.c.status.in_(rollout.OPEN)).limit(1)).first()
         if using is not None:
@@ -425,18 +420,14 @@ def create_deployment(body: NewDeployment, ctx: Ctx, who: Operator) -> Response:
 def list_deployments(ctx: Ctx, status: Annotated[str | None, Query(
         pattern="^(pending|inprogress|paused|finished|aborted)$")] = None,
         page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
-    q = sa.select(dep).order_by(dep.c.created.desc()).limit(per_page).offset((page - 1) * per_page)
-    if status is not None:
-        q = q.where(dep.c.status == status)
+    q = where_given(sa.select(dep).order_by(dep.c.created.desc()).limit(per_page).offset((page - 1) * per_page),
+                    dep.c.status, status)
     with ctx.db.read() as c:
         return [_deployment_doc(r) for r in c.execute(q)]
 
 
 def _get_deployment(c: sa.Connection, deployment_id: str) -> Any:
-    r = c.execute(sa.select(dep).where(dep.c.id == deployment_id)).first()
-    if r is None:
-        raise not_found("deployment")
-    return r
+    return found_or_404(c.execute(sa.select(dep).where(dep.c.id == deployment_id)).first(), "deployment")
 
 
 @router.get(DEPLOYMENTS + "/{deployment_id}", tags=["deployments"], dependencies=READS)
@@ -457,8 +448,7 @@ def deployment_devices(deployment_id: str, ctx: Ctx, status: str | None = None,
                        page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
     q = (sa.select(dd).where(dd.c.deployment_id == deployment_id).order_by(dd.c.phase, dd.c.device_id)
          .limit(per_page).offset((page - 1) * per_page))
-    if status is not None:
-        q = q.where(dd.c.status == status)
+    q = where_given(q, dd.c.status, status)
     with ctx.db.read() as c:
         _get_deployment(c, deployment_id)
         return [{"id": r.device_id, "status": r.status, "substate": r.substate, "created": rfc3339(r.created),

@@ -32,7 +32,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from ota_common.errors import UserError
 
-from .db import make_engine
+from .db import open_database
 from .models import config_values as cv
 from .settings import SECRETS_FILE, replace_private
 
@@ -166,14 +166,8 @@ def _refusal(bad: list[str], total: int, keys: SecretKeys | None) -> UserError:
 def check_database(db_url: str, keys: SecretKeys | None) -> int:
     """Decrypt every secret in the database with ``keys``. Returns how many there are. Raises UserError naming
     the option when one of them does not decrypt (or there are secrets and no key at all)."""
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            rows = _secret_rows(conn)
-    except sa.exc.OperationalError as e:
-        raise UserError(f"cannot open the database: {e.orig}") from None
-    finally:
-        engine.dispose()
+    with open_database(db_url) as engine, engine.connect() as conn:
+        rows = _secret_rows(conn)
     if not rows:
         return 0
     if keys is None:
@@ -190,20 +184,14 @@ def rotate(db_url: str, keys: SecretKeys, storage: Path) -> tuple[int, bool]:
     file. Returns (secrets re-encrypted, old default key removed). Raises UserError when a secret does not
     decrypt with any key (nothing is changed then)."""
     fernet = MultiFernet([Fernet(k) for k in keys.keys])
-    base = make_engine(db_url)
-    try:
-        with base.execution_options(sqlite_begin="IMMEDIATE").begin() as conn:
-            rows = _secret_rows(conn, lock=True)
-            bad = _undecryptable(fernet, rows)
-            if bad:
-                raise _refusal(bad, len(rows), keys)
-            for r in rows:
-                conn.execute(cv.update().where(cv.c.scope == r.scope, cv.c.owner == r.owner, cv.c.name == r.name)
-                             .values(value=fernet.rotate(r.value.encode()).decode()))
-    except sa.exc.OperationalError as e:
-        raise UserError(f"cannot open the database: {e.orig}") from None
-    finally:
-        base.dispose()
+    with open_database(db_url) as base, base.execution_options(sqlite_begin="IMMEDIATE").begin() as conn:
+        rows = _secret_rows(conn, lock=True)
+        bad = _undecryptable(fernet, rows)
+        if bad:
+            raise _refusal(bad, len(rows), keys)
+        for r in rows:
+            conn.execute(cv.update().where(cv.c.scope == r.scope, cv.c.owner == r.owner, cv.c.name == r.name)
+                         .values(value=fernet.rotate(r.value.encode()).decode()))
     removed = False
     if keys.legacy is not None and keys.legacy != keys.keys[0]:
         path = storage / SECRETS_FILE

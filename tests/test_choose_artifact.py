@@ -1,4 +1,4 @@
-"""The server's choice among the artifacts of one release name (``_choose_artifact``, ota_server): a delta made
+"""The server's choice among the artifacts of one release name (``ota_server.deployments.choose_artifact``): a delta made
 from the image the device runs, when the device installs deltas, else the full artifact; an artifact made for
 another image is never handed out. A table of candidates, devices and expected choices, run in process against
 a real (SQLite) database that holds the device's inventory."""
@@ -8,14 +8,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from ota_server.db import Database, migrate
-from ota_server.device_api import CurrentDevice, _choose_artifact
+from ota_server.deployments import choose_artifact
 from ota_server.models import devices
 
 RUNNING = "a" * 64  # rootfs-image.checksum of the image the device runs
@@ -53,7 +52,7 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
     database.dispose()
 
 
-def device_with(db: Database, update_modules: Any) -> CurrentDevice:
+def device_with(db: Database, update_modules: Any) -> str:
     """An accepted device whose inventory reports ``update_modules`` (``None``: not reported at all)."""
     device_id = f"dev-{time.monotonic_ns()}"
     inventory = {"device_type": "raspberrypi4"} | ({} if update_modules is None else {"update_modules": update_modules})
@@ -62,7 +61,7 @@ def device_with(db: Database, update_modules: Any) -> CurrentDevice:
         c.execute(devices.insert().values(id=device_id, identity_json=f'{{"mac":"{device_id}"}}',
                                           identity_hash=device_id, status="accepted", inventory=inventory,
                                           device_type="raspberrypi4", created=t, updated=t))
-    return CurrentDevice(device_id, None, None)
+    return device_id
 
 
 F, D, D2, FOREIGN = full("full"), delta("delta", RUNNING), delta("delta-2", RUNNING), delta("foreign", OTHER)
@@ -103,7 +102,8 @@ def test_choice(db: Database, candidates: list[Candidate], update_modules: Any, 
     provides = {"device_type": "raspberrypi4", "artifact_name": "vv-1.0.0"}
     if running is not None:
         provides["rootfs-image.checksum"] = running
-    chosen = _choose_artifact(SimpleNamespace(db=db), device, provides, candidates)  # type: ignore[arg-type]
+    with db.read() as conn:
+        chosen = choose_artifact(conn, device, provides, candidates)
     assert (chosen.id if chosen is not None else None) == expected
 
 
@@ -117,12 +117,12 @@ def test_the_inventory_is_read_only_when_a_delta_fits(db: Database) -> None:
 
     device = device_with(db, ["rootfs-delta"])
     provides = {"device_type": "raspberrypi4", "rootfs-image.checksum": RUNNING}
-    ctx = SimpleNamespace(db=db)
     sa.event.listen(db.engine, "before_cursor_execute", count)
     try:
-        assert _choose_artifact(ctx, device, provides, [F, FOREIGN]).id == "full"  # type: ignore[arg-type]
-        assert statements == []
-        assert _choose_artifact(ctx, device, provides, [F, D]).id == "delta"  # type: ignore[arg-type]
+        with db.read() as conn:
+            assert choose_artifact(conn, device, provides, [F, FOREIGN]).id == "full"
+            assert statements == []
+            assert choose_artifact(conn, device, provides, [F, D]).id == "delta"
         assert len(statements) == 1 and "inventory" in statements[0], statements
     finally:
         sa.event.remove(db.engine, "before_cursor_execute", count)

@@ -1,0 +1,218 @@
+"""Device authentication: auth requests (signed with the device's key), the administrator's decisions on auth
+sets, and the device behind a token, checked on every device API request.
+
+Hot path (every authenticated device request): one HS256 check and one primary-key read of the device's status,
+accepted auth set and token epoch, so that a decommission, a rejection or another key accepted is honoured at
+the very next request, by every worker: a token is valid only for the auth set and epoch it was issued for
+(:func:`token_problem`, the one rule the route dependency, the body limit and the poll shortcut all apply).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from .auth import AuthRequest, DeviceClaims, parse_auth_request
+from .context import ServerContext, get_ctx
+from .errors import APIError, error_doc, unauthorized
+from .models import auth_sets, devices
+from .timeutil import now
+
+router = APIRouter(tags=["device API"])
+AUTH_REQUESTS = "/api/devices/v1/authentication/auth_requests"
+
+
+def derive_status(statuses: list[str]) -> str:
+    for s in ("accepted", "preauthorized", "pending"):
+        if s in statuses:
+            return s
+    return "rejected" if statuses else "pending"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Authentication
+
+
+class AuthRequestBody(BaseModel):
+    """Documented for OpenAPI; the handler verifies the signature over the raw bytes."""
+
+    id_data: str = Field(description="JSON string of the identity object")
+    pubkey: str = Field(description="PEM public key of the device")
+    tenant_token: str = ""
+
+
+@router.post(
+    AUTH_REQUESTS, response_class=Response,
+    responses={200: {"content": {"application/jwt": {"schema": {"type": "string"}}}, "description": "the device token"},
+               401: error_doc("unknown (now pending), rejected or badly signed"),
+               429: error_doc("too many auth requests (per address, per identity) or too many pending devices")},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": AuthRequestBody.model_json_schema()}}}},
+)
+async def auth_request(request: Request) -> Response:
+    """Signed with the device key (``X-MEN-Signature``: RSA PKCS#1 v1.5, ECDSA DER or ed25519 over the body).
+    An unknown device is recorded as pending; a preauthorized one is accepted.
+
+    Raises:
+        APIError: 400 malformed; 401 badly signed, pending or rejected; 429 too many auth requests from this
+            address or for this identity, or too many devices (or keys of this device) already pending.
+    """
+    ctx = get_ctx(request)
+    ctx.auth_limits.check_address(request.client.host if request.client else "")
+    body = await request.body()
+    req = parse_auth_request(body, request.headers.get("x-men-signature"))
+    ctx.auth_limits.check_identity(req.identity_hash)
+    try:
+        token = _authenticate(ctx, req)
+    except sa.exc.IntegrityError:  # the same new device asked twice at once: the other request created it
+        token = _authenticate(ctx, req)
+    if token is None:
+        raise unauthorized("device is not authorized (pending or rejected); an administrator must accept it")
+    return Response(token, media_type="application/jwt")
+
+
+def _authenticate(ctx: ServerContext, req: AuthRequest) -> str | None:
+    """Record the auth request; the token when its auth set is accepted (or preauthorized). The device's row
+    is locked while its auth sets are looked at, so that its status follows them (an administrator may accept
+    or reject at the same moment). Raises IntegrityError when another request created the same device or auth
+    set meanwhile (the caller tries again), APIError 429 past the pending caps."""
+    settings = ctx.settings
+    t = now()
+    with ctx.db.write() as c:
+        device = c.execute(sa.select(devices.c.id).where(devices.c.identity_hash == req.identity_hash)
+                           .with_for_update()).first()
+        if device is None:
+            _check_room(c, devices.c.status == "pending", settings.max_pending_devices,
+                        "too many devices are waiting for an administrator")
+            device_id = str(uuid.uuid4())
+            c.execute(devices.insert().values(
+                id=device_id, identity_json=req.identity_json, identity_hash=req.identity_hash, status="pending",
+                inventory={}, created=t, updated=t))
+        else:
+            device_id = device.id
+        aset = c.execute(sa.select(auth_sets.c.id, auth_sets.c.status).where(
+            auth_sets.c.device_id == device_id, auth_sets.c.pubkey_hash == req.pubkey_hash)).first()
+        if aset is None:
+            _check_room(c, (auth_sets.c.device_id == device_id) & (auth_sets.c.status == "pending"),
+                        settings.max_pending_auth_sets, "too many keys of this device are waiting for an administrator",
+                        auth_sets)
+            c.execute(auth_sets.insert().values(id=str(uuid.uuid4()), device_id=device_id, pubkey=req.pubkey_pem,
+                                                pubkey_hash=req.pubkey_hash, status="pending", created=t))
+            _refresh_status(c, device_id)
+        elif aset.status in ("accepted", "preauthorized"):
+            bound = c.execute(sa.select(devices.c.auth_set_id).where(devices.c.id == device_id)).scalar()
+            if aset.status == "preauthorized" or bound != aset.id:  # (not bound: a row written by hand)
+                accept_auth_set(c, device_id, aset.id)
+            epoch = c.execute(sa.select(devices.c.token_epoch).where(devices.c.id == device_id)).scalar_one()
+            return ctx.tokens.issue(device_id, aset.id, int(epoch))
+    return None
+
+
+#: what a refused newcomer is told to wait (seconds) when the pending devices or keys are at their cap
+PENDING_RETRY_AFTER = 300
+
+
+def _check_room(c: sa.Connection, where: Any, cap: int, message: str, table: sa.Table = devices) -> None:
+    """Raises:
+        APIError: 429 when ``cap`` (0: no cap) rows of ``table`` already match ``where``."""
+    if cap and c.execute(sa.select(sa.func.count()).select_from(table).where(where)).scalar_one() >= cap:
+        raise APIError(429, f"{message} (at most {cap}); try again later",
+                       {"Retry-After": str(PENDING_RETRY_AFTER)})
+
+
+def _lock_device(c: sa.Connection, device_id: str) -> None:
+    c.execute(sa.select(devices.c.id).where(devices.c.id == device_id).with_for_update())
+
+
+def _refresh_status(c: sa.Connection, device_id: str, new_grant: bool = False) -> str:
+    """Derive the device's status from its auth sets and record its accepted set. The token epoch goes up when
+    the accepted set changes (rejected, replaced) or is granted again (``new_grant``): every device token
+    issued before stops working at once. A new pending key leaves the accepted set and its tokens alone."""
+    sets = c.execute(sa.select(auth_sets.c.id, auth_sets.c.status).where(auth_sets.c.device_id == device_id)).all()
+    status = derive_status([s.status for s in sets])
+    accepted = next((s.id for s in sets if s.status == "accepted"), None)
+    bound = c.execute(sa.select(devices.c.auth_set_id).where(devices.c.id == device_id)).scalar()
+    values: dict[str, Any] = {"status": status, "updated": now(), "auth_set_id": accepted}
+    if new_grant or bound != accepted:
+        values["token_epoch"] = devices.c.token_epoch + 1
+    c.execute(devices.update().where(devices.c.id == device_id).values(**values))
+    return status
+
+
+def accept_auth_set(c: sa.Connection, device_id: str, auth_set_id: str) -> None:
+    """Accept one auth set; the device's other accepted sets are rejected (one key at a time), and tokens
+    issued before (for any of its sets) stop working."""
+    c.execute(auth_sets.update().where(auth_sets.c.device_id == device_id, auth_sets.c.id != auth_set_id,
+                                       auth_sets.c.status == "accepted").values(status="rejected"))
+    c.execute(auth_sets.update().where(auth_sets.c.id == auth_set_id).values(status="accepted"))
+    _refresh_status(c, device_id, new_grant=True)
+
+
+def set_auth_status(c: sa.Connection, device_id: str, auth_set_id: str, status: str) -> str:
+    """An administrator's decision on one auth set; the device's row is locked first (as by auth requests)."""
+    _lock_device(c, device_id)
+    if status == "accepted":
+        accept_auth_set(c, device_id, auth_set_id)
+        return "accepted"
+    c.execute(auth_sets.update().where(auth_sets.c.id == auth_set_id).values(status=status))
+    return _refresh_status(c, device_id)
+
+# ---------------------------------------------------------------------------------------------------------
+# The authenticated device
+
+
+@dataclass(frozen=True)
+class CurrentDevice:
+    id: str
+    provides_hash: str | None
+    group: str | None
+
+
+#: hot-path statements, run through the driver (see Database.fetch)
+#: the device's row as the token check reads it, through the driver on the hot path (see Database.fetch)
+DEVICE_SQL = "SELECT status, provides_hash, group_name, auth_set_id, token_epoch FROM devices WHERE id = ?"
+
+
+def token_problem(claims: DeviceClaims, status: str, auth_set_id: str | None, epoch: int) -> str | None:
+    """Why a verified token does not (or no longer) stand for the device whose row holds ``status``, the
+    accepted ``auth_set_id`` and ``epoch``; None when it does."""
+    if status != "accepted":
+        return f"device is {status}, not accepted"
+    if auth_set_id != claims.auth_set_id or epoch != claims.epoch:
+        return "device token revoked (its key was rejected, replaced or accepted again): authenticate again"
+    return None
+
+
+async def current_device(request: Request) -> CurrentDevice:
+    """The device of a valid token, read on every request.
+
+    Raises:
+        APIError: 401 for a bad or expired token, an unknown (decommissioned) device, a device that is not
+            accepted, or a token issued for an auth set or epoch that is no longer the device's (its key was
+            rejected or replaced, or accepted again since).
+    """
+    ctx = get_ctx(request)
+    claims = ctx.tokens.verify(request.headers.get("authorization"))
+    rows = ctx.db.fetch(DEVICE_SQL, (claims.device_id,))
+    if not rows:
+        raise unauthorized("unknown or decommissioned device")
+    status, provides_hash, group, auth_set_id, epoch = rows[0]
+    if problem := token_problem(claims, status, auth_set_id, epoch):
+        raise unauthorized(problem)
+    return CurrentDevice(claims.device_id, provides_hash, group)
+
+
+async def _ctx(request: Request) -> ServerContext:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in the thread pool, a hop per request
+    return get_ctx(request)
+
+
+Device = Annotated[CurrentDevice, Depends(current_device)]
+Ctx = Annotated[ServerContext, Depends(_ctx)]
+

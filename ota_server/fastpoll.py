@@ -1,0 +1,156 @@
+"""The poll shortcut: the idle ``next`` polls of a fleet answered before FastAPI's routing.
+
+The most frequent request of a fleet is a ``next`` POST of an accepted device whose provides did not change and
+that has nothing to do. :class:`FastPoll` answers those 204 with the route's own rules — the token check
+(:func:`.devauth.token_problem`), the body's (:func:`.device_deployments.check_provides`) and a device that
+waits (:func:`.deployments.is_waiting`) — and hands every other request, body replayed, to the route. Each
+answer it gives counts in the ``ota_fast_polls_total`` metric.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .auth import canonical_json, sha256_hex
+from .context import ServerContext
+from .deployments import is_waiting
+from .devauth import token_problem
+from .device_deployments import ACTIVE_SQL, NEXT_V1, NEXT_V2, NO_CONTENT, ProvidesError, check_provides
+from .errors import APIError
+from .metrics import FAST_POLLS
+from .timeutil import now
+
+
+class FastPoll:
+    """ASGI shortcut for the most frequent request of a fleet: a ``next`` POST (v2 or v1) of an accepted
+    device whose provides did not change and that has nothing to do. It runs the same checks as the route
+    (token, the device's status read from the database, :func:`check_provides`, the same two reads)
+    and answers 204 without FastAPI's routing, dependency and validation machinery. Whenever the answer could
+    be anything else — an error, a deployment to hand out, provides to record, an unusual body — the request
+    goes on, body replayed, to the regular route, which gives the answer. Installed innermost, so metrics,
+    body limits and body checks wrap it as they wrap the routes."""
+
+    PATHS = frozenset({NEXT_V2, NEXT_V1})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away (or a body limit answered already)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if _idle_poll(scope, body):
+            scope["route"] = _FAST_ROUTES[scope["path"]]  # labels the request's metrics like the route's
+            FAST_POLLS.inc()
+            await send({"type": "http.response.start", "status": NO_CONTENT, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+@dataclass(frozen=True)
+class _RouteLabel:
+    path: str
+
+
+_FAST_ROUTES = {p: _RouteLabel(p) for p in FastPoll.PATHS}
+
+
+#: the idle-poll question in one statement: the device row and how many unfinished deployments it has (the
+#: ``deployment_devices(device_id, active)`` index answers the count); only a device with some reads them
+POLL_SQL = ("SELECT d.status, d.provides_hash, d.auth_set_id, d.token_epoch, (SELECT count(*) FROM "
+            "deployment_devices dd WHERE dd.device_id = d.id AND dd.active = ?) FROM devices d WHERE d.id = ?")
+#: ``next`` bodies already checked -> the hash of their provides (None: not a body the shortcut takes). A
+#: fleet sends few distinct bodies (one per running version and device type), so this stays small.
+_BODIES: dict[tuple[bool, bytes], str | None] = {}
+BODY_CACHE_SIZE = 10_000
+BODY_CACHE_MAX_LEN = 4096
+
+
+def _provides_hash(body: bytes, flat_allowed: bool) -> str | None:
+    """The hash of a ``next`` body's provides if the body follows the route's rules (the v2 shape, or with
+    ``flat_allowed`` — v1 POST — the flat provides map; :func:`check_provides`), else None. Bodies are
+    remembered: a device sends the same one on every poll."""
+    key = (flat_allowed, body)
+    known = _BODIES.get(key, "")
+    if known != "":
+        return known
+    found: str | None = None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        doc = None
+    provides: Any = None
+    if isinstance(doc, dict):
+        if "device_provides" in doc or not flat_allowed:  # v2's shape
+            if type(doc.get("update_control_map", False)) is bool:
+                provides = doc.get("device_provides")
+        else:  # v1 POST with the flat provides map
+            provides = doc
+    if isinstance(provides, dict):
+        try:
+            check_provides(provides)
+            found = sha256_hex(canonical_json(provides))
+        except ProvidesError:
+            pass  # the route says what is wrong
+    if len(body) <= BODY_CACHE_MAX_LEN:
+        if len(_BODIES) >= BODY_CACHE_SIZE:
+            _BODIES.clear()
+        _BODIES[key] = found
+    return found
+
+
+def _idle_poll(scope: Scope, body: bytes) -> bool:
+    """True when the regular ``next`` route would answer this request with 204 and change nothing."""
+    auth = ctype = None
+    for name, value in scope["headers"]:
+        if name == b"authorization" and auth is None:  # the first one, as Starlette's headers.get
+            auth = value
+        elif name == b"content-type" and ctype is None:
+            ctype = value
+    if auth is None or ctype is None or ctype.split(b";", 1)[0].strip().lower() != b"application/json":
+        return False
+    ctx: ServerContext = scope["app"].state.ctx
+    try:
+        claims = ctx.tokens.verify(auth.decode("latin-1"))
+    except APIError:
+        return False
+    provides_hash = _provides_hash(body, scope["path"] == NEXT_V1)
+    if provides_hash is None:
+        return False
+    rows = ctx.db.fetch(POLL_SQL, (True, claims.device_id))
+    if not rows:
+        return False
+    status, known_hash, auth_set_id, epoch, active = rows[0]
+    if token_problem(claims, status, auth_set_id, epoch) is not None or known_hash != provides_hash:
+        return False
+    if not active:
+        return True
+    t = now()
+    for _, dstatus, not_before, status, _, _ in ctx.db.fetch(ACTIVE_SQL, (claims.device_id, True)):
+        if not is_waiting(dstatus, not_before, status, t):
+            return False  # something to hand out or to record: the route does it
+    return True
+
