@@ -243,3 +243,20 @@ class Vm:
 
 def _describe(what: Callable[[], object]) -> str:
     return str(what.__doc__ or getattr(what, "__name__", "a condition"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m devkit.qemu DISK [--ssh-port N]``: print the QEMU line a ``qemu-virt`` device boots ``DISK``
+    with (the demo's and the tests' line), ready to paste into a shell."""
+    import argparse
+    import shlex
+
+    ap = argparse.ArgumentParser(prog="python -m devkit.qemu", description=main.__doc__)
+    ap.add_argument("disk", type=Path, help="a built disk image (out/<version>/qemu-virt/disk.img) or a qcow2 overlay")
+    ap.add_argument("--ssh-port", type=int, default=None, help="forward this loopback port to the guest's SSH")
+    args = ap.parse_args(argv)
+    print(shlex.join(virt_argv(args.disk, ssh_port=args.ssh_port)))
+
+
+if __name__ == "__main__":
+    main()
