@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ from device_hooks.download import ResumableDownload
 from device_hooks.identity import load_or_create_key
 from ota_common.errors import DownloadError
 from ota_common.tls import make_ca, make_server_cert
+
+from .hostile_server import serving
 
 BODY = os.urandom(600_000)
 
@@ -68,23 +69,10 @@ def _handler(o: Origin) -> type[BaseHTTPRequestHandler]:
 
 @pytest.fixture
 def origin() -> Iterator[Origin]:
-    yield from _serve(None)
-
-
-def _serve(tls: ssl.SSLContext | None) -> Iterator[Origin]:
     o = Origin()
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler(o))
-    srv.daemon_threads = True
-    if tls is not None:
-        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
-    o.url = f"{'https' if tls else 'http'}://127.0.0.1:{srv.server_address[1]}"
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
+    with serving(_handler(o)) as port:
+        o.url = f"http://127.0.0.1:{port}"
         yield o
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 @dataclass
@@ -102,7 +90,9 @@ def tls_origin(tmp_path: Path) -> Iterator[TLSOrigin]:
     device_ca, _ = make_ca(tmp_path / "device-ca", common_name="vv-ota fleet CA")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
-    for o in _serve(ctx):
+    o = Origin()
+    with serving(_handler(o), ctx) as port:
+        o.url = f"https://127.0.0.1:{port}"
         yield TLSOrigin(o, other_ca, device_ca)
 
 
