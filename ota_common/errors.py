@@ -25,7 +25,7 @@ The kinds, chosen by what the receiver should do (exit code in brackets; each ki
 
 Where a class lives: the kinds, and classes more than one package raises or catches, live here. A narrower
 class that only its own package raises and catches lives next to the code that raises it and derives from
-a kind here (``device_hooks.api.Unauthorized``, ``image.layers.LayerError``, ``image.vm.VmError``). A
+a kind here (``device_hooks.api.Unauthorized``, ``image.layers.LayerError``, ``devkit.qemu.VmError``). A
 narrower class exists only when some caller handles it differently; its docstring says how.
 
 Errors carry fields when a caller needs more than the text (:class:`ToolError`, :class:`DownloadError`,
