@@ -60,7 +60,10 @@ class ArtifactSpec:
     depends_groups: tuple[str, ...] = ()
 
 
-def _parse_pairs(pairs: Sequence[str], what: str) -> dict[str, str]:
+def parse_pairs(pairs: Sequence[str], what: str) -> dict[str, str]:
+    """``KEY:VALUE`` strings (mender-artifact's notation for provides and depends) as a mapping. Raises
+    :class:`UserError` naming ``what`` (``provides``, ``depends``; the CLI passes its option) for a string
+    without a key or a value."""
     out: dict[str, str] = {}
     for p in pairs:
         key, sep, value = p.partition(":")
@@ -99,8 +102,8 @@ def rootfs_image_spec(
     payload = PayloadSpec(
         type=fmt.ROOTFS_IMAGE,
         files=(file,),
-        provides={fmt.ROOTFS_VERSION_KEY: software_version or name, **extra, **_parse_pairs(provides, "--provides")},
-        depends=_parse_pairs(depends, "--depends"),
+        provides={fmt.ROOTFS_VERSION_KEY: software_version or name, **extra, **parse_pairs(provides, "provides")},
+        depends=parse_pairs(depends, "depends"),
         clears_provides=fmt.ROOTFS_DEFAULT_CLEARS,
         provide_checksum=True,
         empty_meta_data=True,
@@ -127,8 +130,8 @@ def module_image_spec(
     payload = PayloadSpec(
         type=module_type,
         files=tuple(files),
-        provides={f"rootfs-image.{sw}.version": software_version or name, **_parse_pairs(provides, "--provides")},
-        depends=_parse_pairs(depends, "--depends"),
+        provides={f"rootfs-image.{sw}.version": software_version or name, **parse_pairs(provides, "provides")},
+        depends=parse_pairs(depends, "depends"),
         clears_provides=(f"rootfs-image.{sw}.*",),
         meta_data=meta_data,
     )

@@ -29,6 +29,15 @@ def write() -> None:
     """Write an artifact."""
 
 
+def _key_value_pairs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Checked where the user typed them, so that the error names the option (``--provides must be
+    KEY:VALUE, ...``); the library's own message names the provides or depends."""
+    from artifacts.writer import parse_pairs
+
+    parse_pairs(value, param.opts[0])
+    return value
+
+
 def _common_write_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--name", "-n", required=True, help="Artifact name (artifact_provides.artifact_name)."),
@@ -39,8 +48,10 @@ def _common_write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="zstd needs mender-artifact/mender-client 3.10+ to read."),
         click.option("--script", "-s", "scripts", type=_existing_file, multiple=True,
                      help="State script (Artifact<State>_<Enter|Leave|Error>_NN[_name]); repeatable."),
-        click.option("--provides", "-p", multiple=True, metavar="KEY:VALUE", help="Added to the payload's provides."),
-        click.option("--depends", "-d", multiple=True, metavar="KEY:VALUE", help="Added to the payload's depends."),
+        click.option("--provides", "-p", multiple=True, metavar="KEY:VALUE", callback=_key_value_pairs,
+                     help="Added to the payload's provides."),
+        click.option("--depends", "-d", multiple=True, metavar="KEY:VALUE", callback=_key_value_pairs,
+                     help="Added to the payload's depends."),
         click.option("--depends-artifact", "-N", "depends_artifacts", multiple=True, metavar="NAME",
                      help="Only installable on top of this artifact name; repeatable."),
         click.option("--software-version", help="Value of the software version provide (default: the name)."),

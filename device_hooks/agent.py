@@ -41,7 +41,7 @@ from typing import Any
 
 from artifacts import Verifier
 from artifacts.delta import DeltaError
-from ota_common.errors import ArtifactError, BootEnvError, DownloadError, IncompatibleArtifact, OTAError
+from ota_common.errors import ArtifactError, BootEnvError, IncompatibleArtifact, OTAError
 
 from . import inventory, journal, validate
 from .agentstate import Current, Phase, Slot, StateStore
@@ -216,7 +216,7 @@ class Agent:
         else:
             self.outbox.queue(dep_id, status, substate, upload_log=upload_log)
         self._clear(dep_id)
-        with contextlib.suppress(Aborted, ServerError, OTAError):
+        with contextlib.suppress(OTAError):  # ServerError and Aborted included: the reports stay queued
             self.flush_reports()
 
     def _remove_scripts(self, dep_id: str) -> None:
@@ -350,7 +350,7 @@ class Agent:
         try:
             self.flush_reports()
             self.api.next_deployment(self.device_provides())
-        except (ServerError, OTAError) as e:
+        except OTAError as e:  # ServerError, or a deployment refused
             log.info("trial boot: no poll with the server yet (%s)", e)
             return False
         self.note_poll()
@@ -484,7 +484,7 @@ class Agent:
             self.dlog(dep.id, "warning", "deployment aborted by the server; the boot state is untouched")
             self._clear(dep.id)
             return "aborted"
-        except (ArtifactError, DownloadError, ScriptError, OSError, OTAError) as e:
+        except (OSError, OTAError) as e:  # an artifact refused, a download failed (DownloadError), a script
             return self._install_failed(dep.id, e)
         except Exception as e:  # noqa: BLE001 - input nothing foresaw: a failure reported, not a crash loop
             log.exception("install of %s failed unexpectedly", dep.id)

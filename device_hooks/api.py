@@ -9,6 +9,8 @@ Every call returns a plain value or raises one of: :class:`Unauthorized` (401: a
 :class:`Aborted` (409 on a status report: the deployment was aborted), :class:`Rejected` (another 4xx on a
 report: it will never be taken, drop it), :class:`BadDeployment` (the deployment the server sent does not
 parse), :class:`ServerError` (anything else, including network failures; the caller retries with back-off).
+Each is a :class:`ota_common.errors.DownloadError`; ``transient`` is set for network failures
+(:func:`.transport.transport_errors`: not for a certificate that fails verification) and 5xx/429 answers.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from typing import Any
 
 import requests
 
-from ota_common.errors import OTAError
+from ota_common.errors import DownloadError
 
 from . import validate
 from .identity import PrivateKey, public_pem, sign
+from .transport import transport_errors
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,10 @@ INVENTORY = "/api/devices/v1/inventory/device/attributes"
 CONFIGURATION = "/api/devices/v1/deviceconfig/configuration"
 
 
-class ServerError(OTAError):
-    """The server could not be reached or answered unexpectedly."""
-
-    exit_code = 4
+class ServerError(DownloadError):
+    """A call of the device API failed: the server could not be reached or answered unexpectedly. Unlike a
+    plain :class:`DownloadError` of the artifact's bytes (which fails the deployment), the agent's poll loop
+    takes it as "offline" and tries again with back-off."""
 
 
 class Unauthorized(ServerError):
@@ -154,14 +157,12 @@ class DeviceAPI:
                 self.authenticate()
             headers["Authorization"] = f"Bearer {self.token}"
         kw.setdefault("stream", True)  # bodies are read bounded (_bounded_json, _message, the token)
-        try:
+        with transport_errors(f"{method} {path}", ServerError):
             resp = self.session.request(method, self.url + path, headers=headers, timeout=self.timeout,
                                         allow_redirects=False, **kw)
-        except requests.RequestException as e:
-            raise ServerError(f"{method} {path}: {type(e).__name__}: {e}") from None
         if resp.status_code == 401:
             self.token = None
-            raise Unauthorized(f"{method} {path}: 401 {_message(resp)}")
+            raise _refused(f"{method} {path}", resp, Unauthorized)
         return resp
 
     # -- calls
@@ -172,7 +173,7 @@ class DeviceAPI:
         resp = self._request("POST", AUTH, auth=False, data=body,
                              headers={"Content-Type": "application/json", "X-MEN-Signature": sig})
         if resp.status_code != 200:
-            raise ServerError(f"authentication: {resp.status_code} {_message(resp)}")
+            raise _refused("authentication", resp)
         token = _bounded_text(resp, 16 * 1024).strip()
         if not token:
             raise ServerError("authentication: the server answered with an empty token")
@@ -186,7 +187,7 @@ class DeviceAPI:
             resp.close()
             return None
         if resp.status_code != 200:
-            raise ServerError(f"next deployment: {resp.status_code} {_message(resp)}")
+            raise _refused("next deployment", resp)
         try:
             doc = _bounded_json(resp, "next deployment")
         except ServerError as e:
@@ -201,25 +202,25 @@ class DeviceAPI:
         if resp.status_code == 409:
             raise Aborted(f"deployment {deployment_id} was aborted")
         if resp.status_code in PERMANENT:
-            raise Rejected(f"status {status!r}: {resp.status_code} {_message(resp)}")
+            raise _refused(f"status {status!r}", resp, Rejected)
         if resp.status_code not in (200, 204):
-            raise ServerError(f"status {status!r}: {resp.status_code} {_message(resp)}")
+            raise _refused(f"status {status!r}", resp)
         resp.close()
 
     def upload_log(self, deployment_id: str, messages: list[dict[str, str]]) -> None:
         resp = self._request("PUT", f"{DEPLOYMENTS_V1}/{validate.deployment_id(deployment_id)}/log",
                              json={"messages": messages})
         if resp.status_code in PERMANENT:
-            raise Rejected(f"log upload: {resp.status_code} {_message(resp)}")
+            raise _refused("log upload", resp, Rejected)
         if resp.status_code not in (200, 204):
-            raise ServerError(f"log upload: {resp.status_code} {_message(resp)}")
+            raise _refused("log upload", resp)
         resp.close()
 
     def send_inventory(self, attributes: dict[str, Any]) -> None:
         body = [{"name": k, "value": v} for k, v in sorted(attributes.items())]
         resp = self._request("PUT", INVENTORY, json=body)
         if resp.status_code not in (200, 204):
-            raise ServerError(f"inventory: {resp.status_code} {_message(resp)}")
+            raise _refused("inventory", resp)
         resp.close()
 
     def configuration(self) -> dict[str, str]:
@@ -228,7 +229,7 @@ class DeviceAPI:
             resp.close()
             return {}
         if resp.status_code != 200:
-            raise ServerError(f"configuration: {resp.status_code} {_message(resp)}")
+            raise _refused("configuration", resp)
         doc = _bounded_json(resp, "configuration")
         if not isinstance(doc, dict):
             raise ServerError("configuration: expected a JSON object")
@@ -246,9 +247,8 @@ MAX_JSON = 1 << 20  # a deployment or a configuration is a few kB; a hostile ser
 def _bounded_json(resp: requests.Response, what: str) -> Any:
     """The JSON body of a streamed response, refused past :data:`MAX_JSON` bytes."""
     try:
-        body = resp.raw.read(MAX_JSON + 1, decode_content=False)  # asked for identity: no decompression bombs
-    except (requests.RequestException, OSError) as e:
-        raise ServerError(f"{what}: {type(e).__name__}: {e}") from None
+        with transport_errors(what, ServerError):
+            body = resp.raw.read(MAX_JSON + 1, decode_content=False)  # asked for identity: no decompression bombs
     finally:
         resp.close()
     if len(body) > MAX_JSON:
@@ -268,6 +268,13 @@ def _bounded_text(resp: requests.Response, limit: int) -> str:
     finally:
         resp.close()
     return body.decode("utf-8", errors="replace")
+
+
+def _refused(what: str, resp: requests.Response, error: type[ServerError] = ServerError) -> ServerError:
+    """``error`` for an answer the call does not expect: ``<what>: <status> <message>``, transient for a 5xx
+    or 429 (the server may take the same request later)."""
+    return error(f"{what}: {resp.status_code} {_message(resp)}",
+                 transient=resp.status_code >= 500 or resp.status_code == 429)
 
 
 def _message(resp: requests.Response) -> str:

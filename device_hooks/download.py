@@ -6,6 +6,11 @@ that expired (403/404/410) is replaced through ``refresh_url``. When ``/data`` h
 appended to a spool file there, so that after a reboot or crash the install starts again from the spool and
 only the missing tail is fetched; the artifact's checksums are verified again on every pass, so a damaged
 spool costs a re-download, never a bad install.
+
+What is retried is decided by the error, not here: every failure is a :class:`DownloadError` whose
+``transient`` was set where it was raised (:func:`.transport.transport_errors` for the transport's exceptions;
+5xx, 429, a fresh link and a truncated body are transient; a certificate that fails verification, a refused
+range or a changed artifact are not).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ota_common.errors import DownloadError
 
 from . import validate
 from .state import atomic_write
+from .transport import transport_errors
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +159,12 @@ class ResumableDownload:
         if self.size is not None and self.pos >= self.size:
             return b""
         assert self._resp is not None
-        data: bytes = self._resp.raw.read(min(n, CHUNK), decode_content=False)
+        with transport_errors():
+            data: bytes = self._resp.raw.read(min(n, CHUNK), decode_content=False)
         if not data:
             if self.size is None or self.pos >= self.size:
                 return b""
-            raise ConnectionError(f"connection closed at byte {self.pos} of {self.size}")
+            raise DownloadError(f"connection closed at byte {self.pos} of {self.size}", transient=True)
         self._net_pos += len(data)
         self.bytes_from_network += len(data)
         return data
@@ -168,16 +175,9 @@ class ResumableDownload:
         while True:
             try:
                 return fn()
-            except (LinkGone, DownloadError):
+            except DownloadError as e:
                 self._close_response()
-                raise
-            except Exception as e:
-                # requests/urllib3 errors, OSErrors, truncated bodies and 5xx answers are retried
-                transient = isinstance(e, requests.RequestException | OSError | _Retry) or type(
-                    e
-                ).__module__.startswith(("urllib3", "http.client"))
-                self._close_response()
-                if not transient:
+                if not e.transient:
                     raise
                 if time.monotonic() > deadline:
                     raise DownloadError(f"download failed at byte {self.pos}: {e}") from None
@@ -186,6 +186,9 @@ class ResumableDownload:
                 self.sleep(wait)
                 backoff = min(backoff * 2, self.max_backoff)
                 self.resumes += 1
+            except Exception:
+                self._close_response()
+                raise
 
     def _open(self, offset: int) -> None:
         self._close_response()
@@ -202,7 +205,7 @@ class ResumableDownload:
                 raise LinkGone(f"download link refused ({resp.status_code}) and no fresh link available")
             log.info("download link expired (%d); using a fresh one", resp.status_code)
             self.url = fresh
-            raise _Retry("fresh link")
+            raise DownloadError("fresh link", transient=True)
         if resp.status_code == 416:
             m416 = re.fullmatch(r"bytes \*/(\d+)", resp.headers.get("Content-Range", ""))
             resp.close()
@@ -214,7 +217,7 @@ class ResumableDownload:
             raise DownloadError(f"the server refused the range starting at {offset} (416)")
         if resp.status_code >= 500 or resp.status_code == 429:
             resp.close()
-            raise _Retry(f"server answered {resp.status_code}")
+            raise DownloadError(f"server answered {resp.status_code}", transient=True)
         if resp.status_code == 206:
             m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", resp.headers.get("Content-Range", ""))
             if m is None or int(m.group(1)) != offset:
@@ -234,10 +237,11 @@ class ResumableDownload:
                 log.warning("server ignored the Range request; skipping %d bytes", offset)
                 skip = offset
                 while skip:
-                    got = resp.raw.read(min(skip, CHUNK), decode_content=False)
+                    with transport_errors():
+                        got = resp.raw.read(min(skip, CHUNK), decode_content=False)
                     if not got:
                         resp.close()
-                        raise _Retry("connection closed while skipping")
+                        raise DownloadError("connection closed while skipping", transient=True)
                     skip -= len(got)
         else:
             resp.close()
@@ -258,7 +262,9 @@ class ResumableDownload:
         and host class (:func:`device_hooks.validate.redirect`), no redirect body ever read."""
         url = self.url
         for _ in range(MAX_REDIRECTS + 1):
-            resp = self.session.get(url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False)
+            with transport_errors():
+                resp = self.session.get(url, headers=headers, stream=True, timeout=self.timeout,
+                                        allow_redirects=False)
             if resp.status_code not in (301, 302, 303, 307, 308):
                 return resp
             location = resp.headers.get("Location", "")
@@ -281,12 +287,16 @@ class ResumableDownload:
             self._drop_spool()
             return
         if self._spool_fd is None:
-            st = os.statvfs(self._spool_path.parent)
-            if st.f_bavail * st.f_frsize < total - self._spooled + SPOOL_RESERVE:
-                log.info("not enough room on %s to keep the download; streaming only", self._spool_path.parent)
+            try:
+                st = os.statvfs(self._spool_path.parent)
+                if st.f_bavail * st.f_frsize < total - self._spooled + SPOOL_RESERVE:
+                    log.info("not enough room on %s to keep the download; streaming only", self._spool_path.parent)
+                    self._spool_path = None
+                    return
+                self._spool_fd = os.open(self._spool_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:  # like a failed append: the spool is an optimisation, the download goes on
+                log.warning("cannot keep the download on disk (%s); streaming only", e.strerror)
                 self._spool_path = None
-                return
-            self._spool_fd = os.open(self._spool_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def _drop_spool(self) -> None:
         if self._spool_fd is not None:
@@ -337,7 +347,3 @@ def remove_spool(spool: Path) -> None:
     """Delete a spool and its length record."""
     spool.unlink(missing_ok=True)
     _length_file(spool).unlink(missing_ok=True)
-
-
-class _Retry(Exception):
-    pass

@@ -3,7 +3,7 @@
 The running slot comes from the kernel command line that ``boot.scr`` wrote (``root=PARTUUID=<disk>-0N``,
 ``ota.slot=A|B``, ``ota.trial=0|1``); the slot devices are ``/dev/disk/by-partuuid/<disk>-02|03`` unless the
 configuration names them (host tests use plain files). The agent refuses to write a slot that is the running
-root or is mounted.
+root or is mounted, or whose mount state it cannot read.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def detect(cfg: Config) -> Slots:
 
 
 def check_writable_target(slots: Slots, part: int, mounts: Path = Path("/proc/mounts")) -> Path:
-    """The device of ``part``, after checking it is not the running slot and not mounted."""
+    """The device of ``part``, after checking it is not the running slot and, for a block device, not mounted.
+    Raises :class:`SlotError` otherwise, and also when ``mounts`` cannot be read (the check fails closed)."""
     if part == slots.running:
         raise SlotError(f"refusing to write slot {slot_name(part)}: it is the running slot")
     dev = slots.device(part)
@@ -91,10 +92,12 @@ def check_writable_target(slots: Slots, part: int, mounts: Path = Path("/proc/mo
     if stat.S_ISBLK(st.st_mode):
         real = os.path.realpath(dev)
         try:
-            for line in mounts.read_text().splitlines():
-                src = line.split(" ", 1)[0]
-                if src.startswith("/dev/") and os.path.realpath(src) == real:
-                    raise SlotError(f"refusing to write slot {slot_name(part)}: {real} is mounted")
-        except OSError:
-            pass
+            table = mounts.read_text()
+        except OSError as e:  # fail closed: a slot not known to be unmounted is not written
+            raise SlotError(f"refusing to write slot {slot_name(part)}: cannot read {mounts} to check that {real} "
+                            f"is not mounted: {e.strerror}") from None
+        for line in table.splitlines():
+            src = line.split(" ", 1)[0]
+            if src.startswith("/dev/") and os.path.realpath(src) == real:
+                raise SlotError(f"refusing to write slot {slot_name(part)}: {real} is mounted")
     return dev

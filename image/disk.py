@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ota_common.errors import UserError
-from ota_common.tools import run
+from ota_common.errors import ToolError, UserError
+from ota_common.tools import run, tail
 
 from .epoch import given_or_environment, tool_env
 
@@ -97,7 +97,8 @@ def make_ext4(image: Path, tree: Path, *, size_mib: int, label: str, seed: str, 
     With an ``epoch`` (default: ``$SOURCE_DATE_EPOCH`` if set), inode times are made reproducible: ctime, atime
     and crtime are set to the file's mtime, and mtimes later than the epoch are clamped to it — unless
     ``clamp_mtime`` is False, for a tree whose times were already made reproducible (:func:`image.rootfs.normalise`).
-    Raises :class:`UserError` when the tree does not fit."""
+    Raises :class:`UserError` when the tree does not fit or a path cannot be stored reproducibly,
+    :class:`ToolError` when mkfs.ext4 or debugfs fails."""
     epoch = given_or_environment(epoch)
     image.unlink(missing_ok=True)
     used = _tree_size(tree)
@@ -152,7 +153,8 @@ def _clamp_inode_times(image: Path, tree: Path, epoch: int, label: str, clamp_mt
     # debugfs reports per-command failures on stderr but exits 0
     errors = [line for line in proc.stderr.decode(errors="replace").splitlines() if line and not line.startswith("debugfs ")]
     if errors:
-        raise UserError(f"{label}: setting timestamps failed: {errors[0]}")
+        raise ToolError(f"{label}: setting timestamps failed: {errors[0]}", argv=proc.args,
+                        returncode=proc.returncode, stderr=tail("\n".join(errors)))
 
 
 def _tree_size(tree: Path) -> int:

@@ -154,7 +154,8 @@ def find_program(tool: str) -> Path | None:
     return next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), reverse=True)), None)
 
 
-def _tail(text: str) -> str:
+def tail(text: str) -> str:
+    """The last lines of a program's output that say anything (what a :class:`ToolError` quotes)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return "\n".join(lines[-_TAIL_LINES:])
 
@@ -173,8 +174,9 @@ def run(
     """Run a program to completion, capturing stdout and stderr.
 
     ``on_stderr_line`` sees each line of stderr as the program writes it (progress of long steps); the whole
-    stderr is still captured. Raises :class:`ToolError` when the program is not installed, times out, or
-    (with ``check``) exits non-zero."""
+    stderr is still captured. Raises :class:`ToolError` (with ``argv``, and ``returncode`` and the ``stderr``
+    tail where the program ran) when the program is not installed, times out, or (with ``check``) exits
+    non-zero."""
     argv = [os.fspath(a) for a in args]
     tool = Path(argv[0]).name
     log.info("[%s] $ %s", stage, shlex.join(argv))
@@ -187,13 +189,15 @@ def run(
             proc = _run_streaming(argv, cwd=cwd, env=full_env, input=input, timeout=timeout,
                                   on_line=on_stderr_line)
     except FileNotFoundError:
-        raise ToolError(f"{tool} is not installed (needed for {stage}); {install_hint(tool)}") from None
+        raise ToolError(f"{tool} is not installed (needed for {stage}); {install_hint(tool)}", argv=argv) from None
     except subprocess.TimeoutExpired as e:
-        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else ""
-        raise ToolError(f"{tool} timed out after {timeout} s during {stage}\n{_tail(err)}") from None
+        said = tail(e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else "")
+        raise ToolError(f"{tool} timed out after {timeout} s during {stage}\n{said}", argv=argv,
+                        stderr=said) from None
     if check and proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace") or proc.stdout.decode(errors="replace")
-        raise ToolError(f"{tool} failed with exit code {proc.returncode} during {stage}:\n{_tail(err)}")
+        said = tail(proc.stderr.decode(errors="replace") or proc.stdout.decode(errors="replace"))
+        raise ToolError(f"{tool} failed with exit code {proc.returncode} during {stage}:\n{said}", argv=argv,
+                        returncode=proc.returncode, stderr=said)
     return proc
 
 

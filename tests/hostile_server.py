@@ -10,6 +10,7 @@ recorded, so a test can check what the device reported and why.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,18 +145,26 @@ def _handler(h: Hostile) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def hostile_server() -> Iterator[Hostile]:
-    h = Hostile()
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler(h))
+def serving(handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """Serve ``handler`` on a free port of 127.0.0.1 (over TLS with ``tls``) in a thread; yields the port."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     srv.daemon_threads = True
-    h.port = srv.server_address[1]
+    if tls is not None:
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
-        yield h
+        yield srv.server_address[1]
     finally:
         srv.shutdown()
         srv.server_close()
 
 
-__all__ = ["Hostile", "hostile_server"]
+@contextmanager
+def hostile_server() -> Iterator[Hostile]:
+    h = Hostile()
+    with serving(_handler(h)) as h.port:
+        yield h
+
+
+__all__ = ["Hostile", "hostile_server", "serving"]

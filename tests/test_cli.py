@@ -131,9 +131,25 @@ def test_write_refuses_bad_input_without_leaving_files(tmp_path: Path, run_cli, 
     p = run_cli("artifact", "write", "rootfs-image", "-f", payload, "-n", "x", "-t", "q", "-s", bad_script, "-o", out)
     assert p.returncode == 2 and "invalid state script name" in _one_error_line(p)
     p = run_cli("artifact", "write", "rootfs-image", "-f", payload, "-n", "x", "-t", "q", "--provides", "novalue", "-o", out)
-    assert p.returncode == 2 and "KEY:VALUE" in _one_error_line(p)
+    assert p.returncode == 2 and _one_error_line(p) == "error: --provides must be KEY:VALUE, got 'novalue'"
+    p = run_cli("artifact", "write", "module-image", "-T", "m", "-f", payload, "-n", "x", "-t", "q", "-d", "k:",
+                "-o", out)
+    assert p.returncode == 2 and _one_error_line(p) == "error: --depends must be KEY:VALUE, got 'k:'"
     pub_as_private = tmp_path / "k"
     run_cli("keys", "generate", "--out", pub_as_private, check=True)
     p = run_cli("artifact", "write", "rootfs-image", "-f", payload, "-n", "x", "-t", "q", "-k", pub_as_private / "public.pem", "-o", out)
     assert p.returncode == 2 and "public key" in _one_error_line(p)
     assert list(out.parent.iterdir()) == []
+
+
+def test_the_library_names_the_provide_not_the_option(payload: Path) -> None:
+    """Library messages speak the library's terms; the option name is the CLI's to add (above)."""
+    from artifacts.writer import module_image_spec, rootfs_image_spec
+    from ota_common.errors import UserError
+
+    with pytest.raises(UserError) as exc:
+        rootfs_image_spec(file=payload, name="x", device_types=["q"], provides=["novalue"])
+    assert str(exc.value) == "provides must be KEY:VALUE, got 'novalue'"
+    with pytest.raises(UserError) as exc:
+        module_image_spec(module_type="m", files=[payload], name="x", device_types=["q"], depends=[":v"])
+    assert str(exc.value) == "depends must be KEY:VALUE, got ':v'"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from image.disk import DiskLayout, assemble, bmap, make_ext4, make_vfat, partitions_of, plan_layout
-from ota_common.errors import UserError
+from ota_common.errors import ToolError, UserError
 
 
 def _tree(root: Path) -> Path:
@@ -84,3 +84,23 @@ def test_too_small_or_overfull(tmp_path: Path) -> None:
     (tree / "blob").write_bytes(b"x" * (70 << 20))
     with pytest.raises(UserError, match="raise the slot size"):
         make_ext4(tmp_path / "x.ext4", tree, size_mib=64, label="rootfs-a", seed="s")
+
+
+def test_a_debugfs_failure_is_a_tool_error_not_the_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """debugfs exits 0 even when a command of its script fails; what it said on stderr makes the failure a
+    ToolError (exit 3: the tool, not the user's input), with the command and what it said as fields."""
+    import image.disk as disk
+
+    tree = _tree(tmp_path / "tree")
+    said = b"debugfs 1.47.0 (5-Feb-2023)\nsif: File not found by ext2_lookup while looking up /etc/hostname\n"
+
+    def debugfs(args: list[object], **kw: object) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.CompletedProcess([os.fspath(a) for a in args], 0, b"", said)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(disk, "run", debugfs)
+    with pytest.raises(ToolError, match="rootfs-a: setting timestamps failed: sif: File not found") as exc:
+        disk._clamp_inode_times(tmp_path / "x.ext4", tree, 1_700_000_000, "rootfs-a")
+    assert exc.value.tool == "debugfs" and exc.value.returncode == 0
+    assert exc.value.stderr == "sif: File not found by ext2_lookup while looking up /etc/hostname"
+    assert not isinstance(exc.value, UserError)
+    assert list(tmp_path.glob("*.debugfs")) == []  # the script is removed either way
