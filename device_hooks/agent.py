@@ -23,6 +23,11 @@ armed          same boot: arm again (idempotent) and reboot; after a reboot: on 
 
 No wait is unbounded: a trial that gets no verdict within ``deadline + server_grace`` (plus a margin) is
 rebooted by the agent itself, and the bootloader's attempt counter rolls it back.
+
+At about 800 lines this module is over the project's ~600: it is the device's state machine, one method per
+transition of the table above on one :class:`Agent`, and reads best in one place. What is not a transition
+lives beside it (state: :mod:`.agentstate`; reports: :mod:`.reports`; trust: :mod:`.trust`; the install:
+:mod:`.install`; transport: :mod:`.api`, :mod:`.download`).
 """
 
 from __future__ import annotations

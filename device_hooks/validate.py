@@ -27,8 +27,6 @@ MAX_URL = 8192
 class UntrustedInput(OTAError):
     """A value from the server or the network does not match its grammar; nothing was done with it."""
 
-    exit_code = 1
-
 
 def deployment_id(value: object, *, local_ok: bool = False) -> str:
     """A deployment id from the server (a UUID), or with ``local_ok`` one of the agent's own local ids."""

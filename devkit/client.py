@@ -114,7 +114,7 @@ class ManagementClient:
             resp = conn.getresponse()
             return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
         except (OSError, http.client.HTTPException) as e:
-            raise DownloadError(f"cannot reach the update server at {self.url}: {e}") from None
+            raise DownloadError(f"cannot reach the update server at {self.url}: {e}", transient=True) from None
         finally:
             conn.close()
 
