@@ -59,6 +59,8 @@ def main() -> None:
         cfg_dir.mkdir()
         shutil.copy(REPO / "release.yaml", cfg_dir / "release.yaml")
         shutil.copytree(REPO / "layers", cfg_dir / "layers")
+        for tree in ("device_hooks", "artifacts", "ota_common"):  # the ota layer's trees (src: ../<tree>)
+            shutil.copytree(REPO / tree, cfg_dir / tree, ignore=shutil.ignore_patterns("__pycache__"))
         config = cfg_dir / "release.yaml"
         sys.path.insert(0, str(REPO))
         from artifacts import KeyType, generate_keypair
