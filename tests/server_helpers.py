@@ -49,7 +49,11 @@ class Server(OtaServer):
                             verify=self.verify)
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, verify=self.verify)
+        """A device's client. Its idle connections expire before the server's keep-alive timeout (5 s), so a
+        device that waited longer opens a new connection instead of reusing one the server is closing at that
+        moment (that race resets the request; a real client would retry it)."""
+        return httpx.Client(base_url=self.url, timeout=30, verify=self.verify,
+                            limits=httpx.Limits(keepalive_expiry=2))
 
     def query(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
         """Read the server's database directly (SQLite file or PostgreSQL)."""
