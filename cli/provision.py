@@ -77,8 +77,8 @@ def table(cards: Sequence[ProvisionedCard], to: Path | None) -> list[str]:
 def provision(release_dir: Path, inventory: Path | None, vault_password_file: Path | None, csv_file: Path | None,
               limit: str | None, fleet_ca: Path | None, server: str | None, server_ca: Path | None,
               no_register: bool, ssh_keys: Sequence[Path], out: Path | None, to: Path | None, force: bool) -> None:
-    """Personalise one card per device from a RELEASE and a device list, and register the devices on the update
-    server, so that each card's first boot ends accepted with its configuration.
+    """Personalise one card per device from a release (--release) and a device list, and register the devices on the
+    update server, so that each card's first boot ends accepted with its configuration.
 
     Each card is the release's disk.img with its data partition rebuilt: ota/device_id, a new ed25519 device key
     (only ever on the card), its fleet certificate, provisioned.env (DEVICE_ID and the variables the release

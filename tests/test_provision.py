@@ -409,3 +409,71 @@ def test_cards_from_an_inventory_and_a_csv(release: Path, tmp_path: Path) -> Non
     forced = provision_cli(*common, "--csv", csv_file, "--force")
     assert forced.returncode == 0, forced.stderr
     assert debugfs(out / "csv-01.img", "cat /ota/device-key.pem") != debugfs(card, "cat /ota/device-key.pem")
+
+
+@pytest.mark.slow
+def test_registered_cards_boot_accepted_with_their_configuration(release: Path, server: Any, tmp_path: Path) -> None:
+    """The whole story against the real server: provision registers the devices; a device holding its card's key and
+    identity is accepted at its first auth request and gets its configuration; a new card retires the old one."""
+    from .server_helpers import ADMIN_TOKEN, Device
+
+    out = tmp_path / "cards"
+    csv_file = tmp_path / "devices.csv"
+    suffix = os.urandom(3).hex()  # one module server per database: ids of their own
+    ids = [f"reg-{suffix}-1", f"reg-{suffix}-2"]
+    csv_file.write_text("device_id,group,DVR_IP,SITE,secret:DVR_PASSWORD\n"
+                        f"{ids[0]},reg_west,10.6.0.1,west,pw-{suffix}\n{ids[1]},,10.6.0.2,,\n")
+    env = {"OTA_ADMIN_TOKEN": ADMIN_TOKEN}
+    args = ["--release", release, "--csv", csv_file, "--server", server.url, "--out", out]
+    refused = provision_cli(*args, env={"OTA_ADMIN_TOKEN": "x" * 40})
+    assert refused.returncode == 2 and "refused the admin token" in refused.stderr
+    assert not out.exists() or not list(out.glob("*.img"))  # the token is checked before a card is written
+    done = provision_cli(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"registered 2 devices on {server.url}" in done.stdout
+
+    def card_device(device_id: str) -> Device:
+        dev = Device(server, "ed25519", identity={"device_id": debugfs(out / f"{device_id}.img",
+                                                                       "cat /ota/device_id").strip()})
+        dev.key = serialization.load_pem_private_key(
+            debugfs(out / f"{device_id}.img", "cat /ota/device-key.pem").encode(), None)
+        dev.pubkey = dev.key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        return dev
+
+    first = card_device(ids[0])
+    assert first.auth().status_code == 200  # accepted at once: no administrator step
+    assert first.http.get("/api/devices/v1/deviceconfig/configuration", headers=first.headers).json() == {
+        "DEVICE_ID": ids[0], "DVR_IP": "10.6.0.1", "SITE": "west", "DVR_PASSWORD": f"pw-{suffix}"}
+    second = card_device(ids[1])
+    assert second.auth().status_code == 200
+    with server.admin() as a:
+        doc = a.get(f"/api/management/v1/deviceconfig/configurations/device/{first.id()}").json()
+    assert doc["group"] == "reg_west" and doc["secrets"] == ["DVR_PASSWORD"]
+
+    # a new card for the first device: its old card is out at once
+    again = provision_cli(*args, "--limit", ids[0], "--force", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "registered 1 devices" in again.stdout
+    assert first.http.get("/api/devices/v1/deviceconfig/configuration", headers=first.headers).status_code == 401
+    assert first.auth().status_code == 401
+    assert card_device(ids[0]).auth().status_code == 200
+
+
+@pytest.mark.slow
+def test_card_settings_refuse_plain_http_unless_the_release_allows_it(release: Path, tmp_path: Path) -> None:
+    from image.card import Release
+    from image.provision import card_settings
+    from image.trust import InsecureServerError
+
+    loaded = Release.load(release)
+    strict = dataclasses.replace(loaded, manifest=dataclasses.replace(
+        loaded.manifest, trust=dataclasses.replace(loaded.manifest.trust, insecure_http=False)))
+    with pytest.raises(InsecureServerError, match="plain http"):
+        card_settings(strict, server_url="http://ota.example.test", server_ca=None)
+    with pytest.raises(UserError, match="--server-ca\\) goes with a server URL"):
+        card_settings(loaded, server_url=None, server_ca=tmp_path / "ca.pem")
+    settings, notes = card_settings(loaded, server_url="http://ota.example.test", server_ca=None)
+    assert settings.server_url == "http://ota.example.test" and "plain http allowed" in notes[0]
+    with pytest.raises(UserError, match="no disk.img here"):
+        Release.load(tmp_path)
