@@ -10,6 +10,7 @@ from cli.common import ErrorHandlingGroup, setup_logging
 from cli.demo import demo
 from cli.fleet import fleet
 from cli.keys import keys
+from cli.provision import provision
 from cli.publish import publish_command
 from cli.release import image, release, rootfs
 from cli.server import server
@@ -33,6 +34,7 @@ main.add_command(demo)
 main.add_command(server)
 main.add_command(publish_command)
 main.add_command(fleet)
+main.add_command(provision)
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,7 @@ from . import (
     management,
     metrics,
     openapi_links,
+    provisioning,
     releases,
 )
 from .apitokens import READ, RequireScope, find_principal, route_scope
@@ -385,6 +386,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(releases.router)
     app.include_router(admin_api.router)
     app.include_router(dashboard.router)
+    app.include_router(provisioning.router)
     _document_scopes(app)
     generate_openapi = app.openapi
 
