@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 
 from image.card import Release, registration_item, summary_row
-from image.fleet_devices import from_csv, from_inventory, select
+from image.fleet_devices import DeviceSpec, Fleet, from_csv, from_inventory, select
 from image.provision import ProvisionedCard, card_settings, provision_cards
 from ota_common.errors import OTAError, UserError
+from ota_common.varnames import SECRETS_KEY
 
 from .common import progress_line
 from .fleet import CA_ENV, ClientManagement, Management
@@ -20,6 +21,7 @@ from .publish import admin_token
 from .vault import vault_decrypt
 
 DEVICES_PATH = "/api/management/v2/devauth/devices"
+GROUP_CONFIG_PATH = "/api/management/v1/deviceconfig/configurations/group/"
 PROVISION_PATH = DEVICES_PATH + "/provision"
 #: devices per registration call (the server takes at most 1,000)
 BATCH = 1000
@@ -38,6 +40,20 @@ def register(api: Management, cards: Sequence[ProvisionedCard], batch: int = BAT
         answer = api.call("POST", PROVISION_PATH, {"devices": [registration_item(c.content) for c in chunk]})
         ids += answer["ids"]
     return ids
+
+
+def set_groups(api: Management, fleet: Fleet, devices: Sequence[DeviceSpec]) -> list[str]:
+    """Give the server the variables of the provisioned devices' groups (the inventory is the source of truth,
+    as for ``fleet import-ansible``: each group's variables are replaced). Returns the groups set."""
+    done = []
+    for group in sorted({d.group for d in devices if d.group and d.group in fleet.groups}):
+        values, secrets = fleet.groups[group]
+        body: dict[str, object] = dict(values)
+        if secrets:
+            body[SECRETS_KEY] = sorted(secrets)
+        api.call("PUT", GROUP_CONFIG_PATH + group, body)
+        done.append(group)
+    return done
 
 
 def table(cards: Sequence[ProvisionedCard], to: Path | None) -> list[str]:
@@ -63,6 +79,9 @@ def table(cards: Sequence[ProvisionedCard], to: Path | None) -> list[str]:
 @click.option("--server", metavar="URL",
               help="The update server: written to the card's ota.conf, and where the devices are registered "
                    "(token from $OTA_ADMIN_TOKEN, scope operate).")
+@click.option("--register-url", metavar="URL", envvar="OTA_SERVER_URL",
+              help="Where this machine reaches the server's management API to register the devices, when it is "
+                   "not the --server URL the devices use (also $OTA_SERVER_URL; default: --server).")
 @click.option("--server-ca", type=FILE, metavar="PEM",
               help="The server's CA certificates: onto the card, and trusted for the registration.")
 @click.option("--no-register", is_flag=True, help="Write the cards only; register nothing on the server.")
@@ -75,7 +94,8 @@ def table(cards: Sequence[ProvisionedCard], to: Path | None) -> list[str]:
                    "Refused for a partition, a mounted or system disk, or one that is too small.")
 @click.option("--force", is_flag=True, help="Overwrite existing card images in --out.")
 def provision(release_dir: Path, inventory: Path | None, vault_password_file: Path | None, csv_file: Path | None,
-              limit: str | None, fleet_ca: Path | None, server: str | None, server_ca: Path | None,
+              limit: str | None, fleet_ca: Path | None, server: str | None, register_url: str | None,
+              server_ca: Path | None,
               no_register: bool, ssh_keys: Sequence[Path], out: Path | None, to: Path | None, force: bool) -> None:
     """Personalise one card per device from a release (--release) and a device list, and register the devices on the
     update server, so that each card's first boot ends accepted with its configuration.
@@ -111,7 +131,7 @@ def provision(release_dir: Path, inventory: Path | None, vault_password_file: Pa
     if not no_register:
         assert server is not None
         ca = str(server_ca) if server_ca is not None else os.environ.get(CA_ENV) or None
-        api = ClientManagement(server, admin_token(), ca)
+        api = ClientManagement(register_url or server, admin_token(), ca)
         api.call("GET", DEVICES_PATH, params={"per_page": "1"})  # server and token checked before any card is written
     cards = provision_cards(release, devices, settings, out or release_dir / "cards", force=force, to=to,
                             progress=progress_line)
@@ -122,8 +142,11 @@ def provision(release_dir: Path, inventory: Path | None, vault_password_file: Pa
         return
     try:
         ids = register(api, cards)
+        groups = set_groups(api, fleet, devices)
     except OTAError:
         click.echo("the cards are written but their devices are not registered: run again with --force to make new "
                    "cards (the server takes their keys)", err=True)
         raise
-    click.echo(f"registered {len(ids)} devices on {server}")
+    where = register_url or server
+    click.echo(f"registered {len(ids)} devices on {where}" + (f"; variables of group(s) {', '.join(groups)} set"
+                                                              if groups else ""))

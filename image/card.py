@@ -379,8 +379,9 @@ def summary_row(content: CardContent) -> dict[str, str]:
 def registration_item(content: CardContent) -> dict[str, object]:
     """The device as ``POST .../devauth/devices/provision`` takes it."""
     spec = content.spec
+    values = spec.server_values
     return {"identity_data": {"device_id": spec.device_id}, "pubkey": content.pubkey_pem, "group": spec.group,
-            "variables": dict(spec.values), "secrets": sorted(spec.secrets)}
+            "variables": values, "secrets": sorted(spec.secrets & set(values))}
 
 
 __all__ = ["DATA_PARTITION", "MODES", "CardContent", "CardSettings", "Release", "WrittenCard", "card_content",

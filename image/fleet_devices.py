@@ -21,7 +21,7 @@ import io
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ota_common.ansible_files import load_inventory
@@ -43,8 +43,16 @@ class DeviceSpec:
     host: str  # the inventory's host name, or the CSV's device_id
     device_id: str
     group: str | None
-    values: dict[str, str]  # every variable, as text (DEVICE_ID included)
+    values: dict[str, str]  # every variable, as text (DEVICE_ID included): what the card gets
     secrets: frozenset[str]
+    #: what the server keeps as the device's own variables (None: all of ``values``); its group's variables are
+    #: the group's on the server (:attr:`Fleet.groups`), so that a later change of the group reaches the device
+    own: tuple[str, ...] | None = None
+
+    @property
+    def server_values(self) -> dict[str, str]:
+        names = self.values if self.own is None else set(self.own) | {ID_VAR}
+        return {k: v for k, v in self.values.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,8 @@ class Fleet:
     devices: tuple[DeviceSpec, ...]
     memberships: Mapping[str, frozenset[str]]  # host → its groups and their ancestors ("all" included)
     warnings: tuple[str, ...] = ()
+    #: group → (variables as text, secret names): what the server keeps for each group (Ansible sources only)
+    groups: Mapping[str, tuple[dict[str, str], frozenset[str]]] = field(default_factory=dict)
 
 
 def as_text(name: str, value: object, where: str) -> str:
@@ -74,13 +84,15 @@ def as_text(name: str, value: object, where: str) -> str:
     raise UserError(f"{where}: the value of {name} must be a string, number or boolean")
 
 
-def _device(host: str, group: str | None, values: dict[str, str], secrets: Iterable[str], where: str) -> DeviceSpec:
+def _device(host: str, group: str | None, values: dict[str, str], secrets: Iterable[str], where: str,
+            own: Iterable[str] | None = None) -> DeviceSpec:
     device_id = values.get(ID_VAR) or host
     if not is_device_id(device_id):
         source = f"its {ID_VAR} variable" if ID_VAR in values else "the host name"
         raise UserError(f"{where}: {device_id!r} ({source}) is not a valid DEVICE_ID: {ID_HINT}")
     values = {**values, ID_VAR: device_id}
-    return DeviceSpec(host, device_id, group, values, frozenset(secrets) & set(values))
+    return DeviceSpec(host, device_id, group, values, frozenset(secrets) & set(values),
+                      None if own is None else tuple(sorted(own)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,8 +112,10 @@ def from_inventory(path: Path, decrypt: Decrypt | None = None) -> Fleet:
         secret = {k for k in merged if k in rh.vars.secrets or (k not in rh.vars.values and base is not None
                                                                   and k in base.secrets)}
         values = {k: as_text(k, v, where) for k, v in merged.items()}
-        devices.append(_device(host, rh.group, values, secret, where))
-    return Fleet(tuple(devices), _memberships(inv), tuple(resolved.warnings))
+        devices.append(_device(host, rh.group, values, secret, where, own=rh.vars.values))
+    groups = {g: ({k: as_text(k, v, f"group {g}") for k, v in gv.values.items()}, gv.secrets)
+              for g, gv in resolved.groups.items()}
+    return Fleet(tuple(devices), _memberships(inv), tuple(resolved.warnings), groups)
 
 
 def _memberships(inv: Inventory) -> dict[str, frozenset[str]]:

@@ -57,6 +57,10 @@ def test_devices_from_an_inventory_with_group_and_host_variables(tmp_path: Path)
                           "DEBUG": "true"}  # the connection variable ansible_host never comes along
     assert two.device_id == "cam-0002" and two.values["DVR_IP"] == "10.1.0.254"  # from group_vars
     assert three.values == {"DEVICE_ID": "cam-03", "DVR_IP": "10.3.0.254"} and three.group == "south"
+    # the server keeps a device's own variables apart from its group's, so a later change of the group reaches it
+    assert one.server_values == {"DEVICE_ID": "cam-01", "DVR_IP": "10.1.0.1", "DEBUG": "true"}
+    assert two.server_values == {"DEVICE_ID": "cam-0002"}
+    assert fleet.groups["north"][0] == {"DVR_IP": "10.1.0.254", "TZ": "Europe/Oslo", "NTP_SERVER": "ntp.north"}
 
 
 @pytest.mark.parametrize(("limit", "hosts"), [
@@ -458,6 +462,33 @@ def test_registered_cards_boot_accepted_with_their_configuration(release: Path, 
     assert first.http.get("/api/devices/v1/deviceconfig/configuration", headers=first.headers).status_code == 401
     assert first.auth().status_code == 401
     assert card_device(ids[0]).auth().status_code == 200
+
+
+@pytest.mark.slow
+def test_registration_from_an_inventory_keeps_group_variables_on_the_group(release: Path, server: Any,
+                                                                           tmp_path: Path) -> None:
+    """The group's variables go to the group on the server (a later change of the group reaches its devices), the
+    device keeps only its own; the card holds them all. The devices' URL differs from the operator's."""
+    from .server_helpers import ADMIN_TOKEN
+
+    inv = inventory(tmp_path)
+    out = tmp_path / "cards"
+    device_url = "https://ota.example.test:8443"  # what the card gets; this machine registers at server.url
+    done = provision_cli("--release", release, "--inventory", inv, "--limit", "north", "--server", device_url,
+                         "--register-url", server.url, "--out", out, env={"OTA_ADMIN_TOKEN": ADMIN_TOKEN})
+    assert done.returncode == 0, done.stderr
+    assert f"registered 2 devices on {server.url}; variables of group(s) north set" in done.stdout
+    assert f"url = {device_url}" in debugfs(out / "cam-01.img", "cat /ota/ota.conf")
+    assert "DVR_IP=10.1.0.254" in debugfs(out / "cam-0002.img", "cat /ota/provisioned.env").splitlines()
+    config = "/api/management/v1/deviceconfig/configurations"
+    with server.admin() as a:
+        group = a.get(f"{config}/group/north").json()
+        devs = {d["identity_data"].get("device_id"): d for d in a.get("/api/management/v2/devauth/devices",
+                                                                      params={"per_page": "500"}).json()}
+        own = a.get(f"{config}/device/{devs['cam-0002']['id']}").json()
+    assert group["configured"] == {"DVR_IP": "10.1.0.254", "TZ": "Europe/Oslo", "NTP_SERVER": "ntp.north"}
+    assert own["configured"] == {"DEVICE_ID": "cam-0002"} and own["group"] == "north"
+    assert own["effective"]["DVR_IP"] == "10.1.0.254"
 
 
 @pytest.mark.slow
