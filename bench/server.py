@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -261,6 +262,14 @@ def ota_server(base: Path, workers: int, admin_token: str, release_key: Path, ex
                        *extra, workers=workers, admin_token=admin_token)
     STARTED.append(server)
     return server
+
+
+def last_seen_written(server: OtaServer, since: float) -> int:
+    """Devices whose ``last_seen`` the (stopped) server wrote at ``since`` or later: every polled one."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(server.db_path)) as db:
+        return int(db.execute("SELECT count(*) FROM devices WHERE last_seen >= ?", (since,)).fetchone()[0])
 
 
 class FloorServer(ServerProcess):
@@ -708,6 +717,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 floor = floor_server(work / f"floor-{w}", w).start(timeout=60)
             srv = ota_server(work / f"server-{w}", w, admin_token, public, args.server_arg).start(timeout=60)
             loop = new_loop()
+            load_start = time.time()  # every device polls at least once from here on (provision's first poll)
             times = loop.run_until_complete(provision(srv.port, admin, devs))
             loop.close()
             print(f"server, {w} worker(s): " + ", ".join(f"{k} {args.devices / v:.0f}/s" for k, v in times.items()),
@@ -730,7 +740,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if proc is not None:
                     proc.stop()
                     results[kind][str(w)] = _median_round(rounds[kind]) | (
-                        {"provision": times} if kind == "load" else {})
+                        {"provision": times, "last_seen": last_seen_written(srv, load_start)} if kind == "load" else {})
+            print(f"  last seen (written in batches, the rest at shutdown): {results['load'][str(w)]['last_seen']} of "
+                  f"{args.devices} devices polled", flush=True)
             if args.rounds > 1 and floor is not None:
                 ratios = [n["rps"] / f["rps"] for f, n in zip(rounds["floor"], rounds["load"], strict=True)]
                 results["load"][str(w)]["round_ratios"] = ratios

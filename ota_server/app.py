@@ -27,6 +27,7 @@ from . import (
     device_deployments,
     device_logs,
     http_protocol,
+    lastseen,
     management,
     metrics,
     openapi_links,
@@ -320,6 +321,7 @@ def create_app(settings: Settings) -> FastAPI:
         'Errors are `{"error": "message"}`.',
         responses=ERROR_RESPONSES,
         docs_url=None, redoc_url=None, openapi_url=None,  # served below, behind a token unless --public-docs
+        lifespan=lastseen.lifespan(ctx.db, ctx.last_seen, settings.last_seen_flush_seconds),
     )
     app.state.ctx = ctx
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
 from artifacts.keys import load_verifiers
 
+from . import metrics
 from .auth import TokenCodec
 from .configvars import ConfigStore
 from .db import Database
 from .downloads import LinkSigner
+from .lastseen import LastSeen
 from .limits import AuthLimiter
 from .settings import ServerSecrets, Settings
 
@@ -28,12 +30,16 @@ class ServerContext:
     #: HMAC key of dashboard sessions and login links (derived from the server secrets)
     session_key: bytes
     auth_limits: AuthLimiter
+    #: devices heard from since the last flush (written in batches by the app's lifespan task)
+    last_seen: LastSeen = field(default_factory=LastSeen)
 
     @classmethod
     def create(cls, settings: Settings, secrets: ServerSecrets) -> ServerContext:
+        db = Database(settings.db_url)
+        metrics.configure(db, stale_after=settings.stale_after)
         return cls(
             settings=settings,
-            db=Database(settings.db_url),
+            db=db,
             tokens=TokenCodec(secrets.jwt_key, settings.device_token_ttl),
             links=LinkSigner(secrets.link_key, settings.link_ttl),
             config=ConfigStore(settings.secrets_keys or ([secrets.fernet_key] if secrets.fernet_key else [])),

@@ -172,6 +172,14 @@ def _ago(ts: float | None, now: float) -> str:
     return f"in {text}" if future else f"{text} ago"
 
 
+def _duration(seconds: float) -> str:
+    """``3 h``, ``90 min``, ``45 s``: the largest unit that divides the duration."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} s"
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "—"
@@ -309,13 +317,16 @@ pages = APIRouter(dependencies=[Depends(require_session)], include_in_schema=Fal
 def overview(ctx: Ctx, who: Viewer, page: PageNo = 1,
              status: Annotated[str | None, Query(pattern="^(pending|accepted|rejected|preauthorized)$")] = None,
              group: Annotated[str | None, Query(max_length=64)] = None,
-             artifact: Annotated[str | None, Query(max_length=256)] = None) -> Response:
-    flt = q.DeviceFilter(status=status, group=group, artifact=artifact)
+             artifact: Annotated[str | None, Query(max_length=256)] = None,
+             stale: bool | None = None) -> Response:
+    cutoff = time.time() - ctx.settings.stale_after
+    flt = q.DeviceFilter(status=status, group=group, artifact=artifact, stale=stale, cutoff=cutoff)
     with ctx.db.read() as c:
-        counts = q.fleet_counts(c)
+        counts = q.fleet_counts(c, cutoff)
         total, rows = q.device_rows(c, flt, page)
         deployments_total, recent = q.deployment_rows(c)
     return render("overview.html", viewer=who, refresh=30, counts=counts, devices=rows, filter=flt, page=page,
+                  stale_after=_duration(ctx.settings.stale_after),
                   pages=max(1, math.ceil(total / q.PER_PAGE)), matching=total, per_page=q.PER_PAGE,
                   deployments=recent, deployments_total=deployments_total)
 
@@ -331,10 +342,10 @@ def deployment_list(ctx: Ctx, who: Viewer, page: PageNo = 1) -> Response:
 @pages.get("/ui/devices/{device_id}")
 def device_page(device_id: str, ctx: Ctx, who: Viewer) -> Response:
     with ctx.db.read() as c:
-        d = q.device_detail(c, device_id)
+        d = q.device_detail(c, device_id, time.time() - ctx.settings.stale_after)
     if d is None:
         return render("not_found.html", status=404, viewer=who, what="device", ident=device_id)
-    return render("device.html", viewer=who, d=d)
+    return render("device.html", viewer=who, d=d, stale_after=_duration(ctx.settings.stale_after))
 
 
 @pages.get("/ui/deployments/{deployment_id}")

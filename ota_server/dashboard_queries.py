@@ -12,7 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import deployments as rollout
+from . import metrics
 from .device_logs import newest_messages
+from .lastseen import is_stale, stale_clause
 from .models import artifacts as art_t
 from .models import auth_sets, devices
 from .models import deployment_devices as dd
@@ -29,7 +31,7 @@ DEVICE_STATUSES = ("accepted", "pending", "preauthorized", "rejected")
 INCONSISTENT = "_INCONSISTENT"
 
 #: the running version, as the device reports it in its inventory
-running_artifact = devices.c.inventory["artifact_name"].as_string()
+running_artifact = metrics.running_artifact
 
 #: per-device deployment statuses grouped into the segments of a progress bar, in drawing order
 SEGMENTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -42,15 +44,6 @@ SEGMENTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("pending", "pending", ("pending",)),
 )
 FINISHED = ("success", "failure", "already-installed", "noartifact")
-
-
-def _last_seen_expr(conn: Connection) -> Any:
-    """The last time the server heard from the device in a way it records: auth request, auth status change,
-    inventory change (a poll with unchanged inventory writes nothing, so it does not count)."""
-    # max(a, b) of two columns: SQLite's scalar max(), PostgreSQL's GREATEST (NULLs ignored there)
-    if conn.dialect.name == "sqlite":
-        return sa.func.coalesce(sa.func.max(devices.c.updated, devices.c.inventory_updated), devices.c.updated)
-    return sa.func.greatest(devices.c.updated, devices.c.inventory_updated)
 
 
 @dataclass
@@ -116,9 +109,15 @@ class DeviceFilter:
     status: str | None = None
     group: str | None = None
     artifact: str | None = None
+    #: True: only stale devices, False: only the others (see :mod:`.lastseen`)
+    stale: bool | None = None
+    #: now - stale_after
+    cutoff: float = 0.0
 
     def where(self) -> list[Any]:
         clauses: list[Any] = []
+        if self.stale is not None:
+            clauses.append(stale_clause(self.cutoff) if self.stale else sa.not_(stale_clause(self.cutoff)))
         if self.status:
             clauses.append(devices.c.status == self.status)
         if self.group == "":
@@ -133,10 +132,12 @@ class DeviceFilter:
 
     @property
     def active(self) -> bool:
-        return self.status is not None or self.group is not None or self.artifact is not None
+        return (self.status is not None or self.group is not None or self.artifact is not None
+                or self.stale is not None)
 
 
-def fleet_counts(conn: Connection) -> dict[str, Any]:
+def fleet_counts(conn: Connection, cutoff: float) -> dict[str, Any]:
+    """Devices by status, by running version, by group, and how many are stale at ``cutoff``."""
     by_status = dict.fromkeys(DEVICE_STATUSES, 0)
     for status, count in conn.execute(sa.select(devices.c.status, sa.func.count()).group_by(devices.c.status)):
         by_status[status] = int(count)
@@ -146,18 +147,20 @@ def fleet_counts(conn: Connection) -> dict[str, Any]:
     groups = [(name, int(count)) for name, count in conn.execute(
         sa.select(devices.c.group_name, sa.func.count().label("n")).group_by(devices.c.group_name)
         .order_by(sa.desc("n"), devices.c.group_name))]
+    stale = int(conn.execute(sa.select(sa.func.count()).select_from(devices).where(stale_clause(cutoff))).scalar_one())
     return {"by_status": by_status, "total": sum(by_status.values()), "versions": versions[:TOP_VERSIONS],
-            "more_versions": len(versions) > TOP_VERSIONS, "groups": groups}
+            "more_versions": len(versions) > TOP_VERSIONS, "groups": groups, "stale": stale}
 
 
 def device_rows(conn: Connection, flt: DeviceFilter, page: int, per_page: int = PER_PAGE) -> tuple[int, list[dict[str, Any]]]:
     where = flt.where()
     total = int(conn.execute(sa.select(sa.func.count()).select_from(devices).where(*where)).scalar_one())
     q = (sa.select(devices.c.id, devices.c.identity_json, devices.c.status, devices.c.group_name,
-                   devices.c.device_type, running_artifact.label("artifact"), _last_seen_expr(conn).label("last_seen"))
+                   devices.c.device_type, running_artifact.label("artifact"), devices.c.last_seen, devices.c.updated)
          .where(*where).order_by(devices.c.created, devices.c.id).limit(per_page).offset((page - 1) * per_page))
     rows = [{"id": r.id, "identity": identity_of(r.identity_json), "status": r.status, "group": r.group_name,
-             "device_type": r.device_type, "artifact": r.artifact, "last_seen": r.last_seen} for r in conn.execute(q)]
+             "device_type": r.device_type, "artifact": r.artifact, "last_seen": r.last_seen,
+             "stale": is_stale(r.status, r.last_seen, r.updated, flt.cutoff)} for r in conn.execute(q)]
     return total, rows
 
 
@@ -173,9 +176,8 @@ def deployment_rows(conn: Connection, page: int = 1, per_page: int = RECENT_DEPL
 # One device
 
 
-def device_detail(conn: Connection, device_id: str) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(devices, _last_seen_expr(conn).label("last_seen"))
-                       .where(devices.c.id == device_id)).first()
+def device_detail(conn: Connection, device_id: str, cutoff: float) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(devices).where(devices.c.id == device_id)).first()
     if row is None:
         return None
     sets = conn.execute(sa.select(auth_sets.c.id, auth_sets.c.status, auth_sets.c.created, auth_sets.c.pubkey)
@@ -195,7 +197,8 @@ def device_detail(conn: Connection, device_id: str) -> dict[str, Any] | None:
                     "messages": messages, "dropped": dropped}
     inventory = row.inventory or {}
     return {"row": row, "identity": identity_of(row.identity_json), "auth_sets": sets, "history": history,
-            "inventory": sorted(inventory.items()), "artifact": inventory.get("artifact_name"), "last_log": last_log}
+            "inventory": sorted(inventory.items()), "artifact": inventory.get("artifact_name"), "last_log": last_log,
+            "stale": is_stale(row.status, row.last_seen, row.updated, cutoff)}
 
 
 def log_messages(conn: Connection, deployment_id: str, device_id: str, limit: int = LOG_LIMIT

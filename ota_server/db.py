@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -144,9 +145,18 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """One short write transaction, committed when the block ends without an exception."""
-        with self._write_engine.begin() as conn:
-            yield conn
+        """One short write transaction, committed when the block ends without an exception; then the
+        :func:`after_commit` callbacks registered on it run."""
+        conn: Connection | None = None
+        try:
+            with self._write_engine.begin() as conn:
+                yield conn
+        except BaseException:
+            if conn is not None:
+                _AFTER_COMMIT.pop(conn, None)
+            raise
+        for callback in _AFTER_COMMIT.pop(conn, ()):
+            callback()
 
     @contextmanager
     def session(self, write: bool = False) -> Iterator[Session]:
@@ -160,6 +170,17 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+#: what to do once a :meth:`Database.write` transaction committed (a rolled-back one forgets them)
+_AFTER_COMMIT: weakref.WeakKeyDictionary[Connection, list[Callable[[], None]]] = weakref.WeakKeyDictionary()
+
+
+def after_commit(conn: Connection, callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the :meth:`Database.write` transaction of ``conn`` has committed; never when it
+    rolls back (nor for a connection that is not one of :meth:`Database.write`'s). For effects outside the
+    database that must match what it holds, such as counting deployment outcomes."""
+    _AFTER_COMMIT.setdefault(conn, []).append(callback)
 
 
 SelectT = TypeVar("SelectT", bound=sa.Select[Any])

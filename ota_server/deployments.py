@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .errors import APIError, bad_request, found_or_404
+from .metrics import OUTCOMES, count_outcome
 from .models import deployment_devices as dd
 from .models import deployments as dep
 from .models import devices
@@ -35,6 +36,8 @@ REPORTABLE = frozenset({
     "downloading", "installing", "rebooting", "success", "failure", "already-installed",
     "pause_before_installing", "pause_before_rebooting", "pause_before_committing",
 })
+for _final in TERMINAL:
+    OUTCOMES.labels(_final)  # every outcome is exported from the start, at 0
 STATISTICS_KEYS = (
     "pending", "downloading", "installing", "rebooting", "success", "failure", "already-installed", "aborted",
     "noartifact", "pause_before_installing", "pause_before_rebooting", "pause_before_committing", "decommissioned",
@@ -167,6 +170,7 @@ def set_device_final(conn: Connection, deployment_id: str, device_id: str, statu
     changed = conn.execute(q.values(status=status, substate=substate, active=False, finished=t,
                                     started=sa.func.coalesce(dd.c.started, t))).rowcount > 0
     if changed:
+        count_outcome(conn, status)
         after_final(conn, deployment_id)
     return changed
 
@@ -261,8 +265,10 @@ def abort(conn: Connection, deployment_id: str) -> bool:
     t = now()
     conn.execute(sa.select(dd.c.device_id).where(dd.c.deployment_id == deployment_id, dd.c.active.is_(True))
                  .order_by(dd.c.device_id).with_for_update())
-    conn.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.active.is_(True))
-                 .values(status="aborted", active=False, finished=t))
+    aborted = conn.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.active.is_(True))
+                           .values(status="aborted", active=False, finished=t)).rowcount
+    if aborted:
+        count_outcome(conn, "aborted", aborted)
     return conn.execute(dep.update().where(dep.c.id == deployment_id, dep.c.status.in_(OPEN))
                         .values(status="aborted", finished=t)).rowcount > 0
 

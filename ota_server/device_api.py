@@ -39,6 +39,7 @@ class Attribute(BaseModel):
 
 
 def _put_inventory(ctx: ServerContext, device: CurrentDevice, attrs: list[Attribute], merge: bool) -> Response:
+    ctx.last_seen.seen(device.id)
     new = {a.name: a.value for a in attrs}
     if len(new) > 1000:
         raise bad_request("at most 1000 attributes")
@@ -72,6 +73,7 @@ async def patch_inventory(attrs: list[Attribute], device: Device, ctx: Ctx) -> R
 async def get_configuration(device: Device, ctx: Ctx) -> Response:
     """The device's configuration variables: its group's, overridden by its own; secrets decrypted. Never a
     configuration without one of its secrets: if one cannot be decrypted the answer is 503."""
+    ctx.last_seen.seen(device.id)
     with ctx.db.read() as c:
         values = ctx.config.for_device(c, device.id, device.group)
     return JSONResponse(values)

@@ -118,6 +118,7 @@ def _record_provides(ctx: ServerContext, device: CurrentDevice, provides: dict[s
 
 
 def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides: dict[str, Any]) -> Response:
+    ctx.last_seen.seen(device.id)
     _record_provides(ctx, device, provides)
     t = now()
     for deployment_id, dstatus, not_before, status, artifact_name, allow_downgrade in ctx.db.fetch(
@@ -217,6 +218,7 @@ async def put_status(deployment_id: str, body: StatusBody, device: Device, ctx: 
     report that repeats the current status or goes backwards is acknowledged and ignored, so is a repeated
     final status (a repeated ``failure`` uses no second retry); a different final status after a final one is
     refused with 400; 409 once the deployment was aborted."""
+    ctx.last_seen.seen(device.id)
     with ctx.db.write() as c:
         rollout.report_status(c, deployment_id, device.id, body.status, body.substate)
     return Response(status_code=NO_CONTENT)

@@ -119,6 +119,7 @@ async def put_log(deployment_id: str, body: LogBody, device: Device, ctx: Ctx) -
     Raises:
         APIError: 404 when the deployment is not this device's; 413 when its log is full.
     """
+    ctx.last_seen.seen(device.id)
     max_bytes, max_uploads = ctx.settings.log_max_bytes, ctx.settings.log_max_uploads
     messages = [m.model_dump() for m in body.messages]
     mine = (logs_t.c.deployment_id == deployment_id, logs_t.c.device_id == device.id)

@@ -4,7 +4,7 @@ The most frequent request of a fleet is a ``next`` POST of an accepted device wh
 that has nothing to do. :class:`FastPoll` answers those 204 with the route's own rules — the token check
 (:func:`.devauth.token_problem`), the body's (:func:`.device_deployments.check_provides`) and a device that
 waits (:func:`.deployments.is_waiting`) — and hands every other request, body replayed, to the route. Each
-answer it gives counts in the ``ota_fast_polls_total`` metric.
+answer it gives counts in the ``ota_fast_polls_total`` metric and notes the device as seen (:mod:`.lastseen`).
 """
 
 from __future__ import annotations
@@ -146,11 +146,11 @@ def _idle_poll(scope: Scope, body: bytes) -> bool:
     status, known_hash, auth_set_id, epoch, active = rows[0]
     if token_problem(claims, status, auth_set_id, epoch) is not None or known_hash != provides_hash:
         return False
-    if not active:
-        return True
     t = now()
-    for _, dstatus, not_before, status, _, _ in ctx.db.fetch(ACTIVE_SQL, (claims.device_id, True)):
-        if not is_waiting(dstatus, not_before, status, t):
-            return False  # something to hand out or to record: the route does it
+    if active:
+        for _, dstatus, not_before, status, _, _ in ctx.db.fetch(ACTIVE_SQL, (claims.device_id, True)):
+            if not is_waiting(dstatus, not_before, status, t):
+                return False  # something to hand out or to record: the route does it (and notes the device)
+    ctx.last_seen.seen(claims.device_id, t)  # in memory; written in a batch (see .lastseen)
     return True
 

@@ -25,6 +25,7 @@ from .context import ServerContext, get_ctx
 from .db import where_given
 from .devauth import set_auth_status
 from .errors import bad_request, conflict, found_or_404, not_found
+from .lastseen import is_stale, stale_clause
 from .models import auth_sets, devices
 from .models import config_values as cv
 from .timeutil import now, rfc3339
@@ -58,7 +59,7 @@ def _created(location: str, body: dict[str, Any] | None = None) -> Response:
 DEVAUTH = "/api/management/v2/devauth/devices"
 
 
-def _device_doc(row: Any, sets: list[Any]) -> dict[str, Any]:
+def _device_doc(row: Any, sets: list[Any], cutoff: float) -> dict[str, Any]:
     identity = json.loads(row.identity_json)
     return {
         "id": row.id,
@@ -69,20 +70,25 @@ def _device_doc(row: Any, sets: list[Any]) -> dict[str, Any]:
         "created_ts": rfc3339(row.created),
         "updated_ts": rfc3339(row.updated),
         "decommissioning": False,
+        # extensions: the last authenticated request (written in batches: up to last_seen_flush_seconds late)
+        # and whether an accepted device has been silent for longer than stale_after
+        "last_seen": rfc3339(row.last_seen),
+        "stale": is_stale(row.status, row.last_seen, row.updated, cutoff),
     }
 
 
-def _devices(conn: sa.Connection, where: Any = None, page: int = 1, per_page: int = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
-    q = sa.select(devices).order_by(devices.c.created, devices.c.id).limit(per_page).offset((page - 1) * per_page)
-    if where is not None:
-        q = q.where(where)
+def _devices(conn: sa.Connection, cutoff: float, *where: Any, page: int = 1, per_page: int = DEFAULT_PER_PAGE
+             ) -> list[dict[str, Any]]:
+    """The devices matching ``where``, one page; ``cutoff`` (now - stale_after) says which are stale."""
+    q = (sa.select(devices).where(*where).order_by(devices.c.created, devices.c.id).limit(per_page)
+         .offset((page - 1) * per_page))
     rows = conn.execute(q).all()
     sets: dict[str, list[Any]] = {r.id: [] for r in rows}
     if rows:
         for s in conn.execute(sa.select(auth_sets).where(auth_sets.c.device_id.in_(list(sets)))
                               .order_by(auth_sets.c.created)):
             sets[s.device_id].append(s)
-    return [_device_doc(r, sets[r.id]) for r in rows]
+    return [_device_doc(r, sets[r.id], cutoff) for r in rows]
 
 
 class Preauth(BaseModel):
@@ -115,15 +121,23 @@ def preauthorize(body: Preauth, ctx: Ctx, who: Operator) -> Response:
 
 @router.get(DEVAUTH, tags=["devices"], dependencies=READS)
 def list_devices(ctx: Ctx, status: Annotated[str | None, Query(pattern="^(pending|accepted|rejected|preauthorized)$")] = None,
+                 stale: Annotated[bool | None, Query(description="only the stale devices (true) or the others (false): "
+                                                     "accepted and silent for longer than stale_after")] = None,
                  page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
+    """Devices, oldest first. ``last_seen`` and ``stale`` (and the ``stale`` filter) are extensions of
+    Mender's shape."""
+    cutoff = now() - ctx.settings.stale_after
+    where = [] if status is None else [devices.c.status == status]
+    if stale is not None:
+        where.append(stale_clause(cutoff) if stale else sa.not_(stale_clause(cutoff)))
     with ctx.db.read() as c:
-        return _devices(c, None if status is None else devices.c.status == status, page, per_page)
+        return _devices(c, cutoff, *where, page=page, per_page=per_page)
 
 
 @router.get(DEVAUTH + "/{device_id}", tags=["devices"], dependencies=READS)
 def get_device(device_id: str, ctx: Ctx) -> dict[str, Any]:
     with ctx.db.read() as c:
-        found = _devices(c, devices.c.id == device_id)
+        found = _devices(c, now() - ctx.settings.stale_after, devices.c.id == device_id)
     if not found:
         raise not_found("device")
     return found[0]

@@ -20,6 +20,8 @@ class Base(DeclarativeBase):
 
 class Device(Base):
     __tablename__ = "devices"
+    #: stale devices are counted and listed by status and last_seen (``lastseen.stale_clause``)
+    __table_args__ = (sa.Index("ix_devices_status_last_seen", "status", "last_seen"),)
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
     identity_json: Mapped[str] = mapped_column(sa.Text)
     identity_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
@@ -38,6 +40,9 @@ class Device(Base):
     #: ... and this epoch, raised whenever an auth set is accepted or the accepted one stops being accepted, so
     #: that rejecting, replacing (accepting another key) or re-accepting ends every token issued before
     token_epoch: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    #: the last authenticated device request (poll, status, log, inventory, configuration), written in batches
+    #: (:mod:`.lastseen`); NULL: none since the column exists
+    last_seen: Mapped[float | None] = mapped_column(sa.Double)
 
 
 class AuthSet(Base):

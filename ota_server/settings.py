@@ -22,8 +22,19 @@ from typing import Any
 
 from ota_common.errors import UserError
 
+from .timeutil import parse_duration
+
 SETTINGS_ENV = "OTA_SERVER_SETTINGS"
 SECRETS_FILE = "server-secrets.json"
+#: environment variables of the fleet-observation settings (``build.py server`` has no options for them yet)
+LAST_SEEN_FLUSH_ENV = "OTA_LAST_SEEN_FLUSH"
+STALE_AFTER_ENV = "OTA_STALE_AFTER"
+
+
+def _env_duration(name: str, default: str, low: float, high: float) -> float:
+    """A duration setting from the environment variable ``name`` (else ``default``), checked when the settings
+    are made: ``build.py server`` refuses a bad value with one ``error:`` line before any worker starts."""
+    return parse_duration(os.environ.get(name, "").strip() or default, name, low, high)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,17 @@ class Settings:
     body_min_rate: int = 500
     #: seconds an idle keep-alive connection stays open
     keep_alive_timeout: int = 5
+    # --- seeing the fleet (docs/server.md, "Last seen and stale devices")
+    #: seconds between two writes of the "last seen" times a worker collected from device requests: each
+    #: request only notes the device in memory, the flush writes the whole batch in one UPDATE (a poll must not
+    #: cost a write). "Last seen" lags by up to this much; a worker that stops writes what it holds.
+    last_seen_flush_seconds: float = field(
+        default_factory=lambda: _env_duration(LAST_SEEN_FLUSH_ENV, "10s", 0.05, 3600))
+    #: an accepted device not heard from for this long (seconds) is stale. 3 h by default: our agent and the
+    #: Mender client poll every 30 min (``poll_interval``, UpdatePollIntervalSeconds 1800), so 3 h is six missed
+    #: polls — a device that is off or cut off, not one that was slow, rebooted or retried with backoff once —
+    #: and still noticed within a working shift. Fleets polling less often must raise it (a few poll intervals).
+    stale_after: float = field(default_factory=lambda: _env_duration(STALE_AFTER_ENV, "3h", 1, 365 * 86400))
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_env(self) -> str:
