@@ -153,6 +153,14 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="Bytes per second that extend --body-timeout.")
 @click.option("--keep-alive-timeout", type=click.IntRange(min=1), default=5, show_default=True,
               help="Seconds an idle keep-alive connection stays open.")
+@click.option("--stale-after", "stale_after", metavar="DURATION", envvar="OTA_STALE_AFTER", default="3h",
+              show_default=True, callback=lambda c, p, v: _duration(v, "--stale-after", 1, 365 * 86400),
+              help="An accepted device not heard from for this long is stale (dashboard, API, metrics); a few of "
+                   "its poll intervals. Also $OTA_STALE_AFTER.")
+@click.option("--last-seen-flush", "last_seen_flush_seconds", metavar="DURATION", envvar="OTA_LAST_SEEN_FLUSH",
+              default="10s", show_default=True, callback=lambda c, p, v: _duration(v, "--last-seen-flush", 0.05, 3600),
+              help="How often each worker writes the 'last seen' times it collected (one UPDATE per batch). Also "
+                   "$OTA_LAST_SEEN_FLUSH.")
 @click.pass_context
 def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path],
            allow_unsigned: bool, admin_token_file: Path | None, workers: int, public_url: str | None,
@@ -269,6 +277,15 @@ def absolute_db_url(db_url: str) -> str:
     if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(db_url[len("sqlite:///"):]).resolve())
     return db_url
+
+
+def _duration(value: str, what: str, low: float, high: float) -> float:
+    from ota_server.timeutil import parse_duration
+
+    try:
+        return parse_duration(value, what, low, high)
+    except UserError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _trusted_proxies(value: str) -> list[str]:

@@ -26,7 +26,7 @@ from .timeutil import parse_duration
 
 SETTINGS_ENV = "OTA_SERVER_SETTINGS"
 SECRETS_FILE = "server-secrets.json"
-#: environment variables of the fleet-observation settings (``build.py server`` has no options for them yet)
+#: environment variables of the fleet-observation settings (`build.py server --stale-after/--last-seen-flush` read them too)
 LAST_SEEN_FLUSH_ENV = "OTA_LAST_SEEN_FLUSH"
 STALE_AFTER_ENV = "OTA_STALE_AFTER"
 
