@@ -197,13 +197,21 @@ def stats_line(stats: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in stats.items() if v) or "no devices"
 
 
+def target_text(target: dict[str, Any]) -> str:
+    if "group" in target:
+        return f"group {target['group']}"
+    if isinstance(target.get("devices"), list):
+        return f"{len(target['devices'])} listed device(s)"
+    return "all accepted devices" if target.get("all_devices") else clean(target)
+
+
 def deployment_view(snap: dict[str, Any], max_rows: int | None = None) -> Group:
     d = snap["deployment"]
     head = table("", "", header=False)
     row(head, "name", d["name"])
     row(head, "artifact", d["artifact_name"])
     row(head, "status", d["status"])
-    row(head, "target", ", ".join(f"{k} {v if not isinstance(v, list) else len(v)}" for k, v in d["target"].items()))
+    row(head, "target", target_text(d["target"]))
     row(head, "created (UTC)", short_time(d["created"]))
     row(head, "finished (UTC)", short_time(d["finished"]))
     row(head, "phases", "; ".join(f"{p.get('batch_size')}% from {short_time(p.get('start_ts'))}" for p in d["phases"]))
@@ -257,7 +265,8 @@ def status(deployment_id: str | None, status: str | None, limit: int, as_json: b
 
 
 def changes(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
-    """What moved between two snapshots, one line each (device text cleaned)."""
+    """What moved between two snapshots, one line each (device text cleaned); the first snapshot shows the
+    deployment and the devices that have left ``pending`` (not one line per waiting device of a large fleet)."""
     lines = []
     d = now["deployment"]
     if before is None or before["deployment"]["status"] != d["status"]:
@@ -265,6 +274,8 @@ def changes(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     old = {x["id"]: x for x in before["devices"]} if before else {}
     for x in now["devices"]:
         o = old.get(x["id"])
+        if before is None and x["status"] == "pending":
+            continue
         if o is None or (o["status"], o["substate"], o["attempts"]) != (x["status"], x["substate"], x["attempts"]):
             was = f"{o['status']} → " if o else ""
             sub = f" ({clean(x['substate'])})" if x["substate"] else ""
@@ -322,7 +333,9 @@ def watch(deployment_id: str, interval: float, timeout: str | None, server: str 
         out = console()
         with Live(console=out, auto_refresh=False) as live:
             def draw(_: dict[str, Any] | None, snap: dict[str, Any]) -> None:
-                live.update(deployment_view(snap, max_rows=max(5, out.height - 16)), refresh=True)
+                foot = Text(f"\nas of {time.strftime('%H:%M:%S')}; Ctrl-C stops watching (the deployment goes on)",
+                            style="dim")
+                live.update(Group(deployment_view(snap, max_rows=max(5, out.height - 18)), foot), refresh=True)
             final = watch_loop(fetch, draw, interval, limit)
     else:
         def lines(before: dict[str, Any] | None, snap: dict[str, Any]) -> None:
