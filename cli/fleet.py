@@ -108,17 +108,20 @@ def fleet(ctx: click.Context, server: str | None) -> None:
     Ansible inventory import, revoking device certificates.
 
     \b
-    Where the server, the API token and a private CA come from (first found wins):
-      server  the command's --server, fleet --server, $OTA_SERVER_URL, server in cli.toml
+    Server, API token and CA (first found wins):
+      server  the command's --server, fleet --server, $OTA_SERVER_URL,
+              server in cli.toml
       token   $OTA_ADMIN_TOKEN, token_file (or token) in cli.toml
       CA      $OTA_CA_FILE, ca_file in cli.toml
-    cli.toml is $XDG_CONFIG_HOME/vv-ota/cli.toml (default ~/.config/vv-ota/cli.toml):
+    cli.toml is $XDG_CONFIG_HOME/vv-ota/cli.toml (~/.config/vv-ota/cli.toml):
       server = "https://ota.lab:8443"
-      token_file = "token"    # relative to cli.toml; mode 0600 (refused if others can read it)
+      token_file = "token"   # relative to cli.toml, mode 0600
       ca_file = "ca.pem"
-    The file's token is sent only to the file's server. Listings need a token with scope read, changes operate.
-    Every listing takes --json (stable for scripts); errors are one line on stderr (exit 2: fix the input,
-    1: the server refused, 4: the server cannot be reached)."""
+
+    A token file (or a cli.toml holding a token) that other users can read is refused; the file's token is sent
+    to the file's server only. Listings need a token with scope read, changes scope operate. Listings take
+    --json for scripts. Errors are one line on stderr: exit 2 for input to fix, 1 when the server refused,
+    4 when it cannot be reached."""
     ctx.find_root().meta[SERVER_META] = server
 
 

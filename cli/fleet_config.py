@@ -55,7 +55,7 @@ def owner_path(device: str | None, group: str | None) -> tuple[str, str]:
 
 
 def owner_options(f: Any) -> Any:
-    f = click.option("--group", help="The variables of this group (its devices receive them).")(f)
+    f = click.option("--group", metavar="G", help="The variables of this group (its devices receive them).")(f)
     return click.option("--device", metavar="ID", help="The variables of this device.")(f)
 
 

@@ -117,7 +117,8 @@ def split_ids(values: Sequence[str]) -> list[str]:
 @click.argument("artifact_name")
 @click.option("--devices", "--device", "devices", multiple=True, metavar="ID[,ID...]",
               help="These devices (repeat, or separate with commas); they get it in this order (canaries first).")
-@click.option("--group", help="The accepted devices of this group (resolved now: devices accepted later are not added).")
+@click.option("--group", metavar="G",
+              help="The accepted devices of this group (resolved now: devices accepted later are not added).")
 @click.option("--all", "all_devices", is_flag=True, help="Every accepted device.")
 @click.option("--filter", "filters", multiple=True, metavar="NAME=VALUE",
               help="Accepted devices whose identity or inventory attribute NAME is VALUE (repeat: all must match; "
@@ -132,7 +133,9 @@ def split_ids(values: Sequence[str]) -> list[str]:
                    "fleet resume).")
 @click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
               help="Times a device that reports failure may try again.")
-@click.option("--allow-downgrade", is_flag=True, help="Devices install it even when they run a newer version.")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Devices install it even when it is older than what they run (a fleet rollback; never below a "
+                   "device's security floor).")
 @click.option("--json", "as_json", is_flag=True, help="Print {\"id\": ...} as JSON.")
 @SERVER_OPTION
 def deploy(artifact_name: str, devices: Sequence[str], group: str | None, all_devices: bool,
@@ -142,7 +145,7 @@ def deploy(artifact_name: str, devices: Sequence[str], group: str | None, all_de
     devices a --filter selects; prints the deployment's id (watch it with fleet watch ID)."""
     ids = split_ids(devices)
     wanted = name_values(filters, "--filter")
-    if sum([bool(ids), bool(group) and not wanted, all_devices, bool(wanted)]) != 1 or (ids and group):
+    if sum([bool(ids), bool(group) and not wanted, all_devices, bool(wanted)]) != 1:
         raise UserError("choose the devices one way: --devices ID,..., --group G, --all, or --filter NAME=VALUE "
                         "(with --group to narrow it)")
     if group is not None and not is_group_name(group):

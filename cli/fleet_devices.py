@@ -50,7 +50,7 @@ def group_name(name: str) -> str:
 
 @fleet.command("devices")
 @click.option("--status", type=click.Choice(STATUSES), help="Only devices with this status.")
-@click.option("--group", help="Only devices of this group.")
+@click.option("--group", metavar="G", help="Only devices of this group.")
 @click.option("--filter", "filters", multiple=True, metavar="NAME=VALUE",
               help="Only devices whose identity or inventory attribute NAME is VALUE (repeat: all must match). "
                    "These attributes are what the devices report about themselves.")
@@ -201,7 +201,7 @@ def known_inventory(api: Management, device_ids: Sequence[str]) -> list[dict[str
 
 @group_cmd.command("set")
 @click.argument("device_ids", metavar="ID...", nargs=-1, required=True)
-@click.option("--group", "group", required=True, help="The group (1-64 of A-Z a-z 0-9 _ -).")
+@click.option("--group", "group", metavar="G", required=True, help="The group (1-64 of A-Z a-z 0-9 _ -).")
 @SERVER_OPTION
 def group_set(device_ids: Sequence[str], group: str, server: str | None) -> None:
     """Move devices into GROUP (from whatever group they were in). Nothing changes when an ID is unknown."""
