@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from cli import fleet_config, fleet_deploy, fleet_devices  # noqa: F401  (their commands join the fleet group)
 from cli.artifact import artifact
 from cli.common import ErrorHandlingGroup, setup_logging
 from cli.demo import demo

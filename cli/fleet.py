@@ -5,15 +5,17 @@
   ``POST /api/management/v1/inventory/import/ansible``;
 - ``fleet accept``: bulk accept (``POST /api/management/v2/devauth/devices/accept``) by id, identity or group.
 
-The server comes from ``--server`` or ``$OTA_SERVER_URL``, the token from ``$OTA_ADMIN_TOKEN`` (scope ``operate``),
-a private CA from ``$OTA_CA_FILE``. The HTTP calls go through :class:`Management` (one method), so another
-transport can stand in for :class:`ClientManagement`.
+The operator's commands (devices, groups, deployments, configuration) live in ``fleet_devices``, ``fleet_deploy``
+and ``fleet_config``, which register themselves on :func:`fleet` when ``build.py`` imports them.
+
+The server, the token (scope ``operate`` for changes, ``read`` for listings) and a private CA come from the options,
+the environment or ``~/.config/vv-ota/cli.toml`` (:mod:`cli.fleet_conn` has the precedence). The HTTP calls go
+through :class:`Management` (``call``, ``response``), so another transport can stand in for :class:`ClientManagement`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,12 +24,12 @@ from urllib.parse import urlencode
 
 import click
 
-from devkit.client import ManagementClient, check_url
+from devkit.client import ManagementClient, Response, check_url
 from ota_common.ansible_files import load_inventory
 from ota_common.ansible_wire import to_json
 from ota_common.errors import OTAError, UserError
 
-from .publish import admin_token
+from .fleet_conn import resolve
 from .vault import vault_decrypt
 
 IMPORT_PATH = "/api/management/v1/inventory/import/ansible"
@@ -36,47 +38,91 @@ CA_ENV = "OTA_CA_FILE"
 
 
 class ServerRefused(OTAError):
-    """The server answered with an error (its message says why)."""
+    """The server answered with an error (its message says why); ``status`` is the HTTP status and ``reason`` the
+    server's own message, so a caller tells an unknown id (404) or refused input (400) from other refusals."""
 
     exit_code = 1
+
+    def __init__(self, message: str, status: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason or message
 
 
 class Management(Protocol):
     def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         """The JSON answer of a 2xx; raises ServerRefused (4xx/5xx), UserError (401), DownloadError (network)."""
 
+    def response(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Response:
+        """The whole answer of a 2xx (headers, a body that is not JSON); raises as :meth:`call` does."""
+
 
 class ClientManagement:
     """:class:`Management` over :class:`devkit.client.ManagementClient` (the one management client)."""
 
-    def __init__(self, url: str, token: str, ca_file: str | None = None) -> None:
+    def __init__(self, url: str, token: str, ca_file: str | None = None, token_from: str = "$OTA_ADMIN_TOKEN") -> None:
         check_url(url)
-        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        try:
+            context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        except (OSError, ssl.SSLError) as e:
+            raise UserError(f"cannot use the CA file {ca_file}: {e}") from None
         self.client = ManagementClient(url.rstrip("/"), token, context=context, timeout=600)
+        self.token_from = token_from
 
     def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
+        r = self.response(method, path, body, params)
+        return r.json() if r.body else None
+
+    def response(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Response:
         target = path + (f"?{urlencode(params)}" if params else "")
         r = self.client.request(method, target) if body is None else self.client.send_json(method, target, body)
         if r.status == 401:
-            raise UserError(f"the update server at {self.client.url} refused the admin token ($OTA_ADMIN_TOKEN)")
+            raise UserError(f"the update server at {self.client.url} refused the API token ({self.token_from})")
         if not 200 <= r.status < 300:
-            raise ServerRefused(f"{method} {path}: HTTP {r.status}: {r.error()}")
-        return r.json() if r.body else None
+            raise ServerRefused(f"{method} {path}: HTTP {r.status}: {r.error()}", r.status, r.error())
+        return r
+
+
+#: where ``fleet --server`` is kept for the commands (in the root context's ``meta``)
+SERVER_META = "vv-ota.fleet.server"
 
 
 def management(server: str | None) -> Management:
-    if not server:
-        raise UserError("give the update server with --server URL or $OTA_SERVER_URL")
-    return ClientManagement(server, admin_token(), os.environ.get(CA_ENV) or None)
+    """The management API of ``server`` (a command's ``--server``), else of ``fleet --server``, $OTA_SERVER_URL or
+    the configuration file. Raises UserError when no server or token is found."""
+    ctx = click.get_current_context(silent=True)
+    group_server = ctx.find_root().meta.get(SERVER_META) if ctx else None
+    conn = resolve(server, group_server)
+    return ClientManagement(conn.url, conn.token, conn.ca_file, conn.token_from)
 
 
-SERVER_OPTION = click.option("--server", envvar="OTA_SERVER_URL", metavar="URL",
-                             help="The update server (also $OTA_SERVER_URL); the token comes from $OTA_ADMIN_TOKEN.")
+SERVER_OPTION = click.option("--server", metavar="URL",
+                             help="The update server (overrides fleet --server, $OTA_SERVER_URL and cli.toml).")
 
 
 @click.group()
-def fleet() -> None:
-    """The fleet as a whole: Ansible inventory import, bulk accept."""
+@click.option("--server", metavar="URL", help="The update server for every fleet command (see above).")
+@click.pass_context
+def fleet(ctx: click.Context, server: str | None) -> None:
+    """The fleet through the update server's management API: devices, groups, deployments, configuration,
+    Ansible inventory import, revoking device certificates.
+
+    \b
+    Server, API token and CA (first found wins):
+      server  the command's --server, fleet --server, $OTA_SERVER_URL,
+              server in cli.toml
+      token   $OTA_ADMIN_TOKEN, token_file (or token) in cli.toml
+      CA      $OTA_CA_FILE, ca_file in cli.toml
+    cli.toml is $XDG_CONFIG_HOME/vv-ota/cli.toml (~/.config/vv-ota/cli.toml):
+      server = "https://ota.lab:8443"
+      token_file = "token"   # relative to cli.toml, mode 0600
+      ca_file = "ca.pem"
+
+    A token file (or a cli.toml holding a token) that other users can read is refused; the file's token is sent
+    to the file's server only. Listings need a token with scope read, changes scope operate. Listings take
+    --json for scripts. Errors are one line on stderr: exit 2 for input to fix, 1 when the server refused,
+    4 when it cannot be reached."""
+    ctx.find_root().meta[SERVER_META] = server
 
 
 @fleet.command("import-ansible")

@@ -33,6 +33,7 @@ SCRUBBED = frozenset({
     "SOURCE_DATE_EPOCH", "PROMETHEUS_MULTIPROC_DIR",
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
     "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "NETRC",
+    "XDG_CONFIG_HOME",  # where build.py fleet finds cli.toml (server, token): tests give their own
 })
 #: read by the product but kept, with the reason
 KEPT = {
