@@ -46,9 +46,10 @@ from typing import Any
 
 from artifacts import Verifier
 from artifacts.delta import DeltaError
+from ota_common.deviceid import IDENTITY_KEY, is_device_id
 from ota_common.errors import ArtifactError, BootEnvError, IncompatibleArtifact, OTAError
 
-from . import inventory, journal, validate
+from . import devconfig, inventory, journal, validate
 from .agentstate import Current, Phase, Slot, StateStore
 from .api import Aborted, BadDeployment, Deployment, DeviceAPI, ServerError, Unauthorized
 from .bootenv import BootEnv
@@ -106,6 +107,7 @@ class Agent:
         self.reboot_command: str | None = self.cfg.commands.reboot
         self._inventory_due = 0.0
         self._polled_in = ""
+        self._identity: dict[str, str | list[str]] | None = None
 
     @property
     def state(self) -> Any:
@@ -169,12 +171,22 @@ class Agent:
         if not s.url:
             raise OTAError("no server url configured ([server] url in ota.conf)")
         key = load_or_create_key(self.dir)
-        ident = identity_json(identity_data(self.cfg.device.identity_command))
+        ident = identity_json(self.identity())
         try:
             return DeviceAPI(s.url, key, ident, s.tenant_token, s.request_timeout, ca_file=s.ca_file,
-                             allow_http=s.insecure_http)
+                             allow_http=s.insecure_http, device_cert=devconfig.device_cert(self.cfg))
         except validate.UntrustedInput as e:
             raise OTAError(f"[server] url: {e} (plain http needs [server] insecure_http = yes)") from None
+
+    def identity(self) -> dict[str, str | list[str]]:
+        if self._identity is None:
+            self._identity = identity_data(self.cfg.device.identity_command)
+        return self._identity
+
+    def device_id(self) -> str | None:
+        """The identity's ``device_id`` (the application's ``DEVICE_ID``), None when it has none."""
+        value = self.identity().get(IDENTITY_KEY)
+        return value if isinstance(value, str) and is_device_id(value) else None
 
     # ------------------------------------------------------------------ state helpers
     def save(self) -> None:
@@ -270,6 +282,10 @@ class Agent:
             self.env.record_last_good(int(self.running))
             self.trust.raise_floor([security_version(self.running_provides())])
         self.trust.revoked()
+        try:  # device.env before any server contact: a first boot has its provisioned values at once
+            devconfig.write_env(self.cfg, self.device_id(), devconfig.load_server_values(self.cfg))
+        except (OSError, OTAError) as e:
+            log.error("%s not written: %s", self.cfg.paths.device_env, e)
         if self.cfg.device.unsigned:
             log.warning("this image is unsigned: it trusts no release key and refuses every update")
         if self.cfg.server.url.startswith("http://"):
@@ -643,22 +659,23 @@ class Agent:
             base["config_refused"] = self.state.config_refused
         if self.cfg.device.unsigned:
             base["unsigned_image"] = "yes: refuses every update"
+        with contextlib.suppress(OTAError):
+            base.update(devconfig.inventory_attributes(self.cfg, self.device_id()))
         return inventory.collect(self.cfg, p, base)
 
     def sync_configuration(self) -> bool:
-        """Fetch the device's configuration variables and apply them when every one is acceptable
-        (:func:`.inventory.refusals`); any refusal keeps the last good ``device_env`` and is reported in the
-        inventory (``config_refused``). Returns True when the file changed."""
+        """Fetch the device's configuration variables and apply them (:func:`.devconfig.apply_server`: the
+        environment when every variable is acceptable, the SSH keys when they are); a refusal keeps the last
+        good file and is reported in the inventory (``config_refused``). Returns True when device_env changed."""
         values = self.api.configuration()
-        refused = inventory.refusals(self.cfg, values)
+        refused, changed = devconfig.apply_server(self.cfg, self.device_id(), values)
         if refused != self.state.config_refused:
             self.state.config_refused = refused
             self.save()
             self._inventory_due = 0.0
         if refused:
             log.error("configuration from the server refused, the last good one stays: %s", refused)
-            return False
-        return inventory.write_device_env(self.cfg, values)
+        return changed
 
     def cycle(self) -> str:
         """One poll: reports, inventory and configuration when due, then the next deployment."""

@@ -136,7 +136,7 @@ class StrictSession(requests.Session):
 
 class DeviceAPI:
     def __init__(self, url: str, key: PrivateKey, identity: str, tenant_token: str = "", timeout: float = 30.0,
-                 *, ca_file: str = "", allow_http: bool = False):
+                 *, ca_file: str = "", allow_http: bool = False, device_cert: str | None = None):
         self.url = validate.url(url, what="server url", allow_http=allow_http).rstrip("/")
         self.key = key
         self.identity = identity
@@ -144,6 +144,8 @@ class DeviceAPI:
         self.timeout = timeout
         self.allow_http = allow_http
         self.token: str | None = None
+        #: the device certificate from the fleet CA (PEM), sent with each auth request when provisioned
+        self.device_cert = device_cert
         self.session = StrictSession(verify=ca_file or True, allow_http=allow_http)
 
     def close(self) -> None:
@@ -167,8 +169,10 @@ class DeviceAPI:
 
     # -- calls
     def authenticate(self) -> str:
-        body = json.dumps({"id_data": self.identity, "pubkey": public_pem(self.key),
-                           "tenant_token": self.tenant_token}).encode()
+        doc = {"id_data": self.identity, "pubkey": public_pem(self.key), "tenant_token": self.tenant_token}
+        if self.device_cert:
+            doc["device_cert"] = self.device_cert
+        body = json.dumps(doc).encode()
         sig = base64.b64encode(sign(self.key, body)).decode()
         resp = self._request("POST", AUTH, auth=False, data=body,
                              headers={"Content-Type": "application/json", "X-MEN-Signature": sig})

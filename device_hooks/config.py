@@ -99,6 +99,14 @@ class PathsSection:
     agent_env: str = "/data/ota/agent.env"
     # present only in images built with a test layer: then OTA_AGENT_FAULT (power-cut simulation) is honoured
     fault_injection: str = "/etc/ota/fault-injection"
+    # per-device configuration variables written by build.py provision (KEY=value lines, checked like the
+    # server's): device_env is DEVICE_ID, overlaid by these, overlaid by the server's
+    provisioned_env: str = "/data/ota/provisioned.env"
+    # the device's certificate from the fleet CA (build.py provision): sent with each auth request
+    device_cert: str = "/data/ota/device-cert.pem"
+    # the operators' SSH keys (sshd's AuthorizedKeysFile for root), from SSH_AUTHORIZED_KEYS; empty: the image
+    # takes no SSH keys from the server
+    authorized_keys: str = "/data/ota/authorized_keys"
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,12 @@ class HealthSection:
     server_grace: float = 3600.0
     check_data_mount: bool = True
     retry_interval: float = 5.0
+    # configuration variables the application cannot run without: each must be set, and not to its
+    # placeholder, in its effective environment (app_env overlaid by [paths] device_env, as systemd reads them)
+    required_config: tuple[str, ...] = ()
+    # NAME=value: the value the image holds when nobody configured NAME (the layers' own variables)
+    config_placeholders: tuple[str, ...] = ()
+    app_env: str = "/etc/vv-video-ai/.env"
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ Local checks (all must pass, retried until ``deadline`` so a slow application ge
 - every unit in ``[health] units`` is active;
 - the application's ``/health`` URL answers 2xx;
 - ``/data`` is mounted;
+- every variable of ``[health] required_config`` is set in the application's effective environment (the
+  image's ``app_env`` overlaid by ``device_env``) and not to its placeholder (``config_placeholders``);
 - every executable in ``/etc/ota/health.d`` (run-parts naming and order), each within ``hook_timeout``.
 
 Then, with ``check_server``, the server: "reachable" means the new slot's own agent authenticated and completed
@@ -31,6 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import devconfig
 from .agentstate import StateStore
 from .bootenv import BootEnv
 from .config import Config
@@ -77,6 +80,8 @@ def run_checks(cfg: Config) -> CheckResult:
     if h.check_data_mount:
         mounted = os.path.ismount(cfg.paths.data_mount)
         res.add(mounted, f"{cfg.paths.data_mount} mounted" if mounted else f"{cfg.paths.data_mount} is not mounted")
+    if h.required_config:
+        _required_config(cfg, res)
     hooks = Path(h.hooks_dir)
     if hooks.is_dir():
         for hook in sorted(hooks.iterdir()):
@@ -92,6 +97,21 @@ def run_checks(cfg: Config) -> CheckResult:
             except OSError as e:
                 res.add(False, f"hook {hook.name}: cannot run: {e.strerror}")
     return res
+
+
+def _required_config(cfg: Config, res: CheckResult) -> None:
+    """Each ``[health] required_config`` variable is set in the application's effective environment, and not
+    to its placeholder (a release that works only with a value nobody configured must not be committed)."""
+    env = devconfig.effective_environment(cfg)
+    placeholders = dict(p.partition("=")[::2] for p in cfg.health.config_placeholders)
+    for name in cfg.health.required_config:
+        value = env.get(name, "")
+        if not value:
+            res.add(False, f"{name} is missing")
+        elif name in placeholders and value == placeholders[name]:
+            res.add(False, f"{name} is still the placeholder {value}")
+        else:
+            res.add(True, f"{name} is set")
 
 
 def _http_ok(url: str, good: object, what: str) -> tuple[bool, str]:

@@ -7,7 +7,7 @@ import glob
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,13 +202,16 @@ def build_disk(
 
 
 def template_context(release: ReleaseModel, layout: DiskLayout, variables: dict[str, str], *, signed: bool,
-                     config_variables: Sequence[str] = (), server_ca: bool = False) -> dict[str, Any]:
+                     config_variables: Sequence[str] = (), server_ca: bool = False,
+                     required_config: Sequence[str] = (), config_placeholders: Mapping[str, str] | None = None
+                     ) -> dict[str, Any]:
     """What layer templates see. Nothing board-specific: one rootfs serves every board (the device type is
     written to the data partition instead).
 
     ``ota`` holds the agent's trust settings (rendered into ota.conf): the security version, whether the image is
-    unsigned, the configuration variables the server may set, the server CA file (when ``server_ca``), whether
-    plain http is allowed, and where the keys and the revocation list are."""
+    unsigned, the configuration variables the server may set, those the health verdict requires with their
+    placeholders, the server CA file (when ``server_ca``), whether plain http is allowed, and where the keys and
+    the revocation list are."""
     return {
         **variables,
         "release": {"name": release.name, "version": release.version,
@@ -220,6 +223,9 @@ def template_context(release: ReleaseModel, layout: DiskLayout, variables: dict[
             "security_version": release.security_version,
             "unsigned": not signed,
             "config_variables": tuple(config_variables),
+            # the health verdict's required configuration and each one's placeholder (NAME=value)
+            "required_config": tuple(required_config),
+            "config_placeholders": tuple(f"{k}={v}" for k, v in (config_placeholders or {}).items()),
             "ca_file": SERVER_CA if server_ca else "",
             "insecure_http": release.insecure_http,
             "trusted_keys": KEYS_DIR,

@@ -7,7 +7,9 @@ short list of commands run inside the rootfs. Every file is validated against th
 are reported at once, each with the file and the key path (``layers/app.yaml: files[2].mode: ...``).
 
 Merge rules (:func:`merge_layers`), in layer order:
-- packages, units, users, groups, config_variables: union, first occurrence wins the position;
+- packages, units, users, groups, config_variables, required_config: union, first occurrence wins the
+  position; a required variable must be a configuration variable, and its placeholder (the merged layers'
+  value of it) one word;
 - files, trees and templates: a later layer may replace an earlier entry with the same ``dest``;
 - variables: later layers override earlier ones (the release and the device group override layers);
 - commands: concatenated in layer order;
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
@@ -141,6 +143,9 @@ class LayerModel(Model):
     variables: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict)
     #: names the update server may set on a device (rendered into ota.conf; everything else it sends is refused)
     config_variables: tuple[ConfigVariable, ...] = ()
+    #: configuration variables the application cannot run without: the health verdict fails a release whose
+    #: device has one unset or still at its placeholder (this layer's ``variables`` value)
+    required_config: tuple[ConfigVariable, ...] = ()
     commands: tuple[str, ...] = ()
 
     @field_validator("packages")
@@ -277,6 +282,9 @@ class MergedLayers:
     variables: dict[str, str]
     commands: tuple[tuple[str, str], ...]  # (layer, command)
     config_variables: tuple[str, ...] = ()
+    required_config: tuple[str, ...] = ()
+    #: name -> the value the image holds when nobody configured it (the layers' ``variables``)
+    config_placeholders: dict[str, str] = field(default_factory=dict)
 
 
 def _union(seqs: Iterable[Iterable[str]]) -> tuple[str, ...]:
@@ -308,6 +316,16 @@ def merge_layers(layers: Sequence[Layer]) -> MergedLayers:
     both = sorted(set(enable) & set(mask))
     if both:
         raise LayerError(f"units both enabled and masked: {', '.join(both)}")
+    config_variables = _union(layer.model.config_variables for layer in layers)
+    required = _union(layer.model.required_config for layer in layers)
+    problems = [f"required_config: {name} is not in any layer's config_variables (nothing could set it)"
+                for name in required if name not in config_variables]
+    # rendered into ota.conf as NAME=value words: a placeholder is one word
+    problems += [f"variables: {name}: the placeholder of a required variable must not contain whitespace or "
+                 f"commas, got {variables[name]!r}"
+                 for name in required if name in variables and re.search(r"[\s,]", variables[name])]
+    if problems:
+        raise LayerError("\n".join(problems))
     return MergedLayers(
         layers=tuple(layer.name for layer in layers),
         packages=_union(layer.model.packages for layer in layers),
@@ -319,5 +337,7 @@ def merge_layers(layers: Sequence[Layer]) -> MergedLayers:
         groups=tuple(groups.values()),
         variables=variables,
         commands=tuple((layer.name, c) for layer in layers for c in layer.model.commands),
-        config_variables=_union(layer.model.config_variables for layer in layers),
+        config_variables=config_variables,
+        required_config=required,
+        config_placeholders={name: variables[name] for name in required if name in variables},
     )

@@ -294,6 +294,8 @@ def rootfs_tree(ctx: BuildContext) -> None:
         variables = {**ctx.merged.variables, **ctx.release.variables}
         context = template_context(ctx.release, ctx.layout, variables, signed=ctx.trust.signed,
                                    config_variables=ctx.merged.config_variables,
+                                   required_config=ctx.merged.required_config,
+                                   config_placeholders=ctx.merged.config_placeholders,
                                    server_ca=ctx.trust.server_ca is not None)
         rootfs_mod.apply_layers(ctx.root, ctx.merged, context, epoch=ctx.epoch)
         install_trust(ctx.root, ctx.trust)

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from . import sshkeys
 from .errors import UserError
 from .varnames import MAX_VALUE, MAX_VARS, SECRETS_KEY, is_group_name, is_var_name
 
@@ -169,7 +170,7 @@ class Inventory:
             vault = isinstance(value, Vaulted)
             if isinstance(value, Vaulted):
                 value = value.reveal(decrypt, f"{at}: {name} of {label}")
-            owner.vars[name] = Var(check_scalar(value, f"{at}: {name} of {label}"),
+            owner.vars[name] = Var(check_variable(name, value, f"{at}: {name} of {label}"),
                                    secret or vault or self.secret_source)
             if len(owner.vars) > MAX_VARS:
                 raise InventoryError(f"{at}: {label} has more than {MAX_VARS} variables")
@@ -276,6 +277,17 @@ def check_scalar(value: Any, where: str) -> str | int | float | bool:
             raise InventoryError(f"{where}: the value is not valid Unicode text") from None
         return value
     raise InventoryError(f"{where}: the value must be a string, number or boolean, not {_kind(value)}")
+
+
+def check_variable(name: str, value: Any, where: str) -> str | int | float | bool:
+    """:func:`check_scalar`, and for ``SSH_AUTHORIZED_KEYS`` the key check the server and the device make
+    (:mod:`.sshkeys`): a bad key is reported where it is written, not when the device refuses it."""
+    scalar = check_scalar(value, where)
+    if name == sshkeys.VARIABLE:
+        why = sshkeys.check_value(scalar) if isinstance(scalar, str) else "must be text"
+        if why:
+            raise InventoryError(f"{where}: {sshkeys.VARIABLE}: {why}")
+    return scalar
 
 
 def check_text(text: str, where: str) -> None:

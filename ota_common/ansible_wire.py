@@ -22,7 +22,7 @@ from .ansible_inventory import (
     Resolved,
     ResolvedHost,
     Values,
-    check_scalar,
+    check_variable,
 )
 from .varnames import MAX_VARS, is_group_name, is_var_name
 
@@ -57,7 +57,7 @@ def _values(doc: Any, label: str, dropped: dict[str, list[str]]) -> Values:
         if name.lower().startswith(DROPPED_PREFIX):
             dropped.setdefault(label, []).append(name)
             continue
-        values[name] = check_scalar(value, f"{label}: {name}")
+        values[name] = check_variable(name, value, f"{label}: {name}")
     secrets = doc.get("secrets", [])
     if not isinstance(secrets, list) or not all(isinstance(s, str) for s in secrets):
         raise InventoryError(f"{label}: secrets must be a list of variable names")

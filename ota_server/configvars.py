@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.engine import Connection
 
+from ota_common import sshkeys
 from ota_common.varnames import GROUP_RE, MAX_VALUE, MAX_VARS, NAME_RE, SECRETS_KEY, is_group_name, is_var_name
 
 from .db import advisory_xact_lock
@@ -78,6 +79,12 @@ def parse_config_body(body: Any) -> tuple[dict[str, str], set[str]]:
     unknown = sorted(set(secrets_raw) - set(values))
     if unknown:
         raise bad_request(f"{SECRETS_KEY} names variables that are not set: {', '.join(unknown)}")
+    keys = values.get(sshkeys.VARIABLE)
+    # the keys give root a shell on the device (which refuses a bad value too): refused here, where it is set
+    if keys is not None and not (keys == SECRET_MASK and sshkeys.VARIABLE in secrets_raw):
+        why = sshkeys.check_value(keys)
+        if why:
+            raise bad_request(f"{sshkeys.VARIABLE}: {why}")
     return values, set(secrets_raw)
 
 

@@ -87,6 +87,9 @@ NO_INIT_LAYER = """description: QEMU tests only - broken on purpose, the root fi
 commands:
   - "rm -f /usr/sbin/init"
 """
+#: every release's variables: a DVR_IP (the host, from QEMU's user network) the health verdict accepts; the
+#: app layer's placeholder would fail it, as on any device nobody configured
+BASE_VARIABLES = {"DVR_IP": "10.0.2.2"}
 #: version -> (variables, extra layer files, the release it carries a delta from)
 SERIES: dict[str, tuple[dict[str, str], tuple[str, ...], str | None]] = {
     "1.0.0": ({}, (), None),
@@ -118,7 +121,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     for version, (variables, extra, previous) in SERIES.items():
         started = time.monotonic()
         config = demo_config(base / "config" / version, DEFAULT_CONFIG, url,
-                             {"OTA_HEALTH_DEADLINE": "45s", **variables},
+                             {"OTA_HEALTH_DEADLINE": "45s", **BASE_VARIABLES, **variables},
                              extra_layers=[layers / "e2e.yaml", *(layers / e for e in extra)])
         result = build_release(config=config, version=version, boards=["qemu-virt"], signer=load_signer(private),
                                out=base / "releases", cache_dir=None, server_url=url, server_ca=ca,

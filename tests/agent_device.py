@@ -39,6 +39,9 @@ class FileDevice:
     security_version: int = 0
     ca_file: str = ""
     fault_injection: bool = True  # a test image: OTA_AGENT_FAULT is honoured
+    device_id: str = ""  # a provisioned device: its identity is {"device_id": ...}
+    required_config: tuple[str, ...] = ()  # [health] required_config, with the image's placeholders:
+    config_placeholders: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         r = self.root
@@ -57,7 +60,10 @@ class FileDevice:
             self._set_running(2, trial=False)
         (r / "data/ota/device_type").write_text(f"device_type={self.device_type}\n")
         ident = r / "identity"
-        ident.write_text(f"#!/bin/sh\necho mac=02:00:00:{uuid.uuid4().hex[:2]}:00:01\necho serial=test-{r.name}\n")
+        if self.device_id:  # what a provisioned device's identity script prints: the id only
+            ident.write_text(f"#!/bin/sh\necho device_id={self.device_id}\n")
+        else:
+            ident.write_text(f"#!/bin/sh\necho mac=02:00:00:{uuid.uuid4().hex[:2]}:00:01\necho serial=test-{r.name}\n")
         ident.chmod(0o755)
         for i, key in enumerate(self.trusted_keys):
             (r / "etc/keys" / f"release-{i}.pem").write_bytes(key.read_bytes())
@@ -127,6 +133,9 @@ local_config = {r}/data/ota/ota.conf
 agent_env = {r}/data/ota/agent.env
 fault_injection = {r}/fault-injection
 revoked_keys = {r}/etc/keys.revoked
+provisioned_env = {r}/data/ota/provisioned.env
+device_cert = {r}/data/ota/device-cert.pem
+authorized_keys = {r}/data/ota/authorized_keys
 
 [health]
 units =
@@ -138,6 +147,9 @@ server_grace = 2
 retry_interval = 0.5
 check_data_mount = no
 check_server = {'yes' if self.check_server else 'no'}
+app_env = {r}/app.env
+required_config = {' '.join(self.required_config)}
+config_placeholders = {' '.join(f"{k}={v}" for k, v in self.config_placeholders.items())}
 
 [commands]
 reboot = {r}/reboot

@@ -31,6 +31,8 @@ class Hostile:
     logs: list[tuple[str, Any]] = field(default_factory=list)
     inventory: list[Any] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    #: the bodies of the auth requests, parsed
+    auth_requests: list[Any] = field(default_factory=list)
     #: extra headers per download path (they replace the computed ones)
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
     #: ``next`` answered verbatim: (status, body, headers)
@@ -79,8 +81,9 @@ def _handler(h: Hostile) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:  # noqa: N802
             h.requests.append(f"POST {self.path}")
-            self._body()
+            body = self._body()
             if self.path.endswith("/authentication/auth_requests"):
+                h.auth_requests.append(json.loads(body))
                 self._send(200, b"hostile-token", "application/jwt")
             elif self.path.endswith("/deployments/next") and h.raw_next is not None:
                 code, raw, extra = h.raw_next

@@ -255,11 +255,12 @@ def test_restart_after_arming_in_the_same_boot_rearms_and_reboots(device: FileDe
 # (case, a line of the device's ota.conf, what replaces it, what the one error line must say)
 CONFIG_ERRORS = [
     ("unknown key", "[health]\n", "[health]\nbogus = 1\n",
-     "{conf}: [health] unknown key 'bogus' (known: check_data_mount, check_server, deadline, "),
+     "{conf}: [health] unknown key 'bogus' (known: app_env, check_data_mount, check_server, config_placeholders, "
+     "deadline, "),
     ("unknown section", "[health]\n", "[bogus]\nx = 1\n[health]\n",
      "{conf}: unknown section [bogus] (known: server, device, paths, health, commands)"),
     ("a key twice", "[health]\n", "[health]\ndeadline = 5\n",
-     "{conf}: While reading from '{conf}' [line 43]: option 'deadline' in section 'health' already exists"),
+     "{conf}: While reading from '{conf}' [line 46]: option 'deadline' in section 'health' already exists"),
     ("a line that is no key", "units =\n", "units\n", "{conf}: Source contains parsing errors"),
     ("not a duration", "deadline = 2\n", "deadline = soon\n",
      "[health] deadline: not a duration: 'soon' (use e.g. 30, 30s, 5m, 2h)"),

@@ -155,3 +155,20 @@ def test_the_app_layer_declares_its_variables_and_the_base_key_ignores_them(tmp_
     with_more = merge_layers([*layers, load_layer(more)])
     assert with_more.config_variables == ("DEVICE_ID", "DVR_IP", "SITE")
     assert base_spec("bookworm", "", with_more).key == base_spec("bookworm", "", merged).key
+
+
+def test_required_config_must_be_settable_and_its_placeholder_one_word(tmp_path: Path) -> None:
+    app = _layer(tmp_path, "app", "variables: {DVR_IP: 192.168.1.100, SITE: x}\nconfig_variables: [DVR_IP, SITE]\n"
+                                  "required_config: [DVR_IP]\n")
+    more = _layer(tmp_path, "more", "required_config: [SITE, DVR_IP]\n")
+    merged = merge_layers(load_layers([app, more]))
+    assert merged.required_config == ("DVR_IP", "SITE")
+    assert merged.config_placeholders == {"DVR_IP": "192.168.1.100", "SITE": "x"}
+    orphan = _layer(tmp_path, "orphan", "required_config: [CAMERA_URL]\n")
+    with pytest.raises(LayerError, match="required_config: CAMERA_URL is not in any layer's config_variables"):
+        merge_layers(load_layers([app, orphan]))
+    spaced = _layer(tmp_path, "spaced", "variables: {SITE: north wing}\n")
+    with pytest.raises(LayerError, match="SITE: the placeholder of a required variable must not contain whitespace"):
+        merge_layers(load_layers([app, more, spaced]))
+    with pytest.raises(LayerError, match=r"required_config\[0\]: 'LD_PRELOAD': changes how programs load code"):
+        load_layer(_layer(tmp_path, "bad", "required_config: [LD_PRELOAD]\n"))

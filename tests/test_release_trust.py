@@ -65,7 +65,8 @@ def _ota_conf(release: ReleaseModel, *, signed: bool = True, server_ca: bool = F
     merged = merge_layers(load_layers([LAYERS / f"{n}.yaml" for n in release.layers]))
     layout = plan_layout(slot_mib=release.slot_size_mib, seed=release.name)
     ctx = template_context(release, layout, {**merged.variables, **release.variables}, signed=signed,
-                           config_variables=merged.config_variables, server_ca=server_ca)
+                           config_variables=merged.config_variables, server_ca=server_ca,
+                           required_config=merged.required_config, config_placeholders=merged.config_placeholders)
     return render_template(OTA_CONF, ctx)
 
 
@@ -137,6 +138,17 @@ def test_ota_conf_config_variables_come_from_the_layers(tmp_path: Path) -> None:
     assert parse_config(render_template(OTA_CONF, ctx)).device.config_variables == ("DEVICE_ID", "DVR_IP", "SITE_NAME")
     none = template_context(rel, plan_layout(slot_mib=1024, seed="t"), merged.variables, signed=True)
     assert parse_config(render_template(OTA_CONF, none)).device.config_variables == ()
+
+
+def test_ota_conf_requires_the_apps_configuration_with_the_layers_placeholders() -> None:
+    """The health verdict's required configuration: the app layer's, with its own values as placeholders,
+    whatever the release sets (a release's DVR_IP is a real value, not the placeholder)."""
+    text = _ota_conf(_release(variables={"DVR_IP": "10.0.2.2"}))
+    h = parse_config(text).health
+    assert h.required_config == ("DEVICE_ID", "DVR_IP")
+    assert h.config_placeholders == ("DEVICE_ID=unprovisioned", "DVR_IP=192.168.1.100")
+    assert h.app_env == "/etc/vv-video-ai/.env"
+    assert "DVR_IP" not in load_release(DEFAULT_CONFIG).variables, "the repository's release configures no DVR_IP"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -70,6 +70,27 @@ def test_config_validation(server: Server) -> None:
         assert a.get(f"{CONFIG}/device/nope").status_code == 404
         assert a.put(f"{CONFIG}/group/bad%20name", json={"A": "1"}).status_code == 400
         assert a.put(f"{CONFIG}/group/ok", json={"A": "x" * 70_000}).status_code == 400
+        # the operators' SSH keys give root a shell on the device: a bad value is refused where it is set
+        good = _ssh_key("ops@laptop")
+        for value, msg in ((f'command="/bin/sh" {good}', "not a key type"),
+                           ("ssh-ed25519 " + _ssh_key().split()[1][:-8] + "AAAAAAA=", "key line 1"),
+                           (f"{good}\nssh-rsa {good.split()[1]}", "key line 2: the key blob is a 'ssh-ed25519' key")):
+            for url in (f"{CONFIG}/device/{dev_id}", f"{CONFIG}/group/ops"):
+                r = a.put(url, json={"SSH_AUTHORIZED_KEYS": value})
+                assert r.status_code == 400 and "SSH_AUTHORIZED_KEYS: " in r.json()["error"], r.text
+                assert msg in r.json()["error"], r.text
+        r = a.put(f"{CONFIG}/group/ops", json={"SSH_AUTHORIZED_KEYS": f"{good};{_ssh_key('second')}"})
+        assert r.status_code == 204, r.text
+    assert dev.http.get(DEVICE_CONFIG, headers=dev.headers).status_code == 200
+
+
+def _ssh_key(comment: str = "") -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    pub = ed25519.Ed25519PrivateKey.generate().public_key()
+    line = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return f"{line} {comment}".rstrip()
 
 
 INVENTORY = """
@@ -148,7 +169,9 @@ def test_ansible_import_rejects_bad_input(server: Server) -> None:
     with server.admin() as a:
         for text, msg in (("all: [1, 2", "YAML"), ("- a\n- b\n", "mapping"), ("all:\n  children:\n    'bad group':\n      hosts: {}\n", "group name"),
                           ("all:\n  hosts:\n    h1:\n      X: !vault |\n        abc\n", "YAML"),
-                          ("all:\n  hosts:\n    h1:\n      X: {a: 1}\n", "string")):
+                          ("all:\n  hosts:\n    h1:\n      X: {a: 1}\n", "string"),
+                          (f"all:\n  vars:\n    SSH_AUTHORIZED_KEYS: 'no-pty {_ssh_key()}'\n",
+                           "SSH_AUTHORIZED_KEYS: key line 1: starts with 'no-pty'")):
             r = a.post(url, content=text.encode())
             assert r.status_code == 400 and msg in r.json()["error"], (text, r.text)
         assert server.client().post(url, content=b"all: {}").status_code == 401
