@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -41,6 +40,7 @@ from device_hooks import envvars
 from ota_common.deviceid import hostname_for
 from ota_common.errors import ToolError, UserError
 from ota_common.fleetca import FleetCA, cert_pem
+from ota_common.sshkeys import SSHKeyError, parse_keys
 from ota_common.tools import run, tail
 
 from .disk import MIB, SECTOR, make_ext4, partitions_of
@@ -190,24 +190,13 @@ def provisioned_env(spec: DeviceSpec, declared: frozenset[str]) -> tuple[bytes, 
 
 
 def ssh_key_lines(text: str, where: str) -> list[str]:
-    """The keys of an ``authorized_keys`` text, checked: ``type base64 [comment]`` lines that cryptography loads
-    as SSH public keys (no options; blank and ``#`` lines skipped). Raises UserError naming ``where`` and the line.
-    (ota_common/sshkeys.py, when it exists, should replace this minimal check.)"""
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(None, 2)
-        try:
-            if len(parts) < 2 or "\0" in line:
-                raise ValueError("not 'type base64 [comment]'")
-            serialization.load_ssh_public_key(f"{parts[0]} {parts[1]}".encode())
-        except (ValueError, UnicodeError, UnsupportedAlgorithm) as e:
-            raise UserError(f"{where}, line {n}: not an SSH public key ({e}); options before the key are not "
-                            "supported") from None
-        out.append(line)
-    return out
+    """The keys of an ``authorized_keys`` text (lines, or ``;``-separated as in ``SSH_AUTHORIZED_KEYS``), checked
+    by :mod:`ota_common.sshkeys` as the server and the device check them (no options; blank and ``#`` lines
+    skipped), one normalised line each. Raises UserError naming ``where`` and the line."""
+    try:
+        return [k.line for k in parse_keys(text)]
+    except SSHKeyError as e:
+        raise UserError(f"{where}: not SSH public keys: {e}") from None
 
 
 def card_content(spec: DeviceSpec, settings: CardSettings) -> CardContent:

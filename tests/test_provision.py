@@ -136,7 +136,7 @@ def test_ssh_keys_are_checked() -> None:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     assert ssh_key_lines(f"# ops\n\n{key} ops@laptop\n", "k") == [f"{key} ops@laptop"]
     for bad in ("ssh-ed25519 AAAA", 'command="sh" ' + key, "hello"):
-        with pytest.raises(UserError, match="k, line 1: not an SSH public key"):
+        with pytest.raises(UserError, match="k: not SSH public keys: key line 1"):
             ssh_key_lines(bad, "k")
     content = card_content(spec(SSH_AUTHORIZED_KEYS=key), CardSettings(frozenset(), ssh_keys=(key,)))
     assert content.public["ota/authorized_keys"] == f"{key}\n".encode()  # once
