@@ -3,6 +3,8 @@ and one refusal per way a certificate can be wrong, each with its machine-usable
 
 from __future__ import annotations
 
+import stat
+import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -188,3 +190,21 @@ def test_load_fleet_cas(ca: FleetCA, other_ca: FleetCA, tmp_path: Path, device_k
                           (junk, "holds no PEM certificate"), (device, "is not a CA certificate")):
         with pytest.raises(UserError, match=message):
             load_fleet_cas(path)
+
+
+def test_keys_fleet_ca_cli(tmp_path: Path, run_cli: Callable[..., subprocess.CompletedProcess[str]],
+                           device_key: ec.EllipticCurvePrivateKey) -> None:
+    out = tmp_path / "ca"
+    done = run_cli("keys", "fleet-ca", "--out", out, "--name", "Acme fleet", "--days", "30", check=True)
+    assert "fleet-ca.pem" in done.stdout and stat.S_IMODE((out / "fleet-ca.key").stat().st_mode) == 0o600
+    ca = FleetCA(out)
+    assert ca.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "Acme fleet"
+    assert ca.cert.not_valid_after_utc - ca.cert.not_valid_before_utc == timedelta(days=30)
+    assert load_fleet_cas(out / "fleet-ca.pem") == [ca.cert]
+    pem = cert_pem(ca.issue(device_key.public_key(), DEVICE_ID))
+    assert verify_device_cert(pem, [ca.cert], spki(device_key), DEVICE_ID, datetime.now(UTC)).device_id == DEVICE_ID
+    before = (out / "fleet-ca.key").read_bytes()
+    again = run_cli("keys", "fleet-ca", "--out", out)
+    assert again.returncode == 2 and "already exists; refusing to overwrite it" in again.stderr
+    assert (out / "fleet-ca.key").read_bytes() == before
+    assert run_cli("keys", "fleet-ca", "--out", tmp_path / "b", "--days", "0").returncode == 2
