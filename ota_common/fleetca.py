@@ -141,13 +141,15 @@ def cert_pem(cert: x509.Certificate) -> bytes:
 class CertificateRefused(OTAError):
     """A device certificate that does not enrol its device. ``reason`` is one of :data:`REFUSAL_REASONS` (short,
     stable: the server answers with it, stores it for the operator and tests compare it); ``str(e)`` is
-    ``device certificate refused: <reason>``, with a detail for the server's log in ``detail``."""
+    ``device certificate refused: <reason>``, with a detail for the server's log in ``detail``; ``serial`` is the
+    certificate's (lower-case hex) when it parsed, for the operator."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", serial: str | None = None) -> None:
         assert reason in REFUSAL_REASONS, reason
         super().__init__(f"device certificate refused: {reason}")
         self.reason = reason
         self.detail = detail
+        self.serial = serial
 
 
 @dataclass(frozen=True)
@@ -188,8 +190,11 @@ def verify_device_cert(pem: bytes, cas: Sequence[x509.Certificate], public_key_s
     cert = certs[0]
     try:
         return _verify(cert, cas, public_key_spki_der, device_id, now)
+    except CertificateRefused as e:
+        e.serial = serial_hex(cert.serial_number)
+        raise
     except (ValueError, TypeError) as e:  # an extension or name that does not parse: cryptography reads lazily
-        raise CertificateRefused("malformed", str(e)) from None
+        raise CertificateRefused("malformed", str(e), serial_hex(cert.serial_number)) from None
 
 
 def _verify(cert: x509.Certificate, cas: Sequence[x509.Certificate], spki: bytes, device_id: str,
