@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
@@ -193,7 +193,8 @@ def verify_device_cert(pem: bytes, cas: Sequence[x509.Certificate], public_key_s
     except CertificateRefused as e:
         e.serial = serial_hex(cert.serial_number)
         raise
-    except (ValueError, TypeError) as e:  # an extension or name that does not parse: cryptography reads lazily
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # an extension, name or key that does not parse
+        # (cryptography reads them lazily)
         raise CertificateRefused("malformed", str(e), serial_hex(cert.serial_number)) from None
 
 
@@ -250,7 +251,7 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate, now: datetime) -> b
         pass
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 

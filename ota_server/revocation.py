@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from ota_common.deviceid import IDENTITY_KEY, is_device_id
 from ota_common.fleetca import MAX_DEVICE_CERT, serial_hex
@@ -53,7 +54,7 @@ def parse_certificate(pem: str) -> tuple[str, str, str | None]:
         cert = certs[0]
         key_hash = sha256_hex(normalize_pubkey(cert.public_key()))
         names = [a.value for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
-    except (ValueError, TypeError, UnicodeError) as e:
+    except (ValueError, TypeError, UnicodeError, UnsupportedAlgorithm) as e:
         raise bad_request(f"certificate must be exactly one PEM certificate ({e})") from None
     device_id = str(names[0]) if len(names) == 1 and is_device_id(names[0]) else None
     return serial_hex(cert.serial_number), key_hash, device_id

@@ -81,7 +81,9 @@ def refused(dev: CertDevice, reason: str) -> None:
     assert [s["device_cert"]["refused"] for s in record["auth_sets"]] == [reason]
     with dev.server.admin() as a:  # the pending list says why
         pending = {d["id"]: d for d in a.get(DEVICES, params={"status": "pending"}).json()}
+        page = a.get(f"/ui/devices/{record['id']}")
     assert pending[record["id"]]["auth_sets"][0]["device_cert"]["refused"] == reason
+    assert page.status_code == 200 and f"refused: {reason}" in page.text  # and the dashboard's device page
 
 
 def test_a_provisioned_device_is_accepted_at_once_with_its_staged_configuration(
