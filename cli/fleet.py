@@ -3,7 +3,9 @@
 - ``fleet import-ansible INVENTORY``: read an Ansible inventory (file or directory, with ``group_vars/`` and
   ``host_vars/``), decrypt its vaults here (``--vault-password-file``), and send the resolved form to
   ``POST /api/management/v1/inventory/import/ansible``;
-- ``fleet accept``: bulk accept (``POST /api/management/v2/devauth/devices/accept``) by id, identity or group.
+- ``fleet accept``: bulk accept (``POST /api/management/v2/devauth/devices/accept``) by id, identity or group;
+- ``fleet revoke-cert``: revoke a device certificate of the fleet enrolment CA
+  (``POST /api/management/v2/devauth/certificates/revoked``).
 
 The operator's commands (devices, groups, deployments, configuration) live in ``fleet_devices``, ``fleet_deploy``
 and ``fleet_config``, which register themselves on :func:`fleet` when ``build.py`` imports them.
@@ -34,6 +36,7 @@ from .vault import vault_decrypt
 
 IMPORT_PATH = "/api/management/v1/inventory/import/ansible"
 ACCEPT_PATH = "/api/management/v2/devauth/devices/accept"
+REVOKED_PATH = "/api/management/v2/devauth/certificates/revoked"
 CA_ENV = "OTA_CA_FILE"
 
 
@@ -202,3 +205,33 @@ def accept_body(all_pending: bool, ids: Sequence[str], identity: Sequence[str], 
     if group:
         filt["group"] = group
     return {"filter": filt}
+
+
+@fleet.command("revoke-cert")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The device certificate (PEM, e.g. a card's /data/ota/device-cert.pem): its key is revoked too.")
+@click.option("--serial", metavar="HEX", help="The certificate's serial number in hex (colons allowed).")
+@click.option("--reason", default="", help="Why (kept with the revocation and in the audit log).")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@SERVER_OPTION
+def revoke_cert(cert_file: Path | None, serial: str | None, reason: str, as_json: bool, server: str | None) -> None:
+    """Revoke a device certificate of the fleet CA (--cert FILE or --serial HEX): it never enrols a device again,
+    and the devices accepted with its key lose their token at their next request. Idempotent."""
+    if (cert_file is None) == (serial is None):
+        raise UserError("give the certificate one way: --cert FILE or --serial HEX")
+    body: dict[str, Any] = {"reason": reason}
+    if cert_file is not None:
+        try:
+            body["certificate"] = cert_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read the certificate {cert_file}: {e}") from None
+    else:
+        body["serial"] = serial
+    answer = management(server).call("POST", REVOKED_PATH, body)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, sort_keys=True))
+        return
+    click.echo(f"revoked certificate {answer['serial']} ({answer['device_id'] or 'device id unknown'}) "
+               f"by {answer['revoked_by']} at {answer['revoked_ts']}")
+    for aset in answer["rejected"]:
+        click.echo(f"rejected auth set {aset}")

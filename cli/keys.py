@@ -9,7 +9,7 @@ from artifacts.keys import KeyType, generate_keypair
 
 @click.group()
 def keys() -> None:
-    """Signing keys for artifacts; TLS certificates for the update server."""
+    """Signing keys for artifacts; TLS certificates for the update server; the fleet enrolment CA."""
 
 
 @keys.command("generate")
@@ -36,6 +36,21 @@ def tls_ca(out_dir: Path, common_name: str, days: int) -> None:
 
     cert, key = make_ca(out_dir, common_name, days)
     click.echo(f"wrote {cert} (give it to devices as their server CA) and {key} (keep it secret)")
+
+
+@keys.command("fleet-ca")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for fleet-ca.pem (certificate) and fleet-ca.key (private key, 0600).")
+@click.option("--name", "common_name", default="vv-ota fleet enrolment CA", show_default=True,
+              help="The CA's common name.")
+@click.option("--days", type=click.IntRange(min=1), default=3650, show_default=True, help="Validity.")
+def fleet_ca(out_dir: Path, common_name: str, days: int) -> None:
+    """Make the fleet enrolment CA: `build.py provision` issues each card a device certificate with it, and the
+    update server started with `--fleet-ca DIR/fleet-ca.pem` accepts those devices at once. Never overwrites."""
+    from ota_common.fleetca import make_fleet_ca
+
+    cert, key = make_fleet_ca(out_dir, common_name, days)
+    click.echo(f"wrote {cert} (give it to the update server: --fleet-ca) and {key} (keep it secret, offline)")
 
 
 @keys.command("tls-server")

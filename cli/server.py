@@ -161,12 +161,15 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str) -> str:
               default="10s", show_default=True, callback=lambda c, p, v: _duration(v, "--last-seen-flush", 0.05, 3600),
               help="How often each worker writes the 'last seen' times it collected (one UPDATE per batch). Also "
                    "$OTA_LAST_SEEN_FLUSH.")
+@click.option("--fleet-ca", "fleet_ca_file", type=click.Path(dir_okay=False, path_type=Path), envvar="OTA_FLEET_CA",
+              help="Fleet enrolment CA certificate(s), PEM (from `build.py keys fleet-ca`; also OTA_FLEET_CA): a "
+              "device whose auth request carries a valid device certificate issued by one is accepted at once.")
 @click.pass_context
 def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path],
            allow_unsigned: bool, admin_token_file: Path | None, workers: int, public_url: str | None,
            tls_cert: Path | None, tls_key: Path | None, forwarded_allow_ips: str, device_token_ttl: int,
            secrets_key_file: Path | None, run_migrations: bool, public_metrics: bool, public_docs: bool,
-           **limits: Any) -> None:
+           fleet_ca_file: Path | None, **limits: Any) -> None:
     """Run the update server: Mender-compatible device API, management API (OpenAPI at /docs).
 
     Without a subcommand it serves; `build.py server token create|list|revoke` manage its named API tokens, the
@@ -183,6 +186,15 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
 
         check_server_tls(tls_cert, tls_key)
     trusted_proxies = _trusted_proxies(forwarded_allow_ips)
+    fleet_cas = 0
+    if fleet_ca_file is not None:
+        from ota_common.fleetca import load_fleet_cas
+
+        fleet_ca_file = fleet_ca_file.resolve()
+        try:  # an unusable file is an error now, not in every worker
+            fleet_cas = len(load_fleet_cas(fleet_ca_file))
+        except UserError as e:
+            raise UserError(f"--fleet-ca (or OTA_FLEET_CA): {e}") from None
     keys = list(release_keys)
     for p in filter(None, os.environ.get("OTA_RELEASE_KEYS", "").split(":")):
         if not Path(p).is_file():
@@ -227,7 +239,7 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
     settings = Settings(db_url=db_url, storage=storage, admin_token_sha256=hash_token(token),
                         release_keys=tuple(keys), allow_unsigned=allow_unsigned, public_url=public_url,
                         device_token_ttl=device_token_ttl, public_metrics=public_metrics, public_docs=public_docs,
-                        secrets_keys=secrets_keys.keys, **limits)
+                        secrets_keys=secrets_keys.keys, fleet_ca_file=fleet_ca_file, **limits)
 
     if run_migrations:
         migrate(db_url)
@@ -247,7 +259,8 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
 
     scheme = "https" if tls_cert is not None else "http"
     click.echo(f"serving on {scheme}://{host}:{port} ({workers} worker{'s' if workers > 1 else ''}, "
-               f"{'release keys: ' + str(len(keys)) if keys else 'no release keys'})", err=True)
+               f"{'release keys: ' + str(len(keys)) if keys else 'no release keys'}"
+               f"{f', fleet CAs: {fleet_cas}' if fleet_cas else ''})", err=True)
     sys.stderr.flush()
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with the previous handlers
     # restored: make that a normal exit (status 0) instead of death by signal

@@ -33,6 +33,8 @@ class AuthRequest:
     pubkey_pem: str  # normalized SubjectPublicKeyInfo PEM
     pubkey_hash: str
     tenant_token: str
+    #: the device certificate of zero-touch enrolment (PEM, covered by the signature), checked by the caller
+    device_cert: str | None = None
 
 
 def canonical_json(doc: Any) -> str:
@@ -117,6 +119,9 @@ def parse_auth_request(body: bytes, signature_header: str | None) -> AuthRequest
         raise bad_request("tenant_token must be a string")
     if not isinstance(pem, str):
         raise bad_request("pubkey must be a PEM public key")
+    device_cert = doc.get("device_cert")
+    if device_cert is not None and not isinstance(device_cert, str):
+        raise bad_request("device_cert must be a string (a PEM certificate)")
     key = load_device_pubkey(pem)
     if not signature_header:
         raise unauthorized("missing X-MEN-Signature header")
@@ -128,7 +133,7 @@ def parse_auth_request(body: bytes, signature_header: str | None) -> AuthRequest
         raise unauthorized("the request signature does not verify with the given public key")
     ident = canonical_identity(identity)
     pubkey = normalize_pubkey(key)
-    return AuthRequest(identity, ident, sha256_hex(ident), pubkey, sha256_hex(pubkey), tenant)
+    return AuthRequest(identity, ident, sha256_hex(ident), pubkey, sha256_hex(pubkey), tenant, device_cert)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from fastapi import Request
 
 from artifacts.keys import load_verifiers
+from ota_common.fleetca import load_fleet_cas
 
 from . import metrics
 from .auth import TokenCodec
@@ -30,6 +32,8 @@ class ServerContext:
     #: HMAC key of dashboard sessions and login links (derived from the server secrets)
     session_key: bytes
     auth_limits: AuthLimiter
+    #: the fleet enrolment CAs (empty: no zero-touch enrolment, the auth request's ``device_cert`` is ignored)
+    fleet_cas: list[x509.Certificate]
     #: devices heard from since the last flush (written in batches by the app's lifespan task)
     last_seen: LastSeen = field(default_factory=LastSeen)
 
@@ -46,6 +50,7 @@ class ServerContext:
             verifiers=list(load_verifiers(settings.release_keys)),
             session_key=secrets.session_key,
             auth_limits=AuthLimiter.from_settings(settings.auth_rate_per_address, settings.auth_rate_per_identity),
+            fleet_cas=load_fleet_cas(settings.fleet_ca_file) if settings.fleet_ca_file is not None else [],
         )
 
     def base_url(self, request: Request) -> str:

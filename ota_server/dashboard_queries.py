@@ -180,7 +180,8 @@ def device_detail(conn: Connection, device_id: str, cutoff: float) -> dict[str, 
     row = conn.execute(sa.select(devices).where(devices.c.id == device_id)).first()
     if row is None:
         return None
-    sets = conn.execute(sa.select(auth_sets.c.id, auth_sets.c.status, auth_sets.c.created, auth_sets.c.pubkey)
+    sets = conn.execute(sa.select(auth_sets.c.id, auth_sets.c.status, auth_sets.c.created, auth_sets.c.pubkey,
+                                  auth_sets.c.cert_serial, auth_sets.c.cert_refused)
                         .where(auth_sets.c.device_id == device_id).order_by(auth_sets.c.created)).all()
     history = conn.execute(
         sa.select(dd.c.deployment_id, dd.c.status, dd.c.substate, dd.c.created, dd.c.started, dd.c.finished,

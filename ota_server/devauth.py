@@ -1,6 +1,11 @@
 """Device authentication: auth requests (signed with the device's key), the administrator's decisions on auth
 sets, and the device behind a token, checked on every device API request.
 
+Zero-touch enrolment: with fleet CAs configured, an auth request may carry ``device_cert`` (checked by
+:func:`ota_common.fleetca.verify_device_cert` against the request's key and identity ``device_id``, and the
+revocation list): a valid one accepts a pending (or new) auth set at once; an invalid one leaves it pending, with
+the reason kept on the auth set (``cert_refused``) for the operator.
+
 Hot path (every authenticated device request): one HS256 check and one primary-key read of the device's status,
 accepted auth set and token epoch, so that a decommission, a rejection or another key accepted is honoured at
 the very next request, by every worker: a token is valid only for the auth set and epoch it was issued for
@@ -9,20 +14,30 @@ the very next request, by every worker: a token is valid only for the auth set a
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import sqlalchemy as sa
+from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from ota_common.deviceid import IDENTITY_KEY
+from ota_common.fleetca import CertificateRefused, DeviceCert, verify_device_cert
+
+from . import audit
+from .ansible_import import apply_staged
 from .auth import AuthRequest, DeviceClaims, parse_auth_request
 from .context import ServerContext, get_ctx
 from .errors import APIError, error_doc, unauthorized
-from .models import auth_sets, devices
+from .models import auth_sets, devices, revoked_certificates
 from .timeutil import now
+
+log = logging.getLogger("ota_server")
 
 router = APIRouter(tags=["device API"])
 AUTH_REQUESTS = "/api/devices/v1/authentication/auth_requests"
@@ -45,73 +60,147 @@ class AuthRequestBody(BaseModel):
     id_data: str = Field(description="JSON string of the identity object")
     pubkey: str = Field(description="PEM public key of the device")
     tenant_token: str = ""
+    device_cert: str | None = Field(None, description="zero-touch enrolment: the device certificate (PEM) the fleet "
+                                    "CA issued for this key and the identity's device_id")
 
 
 @router.post(
     AUTH_REQUESTS, response_class=Response,
     responses={200: {"content": {"application/jwt": {"schema": {"type": "string"}}}, "description": "the device token"},
-               401: error_doc("unknown (now pending), rejected or badly signed"),
+               401: error_doc("unknown (now pending), rejected, badly signed, or its device certificate refused "
+                              "(the message names the reason)"),
                429: error_doc("too many auth requests (per address, per identity) or too many pending devices")},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": AuthRequestBody.model_json_schema()}}}},
 )
 async def auth_request(request: Request) -> Response:
     """Signed with the device key (``X-MEN-Signature``: RSA PKCS#1 v1.5, ECDSA DER or ed25519 over the body).
-    An unknown device is recorded as pending; a preauthorized one is accepted.
+    An unknown device is recorded as pending; a preauthorized one is accepted; one with a valid device
+    certificate of the fleet CA (``device_cert``, when the server has ``--fleet-ca``) is accepted at once.
 
     Raises:
-        APIError: 400 malformed; 401 badly signed, pending or rejected; 429 too many auth requests from this
-            address or for this identity, or too many devices (or keys of this device) already pending.
+        APIError: 400 malformed; 401 badly signed, pending or rejected, or its device certificate refused; 429
+            too many auth requests from this address or for this identity, or too many devices (or keys of this
+            device) already pending.
     """
     ctx = get_ctx(request)
     ctx.auth_limits.check_address(request.client.host if request.client else "")
     body = await request.body()
     req = parse_auth_request(body, request.headers.get("x-men-signature"))
     ctx.auth_limits.check_identity(req.identity_hash)
+    cert = check_device_cert(ctx, req)  # X.509 work only past the rate limits
     try:
-        token = _authenticate(ctx, req)
+        token = _authenticate(ctx, req, cert)
     except sa.exc.IntegrityError:  # the same new device asked twice at once: the other request created it
-        token = _authenticate(ctx, req)
+        token = _authenticate(ctx, req, cert)
+    if isinstance(token, CertificateRefused):
+        raise unauthorized(f"{token}; the device stays pending: an administrator may still accept it")
     if token is None:
         raise unauthorized("device is not authorized (pending or rejected); an administrator must accept it")
     return Response(token, media_type="application/jwt")
 
 
-def _authenticate(ctx: ServerContext, req: AuthRequest) -> str | None:
-    """Record the auth request; the token when its auth set is accepted (or preauthorized). The device's row
-    is locked while its auth sets are looked at, so that its status follows them (an administrator may accept
-    or reject at the same moment). Raises IntegrityError when another request created the same device or auth
-    set meanwhile (the caller tries again), APIError 429 past the pending caps."""
+def check_device_cert(ctx: ServerContext, req: AuthRequest) -> DeviceCert | CertificateRefused | None:
+    """The verdict on the request's device certificate (revocation aside: that needs the database); None when
+    there is none or no fleet CA is configured (then it is ignored)."""
+    if req.device_cert is None or not ctx.fleet_cas:
+        return None
+    spki = serialization.load_pem_public_key(req.pubkey_pem.encode()).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    device_id = req.identity.get(IDENTITY_KEY)
+    try:
+        return verify_device_cert(req.device_cert.encode(), ctx.fleet_cas, spki,
+                                  device_id if isinstance(device_id, str) else "", datetime.now(UTC))
+    except CertificateRefused as e:
+        return e
+
+
+def revocation(c: sa.Connection, serial: str, pubkey_hash: str) -> str | None:
+    """Why a certificate (its serial) or any certificate for a key (``pubkey_hash``) may not enrol; None when
+    neither is revoked."""
+    row = c.execute(sa.select(revoked_certificates.c.serial).where(
+        (revoked_certificates.c.serial == serial) | (revoked_certificates.c.pubkey_hash == pubkey_hash)).limit(1)
+    ).first()
+    if row is None:
+        return None
+    return f"certificate {row.serial} is revoked" if row.serial == serial else \
+        f"the key was revoked with certificate {row.serial}"
+
+
+Token = str | CertificateRefused | None
+
+
+def _authenticate(ctx: ServerContext, req: AuthRequest, cert: DeviceCert | CertificateRefused | None) -> Token:
+    """Record the auth request; the token when its auth set is accepted (or preauthorized), or is pending (or
+    new) and ``cert`` is a valid, unrevoked device certificate; the refusal when ``cert`` is refused (the set
+    stays pending). The device's row is locked while its auth sets are looked at, so that its status follows
+    them (an administrator may accept or reject at the same moment). Raises IntegrityError when another request
+    created the same device or auth set meanwhile (the caller tries again), APIError 429 past the pending caps
+    (a device with a valid certificate does not wait: the caps do not apply to it)."""
     settings = ctx.settings
     t = now()
     with ctx.db.write() as c:
+        if isinstance(cert, DeviceCert) and (why := revocation(c, cert.serial, req.pubkey_hash)):
+            cert = CertificateRefused("revoked", why, cert.serial)
+        enrols = isinstance(cert, DeviceCert)
         device = c.execute(sa.select(devices.c.id).where(devices.c.identity_hash == req.identity_hash)
                            .with_for_update()).first()
         if device is None:
-            _check_room(c, devices.c.status == "pending", settings.max_pending_devices,
-                        "too many devices are waiting for an administrator")
+            if not enrols:
+                _check_room(c, devices.c.status == "pending", settings.max_pending_devices,
+                            "too many devices are waiting for an administrator")
             device_id = str(uuid.uuid4())
             c.execute(devices.insert().values(
                 id=device_id, identity_json=req.identity_json, identity_hash=req.identity_hash, status="pending",
                 inventory={}, created=t, updated=t))
         else:
             device_id = device.id
-        aset = c.execute(sa.select(auth_sets.c.id, auth_sets.c.status).where(
+        recorded: tuple[str | None, str | None]  # the certificate serial and refusal last recorded for the set
+        aset = c.execute(sa.select(auth_sets.c.id, auth_sets.c.status, auth_sets.c.cert_serial,
+                                   auth_sets.c.cert_refused).where(
             auth_sets.c.device_id == device_id, auth_sets.c.pubkey_hash == req.pubkey_hash)).first()
         if aset is None:
-            _check_room(c, (auth_sets.c.device_id == device_id) & (auth_sets.c.status == "pending"),
-                        settings.max_pending_auth_sets, "too many keys of this device are waiting for an administrator",
-                        auth_sets)
-            c.execute(auth_sets.insert().values(id=str(uuid.uuid4()), device_id=device_id, pubkey=req.pubkey_pem,
+            if not enrols:
+                _check_room(c, (auth_sets.c.device_id == device_id) & (auth_sets.c.status == "pending"),
+                            settings.max_pending_auth_sets,
+                            "too many keys of this device are waiting for an administrator", auth_sets)
+            aset_id = str(uuid.uuid4())
+            c.execute(auth_sets.insert().values(id=aset_id, device_id=device_id, pubkey=req.pubkey_pem,
                                                 pubkey_hash=req.pubkey_hash, status="pending", created=t))
             _refresh_status(c, device_id)
-        elif aset.status in ("accepted", "preauthorized"):
+            status, recorded = "pending", (None, None)
+        else:
+            aset_id, status, recorded = aset.id, aset.status, (aset.cert_serial, aset.cert_refused)
+        if status in ("accepted", "preauthorized"):  # a certificate, good or bad, changes nothing here
             bound = c.execute(sa.select(devices.c.auth_set_id).where(devices.c.id == device_id)).scalar()
-            if aset.status == "preauthorized" or bound != aset.id:  # (not bound: a row written by hand)
-                accept_auth_set(c, device_id, aset.id)
-            epoch = c.execute(sa.select(devices.c.token_epoch).where(devices.c.id == device_id)).scalar_one()
-            return ctx.tokens.issue(device_id, aset.id, int(epoch))
-    return None
+            if status == "preauthorized" or bound != aset_id:  # (not bound: a row written by hand)
+                accept_auth_set(c, device_id, aset_id)
+        elif status == "pending" and isinstance(cert, DeviceCert):
+            _accept_by_certificate(ctx, c, device_id, aset_id, cert)
+        elif status == "pending" and isinstance(cert, CertificateRefused):
+            if recorded != (cert.serial, cert.reason):
+                c.execute(auth_sets.update().where(auth_sets.c.id == aset_id).values(
+                    cert_serial=cert.serial, cert_refused=cert.reason))
+                log.warning("auth set %s of device %s (%s): %s%s", aset_id, device_id, req.identity_json[:200], cert,
+                            f" ({cert.detail})" if cert.detail else "")
+            return cert
+        else:
+            return None
+        epoch = c.execute(sa.select(devices.c.token_epoch).where(devices.c.id == device_id)).scalar_one()
+        return ctx.tokens.issue(device_id, aset_id, int(epoch))
+
+
+def _accept_by_certificate(ctx: ServerContext, c: sa.Connection, device_id: str, aset_id: str,
+                           cert: DeviceCert) -> None:
+    """Accept a pending auth set on a valid fleet certificate, as an administrator's accept would (one key at a
+    time, the staged configuration applied), with its audit entry."""
+    accept_auth_set(c, device_id, aset_id)
+    c.execute(auth_sets.update().where(auth_sets.c.id == aset_id).values(cert_serial=cert.serial,
+                                                                         cert_refused=None))
+    staged = apply_staged(c, ctx.config, device_id)
+    audit.record(c, "fleet-ca", "POST", AUTH_REQUESTS,
+                 f"accepted by fleet certificate {cert.serial} ({cert.device_id}): auth set {aset_id} of device "
+                 f"{device_id}" + (f"; {staged}" if staged else ""))
 
 
 #: what a refused newcomer is told to wait (seconds) when the pending devices or keys are at their cap

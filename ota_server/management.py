@@ -14,7 +14,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ota_common.fleetca import MAX_DEVICE_CERT
+
 from . import deployments as rollout
+from . import revocation
 from .ansible_import import ImportPlan, apply_staged, import_inventory, parse_body, staged_list
 from .apitokens import READ, Operator
 from .audit import names
@@ -66,7 +69,7 @@ def _device_doc(row: Any, sets: list[Any], cutoff: float) -> dict[str, Any]:
         "identity_data": identity,
         "status": row.status,
         "auth_sets": [{"id": s.id, "identity_data": identity, "pubkey": s.pubkey, "status": s.status,
-                       "ts": rfc3339(s.created)} for s in sets],
+                       "ts": rfc3339(s.created), **_cert_doc(s)} for s in sets],
         "created_ts": rfc3339(row.created),
         "updated_ts": rfc3339(row.updated),
         "decommissioning": False,
@@ -75,6 +78,14 @@ def _device_doc(row: Any, sets: list[Any], cutoff: float) -> dict[str, Any]:
         "last_seen": rfc3339(row.last_seen),
         "stale": is_stale(row.status, row.last_seen, row.updated, cutoff),
     }
+
+
+def _cert_doc(s: Any) -> dict[str, Any]:
+    """Our extension: the fleet certificate that accepted the set (``refused``: null), or the last one refused
+    and why (``refused``: a reason such as ``expired``), so that the pending list says why a device waits."""
+    if s.cert_serial is None and s.cert_refused is None:
+        return {}
+    return {"device_cert": {"serial": s.cert_serial, "refused": s.cert_refused}}
 
 
 def _devices(conn: sa.Connection, cutoff: float, *where: Any, page: int = 1, per_page: int = DEFAULT_PER_PAGE
@@ -212,6 +223,55 @@ def decommission(device_id: str, ctx: Ctx, who: Operator) -> Response:
         rollout.decommission_device(c, device_id)
         who.record(c, f"decommissioned device {device_id}")
     return Response(status_code=204)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Revoked device certificates (zero-touch enrolment, see :mod:`.revocation`)
+
+REVOKED = "/api/management/v2/devauth/certificates/revoked"
+
+
+class Revoke(BaseModel):
+    """Either ``certificate`` (PEM: its key is known then, and every auth set of it is rejected) or ``serial``."""
+
+    model_config = ConfigDict(extra="forbid")
+    certificate: str | None = Field(None, max_length=MAX_DEVICE_CERT)
+    serial: str | None = Field(None, max_length=64, examples=["3f9a0c51d2"])
+    reason: str = Field("", max_length=256)
+
+    @model_validator(mode="after")
+    def _one(self) -> Revoke:
+        if (self.certificate is None) == (self.serial is None):
+            raise ValueError("give either certificate or serial")
+        return self
+
+
+@router.post(REVOKED, tags=["devices"], responses={201: {"description": "revoked now"},
+                                                   200: {"description": "already revoked"}})
+def revoke_certificate(body: Revoke, ctx: Ctx, who: Operator) -> JSONResponse:
+    """Revoke a device certificate of the fleet CA: it (and any certificate for its key) never enrols a device
+    again, and every auth set of its key, or that it accepted, is rejected: such a device gets 401 at its next
+    request. Idempotent (200 when it was revoked already); ``rejected`` lists the auth sets rejected now."""
+    if body.certificate is not None:
+        serial, key_hash, device_id = revocation.parse_certificate(body.certificate)
+    else:
+        assert body.serial is not None
+        serial, key_hash, device_id = revocation.normalize_serial(body.serial), None, None
+    with ctx.db.write() as c:
+        entry, state, rejected = revocation.revoke(c, serial, key_hash, device_id, body.reason.strip(),
+                                                   who.principal.name)
+        if state != "unchanged" or rejected:
+            who.record(c, f"revoked device certificate {serial} ({entry['device_id'] or 'device id unknown'})"
+                          + (f": {body.reason.strip()}" if body.reason.strip() else "")
+                          + (f"; rejected auth sets: {names(rejected)}" if rejected else ""))
+    return JSONResponse({**entry, "rejected": rejected}, status_code=201 if state == "new" else 200)
+
+
+@router.get(REVOKED, tags=["devices"], dependencies=READS)
+def revoked_certificates(ctx: Ctx, page: Page = 1, per_page: PerPage = DEFAULT_PER_PAGE) -> list[dict[str, Any]]:
+    """The revoked device certificates, newest first."""
+    with ctx.db.read() as c:
+        return revocation.revoked_list(c, page, per_page)
 
 
 # ---------------------------------------------------------------------------------------------------------

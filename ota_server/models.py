@@ -51,9 +51,14 @@ class AuthSet(Base):
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
     device_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("devices.id", ondelete="CASCADE"), index=True)
     pubkey: Mapped[str] = mapped_column(sa.Text)
-    pubkey_hash: Mapped[str] = mapped_column(sa.String(64))
+    #: (indexed: revoking a device certificate rejects every auth set of its key)
+    pubkey_hash: Mapped[str] = mapped_column(sa.String(64), index=True)
     status: Mapped[str] = mapped_column(sa.String(16))
     created: Mapped[float] = mapped_column(sa.Double)
+    #: the fleet certificate (serial, lower-case hex) that accepted this set, or the last one refused for it ...
+    cert_serial: Mapped[str | None] = mapped_column(sa.String(40), index=True)
+    #: ... and why it was refused (a :data:`ota_common.fleetca.REFUSAL_REASONS` word; NULL: not refused)
+    cert_refused: Mapped[str | None] = mapped_column(sa.String(32))
 
 
 class Artifact(Base):
@@ -175,6 +180,20 @@ class StagedHost(Base):
     updated: Mapped[float] = mapped_column(sa.Double)
 
 
+class RevokedCertificate(Base):
+    """A revoked device certificate of the fleet CA: never again accepted by its serial, nor any certificate for
+    its public key (``pubkey_hash``: the SHA-256 of its normalized PEM, as ``auth_sets.pubkey_hash``, when known);
+    ``device_id`` is the certificate's ``DEVICE_ID`` when known."""
+
+    __tablename__ = "revoked_certificates"
+    serial: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    pubkey_hash: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    device_id: Mapped[str | None] = mapped_column(sa.String(64))
+    reason: Mapped[str] = mapped_column(sa.String(256))
+    revoked_by: Mapped[str] = mapped_column(sa.String(128))
+    revoked: Mapped[float] = mapped_column(sa.Double)
+
+
 class ApiToken(Base):
     """A named management API token. Only the SHA-256 of the token is stored; ``id`` is the public part of
     the token (``vvota_<id>_<secret>``) used to find the row before the hash is compared in constant time."""
@@ -210,5 +229,6 @@ deployment_devices = cast(sa.Table, DeploymentDevice.__table__)
 deployment_logs = cast(sa.Table, DeploymentLog.__table__)
 config_values = cast(sa.Table, ConfigValue.__table__)
 staged_hosts = cast(sa.Table, StagedHost.__table__)
+revoked_certificates = cast(sa.Table, RevokedCertificate.__table__)
 api_tokens = cast(sa.Table, ApiToken.__table__)
 audit_log = cast(sa.Table, AuditEntry.__table__)

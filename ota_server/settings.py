@@ -92,12 +92,16 @@ class Settings:
     #: polls — a device that is off or cut off, not one that was slow, rebooted or retried with backoff once —
     #: and still noticed within a working shift. Fleets polling less often must raise it (a few poll intervals).
     stale_after: float = field(default_factory=lambda: _env_duration(STALE_AFTER_ENV, "3h", 1, 365 * 86400))
+    #: PEM file of the fleet enrolment CA(s): a device whose auth request carries a certificate issued by one is
+    #: accepted at once (zero-touch enrolment, docs/server.md); None: the ``device_cert`` field is ignored
+    fleet_ca_file: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_env(self) -> str:
         d = asdict(self)
         d["storage"] = str(self.storage)
         d["release_keys"] = [str(p) for p in self.release_keys]
+        d["fleet_ca_file"] = None if self.fleet_ca_file is None else str(self.fleet_ca_file)
         return json.dumps(d)
 
     @classmethod
@@ -109,6 +113,7 @@ class Settings:
         d["storage"] = Path(d["storage"])
         d["release_keys"] = tuple(Path(p) for p in d["release_keys"])
         d["secrets_keys"] = tuple(d.get("secrets_keys", ()))
+        d["fleet_ca_file"] = None if d.get("fleet_ca_file") is None else Path(d["fleet_ca_file"])
         return cls(**d)
 
 

@@ -1,7 +1,7 @@
 """devices.last_seen: when the device last made an authenticated request
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-28 10:00:00
 
 ``last_seen`` (epoch seconds, NULL: never) is written in batches from every authenticated device request
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0007'
-down_revision = '0005'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
