@@ -14,6 +14,7 @@ the very next request, by every worker: a token is valid only for the auth set a
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -146,6 +147,8 @@ def _authenticate(ctx: ServerContext, req: AuthRequest, cert: DeviceCert | Certi
         device = c.execute(sa.select(devices.c.id).where(devices.c.identity_hash == req.identity_hash)
                            .with_for_update()).first()
         if device is None:
+            device = _grown_identity(c, req)
+        if device is None:
             if not enrols:
                 _check_room(c, devices.c.status == "pending", settings.max_pending_devices,
                             "too many devices are waiting for an administrator")
@@ -188,6 +191,35 @@ def _authenticate(ctx: ServerContext, req: AuthRequest, cert: DeviceCert | Certi
             return None
         epoch = c.execute(sa.select(devices.c.token_epoch).where(devices.c.id == device_id)).scalar_one()
         return ctx.tokens.issue(device_id, aset_id, int(epoch))
+
+
+def _grown_identity(c: sa.Connection, req: AuthRequest) -> Any:
+    """The accepted device whose accepted key signed ``req`` and whose identity ``req``'s identity extends (every
+    attribute it had, with the same value, plus new ones), with its identity updated; None when there is none.
+
+    An image that adds an identity attribute (``device_id``, from issue 15 on) must not turn every accepted device
+    it updates into a new pending one, whose trial boot then cannot reach the server and rolls back. Only the
+    holder of the accepted private key can sign the request, and attributes are only ever added, never changed."""
+    row = c.execute(sa.select(devices.c.id, devices.c.identity_json).join(
+        auth_sets, auth_sets.c.id == devices.c.auth_set_id).where(
+        auth_sets.c.pubkey_hash == req.pubkey_hash, auth_sets.c.status == "accepted",
+        devices.c.status == "accepted").with_for_update()).first()
+    if row is None:
+        return None
+    try:
+        old = json.loads(row.identity_json)
+    except ValueError:
+        return None
+    if not isinstance(old, dict) or not old or len(old) >= len(req.identity) or \
+            any(req.identity.get(k) != v for k, v in old.items()):
+        return None
+    c.execute(devices.update().where(devices.c.id == row.id).values(
+        identity_json=req.identity_json, identity_hash=req.identity_hash, updated=now()))
+    added = ", ".join(sorted(set(req.identity) - set(old)))
+    audit.record(c, "device", "POST", AUTH_REQUESTS, f"identity of device {row.id} extended with {added} (the "
+                 "same accepted key)")
+    log.info("identity of device %s extended with %s (signed by its accepted key)", row.id, added)
+    return row
 
 
 def _accept_by_certificate(ctx: ServerContext, c: sa.Connection, device_id: str, aset_id: str,

@@ -302,3 +302,42 @@ def test_restart_keeps_state(tmp_path: Path) -> None:
             assert a.get(f"{DEVAUTH}/{device_id}").json()["status"] == "accepted"
     finally:
         s2.stop()
+
+
+def test_an_accepted_device_whose_new_image_adds_an_identity_attribute_stays_the_same_device(server: Server) -> None:
+    """Images from issue 15 on send ``device_id`` besides ``mac``: an accepted device that updates to one must stay
+    the same, accepted device (else its trial boot meets a 401 and rolls back). Only its accepted key can grow its
+    identity, and only by adding attributes."""
+    dev = Device(server, "ed25519", identity={"mac": f"02:00:{time.time_ns() % 10**8:08d}"[:17]})
+    dev.auth()
+    device_id = dev.id()
+    with server.admin() as a:
+        (aset,) = a.get(f"{DEVAUTH}/{device_id}").json()["auth_sets"]
+        assert a.put(f"{DEVAUTH}/{device_id}/auth/{aset['id']}/status", json={"status": "accepted"}).status_code == 204
+    old = dict(dev.identity)
+    grown = {**old, "device_id": "mac-" + old["mac"].replace(":", "")}
+
+    # attack: another key claims the grown identity: a new pending device, the accepted one untouched
+    thief = Device(server, "ed25519", identity=grown)
+    assert thief.auth().status_code == 401
+    # attack: the accepted key, but an attribute changed (not grown): a new pending device
+    changed = Device(server, "ed25519", identity={"mac": "02:00:00:00:00:99", "device_id": "x"})
+    changed.key, changed.pubkey = dev.key, dev.pubkey
+    assert changed.auth().status_code == 401
+    with server.admin() as a:
+        assert a.get(f"{DEVAUTH}/{device_id}").json()["identity_data"] == old
+        thief_id, changed_id = thief.id(), changed.id()
+        assert a.get(f"{DEVAUTH}/{thief_id}").json()["status"] == "pending" and thief_id != device_id
+        assert changed_id != device_id
+        assert a.delete(f"{DEVAUTH}/{thief_id}").status_code == 204  # the grown identity is free again
+
+    dev.identity = grown
+    r = dev.auth()
+    assert r.status_code == 200, r.text
+    assert jwt.decode(r.text, options={"verify_signature": False})["sub"] == device_id
+    assert dev.next().status_code == 204
+    with server.admin() as a:
+        d = a.get(f"{DEVAUTH}/{device_id}").json()
+        assert d["status"] == "accepted" and d["identity_data"] == grown
+        entries = a.get("/api/management/v1/audit").json()
+    assert any(f"identity of device {device_id} extended with device_id" in e["summary"] for e in entries)
