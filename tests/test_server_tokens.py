@@ -352,6 +352,9 @@ def test_every_change_is_audited(srv: Server, tokens: dict[str, str], run_cli: A
     r = call("POST", f"{DEVAUTH}/accept", 200, json={"filter": {"identity": newcomer.identity}})
     assert [x["result"] for x in r.json()["results"]] == ["accepted"]  # bulk accept: one entry per accepted device
     call("POST", f"{MGMT}/v2/devauth/certificates/revoked", 201, json={"serial": "a1b2c3", "reason": "audited"})
+    card = Device(srv, "ed25519", identity={"device_id": "audited-card"})
+    call("POST", f"{DEVAUTH}/provision", 200, json={"devices": [  # one device provisioned: one entry
+        {"identity_data": card.identity, "pubkey": card.pubkey, "group": None, "variables": {}, "secrets": []}]})
     call("PUT", f"{MGMT}/v1/inventory/devices/{device_id}/group", 204, json={"group": "audited"})
     call("PUT", f"{CONFIG}/device/{device_id}", 204, json={"A": "1"})
     call("PUT", f"{CONFIG}/group/audited", 204, json={"B": "2"})
