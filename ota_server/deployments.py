@@ -10,7 +10,9 @@ status locks that device's ``deployment_devices`` row first (``SELECT ... FOR UP
 itself), and only then, if the deployment itself may move, the ``deployments`` row. That one order (device
 rows, then the deployment row; several deployment rows in id order) cannot deadlock, and the deployment row
 lock makes "is anyone left?" and the failure ratio be computed by one transaction at a time, each seeing every
-earlier one committed: the deployment finishes exactly once. On SQLite, write transactions are serial anyway
+earlier one committed: the deployment finishes exactly once. A device joining a dynamic deployment
+(:func:`join`) locks the deployment row and then inserts its own new row, which nobody else can hold: joins of
+the same device at once add it once, and joins and final reports take turns on the deployment row. On SQLite, write transactions are serial anyway
 (``BEGIN IMMEDIATE``) and ``FOR UPDATE`` is left out of the SQL.
 """
 
@@ -24,12 +26,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from . import gates
 from .errors import APIError, bad_request, found_or_404
 from .metrics import OUTCOMES, count_outcome
 from .models import deployment_devices as dd
 from .models import deployments as dep
 from .models import devices
 from .timeutil import now
+
+#: ``join_group`` of a dynamic deployment to all devices (not a valid group name)
+ALL_GROUPS = "*"
 
 TERMINAL = frozenset({"success", "failure", "already-installed", "noartifact", "aborted", "decommissioned"})
 REPORTABLE = frozenset({
@@ -66,24 +72,57 @@ def plan_phases(device_ids: Sequence[str], phases: Sequence[dict[str, Any]], cre
                 ) -> tuple[list[dict[str, Any]], list[tuple[str, int, float]]]:
     """Assign devices to phases in the given order. ``phases`` items: ``batch_size`` (percent, ignored for
     the last, which takes the rest) and ``start_ts`` (epoch) or ``wait_s`` (after the previous phase's start,
-    the first phase's after creation). Every phase but the last gets ``floor(n * batch_size / 100)`` devices,
-    at least one while devices remain. Returns (phase descriptions, [(device_id, phase, not_before)])."""
+    the first phase's after creation), and optionally a ``gate`` (:mod:`.gates`: such a phase and the ones after
+    it get their start when the gate opens). Every phase but the last gets ``floor(n * batch_size / 100)``
+    devices, at least one while devices remain. Returns (phase descriptions, [(device_id, phase, not_before)])."""
     if not phases:
         phases = [{"batch_size": 100}]
-    n = len(device_ids)
+    if any(p.get("gate") for p in phases):
+        return _plan_gated(device_ids, phases, created)
     out: list[dict[str, Any]] = []
     assignment: list[tuple[str, int, float]] = []
     start = created
     pos = 0
-    for i, p in enumerate(phases):
+    for i, (p, (batch, count)) in enumerate(zip(phases, _counts(len(device_ids), phases), strict=True)):
         start = float(p["start_ts"]) if p.get("start_ts") is not None else start + float(p.get("wait_s") or 0)
-        last = i == len(phases) - 1
-        count = n - pos if last else min(n - pos, max(1 if n - pos > 0 else 0, math.floor(n * p["batch_size"] / 100)))
-        batch = 100 - sum(int(q["batch_size"]) for q in phases[:-1]) if last else int(p["batch_size"])
         for device_id in device_ids[pos:pos + count]:
             assignment.append((device_id, i, start))
         pos += count
         out.append({"id": i + 1, "batch_size": batch, "start_ts": start, "device_count": count})
+    return out, assignment
+
+
+def _counts(n: int, phases: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(batch_size, device count) of each phase, as :func:`plan_phases` splits ``n`` devices."""
+    out = []
+    pos = 0
+    for i, p in enumerate(phases):
+        last = i == len(phases) - 1
+        count = n - pos if last else min(n - pos, max(1 if n - pos > 0 else 0, math.floor(n * p["batch_size"] / 100)))
+        batch = 100 - sum(int(q["batch_size"]) for q in phases[:-1]) if last else int(p["batch_size"])
+        out.append((batch, count))
+        pos += count
+    return out
+
+
+def _plan_gated(device_ids: Sequence[str], phases: Sequence[dict[str, Any]], created: float
+                ) -> tuple[list[dict[str, Any]], list[tuple[str, int, float]]]:
+    """:func:`plan_phases` when a phase has a ``gate``: the same split, start times from
+    :func:`.gates.phase_starts` (None from the first gated phase on), and each phase keeps its timer
+    (``wait_s``, ``start_at``) and gate, from which the starts are computed again when a gate opens."""
+    spec = [{"wait_s": p.get("wait_s"), "start_at": p.get("start_ts"), "gate": p.get("gate")} for p in phases]
+    starts = gates.phase_starts(spec, created, {})
+    out: list[dict[str, Any]] = []
+    assignment: list[tuple[str, int, float]] = []
+    pos = 0
+    for i, ((batch, count), start) in enumerate(zip(_counts(len(device_ids), phases), starts, strict=True)):
+        for device_id in device_ids[pos:pos + count]:
+            assignment.append((device_id, i, gates.GATED if start is None else start))
+        pos += count
+        doc: dict[str, Any] = {"id": i + 1, "batch_size": batch, "start_ts": start, "device_count": count, **spec[i]}
+        if doc["gate"] is None:
+            del doc["gate"]
+        out.append(doc)
     return out, assignment
 
 
@@ -137,17 +176,19 @@ def statistics(conn: Connection, deployment_id: str) -> dict[str, int]:
 
 
 def after_final(conn: Connection, deployment_id: str) -> None:
-    """A device of this deployment reached a final status: pause on too many failures, finish when no device
-    is left. The deployment row is locked first (see the module's docstring): the transactions of devices
+    """A device of this deployment reached a final status: open the gates it reached (:mod:`.gates`), pause on
+    too many failures, finish when no device is left (a dynamic deployment: once it is also closed). The deployment row is locked first (see the module's docstring): the transactions of devices
     finishing at the same moment pass here one after the other, the last one sees nobody left."""
-    row = conn.execute(sa.select(dep.c.status, dep.c.failure_threshold).where(dep.c.id == deployment_id)
-                       .with_for_update()).first()
+    row = conn.execute(sa.select(dep.c.status, dep.c.failure_threshold, dep.c.join_group, dep.c.phases,
+                                 dep.c.created).where(dep.c.id == deployment_id).with_for_update()).first()
     if row is None or row.status not in OPEN:
         return
+    if any(p.get("gate") and p.get("gate_passed_ts") is None for p in row.phases or []):
+        gates.open_gates(conn, deployment_id, [dict(p) for p in row.phases], row.created)
     still_active = conn.execute(
         sa.select(dd.c.device_id).where(dd.c.deployment_id == deployment_id, dd.c.active.is_(True)).limit(1)
     ).first()
-    if still_active is None:
+    if still_active is None and row.join_group is None:  # a dynamic deployment waits for joiners until closed
         conn.execute(dep.update().where(dep.c.id == deployment_id, dep.c.status.in_(OPEN))
                      .values(status="finished", finished=now()))
         return
@@ -198,6 +239,9 @@ class Report:
 
     outcome: str
     status: str
+    #: the failure limit says abort: the caller aborts the deployment in a new transaction
+    #: (:func:`.gates.check_failure_limit`)
+    abort: bool = False
 
 
 def report_status(conn: Connection, deployment_id: str, device_id: str, status: str, substate: str | None) -> Report:
@@ -230,10 +274,10 @@ def report_status(conn: Connection, deployment_id: str, device_id: str, status: 
         conn.execute(dd.update().where(*this).values(
             status="pending", attempts=row.attempts + 1, not_before=now(),
             substate=f"attempt {row.attempts + 1} failed ({substate or 'no details'}); retrying"))
-        return Report("retry", "pending")
+        return Report("retry", "pending", gates.check_failure_limit(conn, deployment_id))
     if status in TERMINAL:
         set_device_final(conn, deployment_id, device_id, status, substate)
-        return Report("final", status)
+        return Report("final", status, status == "failure" and gates.check_failure_limit(conn, deployment_id))
     if rank(status) < rank(row.status):
         return Report("ignored", row.status)
     if status == row.status:
@@ -270,10 +314,75 @@ def abort(conn: Connection, deployment_id: str) -> bool:
     if aborted:
         count_outcome(conn, "aborted", aborted)
     return conn.execute(dep.update().where(dep.c.id == deployment_id, dep.c.status.in_(OPEN))
-                        .values(status="aborted", finished=t)).rowcount > 0
+                        .values(status="aborted", finished=t, join_group=None)).rowcount > 0
 
 
 def resume(conn: Connection, deployment_id: str, values: dict[str, Any]) -> bool:
     """Resume a paused deployment (an atomic conditional update). Returns False when it was not paused."""
     return conn.execute(dep.update().where(dep.c.id == deployment_id, dep.c.status == "paused")
-                        .values(status="inprogress", **values)).rowcount > 0
+                        .values(status="inprogress", status_reason=None, **values)).rowcount > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dynamic deployments: devices that join the target later
+
+
+#: the open dynamic deployments that would take the device and do not have it yet, in id order (the lock
+#: order); ``?``: :data:`ALL_GROUPS`, the device id. One probe of ``ix_deployments_join_group`` per group value,
+#: one primary-key probe of ``deployment_devices`` per open dynamic deployment found (usually none).
+JOINABLE_SQL = (
+    "SELECT dp.id FROM devices d JOIN deployments dp ON dp.join_group IN (d.group_name, ?) "
+    "WHERE d.id = ? AND d.status = 'accepted' AND NOT EXISTS (SELECT 1 FROM deployment_devices x "
+    "WHERE x.deployment_id = dp.id AND x.device_id = d.id) ORDER BY dp.id"
+)
+
+
+def join(conn: Connection, deployment_id: str, device_id: str) -> bool:
+    """Add a device that joined the target (accepted later, or moved into the group) to an open dynamic
+    deployment, in its current phase (:func:`.gates.current_phase`). Everything is checked again under the
+    deployment's row lock: it still takes joiners, the device is accepted and in its target, and not in it yet
+    (two polls of one device at once add it once). Returns whether it was added."""
+    row = conn.execute(sa.select(dep.c.status, dep.c.join_group, dep.c.phases).where(dep.c.id == deployment_id)
+                       .with_for_update()).first()
+    if row is None or row.join_group is None or row.status not in OPEN:
+        return False
+    device = conn.execute(sa.select(devices.c.status, devices.c.group_name).where(devices.c.id == device_id)).first()
+    if device is None or device.status != "accepted" or row.join_group not in (ALL_GROUPS, device.group_name):
+        return False
+    if conn.execute(sa.select(dd.c.status).where(dd.c.deployment_id == deployment_id,
+                                                 dd.c.device_id == device_id)).first() is not None:
+        return False
+    t = now()
+    phases = [dict(p) for p in row.phases]
+    phase = gates.current_phase(phases, t)
+    start = phases[phase]["start_ts"]
+    conn.execute(dd.insert().values(deployment_id=deployment_id, device_id=device_id, status="pending", active=True,
+                                    phase=phase, not_before=gates.GATED if start is None else float(start),
+                                    attempts=0, created=t, has_log=False))
+    phases[phase]["device_count"] = int(phases[phase]["device_count"]) + 1
+    conn.execute(dep.update().where(dep.c.id == deployment_id)
+                 .values(device_count=dep.c.device_count + 1, phases=phases))
+    return True
+
+
+def join_open(conn: Connection, device_id: str) -> list[str]:
+    """Add the device to every open dynamic deployment of its target that does not have it yet (deployment rows
+    locked in id order). Returns the ids of the deployments it joined."""
+    ids = [r[0] for r in conn.execute(sa.text(JOINABLE_SQL.replace("?", ":all", 1).replace("?", ":device")),
+                                      {"all": ALL_GROUPS, "device": device_id})]
+    return [i for i in ids if join(conn, i, device_id)]
+
+
+def close(conn: Connection, deployment_id: str) -> bool:
+    """Close an open dynamic deployment: it takes no more joiners; it finishes once no device is left (at once
+    when none is). Returns False when it is not an open dynamic deployment."""
+    row = conn.execute(sa.select(dep.c.status, dep.c.join_group).where(dep.c.id == deployment_id)
+                       .with_for_update()).first()
+    if row is None or row.join_group is None or row.status not in OPEN:
+        return False
+    t = now()
+    conn.execute(dep.update().where(dep.c.id == deployment_id).values(join_group=None, closed=t))
+    if conn.execute(sa.select(dd.c.device_id).where(dd.c.deployment_id == deployment_id, dd.c.active.is_(True))
+                    .limit(1)).first() is None:
+        conn.execute(dep.update().where(dep.c.id == deployment_id).values(status="finished", finished=t))
+    return True

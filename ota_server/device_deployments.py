@@ -2,7 +2,8 @@
 them) and status reports.
 
 Hot path (``next``, status): the token check of :mod:`.devauth`, one indexed read of the device's active
-deployments; nothing is written unless something changed. Handlers are ``async`` and call the database
+deployments, one indexed read of the open dynamic deployments that would take it (:data:`.deployments.JOINABLE_SQL`);
+nothing is written unless something changed. Handlers are ``async`` and call the database
 directly: the queries are short, and skipping the thread pool is what keeps the poll cheap. The rules of a
 ``next`` body (:func:`check_provides`) and of a device that waits (:func:`.deployments.is_waiting`) are also
 the poll shortcut's (:mod:`.fastpoll`), which answers the idle polls before this route is reached.
@@ -120,6 +121,9 @@ def _record_provides(ctx: ServerContext, device: CurrentDevice, provides: dict[s
 def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides: dict[str, Any]) -> Response:
     ctx.last_seen.seen(device.id)
     _record_provides(ctx, device, provides)
+    if ctx.db.fetch(rollout.JOINABLE_SQL, (rollout.ALL_GROUPS, device.id)):
+        with ctx.db.write() as c:  # an open dynamic deployment of its group (or of all devices) takes it now
+            rollout.join_open(c, device.id)
     t = now()
     for deployment_id, dstatus, not_before, status, artifact_name, allow_downgrade in ctx.db.fetch(
             ACTIVE_SQL, (device.id, True)):
@@ -220,6 +224,9 @@ async def put_status(deployment_id: str, body: StatusBody, device: Device, ctx: 
     refused with 400; 409 once the deployment was aborted."""
     ctx.last_seen.seen(device.id)
     with ctx.db.write() as c:
-        rollout.report_status(c, deployment_id, device.id, body.status, body.substate)
+        report = rollout.report_status(c, deployment_id, device.id, body.status, body.substate)
+    if report.abort:  # the failure limit says abort: paused above, aborted now (see gates.check_failure_limit)
+        with ctx.db.write() as c:
+            rollout.abort(c, deployment_id)
     return Response(status_code=NO_CONTENT)
 

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import canonical_json, sha256_hex
 from .context import ServerContext
-from .deployments import is_waiting
+from .deployments import ALL_GROUPS, is_waiting
 from .devauth import token_problem
 from .device_deployments import ACTIVE_SQL, NEXT_V1, NEXT_V2, NO_CONTENT, ProvidesError, check_provides
 from .errors import APIError
@@ -78,10 +78,14 @@ class _RouteLabel:
 _FAST_ROUTES = {p: _RouteLabel(p) for p in FastPoll.PATHS}
 
 
-#: the idle-poll question in one statement: the device row and how many unfinished deployments it has (the
-#: ``deployment_devices(device_id, active)`` index answers the count); only a device with some reads them
+#: the idle-poll question in one statement: the device row, how many unfinished deployments it has (the
+#: ``deployment_devices(device_id, active)`` index answers the count; only a device with some reads them), and
+#: how many open dynamic deployments of its group (or of all devices) would take it and do not have it yet
+#: (the ``deployments(join_group)`` index, usually no row): a device one would take is not idle
 POLL_SQL = ("SELECT d.status, d.provides_hash, d.auth_set_id, d.token_epoch, (SELECT count(*) FROM "
-            "deployment_devices dd WHERE dd.device_id = d.id AND dd.active = ?) FROM devices d WHERE d.id = ?")
+            "deployment_devices dd WHERE dd.device_id = d.id AND dd.active = ?), (SELECT count(*) FROM deployments "
+            "dp WHERE dp.join_group IN (d.group_name, ?) AND NOT EXISTS (SELECT 1 FROM deployment_devices x WHERE "
+            "x.deployment_id = dp.id AND x.device_id = d.id)) FROM devices d WHERE d.id = ?")
 #: ``next`` bodies already checked -> the hash of their provides (None: not a body the shortcut takes). A
 #: fleet sends few distinct bodies (one per running version and device type), so this stays small.
 _BODIES: dict[tuple[bool, bytes], str | None] = {}
@@ -140,12 +144,12 @@ def _idle_poll(scope: Scope, body: bytes) -> bool:
     provides_hash = _provides_hash(body, scope["path"] == NEXT_V1)
     if provides_hash is None:
         return False
-    rows = ctx.db.fetch(POLL_SQL, (True, claims.device_id))
+    rows = ctx.db.fetch(POLL_SQL, (True, ALL_GROUPS, claims.device_id))
     if not rows:
         return False
-    status, known_hash, auth_set_id, epoch, active = rows[0]
-    if token_problem(claims, status, auth_set_id, epoch) is not None or known_hash != provides_hash:
-        return False
+    status, known_hash, auth_set_id, epoch, active, joinable = rows[0]
+    if token_problem(claims, status, auth_set_id, epoch) is not None or known_hash != provides_hash or joinable:
+        return False  # joinable: a dynamic deployment takes the device; the route adds it
     t = now()
     if active:
         for _, dstatus, not_before, status, _, _ in ctx.db.fetch(ACTIVE_SQL, (claims.device_id, True)):

@@ -316,11 +316,15 @@ class GroupBody(BaseModel):
 
 @router.put(INVENTORY + "/devices/{device_id}/group", status_code=204, tags=["inventory"])
 def put_group(device_id: str, body: GroupBody, ctx: Ctx, who: Operator) -> Response:
+    """Move the device into a group. An accepted device joins the group's open dynamic deployments at once
+    (in their current phase); deployments it already has are not withdrawn."""
     with ctx.db.write() as c:
         if c.execute(devices.update().where(devices.c.id == device_id)
                      .values(group_name=body.group, updated=now())).rowcount == 0:
             raise not_found("device")
-        who.record(c, f"device {device_id} moved to group {body.group}")
+        joined = rollout.join_open(c, device_id)
+        who.record(c, f"device {device_id} moved to group {body.group}"
+                      + (f"; joined dynamic deployment(s) {names(joined)}" if joined else ""))
     return Response(status_code=204)
 
 

@@ -100,13 +100,25 @@ class Deployment(Base):
     created: Mapped[float] = mapped_column(sa.Double)
     finished: Mapped[float | None] = mapped_column(sa.Double)
     device_count: Mapped[int] = mapped_column(sa.Integer)
-    #: [{"batch_size": %, "start_ts": epoch, "device_count": n}]
+    #: [{"batch_size": %, "start_ts": epoch, "device_count": n}]; gated deployments add per phase "wait_s",
+    #: "start_at", "gate" and "gate_passed_ts", and "start_ts" is null while the phase waits for its gate
     phases: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON)
     failure_threshold: Mapped[float | None] = mapped_column(sa.Double)
     allow_downgrade: Mapped[bool] = mapped_column(sa.Boolean, default=False)
     retries: Mapped[int] = mapped_column(sa.Integer, default=0)
     #: what the request targeted: {"devices": [...]} | {"all_devices": true} | {"group": name}
     target: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    #: a dynamic deployment takes the devices that join its target later, until it is closed
+    dynamic: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
+    #: while a dynamic deployment takes joiners: its group, or ``*`` for all devices; NULL otherwise (not
+    #: dynamic, closed, aborted). Indexed: a poll asks for the open dynamic deployments of the device's group
+    join_group: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    #: when a dynamic deployment was closed (stopped taking joiners)
+    closed: Mapped[float | None] = mapped_column(sa.Double)
+    #: {"max_failed_pct": P, "on_failure": "pause" | "abort"} (see ota_server/gates.py)
+    failure_limit: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    #: why the deployment was paused or aborted by the server (the failure limit), for the operator
+    status_reason: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class DeploymentDevice(Base):

@@ -8,7 +8,7 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query, Request
@@ -302,11 +302,32 @@ def delete_artifact(artifact_id: str, ctx: Ctx, who: Operator) -> Response:
 # Deployments
 
 
+class PhaseGate(BaseModel):
+    """The phase starts only when at least ``min_success_pct`` % of the devices of the phases before it reported
+    ``success`` (committed after a passing health check), and the success that reached that share is
+    ``soak_s`` seconds old (see ota_server/gates.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_success_pct: float = Field(ge=1, le=100, description="percent of the previous phases' devices")
+    soak_s: float = Field(0, ge=0, le=366 * 86400, description="seconds the last success needed must be old")
+
+
+class FailureLimit(BaseModel):
+    """Past ``max_failed_pct`` % of the devices handed out with a failed attempt (rollbacks included), the
+    deployment is paused (``on_failure: pause``, resume it with status ``inprogress``) or aborted."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_failed_pct: float = Field(ge=0, le=100, description="percent of the devices handed out")
+    on_failure: Literal["pause", "abort"] = "pause"
+
+
 class PhaseIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     batch_size: int | None = Field(None, ge=1, le=100, description="percent of the target devices")
     start_ts: AwareDatetime | None = None
     wait_s: float | None = Field(None, ge=0, le=366 * 86400, description="seconds after the previous phase started")
+    gate: PhaseGate | None = Field(None, description="start only when the previous phases are healthy enough "
+                                   "(not on the first phase)")
 
     @model_validator(mode="after")
     def _one_start(self) -> PhaseIn:
@@ -326,12 +347,19 @@ class NewDeployment(BaseModel):
     failure_threshold: float | None = Field(None, ge=0, le=100, description="percent of finished devices")
     allow_downgrade: bool = False
     retries: int = Field(0, ge=0, le=100)
+    dynamic: bool = Field(False, description="keep taking the devices that join the group (or, with all_devices, "
+                          "that are accepted) until the deployment is closed or aborted")
+    failure_limit: FailureLimit | None = None
 
     @model_validator(mode="after")
     def _check(self) -> NewDeployment:
         targets = (self.devices is not None) + self.all_devices + (self.group is not None)
         if targets != 1:
             raise ValueError("give exactly one target: devices, all_devices or group")
+        if self.dynamic and self.devices is not None:
+            raise ValueError("a dynamic deployment targets a group or all_devices, not a device list")
+        if self.phases and self.phases[0].gate is not None:
+            raise ValueError("the first phase cannot have a gate (no phase before it to judge)")
         if self.phases:
             for i, p in enumerate(self.phases[:-1]):
                 if p.batch_size is None:
@@ -355,21 +383,37 @@ def _deployment_doc(r: Any) -> dict[str, Any]:
         "status": r.status,
         "device_count": r.device_count,
         "type": "software",
-        "phases": [{**p, "start_ts": rfc3339(p["start_ts"])} for p in r.phases],
+        "phases": [_phase_doc(p) for p in r.phases],
         "failure_threshold": r.failure_threshold,
         "allow_downgrade": bool(r.allow_downgrade),
         "retries": r.retries,
         "target": r.target,
+        # extensions: dynamic deployments, the failure limit, why the server paused or aborted it
+        "dynamic": bool(r.dynamic),
+        "closed": rfc3339(r.closed),
+        "failure_limit": r.failure_limit,
+        "status_reason": r.status_reason,
     }
+
+
+def _phase_doc(p: dict[str, Any]) -> dict[str, Any]:
+    doc = {**p, "start_ts": rfc3339(p["start_ts"])}
+    for key in ("start_at", "gate_passed_ts"):
+        if key in doc:
+            doc[key] = rfc3339(doc[key])
+    return doc
 
 
 @router.post(DEPLOYMENTS, status_code=201, tags=["deployments"], response_class=Response)
 def create_deployment(body: NewDeployment, ctx: Ctx, who: Operator) -> Response:
-    """Deploy a release to devices, a group or all accepted devices, optionally in phases with a failure
-    threshold. Targets are resolved now: devices accepted later are not included."""
+    """Deploy a release to devices, a group or all accepted devices, optionally in phases (on a timer, or
+    gated by the health of the phases before) with a failure threshold or limit. Targets are resolved now;
+    a ``dynamic`` deployment also takes the devices that join its group (or are accepted, with
+    ``all_devices``) later, until it is closed."""
     t = now()
     phases = [{"batch_size": p.batch_size, "wait_s": p.wait_s,
-               "start_ts": p.start_ts.timestamp() if p.start_ts else None} for p in body.phases or []]
+               "start_ts": p.start_ts.timestamp() if p.start_ts else None,
+               **({"gate": p.gate.model_dump()} if p.gate is not None else {})} for p in body.phases or []]
     deployment_id = str(uuid.uuid4())
     with ctx.db.write() as c:
         # FOR SHARE: an artifact deleted at the same moment is either gone here or sees this deployment
@@ -395,24 +439,32 @@ def create_deployment(body: NewDeployment, ctx: Ctx, who: Operator) -> Response:
             else:
                 target = {"all_devices": True}
             ids = [r[0] for r in c.execute(q)]
-        if not ids:
+        if not ids and not body.dynamic:
             raise bad_request("no accepted devices match the target")
         planned, assignment = rollout.plan_phases(ids, phases, t)
-        starts = [p["start_ts"] for p in planned]
+        starts = [p["start_ts"] for p in planned if p["start_ts"] is not None]
         if starts != sorted(starts):
             raise bad_request("phases must start in order")
+        join_group = (target.get("group") or rollout.ALL_GROUPS) if body.dynamic else None
         c.execute(dep.insert().values(
             id=deployment_id, name=body.name, artifact_name=body.artifact_name, status="pending", created=t,
             device_count=len(ids), phases=planned, failure_threshold=body.failure_threshold,
-            allow_downgrade=body.allow_downgrade, retries=body.retries, target=target))
-        c.execute(dd.insert(), [
-            {"deployment_id": deployment_id, "device_id": d, "status": "pending", "active": True, "phase": ph,
-             "not_before": nb, "attempts": 0, "created": t, "has_log": False}
-            for d, ph, nb in assignment])
+            allow_downgrade=body.allow_downgrade, retries=body.retries, target=target, dynamic=body.dynamic,
+            join_group=join_group,
+            failure_limit=body.failure_limit.model_dump() if body.failure_limit is not None else None))
+        if assignment:
+            c.execute(dd.insert(), [
+                {"deployment_id": deployment_id, "device_id": d, "status": "pending", "active": True, "phase": ph,
+                 "not_before": nb, "attempts": 0, "created": t, "has_log": False}
+                for d, ph, nb in assignment])
         aim = ("a device list" if "devices" in target else f"group {target['group']}" if "group" in target
-               else "all devices")
+               else "all devices") + (", dynamic" if body.dynamic else "")
+        gated = sum(1 for p in planned if p.get("gate"))
         who.record(c, f"created deployment {body.name!r} ({deployment_id}) of {body.artifact_name} to {len(ids)} "
-                      f"device(s) ({aim}), {len(planned)} phase(s), failure threshold {body.failure_threshold}")
+                      f"device(s) ({aim}), {len(planned)} phase(s)" + (f" ({gated} gated)" if gated else "")
+                      + f", failure threshold {body.failure_threshold}"
+                      + (f", failure limit {body.failure_limit.max_failed_pct:g}% ({body.failure_limit.on_failure})"
+                         if body.failure_limit is not None else ""))
     return Response(status_code=201, headers={"Location": f"{DEPLOYMENTS}/{deployment_id}"})
 
 
@@ -466,24 +518,36 @@ def get_device_log(deployment_id: str, device_id: str, ctx: Ctx) -> Response:
 
 class DeploymentStatus(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    status: str = Field(pattern="^(aborted|inprogress)$")
+    status: str = Field(pattern="^(aborted|inprogress|closed)$")
     failure_threshold: float | None = Field(None, ge=0, le=100)
+    failure_limit: FailureLimit | None = None
 
 
 @router.put(DEPLOYMENTS + "/{deployment_id}/status", status_code=204, tags=["deployments"])
 def put_deployment_status(deployment_id: str, body: DeploymentStatus, ctx: Ctx, who: Operator) -> Response:
     """``aborted``: unfinished devices become ``aborted`` (they get 409 on their next report).
     ``inprogress`` (our extension): resume a paused deployment, optionally with a new ``failure_threshold``
-    (otherwise the next failure pauses it again while the failure ratio stays above the threshold)."""
+    or ``failure_limit`` (otherwise the next failure pauses it again while the failure ratio stays above).
+    ``closed`` (our extension): a dynamic deployment takes no more joiners; it finishes when its devices
+    have (409 for a deployment that is not dynamic, already closed, or ended)."""
     with ctx.db.write() as c:
         r = _get_deployment(c, deployment_id)
         if body.status == "aborted":
             if r.status not in rollout.OPEN or not rollout.abort(c, deployment_id):
                 raise conflict(f"the deployment is already {_get_deployment(c, deployment_id).status}")
+        elif body.status == "closed":
+            if not rollout.close(c, deployment_id):
+                raise conflict("only an open dynamic deployment can be closed; this one is " + (
+                    "not dynamic" if not r.dynamic else "closed already" if r.closed is not None
+                    else _get_deployment(c, deployment_id).status))
+            who.record(c, f"deployment {r.name!r} ({deployment_id}) closed: no more devices join it")
+            return Response(status_code=204)
         else:
             values: dict[str, Any] = {}
             if "failure_threshold" in body.model_fields_set:
                 values["failure_threshold"] = body.failure_threshold
+            if "failure_limit" in body.model_fields_set:
+                values["failure_limit"] = body.failure_limit.model_dump() if body.failure_limit else None
             if not rollout.resume(c, deployment_id, values):
                 raise conflict("only a paused deployment can be resumed; this one is "
                                f"{_get_deployment(c, deployment_id).status}")

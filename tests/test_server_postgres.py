@@ -86,6 +86,60 @@ def test_final_reports_at_the_same_moment_close_the_deployment(server: Server, r
     assert server.query("SELECT status FROM deployments WHERE id = :d", d=dep_id) == [("finished",)]
 
 
+def test_devices_joining_a_dynamic_deployment_at_the_same_moment(server: Server, release: str) -> None:  # noqa: F811
+    """Devices join one dynamic deployment on two connections, the way two server processes run their polls
+    under READ COMMITTED: the second join waits for the first (the deployment row lock). Two devices at once:
+    both are in it, the counts exact. The same device twice at once (two polls on two workers): added once."""
+    import sqlalchemy as sa
+
+    from ota_server import deployments as rollout
+    from ota_server.db import normalize_url
+
+    devs = _preauthorized_devices(server, 5)
+    (a_id, b_id), joiners = [i for _, i in devs[:2]], devs[2:]
+    with server.admin() as adm:
+        for device_id in (a_id, b_id):
+            assert adm.put(f"/api/management/v1/inventory/devices/{device_id}/group",
+                           json={"group": "pg-dynamic"}).status_code == 204
+    dep_id = deploy(server, name="dyn-race", artifact_name=release, group="pg-dynamic", dynamic=True)
+    (c, c_id), (d, d_id), (e, e_id) = joiners
+    engine = sa.create_engine(normalize_url(server.db_url))
+    try:
+        with engine.begin() as conn:  # into the group behind the API's back (as an inventory import does)
+            conn.execute(sa.text("UPDATE devices SET group_name = 'pg-dynamic' WHERE id IN (:c, :d, :e)"),
+                         {"c": c_id, "d": d_id, "e": e_id})
+        for first_id, second_id, expected in ((c_id, d_id, (True, True)), (e_id, e_id, (True, False))):
+            got: list[bool] = []
+            with engine.connect() as c1, engine.connect() as c2:
+                first = c1.begin()
+                got.append(rollout.join(c1, dep_id, first_id))
+
+                def second(device_id: str = second_id, got: list[bool] = got) -> None:
+                    with c2.begin():
+                        got.append(rollout.join(c2, dep_id, device_id))
+
+                t = threading.Thread(target=second)
+                t.start()
+                t.join(1.0)
+                waited = t.is_alive()
+                first.commit()
+                t.join(30)
+            assert waited, "the second join did not wait for the first one's transaction"
+            assert tuple(got) == expected
+    finally:
+        engine.dispose()
+    rows = server.query("SELECT device_id FROM deployment_devices WHERE deployment_id = :d", d=dep_id)
+    assert sorted(r[0] for r in rows) == sorted([a_id, b_id, c_id, d_id, e_id])
+    with server.admin() as adm:
+        doc = adm.get(f"/api/management/v1/deployments/deployments/{dep_id}").json()
+    assert doc["device_count"] == 5 and doc["phases"][0]["device_count"] == 5
+    for dev in (c, d, e):
+        assert dev.next().json()["id"] == dep_id
+    with server.admin() as adm:
+        assert adm.put(f"/api/management/v1/deployments/deployments/{dep_id}/status",
+                       json={"status": "aborted"}).status_code == 204
+
+
 def test_unique_index_behind_the_artifact_conflict(server: Server) -> None:
     """Two transactions insert the same (name, device type, source): the second waits for the first to commit,
     then fails with a unique violation (the upload turns it into 409)."""
