@@ -99,14 +99,23 @@ def phases_body(phases: Sequence[tuple[int, float]]) -> list[dict[str, Any]]:
     return body
 
 
-def percent(text: str) -> float:
+def percent(text: str, what: str = "--failure-threshold") -> float:
     try:
         value = float(text.strip().rstrip("%"))
     except ValueError:
         value = -1.0
     if not 0 <= value <= 100:
-        raise UserError(f"--failure-threshold: {clean(text)!r} is not a percentage from 0 to 100")
+        raise UserError(f"{what}: {clean(text)!r} is not a percentage from 0 to 100")
     return value
+
+
+def parse_gate(text: str) -> dict[str, float]:
+    """``90%+1h`` → ``{"min_success_pct": 90, "soak_s": 3600}`` (the soak defaults to 0)."""
+    pct, _, soak = text.partition("+")
+    value = percent(pct, "--gate")
+    if value <= 0:
+        raise UserError(f"--gate: {clean(text)!r}: the share must be above 0 %")
+    return {"min_success_pct": value, "soak_s": duration(soak, "--gate") if soak else 0.0}
 
 
 def split_ids(values: Sequence[str]) -> list[str]:
@@ -118,7 +127,7 @@ def split_ids(values: Sequence[str]) -> list[str]:
 @click.option("--devices", "--device", "devices", multiple=True, metavar="ID[,ID...]",
               help="These devices (repeat, or separate with commas); they get it in this order (canaries first).")
 @click.option("--group", metavar="G",
-              help="The accepted devices of this group (resolved now: devices accepted later are not added).")
+              help="The accepted devices of this group (resolved now unless --dynamic).")
 @click.option("--all", "all_devices", is_flag=True, help="Every accepted device.")
 @click.option("--filter", "filters", multiple=True, metavar="NAME=VALUE",
               help="Accepted devices whose identity or inventory attribute NAME is VALUE (repeat: all must match; "
@@ -131,6 +140,17 @@ def split_ids(values: Sequence[str]) -> list[str]:
 @click.option("--failure-threshold", metavar="PERCENT",
               help="Pause the rollout when more than PERCENT % of the finished devices failed (resume with "
                    "fleet resume).")
+@click.option("--gate", metavar="PCT%[+SOAK]",
+              help="Health-gated phases: each phase after the first starts only when PCT % of the devices of the "
+                   "phases before reported success (committed after a passing health check) and the last success "
+                   "is SOAK old (e.g. 90%+1h), and not before its --phases time.")
+@click.option("--failure-limit", metavar="PERCENT",
+              help="When more than PERCENT % of the devices handed out failed or rolled back: --on-failure.")
+@click.option("--on-failure", type=click.Choice(["pause", "abort"]), default="pause", show_default=True,
+              help="What --failure-limit does (resume a paused rollout with fleet resume).")
+@click.option("--dynamic", is_flag=True,
+              help="With --group or --all: devices that join later (accepted, or moved into the group) get it too, "
+                   "until fleet close DEPLOYMENT.")
 @click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
               help="Times a device that reports failure may try again.")
 @click.option("--allow-downgrade", is_flag=True,
@@ -140,6 +160,7 @@ def split_ids(values: Sequence[str]) -> list[str]:
 @SERVER_OPTION
 def deploy(artifact_name: str, devices: Sequence[str], group: str | None, all_devices: bool,
            filters: Sequence[str], name: str | None, phases: str | None, failure_threshold: str | None,
+           gate: str | None, failure_limit: str | None, on_failure: str, dynamic: bool,
            retries: int, allow_downgrade: bool, as_json: bool, server: str | None) -> None:
     """Deploy the release ARTIFACT_NAME (uploaded with build.py publish) to --devices, a --group, --all or the
     devices a --filter selects; prints the deployment's id (watch it with fleet watch ID)."""
@@ -155,6 +176,17 @@ def deploy(artifact_name: str, devices: Sequence[str], group: str | None, all_de
         body["phases"] = phases_body(parse_phases(phases))
     if failure_threshold is not None:
         body["failure_threshold"] = percent(failure_threshold)
+    if gate is not None:
+        if phases is None or len(body["phases"]) < 2:
+            raise UserError("--gate needs --phases with at least two phases (it gates every phase after the first)")
+        for phase in body["phases"][1:]:
+            phase["gate"] = parse_gate(gate)
+    if failure_limit is not None:
+        body["failure_limit"] = {"max_failed_pct": percent(failure_limit, "--failure-limit"), "on_failure": on_failure}
+    if dynamic:
+        if not (group or all_devices) or ids or wanted:
+            raise UserError("--dynamic goes with --group G or --all (a device list or a filter is fixed now)")
+        body["dynamic"] = True
     api = management(server)
     if wanted:
         chosen = [d["id"] for d in list_devices(api, "accepted", group, wanted)]
@@ -364,6 +396,23 @@ def abort(deployment_id: str, server: str | None) -> None:
             raise UserError(f"deployment {d['id']} has already ended ({d['status']})") from None
         raise
     click.echo(f"{d['id']}: aborted")
+
+
+@fleet.command("close")
+@click.argument("deployment_id", metavar="DEPLOYMENT")
+@SERVER_OPTION
+def close(deployment_id: str, server: str | None) -> None:
+    """Close a dynamic DEPLOYMENT: devices joining its group from now on do not get it; the devices it has
+    finish as usual."""
+    api = management(server)
+    d = get_or_unknown(api, f"{DEPLOYMENTS}/{seg(deployment_id)}", f"deployment {clean(deployment_id)!r}")
+    try:
+        api.call("PUT", f"{DEPLOYMENTS}/{seg(d['id'])}/status", {"status": "closed"})
+    except ServerRefused as e:
+        if e.status == 409:
+            raise UserError(f"deployment {d['id']} takes no joiners ({e.reason})") from None
+        raise
+    click.echo(f"{d['id']}: closed")
 
 
 @fleet.command("resume")

@@ -272,10 +272,38 @@ def test_bad_deployments_are_refused_in_one_line_and_create_nothing(server: Serv
         (("--devices", f"{device_id},no-such-device"), "unknown device(s): no-such-device"),
         (("--filter", "hostname"), "NAME=VALUE"),
         (("--filter", f"hostname=nobody-{os.urandom(3).hex()}"), "no accepted device matches"),
+        (("--devices", device_id, "--dynamic"), "--dynamic goes with --group G or --all"),
+        (("--group", "g", "--gate", "90%+1h"), "--gate needs --phases"),
+        (("--group", "g", "--phases", "50%,100%@1h", "--gate", "0%"), "above 0 %"),
+        (("--group", "g", "--failure-limit", "x"), "--failure-limit"),
     ]:
         one_line_error(fleet("deploy", artifact, *args), 2, words)
     one_line_error(fleet("deploy", "no-such-release", "--devices", device_id), 2, "no artifact named")
     assert count() == before
+
+
+def test_a_dynamic_gated_deployment_takes_joiners_until_closed(server: Server, fleet: Fleet, artifact: str) -> None:
+    group = f"dyn-{os.urandom(3).hex()}"
+    r = fleet("deploy", artifact, "--group", group, "--dynamic", "--phases", "50%,100%@1h", "--gate", "90%+30m",
+              "--failure-limit", "20", "--on-failure", "abort", "--json")
+    assert r.exit_code == 0, r.output
+    dep_id = json.loads(r.output)["id"]
+    with server.admin() as a:
+        doc = a.get(f"{DEPLOYMENTS}/{dep_id}").json()
+    assert doc.get("dynamic") is True, doc
+    assert doc["phases"][1]["gate"] == {"min_success_pct": 90.0, "soak_s": 1800.0}, doc["phases"]
+    assert doc["failure_limit"] == {"max_failed_pct": 20.0, "on_failure": "abort"}
+    _, joiner = accepted(server)
+    with server.admin() as a:  # moved into the group: it joins the open deployment
+        assert a.put(f"/api/management/v1/inventory/devices/{joiner}/group", json={"group": group}).status_code == 204
+        assert joiner in {d["id"] for d in a.get(f"{DEPLOYMENTS}/{dep_id}/devices").json()}
+    closed = fleet("close", dep_id)
+    assert closed.exit_code == 0 and f"{dep_id}: closed" in closed.output
+    one_line_error(fleet("close", dep_id), 2, "takes no joiners")
+    _, late = accepted(server)
+    with server.admin() as a:  # closed: a device moved in now does not get it
+        assert a.put(f"/api/management/v1/inventory/devices/{late}/group", json={"group": group}).status_code == 204
+        assert late not in {d["id"] for d in a.get(f"{DEPLOYMENTS}/{dep_id}/devices").json()}
 
 
 def test_phases_are_cumulative_shares_at_times_after_creation() -> None:
