@@ -257,3 +257,65 @@ def deployment_device(conn: Connection, deployment_id: str, device_id: str) -> A
         sa.select(dd, dep.c.name, dep.c.artifact_name, devices.c.identity_json)
         .join(dep, dep.c.id == dd.c.deployment_id).outerjoin(devices, devices.c.id == dd.c.device_id)
         .where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)).first()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the action forms offer (read here, changed only through the management API's functions)
+
+PENDING_LIMIT = 100
+
+
+def pending_devices(conn: Connection, limit: int = PENDING_LIMIT) -> dict[str, Any]:
+    """The oldest ``limit`` pending devices (for the accept/reject list) and how many there are."""
+    where = devices.c.status == "pending"
+    total = int(conn.execute(sa.select(sa.func.count()).select_from(devices).where(where)).scalar_one())
+    rows = conn.execute(sa.select(devices.c.id, devices.c.identity_json, devices.c.created).where(where)
+                        .order_by(devices.c.created, devices.c.id).limit(limit)).all()
+    return {"total": total, "rows": [{"id": r.id, "identity": identity_of(r.identity_json), "created": r.created}
+                                     for r in rows]}
+
+
+def artifact_choices(conn: Connection) -> list[dict[str, Any]]:
+    """Each uploaded artifact name once, newest upload first, with the device types of its files."""
+    by_name: dict[str, dict[str, Any]] = {}
+    for r in conn.execute(sa.select(art_t.c.name, art_t.c.device_types, art_t.c.created)
+                          .order_by(art_t.c.created.desc())):
+        entry = by_name.setdefault(r.name, {"name": r.name, "device_types": set()})
+        entry["device_types"].update(r.device_types or [])
+    return [{"name": e["name"], "device_types": sorted(e["device_types"])} for e in by_name.values()]
+
+
+def group_choices(conn: Connection) -> list[str]:
+    return [r[0] for r in conn.execute(sa.select(devices.c.group_name).where(devices.c.group_name.is_not(None))
+                                       .distinct().order_by(devices.c.group_name))]
+
+
+def rollback_plan(conn: Connection, deployment_id: str) -> dict[str, Any] | None:
+    """What "roll back" can do for a deployment: the devices that installed it (``success``) and are still
+    accepted, and what each ran before as far as the server knows. The server does not record the version a
+    device ran when a deployment reached it; the best it has is the artifact of the device's latest earlier
+    deployment that succeeded. ``previous``: [(artifact name, devices)], most devices first; ``unknown``: devices
+    without such a deployment. None for an unknown deployment."""
+    row = conn.execute(sa.select(dep.c.created).where(dep.c.id == deployment_id)).first()
+    if row is None:
+        return None
+    targets = [r[0] for r in conn.execute(
+        sa.select(dd.c.device_id).join(devices, devices.c.id == dd.c.device_id)
+        .where(dd.c.deployment_id == deployment_id, dd.c.status == "success", devices.c.status == "accepted")
+        .order_by(dd.c.device_id))]
+    got = sa.select(dd.c.device_id).where(dd.c.deployment_id == deployment_id, dd.c.status == "success")
+    earlier = dd.alias("earlier")
+    latest: dict[str, tuple[float, str]] = {}
+    for device_id, name, created in conn.execute(
+            sa.select(earlier.c.device_id, dep.c.artifact_name, dep.c.created)
+            .join(dep, dep.c.id == earlier.c.deployment_id)
+            .where(earlier.c.device_id.in_(got), earlier.c.status == "success", dep.c.created < row.created)):
+        if device_id not in latest or created > latest[device_id][0]:
+            latest[device_id] = (created, name)
+    counts: dict[str, int] = {}
+    for device_id in targets:
+        if device_id in latest:
+            counts[latest[device_id][1]] = counts.get(latest[device_id][1], 0) + 1
+    previous = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {"devices": targets, "previous": previous, "unknown": len(targets) - sum(counts.values()),
+            "artifacts": artifact_choices(conn)}

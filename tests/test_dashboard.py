@@ -360,7 +360,7 @@ def test_overview(fleet: Fleet) -> None:
     assert devices.count('href="/ui/devices/') == 8
     _assert_inert(html)
     assert html.count("&lt;script&gt;") >= 1
-    for name, value in (("X-Frame-Options", "DENY"), ("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer")):
+    for name, value in (("X-Frame-Options", "DENY"), ("Cache-Control", "no-store"), ("Referrer-Policy", "same-origin")):
         assert r.headers[name.lower()] == value
 
     # filters and pagination
