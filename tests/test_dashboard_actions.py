@@ -14,6 +14,8 @@ A headless Chromium (slow) clicks through as an operator: accept a pending devic
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import re
@@ -115,6 +117,7 @@ class Fleet:
     #: another operator's session
     ops2: Session
     viewer: Session
+    tokens: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +133,7 @@ def fleet(server: Server, tmp_path_factory: pytest.TempPathFactory, keys: dict[s
             assert r.status_code == 201, r.text
             tokens[name] = r.json()["token"]
     return Fleet(server, login(server, tokens["ops"], "ops"), login(server, tokens["ops2"], "ops2"),
-                 login(server, tokens["viewer"], "viewer"))
+                 login(server, tokens["viewer"], "viewer"), tokens)
 
 
 def pending_device(server: Server) -> Device:
@@ -494,7 +497,6 @@ def test_attack_read_scope_cannot_act(fleet: Fleet) -> None:
     with fleet.viewer.http() as c:
         assert c.get("/ui/deploy").status_code == 403
 
-    import base64
     import hashlib
     import hmac
 
@@ -534,6 +536,152 @@ def test_flash_cookie_is_signed_and_strict(fleet: Fleet) -> None:
 
 
 def base64_json(value: Any) -> str:
-    import base64
-
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real browser clicks through
+
+
+class Browser:
+    """A headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: commands
+    on its fd 3, answers and events on its fd 4, JSON messages ended by NUL), in its own process group."""
+
+    def __init__(self, binary: str, profile: Path) -> None:
+        from .test_dashboard import CHROMIUM_FLAGS
+
+        to_chrome, self._in = os.pipe()
+        self._out, from_chrome = os.pipe()
+
+        def fds() -> None:  # in the child, before exec
+            os.dup2(to_chrome, 3)
+            os.dup2(from_chrome, 4)
+
+        self.proc = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe",
+                                      "about:blank"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=fds, close_fds=False, start_new_session=True)
+        os.close(to_chrome)
+        os.close(from_chrome)
+        self._buf = b""
+        self._next = 0
+        self.session = ""
+        target = next(t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.send("Target.attachToTarget", targetId=target["targetId"], flatten=True)["sessionId"]
+        self.send("Page.enable")
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next += 1
+        msg: dict[str, Any] = {"id": self._next, "method": method, "params": params}
+        if self.session:
+            msg["sessionId"] = self.session
+        os.write(self._in, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            while b"\0" not in self._buf:
+                chunk = os.read(self._out, 1 << 20)
+                assert chunk, "Chromium closed the DevTools pipe"
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self._next:
+                if "error" in answer:
+                    raise RuntimeError(f"{method}: {answer['error']}")
+                result: dict[str, Any] = answer.get("result", {})
+                return result
+        raise TimeoutError(method)
+
+    def js(self, expression: str) -> Any:
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails'].get('text')}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60) -> None:
+        """Evaluate until true in JavaScript's sense (a navigation in between destroys the context: try again)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(RuntimeError):
+                if self.js(f"!!({expression})") is True:
+                    return
+            if time.monotonic() > deadline:
+                where = self.js("location.href + ' ' + document.title + ': ' + document.body.innerText.slice(0, 500)")
+                raise AssertionError(f"timed out waiting for {expression} on {where}")
+            time.sleep(0.2)
+
+    def go(self, url: str, ready: str) -> None:
+        self.send("Page.navigate", url=url)
+        self.wait_for(ready)
+
+    def click(self, selector: str) -> None:
+        self.js(f"document.querySelector({json.dumps(selector)}).click()")
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+        print(f"screenshot: {path}")
+
+    def close(self) -> None:
+        from .test_dashboard import _kill_group
+
+        with contextlib.suppress(OSError):
+            os.close(self._in)
+        with contextlib.suppress(OSError):
+            os.close(self._out)
+        _kill_group(self.proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
+def _flash_is(text: str) -> str:
+    return f"(document.querySelector('#flash') || {{}}).textContent === {json.dumps(text)}"
+
+
+@pytest.mark.slow
+def test_chromium_clicks_through(fleet: Fleet, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """An operator in a real browser accepts a pending device from the pending list, deploys to it from its page,
+    and aborts the deployment: real form posts with the browser's own cookies, Origin and CSRF field."""
+    from .test_dashboard import SCREENSHOTS, _group_alive, chromium_binary
+
+    s = fleet.server
+    d = pending_device(s)
+    device_id = d.id()
+    before = last_audit_id(s)
+    browser = Browser(chromium_binary(), tmp_path / "profile")
+    request.addfinalizer(browser.close)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    backend = "postgresql" if s.db_url.startswith("postgresql") else "sqlite"
+
+    with httpx.Client(base_url=s.url, timeout=30) as c:
+        r = c.post("/ui/login-link", params={"next": "/ui/"}, headers={"Authorization": f"Bearer {fleet.tokens['ops']}"})
+    assert r.status_code == 200, r.text
+    browser.go(s.url + r.json()["url"], f"document.querySelector('#tick-{device_id}')")
+    browser.screenshot(SCREENSHOTS / f"actions-{backend}-1-pending.png")
+    browser.click(f"#tick-{device_id}")
+    browser.click("#accept-selected")
+    browser.wait_for(_flash_is("accepted 1 of 1 device(s)"))
+    browser.screenshot(SCREENSHOTS / f"actions-{backend}-2-accepted.png")
+    assert api(s, f"{DEVAUTH}/{device_id}")["status"] == "accepted"
+
+    browser.go(f"{s.url}/ui/devices/{device_id}", "document.querySelector('#deploy-here')")
+    browser.click("#deploy-here")
+    browser.wait_for(f"document.querySelector('#deploy-devices') && "
+                     f"document.querySelector('#deploy-devices').value === {json.dumps(device_id)}")
+    browser.js("document.querySelector('#deploy-name').value = 'chromium rollout'; "
+               "document.querySelector('#deploy-artifact').value = 'vv-app-2.0'")
+    browser.screenshot(SCREENSHOTS / f"actions-{backend}-3-deploy-form.png")
+    browser.click("#create-deployment")
+    browser.wait_for(_flash_is("deployment 'chromium rollout' created"))
+    deployment_id = browser.js("location.pathname").rsplit("/", 1)[1]
+    doc = api(s, f"{DEPLOYMENTS}/{deployment_id}")
+    assert doc["name"] == "chromium rollout" and doc["target"] == {"devices": [device_id]}
+    browser.screenshot(SCREENSHOTS / f"actions-{backend}-4-deployment.png")
+
+    browser.click("#abort")
+    browser.wait_for(_flash_is("deployment aborted"))
+    browser.screenshot(SCREENSHOTS / f"actions-{backend}-5-aborted.png")
+    assert api(s, f"{DEPLOYMENTS}/{deployment_id}")["status"] == "aborted"
+    assert "abort" not in browser.js("document.querySelector('#actions') ? 'abort' : ''")
+    entries = [e for e in reversed(audit_since(s, before)) if not e["summary"].startswith("dashboard login")]
+    assert [(e["actor"], e["path"]) for e in entries] == [
+        ("ops", "/ui/devices/pending"), ("ops", "/ui/deploy"), ("ops", f"/ui/deployments/{deployment_id}/status")]
+    browser.close()
+    assert not _group_alive(browser.proc.pid), "Chromium processes left behind"
