@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from ota_common.varnames import is_group_name
@@ -129,10 +130,12 @@ def _validation_text(err: ValidationError) -> str:
 
 
 def _done(request: Request, target: str, ok: bool, message: str) -> Response:
+    ctx = get_ctx(request)
     resp = RedirectResponse(target, status_code=303)
     resp.headers.update(SECURITY_HEADERS)
-    resp.set_cookie(FLASH_COOKIE, flash_cookie(get_ctx(request), ok, message), max_age=120, path="/ui",
-                    httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    secure = request.url.scheme == "https" or (ctx.settings.public_url or "").startswith("https://")
+    resp.set_cookie(FLASH_COOKIE, flash_cookie(ctx, ok, message), max_age=120, path="/ui", httponly=True,
+                    samesite="strict", secure=secure)
     return resp
 
 
@@ -145,7 +148,8 @@ async def _act(request: Request, who: Principal, target: str, action: Callable[[
     except Refused as refused:
         return render("forbidden.html", status=403, viewer=who, scope=refused.scope, reason=refused.why)
     try:
-        message, target = action(caller, form)
+        # the API's functions are synchronous (FastAPI runs them in its thread pool): so here
+        message, target = await run_in_threadpool(action, caller, form)
     except APIError as err:
         return _done(request, target, False, err.message)
     except ValidationError as err:
