@@ -392,9 +392,9 @@ def overview(request: Request, ctx: Ctx, who: Viewer, page: PageNo = 1,
         counts = q.fleet_counts(c, cutoff)
         total, rows = q.device_rows(c, flt, page)
         deployments_total, recent = q.deployment_rows(c)
-        pending = q.pending_devices(c) if who.allows("operate") else None
-    # no refresh while there are pending devices to tick: it would drop the ticks
-    return render("overview.html", request=request, viewer=who, refresh=None if pending else 30, pending=pending, counts=counts, devices=rows, filter=flt, page=page,
+    # the pending list has ticks for an operator: no refresh that would drop them
+    ticks = status == "pending" and who.allows("operate")
+    return render("overview.html", request=request, viewer=who, refresh=None if ticks else 30, counts=counts, devices=rows, filter=flt, page=page,
                   stale_after=_duration(ctx.settings.stale_after),
                   pages=max(1, math.ceil(total / q.PER_PAGE)), matching=total, per_page=q.PER_PAGE,
                   deployments=recent, deployments_total=deployments_total)

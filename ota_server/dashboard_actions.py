@@ -292,17 +292,17 @@ async def rollback(request: Request, deployment_id: str, who: Viewer, ctx: Ctx) 
     installed this one and are still accepted (resolved now, not taken from the form)."""
     def action(caller: Caller, form: FormData) -> tuple[str, str]:
         with ctx.db.read() as c:
-            plan = q.rollback_plan(c, deployment_id)
             name = c.execute(sa.select(dep.c.name).where(dep.c.id == deployment_id)).scalar()
-        if plan is None or name is None:
+            ids = q.rollback_devices(c, deployment_id)
+        if name is None:
             raise APIError(404, "deployment not found")
-        if not plan["devices"]:
+        if not ids:
             raise APIError(400, "no device installed this deployment (status success) and is still accepted: "
                                 "nothing to roll back")
         body = NewDeployment(name=f"roll back {name}"[:256], artifact_name=_field(form, "artifact_name"),
-                             devices=plan["devices"], allow_downgrade=True)
+                             devices=ids, allow_downgrade=True)
         new_id = _created_id(create_deployment(body, ctx, caller))
-        return (f"roll-back deployment of {body.artifact_name} to {len(plan['devices'])} device(s) created",
+        return (f"roll-back deployment of {body.artifact_name} to {len(ids)} device(s) created",
                 f"/ui/deployments/{new_id}")
     return await _act(request, who, f"/ui/deployments/{deployment_id}", action)
 

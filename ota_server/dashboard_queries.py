@@ -262,19 +262,6 @@ def deployment_device(conn: Connection, deployment_id: str, device_id: str) -> A
 # ---------------------------------------------------------------------------------------------------------
 # What the action forms offer (read here, changed only through the management API's functions)
 
-PENDING_LIMIT = 100
-
-
-def pending_devices(conn: Connection, limit: int = PENDING_LIMIT) -> dict[str, Any]:
-    """The oldest ``limit`` pending devices (for the accept/reject list) and how many there are."""
-    where = devices.c.status == "pending"
-    total = int(conn.execute(sa.select(sa.func.count()).select_from(devices).where(where)).scalar_one())
-    rows = conn.execute(sa.select(devices.c.id, devices.c.identity_json, devices.c.created).where(where)
-                        .order_by(devices.c.created, devices.c.id).limit(limit)).all()
-    return {"total": total, "rows": [{"id": r.id, "identity": identity_of(r.identity_json), "created": r.created}
-                                     for r in rows]}
-
-
 def artifact_choices(conn: Connection) -> list[dict[str, Any]]:
     """Each uploaded artifact name once, newest upload first, with the device types of its files."""
     by_name: dict[str, dict[str, Any]] = {}
@@ -290,32 +277,37 @@ def group_choices(conn: Connection) -> list[str]:
                                        .distinct().order_by(devices.c.group_name))]
 
 
+def _rollback_targets(deployment_id: str) -> Any:
+    """``device_id`` of the devices that installed the deployment (``success``) and are still accepted."""
+    return (sa.select(dd.c.device_id).join(devices, devices.c.id == dd.c.device_id)
+            .where(dd.c.deployment_id == deployment_id, dd.c.status == "success", devices.c.status == "accepted"))
+
+
 def rollback_plan(conn: Connection, deployment_id: str) -> dict[str, Any] | None:
-    """What "roll back" can do for a deployment: the devices that installed it (``success``) and are still
-    accepted, and what each ran before as far as the server knows. The server does not record the version a
+    """What "roll back" can do for a deployment: how many devices installed it (``success``) and are still
+    accepted, and what they ran before as far as the server knows. The server does not record the version a
     device ran when a deployment reached it; the best it has is the artifact of the device's latest earlier
     deployment that succeeded. ``previous``: [(artifact name, devices)], most devices first; ``unknown``: devices
-    without such a deployment. None for an unknown deployment."""
-    row = conn.execute(sa.select(dep.c.created).where(dep.c.id == deployment_id)).first()
-    if row is None:
+    without such a deployment. Aggregated in SQL (a few rows whatever the fleet size). None for an unknown
+    deployment."""
+    created = conn.execute(sa.select(dep.c.created).where(dep.c.id == deployment_id)).scalar()
+    if created is None:
         return None
-    targets = [r[0] for r in conn.execute(
-        sa.select(dd.c.device_id).join(devices, devices.c.id == dd.c.device_id)
-        .where(dd.c.deployment_id == deployment_id, dd.c.status == "success", devices.c.status == "accepted")
-        .order_by(dd.c.device_id))]
-    got = sa.select(dd.c.device_id).where(dd.c.deployment_id == deployment_id, dd.c.status == "success")
-    earlier = dd.alias("earlier")
-    latest: dict[str, tuple[float, str]] = {}
-    for device_id, name, created in conn.execute(
-            sa.select(earlier.c.device_id, dep.c.artifact_name, dep.c.created)
-            .join(dep, dep.c.id == earlier.c.deployment_id)
-            .where(earlier.c.device_id.in_(got), earlier.c.status == "success", dep.c.created < row.created)):
-        if device_id not in latest or created > latest[device_id][0]:
-            latest[device_id] = (created, name)
-    counts: dict[str, int] = {}
-    for device_id in targets:
-        if device_id in latest:
-            counts[latest[device_id][1]] = counts.get(latest[device_id][1], 0) + 1
-    previous = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return {"devices": targets, "previous": previous, "unknown": len(targets) - sum(counts.values()),
-            "artifacts": artifact_choices(conn)}
+    earlier, earlier_dep = dd.alias("earlier"), dep.alias("earlier_dep")
+    targets = _rollback_targets(deployment_id).subquery("targets")
+    previous = (sa.select(earlier_dep.c.artifact_name)
+                .select_from(earlier.join(earlier_dep, earlier_dep.c.id == earlier.c.deployment_id))
+                .where(earlier.c.device_id == targets.c.device_id, earlier.c.status == "success",
+                       earlier_dep.c.created < created)
+                .order_by(earlier_dep.c.created.desc()).limit(1).scalar_subquery())
+    per_device = sa.select(previous.label("artifact")).select_from(targets).subquery("per_device")
+    counts = {name: int(n) for name, n in conn.execute(
+        sa.select(per_device.c.artifact, sa.func.count()).group_by(per_device.c.artifact))}
+    unknown = counts.pop(None, 0)
+    return {"count": sum(counts.values()) + unknown, "unknown": unknown,
+            "previous": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])), "artifacts": artifact_choices(conn)}
+
+
+def rollback_devices(conn: Connection, deployment_id: str) -> list[str]:
+    """The devices a roll-back deployment goes to (see :func:`rollback_plan`)."""
+    return [r[0] for r in conn.execute(_rollback_targets(deployment_id).order_by(dd.c.device_id))]

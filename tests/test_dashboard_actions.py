@@ -211,9 +211,12 @@ def test_pending_list_in_bulk(fleet: Fleet) -> None:
     devs = [pending_device(s) for _ in range(4)]
     ids = [d.id() for d in devs]
     html = fleet.ops.page("/ui/")
-    listed = html[html.index('id="pending-list"'):html.index('id="versions"')]
+    assert 'id="pending-notice"' in html and 'href="?status=pending"' in html and 'name="ids"' not in html
+    html = fleet.ops.page("/ui/?status=pending")
+    listed = html[html.index('id="pending-list"'):]
     for device_id in ids:
         assert f'name="ids" value="{device_id}"' in listed
+    assert '<meta http-equiv="refresh"' not in html  # it would drop the ticks
     before = last_audit_id(s)
 
     ok, text, target = fleet.ops.act("/ui/devices/pending", {"ids": [ids[0], ids[1], "no-such-device"],
@@ -653,7 +656,9 @@ def test_chromium_clicks_through(fleet: Fleet, tmp_path: Path, request: pytest.F
     with httpx.Client(base_url=s.url, timeout=30) as c:
         r = c.post("/ui/login-link", params={"next": "/ui/"}, headers={"Authorization": f"Bearer {fleet.tokens['ops']}"})
     assert r.status_code == 200, r.text
-    browser.go(s.url + r.json()["url"], f"document.querySelector('#tick-{device_id}')")
+    browser.go(s.url + r.json()["url"], "document.querySelector('#review-pending')")
+    browser.click("#review-pending")
+    browser.wait_for(f"document.querySelector('#tick-{device_id}')")
     browser.screenshot(SCREENSHOTS / f"actions-{backend}-1-pending.png")
     browser.click(f"#tick-{device_id}")
     browser.click("#accept-selected")
