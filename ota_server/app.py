@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import (
     admin_api,
     dashboard,
+    dashboard_actions,
     devauth,
     device_api,
     device_deployments,
@@ -388,6 +389,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(releases.router)
     app.include_router(admin_api.router)
     app.include_router(dashboard.router)
+    app.include_router(dashboard_actions.router)
     app.include_router(provisioning.router)
     _document_scopes(app)
     generate_openapi = app.openapi

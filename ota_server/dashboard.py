@@ -18,9 +18,14 @@ Authentication uses the API tokens of the management API (any scope: every token
 
 Without credentials a page answers ``303`` to ``/ui/login?next=<page>``; a wrong Bearer token is a ``401``.
 Every page is sent with a strict Content-Security-Policy (no scripts at all, styles only from ``/ui/static``),
-``X-Frame-Options: DENY``, ``Referrer-Policy: no-referrer`` and ``Cache-Control: no-store``: device-supplied
+``X-Frame-Options: DENY``, ``Referrer-Policy: same-origin`` and ``Cache-Control: no-store``: device-supplied
 strings (identity, inventory, substates, logs) are escaped by jinja2's autoescape, and even a bug there could
-not run a script.
+not run a script. (``same-origin``, not ``no-referrer``: under ``no-referrer`` browsers send ``Origin: null``
+with a form POST, and the actions of :mod:`.dashboard_actions` check the ``Origin``; other sites still get no
+referrer.)
+
+Tokens with scope ``operate`` also get the forms of :mod:`.dashboard_actions`: each carries a CSRF token
+(:func:`csrf_token`), and the page after the action shows a one-line flash message (:func:`flash_cookie`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import math
 import time
 from datetime import UTC, datetime
@@ -42,14 +48,18 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from . import audit
 from . import dashboard_queries as q
 from .apitokens import READ, Principal, Reader, bearer_principal, find_principal, principal_named
+from .configvars import SECRET_MASK
 from .context import ServerContext, get_ctx
 from .deployments import OPEN
 from .errors import APIError
+from .management import get_device_config
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
 STATIC = HERE / "static"
 SESSION_COOKIE = "ota_session"
+FLASH_COOKIE = "ota_flash"
+FLASH_MAX = 400
 SESSION_TTL = 12 * 3600
 TICKET_TTL = 60
 LOGIN = "/ui/login"
@@ -60,7 +70,7 @@ SECURITY_HEADERS = {
                                "frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -134,6 +144,49 @@ async def require_session(request: Request) -> Principal:
 
 
 Viewer = Annotated[Principal, Depends(require_session)]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def csrf_token(ctx: ServerContext, request: Request) -> str:
+    """The CSRF token of the request's credentials: an HMAC (the session key, domain-separated) over the session
+    cookie's value, or over the hash of the Bearer token when one is used. Per session (a new login, or another
+    token, gets another one), stateless like the session itself, and unknown to other sites: they can neither
+    read the page that holds it nor compute it."""
+    if request.headers.get("authorization"):
+        basis = "bearer." + bearer_principal(request).token_hash
+    else:
+        basis = "session." + (request.cookies.get(SESSION_COOKIE) or "")
+    return _b64(hmac.new(ctx.session_key, f"csrf1.{basis}".encode(), hashlib.sha256).digest())
+
+
+def flash_cookie(ctx: ServerContext, ok: bool, message: str) -> str:
+    """The value of the flash cookie that the page after an action shows once: ``f1.<base64 JSON>.<HMAC>``,
+    signed so that nothing but the server puts text on its pages."""
+    text = " ".join(message.split())
+    text = text if len(text) <= FLASH_MAX else text[:FLASH_MAX - 1] + "…"
+    payload = _b64(json.dumps([bool(ok), text]).encode())
+    return f"f1.{payload}.{_b64(hmac.new(ctx.session_key, f'f1.{payload}'.encode(), hashlib.sha256).digest())}"
+
+
+def read_flash(ctx: ServerContext, request: Request) -> dict[str, Any] | None:
+    """The flash message of the request's cookie (``{"ok": bool, "text": str}``), or None (none, or not ours)."""
+    value = request.cookies.get(FLASH_COOKIE)
+    if not value or len(value) > 4 * FLASH_MAX:
+        return None
+    parts = value.split(".")
+    if len(parts) != 3 or parts[0] != "f1":
+        return None
+    good = _b64(hmac.new(ctx.session_key, f"f1.{parts[1]}".encode(), hashlib.sha256).digest())
+    if not hmac.compare_digest(parts[2].encode(), good.encode()):
+        return None
+    try:
+        ok, text = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, TypeError):
+        return None
+    return {"ok": bool(ok), "text": str(text)}
 
 
 def _session_response(request: Request, ctx: ServerContext, who: Principal, target: str, how: str) -> Response:
@@ -219,17 +272,31 @@ def _value(v: Any) -> str:
 ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 ENV.filters.update(when=_when, size=_size, identity=_identity, value=_value)
-ENV.globals.update(query=_query, page_link=_page_link, inconsistent=_inconsistent, INCONSISTENT=q.INCONSISTENT)
+ENV.globals.update(query=_query, page_link=_page_link, inconsistent=_inconsistent, INCONSISTENT=q.INCONSISTENT,
+                   SECRET_MASK=SECRET_MASK)
 ENV.tests["inconsistent"] = _inconsistent
 
 
-def render(template: str, status: int = 200, **context: Any) -> HTMLResponse:
+def render(template: str, status: int = 200, request: Request | None = None, **context: Any) -> HTMLResponse:
+    """The page; with ``request``, also the flash message of the last action (shown once: the cookie is
+    deleted) and, for a viewer who may act (scope ``operate``), the CSRF token of the forms."""
     now = time.time()
     context.setdefault("refresh", None)
     context.setdefault("logged_in", True)
     context.setdefault("viewer", None)
-    html = ENV.get_template(template).render(now=now, ago=lambda ts: _ago(ts, now), **context)
-    return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+    flash = None
+    if request is not None:
+        ctx = get_ctx(request)
+        flash = read_flash(ctx, request)
+        who = context["viewer"]
+        if isinstance(who, Principal) and who.allows("operate"):
+            context.setdefault("csrf", csrf_token(ctx, request))
+    context.setdefault("csrf", None)
+    html = ENV.get_template(template).render(now=now, ago=lambda ts: _ago(ts, now), flash=flash, **context)
+    resp = HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+    if request is not None and FLASH_COOKIE in request.cookies:
+        resp.delete_cookie(FLASH_COOKIE, path="/ui", httponly=True, samesite="strict")
+    return resp
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,7 +381,7 @@ pages = APIRouter(dependencies=[Depends(require_session)], include_in_schema=Fal
 
 
 @pages.get("/ui/")
-def overview(ctx: Ctx, who: Viewer, page: PageNo = 1,
+def overview(request: Request, ctx: Ctx, who: Viewer, page: PageNo = 1,
              status: Annotated[str | None, Query(pattern="^(pending|accepted|rejected|preauthorized)$")] = None,
              group: Annotated[str | None, Query(max_length=64)] = None,
              artifact: Annotated[str | None, Query(max_length=256)] = None,
@@ -325,37 +392,44 @@ def overview(ctx: Ctx, who: Viewer, page: PageNo = 1,
         counts = q.fleet_counts(c, cutoff)
         total, rows = q.device_rows(c, flt, page)
         deployments_total, recent = q.deployment_rows(c)
-    return render("overview.html", viewer=who, refresh=30, counts=counts, devices=rows, filter=flt, page=page,
+    # the pending list has ticks for an operator: no refresh that would drop them
+    ticks = status == "pending" and who.allows("operate")
+    return render("overview.html", request=request, viewer=who, refresh=None if ticks else 30, counts=counts, devices=rows, filter=flt, page=page,
                   stale_after=_duration(ctx.settings.stale_after),
                   pages=max(1, math.ceil(total / q.PER_PAGE)), matching=total, per_page=q.PER_PAGE,
                   deployments=recent, deployments_total=deployments_total)
 
 
 @pages.get("/ui/deployments")
-def deployment_list(ctx: Ctx, who: Viewer, page: PageNo = 1) -> Response:
+def deployment_list(request: Request, ctx: Ctx, who: Viewer, page: PageNo = 1) -> Response:
     with ctx.db.read() as c:
         total, rows = q.deployment_rows(c, page, DEPLOYMENTS_PER_PAGE)
-    return render("deployments.html", viewer=who, deployments=rows, page=page,
+    return render("deployments.html", request=request, viewer=who, deployments=rows, page=page,
                   pages=max(1, math.ceil(total / DEPLOYMENTS_PER_PAGE)), total=total)
 
 
 @pages.get("/ui/devices/{device_id}")
-def device_page(device_id: str, ctx: Ctx, who: Viewer) -> Response:
+def device_page(request: Request, device_id: str, ctx: Ctx, who: Viewer) -> Response:
     with ctx.db.read() as c:
         d = q.device_detail(c, device_id, time.time() - ctx.settings.stale_after)
     if d is None:
-        return render("not_found.html", status=404, viewer=who, what="device", ident=device_id)
-    return render("device.html", viewer=who, d=d, stale_after=_duration(ctx.settings.stale_after))
+        return render("not_found.html", status=404, request=request, viewer=who, what="device", ident=device_id)
+    return render("device.html", request=request, viewer=who, d=d, stale_after=_duration(ctx.settings.stale_after),
+                  config=get_device_config(device_id, ctx))
 
 
 @pages.get("/ui/deployments/{deployment_id}")
-def deployment_page(deployment_id: str, ctx: Ctx, who: Viewer, failures_page: PageNo = 1) -> Response:
+def deployment_page(request: Request, deployment_id: str, ctx: Ctx, who: Viewer, failures_page: PageNo = 1
+                    ) -> Response:
     with ctx.db.read() as c:
         d = q.deployment_detail(c, deployment_id, failures_page, time.time())
+        rollback = q.rollback_plan(c, deployment_id) if who.allows("operate") else None
     if d is None:
-        return render("not_found.html", status=404, viewer=who, what="deployment", ident=deployment_id)
+        return render("not_found.html", status=404, request=request, viewer=who, what="deployment",
+                      ident=deployment_id)
     open_ = d["row"].status in OPEN
-    return render("deployment.html", viewer=who, d=d, refresh=15 if open_ else None, failures_page=failures_page,
+    return render("deployment.html", request=request, viewer=who, d=d, refresh=15 if open_ else None, rollback=rollback,
+                  failures_page=failures_page,
                   failures_pages=max(1, math.ceil(d["failures_total"] / q.FAILURES_PER_PAGE)))
 
 

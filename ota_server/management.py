@@ -19,7 +19,7 @@ from ota_common.fleetca import MAX_DEVICE_CERT
 from . import deployments as rollout
 from . import revocation
 from .ansible_import import ImportPlan, apply_staged, import_inventory, parse_body, staged_list
-from .apitokens import READ, Operator
+from .apitokens import READ, Caller, Operator
 from .audit import names
 from .auth import canonical_identity, load_device_pubkey, normalize_pubkey, sha256_hex
 from .bulk_accept import MAX_DEVICES, accept_devices, select_ids
@@ -399,12 +399,26 @@ def _device_group(c: sa.Connection, device_id: str) -> str | None:
 @router.put(CONFIG + "/device/{device_id}", status_code=204, tags=["configuration"], openapi_extra=CONFIG_BODY)
 async def put_device_config(device_id: str, request: Request, ctx: Ctx, who: Operator) -> Response:
     """Replace the device's variables: ``{name: value, ..., "_secrets": [names]}``."""
-    values, secrets = parse_config_body(_json_body(await request.body()))
-    with ctx.db.write() as c:
-        _device_group(c, device_id)
-        ctx.config.replace(c, "device", device_id, values, secrets)
-        who.record(c, f"replaced the variables of device {device_id}: {names(values)} (secret: {names(secrets)})")
+    replace_config(ctx, who, "device", device_id, _json_body(await request.body()))
     return Response(status_code=204)
+
+
+def replace_config(ctx: ServerContext, who: Caller, scope: Literal["device", "group"], owner: str, body: Any) -> None:
+    """Replace the variables of a device or a group with ``body`` (``{name: value, ..., "_secrets": [names]}``;
+    a secret given as ``SECRET_MASK`` keeps its stored value) and write the audit entry: the API's and the
+    dashboard's one way to do it.
+
+    Raises:
+        APIError: 400 for a bad body or group name, 404 for an unknown device, 503 for a secret without a key.
+    """
+    if scope == "group":
+        check_group_name(owner)
+    values, secrets = parse_config_body(body)
+    with ctx.db.write() as c:
+        if scope == "device":
+            _device_group(c, owner)
+        ctx.config.replace(c, scope, owner, values, secrets)
+        who.record(c, f"replaced the variables of {scope} {owner}: {names(values)} (secret: {names(secrets)})")
 
 
 @router.get(CONFIG + "/device/{device_id}", tags=["configuration"], dependencies=READS)
@@ -427,10 +441,7 @@ def get_device_config(device_id: str, ctx: Ctx) -> dict[str, Any]:
 async def put_group_config(group: str, request: Request, ctx: Ctx, who: Operator) -> Response:
     """Replace a group's variables (our extension): the devices of the group receive them."""
     check_group_name(group)
-    values, secrets = parse_config_body(_json_body(await request.body()))
-    with ctx.db.write() as c:
-        ctx.config.replace(c, "group", group, values, secrets)
-        who.record(c, f"replaced the variables of group {group}: {names(values)} (secret: {names(secrets)})")
+    replace_config(ctx, who, "group", group, _json_body(await request.body()))
     return Response(status_code=204)
 
 

@@ -360,7 +360,7 @@ def test_overview(fleet: Fleet) -> None:
     assert devices.count('href="/ui/devices/') == 8
     _assert_inert(html)
     assert html.count("&lt;script&gt;") >= 1
-    for name, value in (("X-Frame-Options", "DENY"), ("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer")):
+    for name, value in (("X-Frame-Options", "DENY"), ("Cache-Control", "no-store"), ("Referrer-Policy", "same-origin")):
         assert r.headers[name.lower()] == value
 
     # filters and pagination
@@ -605,8 +605,11 @@ def test_pages_on_postgres(postgres: str, tmp_path: Path, keys: dict[str, tuple[
         html = page("/ui/")
         assert (_count(html, "count-total"), _count(html, "count-accepted"), _count(html, "count-pending")) == (4, 3, 1)
         assert "vv-app-1.0_INCONSISTENT" in html and "pg rollout" in html and ">lobby</a>" in html
-        assert page("/ui/?artifact=vv-app-1.0").count('href="/ui/devices/') == 2
-        assert page("/ui/?group=&page=1").count('href="/ui/devices/') == 3
+        def listed(html: str) -> int:  # devices in the device table (the pending list above it has its own links)
+            return html[html.index('id="devices"'):].count('href="/ui/devices/')
+
+        assert listed(page("/ui/?artifact=vv-app-1.0")) == 2
+        assert listed(page("/ui/?group=&page=1")) == 3
         html = page(f"/ui/deployments/{dep_id}")
         assert (_count(html, "stat-success"), _count(html, "stat-failure")) == (1, 1) and "health check failed" in html
         html = page(f"/ui/devices/{ids[1]}")
