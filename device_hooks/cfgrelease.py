@@ -12,7 +12,8 @@ Applied: the values are checked against what the signed image declares (:func:`.
 refusal keeps the last good file). If ``[paths] device_env`` changes, the previous file is kept as
 ``device_env.prev``, the new one written and the application restarted (``[commands] restart_on_config``);
 then the application checks (:func:`.health.wait_app_healthy`: units, ``/health``, ``required_config``) may
-take up to ``[health] config_wait``. Pass: the values and their hash go to ``server-config.json`` (the commit
+take up to ``[health] config_wait``. (An application that already failed them before the change keeps the new
+configuration: the change is not what broke it, and it may be what fixes it.) Pass: the values and their hash go to ``server-config.json`` (the commit
 point: what the agent writes at every start). Fail: ``device_env.prev`` is restored, the application restarted,
 and the hash remembered as refused: it is not applied again until the server announces another configuration
 and the device applies that one (or the server goes back to the applied one).
@@ -149,6 +150,8 @@ class ConfigRelease:
     # ------------------------------------------------------------------ steps
     def _try(self, env: dict[str, str], h: str, text: bytes, old: bytes | None, note: str) -> None:
         attempts = self.doc.get("attempts", 0) if self.doc.get("hash") == h else 0
+        # an application that fails before the change says nothing about the change: it is not reverted then
+        before = health.run_checks(self.cfg, app_only=True)
         if old is not None:  # complete before the state says "applying": a cut from here on can go back to it
             atomic_write(self.prev_path, old, 0o640)
         self.doc.update(phase="applying", hash=h, attempts=attempts, prev_absent=old is None)
@@ -160,7 +163,12 @@ class ConfigRelease:
         inventory.restart_app(self.cfg)
         fault("config-written")
         res = health.wait_app_healthy(self.cfg, self.sleep, self.monotonic)
-        if res.ok:
+        if res.ok or not before.ok:
+            if not res.ok:
+                log.warning("configuration %s kept although the application fails its checks (%s): it failed "
+                            "them before the change too", h[:12], res.summary)
+                note = "; ".join(n for n in (note, f"kept although the application fails its checks, as it did "
+                                                   f"before the change: {res.summary}") if n)[:1000]
             self._commit(env, h, note)
             return
         reason = f"the application failed its checks after the change: {res.summary}"[:1000]

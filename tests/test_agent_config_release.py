@@ -43,6 +43,7 @@ class App:
     env: Path
     checks: int = 0
     port: int = 0
+    down: bool = False  # failing whatever the configuration
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
         app = self
@@ -54,7 +55,7 @@ class App:
             def do_GET(self) -> None:  # noqa: N802
                 app.checks += 1
                 values = parse_env(app.env.read_text())[0] if app.env.exists() else {}
-                self.send_response(500 if values.get("DVR_IP", "").startswith("bad") else 200)
+                self.send_response(500 if app.down or values.get("DVR_IP", "").startswith("bad") else 200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -198,6 +199,18 @@ def test_a_change_interrupted_twice_is_given_up(scene: Scene) -> None:
     assert s.env.read_text() == GOOD_ENV
     inv = s.inventory()
     assert inv["config_status"] == "reverted" and "interrupted 2 times" in inv["config_refused"], inv
+
+
+def test_an_application_that_failed_before_the_change_keeps_the_new_configuration(scene: Scene) -> None:
+    """The change is not what broke it (and may be what fixes it): applied, with a note, not reverted."""
+    s = scene
+    s.app.down = True
+    s.server.configuration, s.server.config_hash = {**GOOD, "DVR_IP": "10.0.0.8"}, h("while-down")
+    s.poll()
+    assert s.env.read_text() == "DEVICE_ID=cam-1\nDVR_IP=10.0.0.8\n"
+    inv = s.inventory()
+    assert inv["config_status"] == "applied" and inv["config_hash"] == h("while-down")
+    assert "as it did before the change" in inv["config_refused"]
 
 
 # ------------------------------------------------------------------ attack stories
