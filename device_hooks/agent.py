@@ -49,7 +49,7 @@ from artifacts.delta import DeltaError
 from ota_common.deviceid import IDENTITY_KEY, is_device_id
 from ota_common.errors import ArtifactError, BootEnvError, IncompatibleArtifact, OTAError
 
-from . import devconfig, inventory, journal, validate
+from . import cfgrelease, devconfig, inventory, journal, validate
 from .agentstate import Current, Phase, Slot, StateStore
 from .api import Aborted, BadDeployment, Deployment, DeviceAPI, ServerError, Unauthorized
 from .bootenv import BootEnv
@@ -106,6 +106,7 @@ class Agent:
         self._verifiers: list[Verifier] | None = None
         self.reboot_command: str | None = self.cfg.commands.reboot
         self._inventory_due = 0.0
+        self.configs = cfgrelease.ConfigRelease(self.cfg, self.clock.sleep, self.clock.monotonic)
         self._polled_in = ""
         self._identity: dict[str, str | list[str]] | None = None
 
@@ -283,6 +284,7 @@ class Agent:
             self.trust.raise_floor([security_version(self.running_provides())])
         self.trust.revoked()
         try:  # device.env before any server contact: a first boot has its provisioned values at once
+            self.configs.recover()  # a configuration change that a power cut interrupted: resolved first
             devconfig.write_env(self.cfg, self.device_id(), devconfig.load_server_values(self.cfg))
         except (OSError, OTAError) as e:
             log.error("%s not written: %s", self.cfg.paths.device_env, e)
@@ -655,47 +657,39 @@ class Agent:
             "update_modules": ["rootfs-image", DELTA] if self.deltas_work(p) else ["rootfs-image"],
             "security_floor": self.trust.floor(),
         }
-        if self.state.config_refused:
-            base["config_refused"] = self.state.config_refused
+        base.update(self.configs.inventory())  # config_hash, config_status, config_refused(_hash)
         if self.cfg.device.unsigned:
             base["unsigned_image"] = "yes: refuses every update"
         with contextlib.suppress(OTAError):
             base.update(devconfig.inventory_attributes(self.cfg, self.device_id()))
         return inventory.collect(self.cfg, p, base)
 
-    def sync_configuration(self) -> bool:
-        """Fetch the device's configuration variables and apply them (:func:`.devconfig.apply_server`: the
-        environment when every variable is acceptable, the SSH keys when they are); a refusal keeps the last
-        good file and is reported in the inventory (``config_refused``). Returns True when device_env changed."""
-        values = self.api.configuration()
-        refused, changed = devconfig.apply_server(self.cfg, self.device_id(), values)
-        if refused != self.state.config_refused:
-            self.state.config_refused = refused
-            self.save()
-            self._inventory_due = 0.0
-        if refused:
-            log.error("configuration from the server refused, the last good one stays: %s", refused)
-        return changed
+    def send_inventory(self, now: float, *, sync: bool = True) -> None:
+        """Fetch and apply the configuration (:mod:`.cfgrelease`: checked, reverted when the application fails
+        with it), then send the inventory, which says what was applied or refused."""
+        if sync:
+            try:
+                self.configs.sync(self.api, self.device_id())
+            except (ServerError, OSError) as e:
+                log.warning("configuration not updated: %s", e)
+        try:
+            self.api.send_inventory(self.inventory())
+        except Unauthorized:
+            raise
+        except ServerError as e:  # an inventory the server refuses must not stop the deployments
+            log.warning("inventory not taken: %s", e)
+        # in memory: every start (a reboot into a new slot) reports at once
+        self._inventory_due = now + self.cfg.server.inventory_interval
 
     def cycle(self) -> str:
-        """One poll: reports, inventory and configuration when due, then the next deployment."""
+        """One poll: reports, inventory and configuration when due, then the next deployment; a configuration
+        the poll's answer announces (``X-VV-Config-Hash``) is fetched and reported at once."""
         if not self.cfg.server.url:
             return "no-server"
         self.flush_reports()
         now = self.clock.now()
         if now >= self._inventory_due:
-            try:
-                self.sync_configuration()
-            except (ServerError, OSError) as e:
-                log.warning("configuration not updated: %s", e)
-            try:
-                self.api.send_inventory(self.inventory())
-            except Unauthorized:
-                raise
-            except ServerError as e:  # an inventory the server refuses must not stop the deployments
-                log.warning("inventory not taken: %s", e)
-            # in memory: every start (a reboot into a new slot) reports at once
-            self._inventory_due = now + self.cfg.server.inventory_interval
+            self.send_inventory(now)
         try:
             dep = self.api.next_deployment(self.device_provides())
         except BadDeployment as e:
@@ -704,6 +698,8 @@ class Agent:
                 self.end(e.deployment_id, "failure", str(e))
             return "refused"
         self.note_poll()
+        if todo := self.configs.on_poll(self.api.config_hash):
+            self.send_inventory(now, sync=todo == "fetch")
         cur = self.current
         if (cur is not None and cur.phase is not Phase.ARMED and not cur.id.startswith(LOCAL_PREFIX)
                 and (dep is None or dep.id != cur.id)):

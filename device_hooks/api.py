@@ -27,6 +27,7 @@ from typing import Any
 import requests
 
 from ota_common.errors import DownloadError
+from ota_common.varnames import CONFIG_HASH_HEADER, is_config_hash
 
 from . import validate
 from .identity import PrivateKey, public_pem, sign
@@ -147,6 +148,11 @@ class DeviceAPI:
         #: the device certificate from the fleet CA (PEM), sent with each auth request when provisioned
         self.device_cert = device_cert
         self.session = StrictSession(verify=ca_file or True, allow_http=allow_http)
+        #: the configuration hash of the last ``next`` answer (None: none, or not 64 hex digits) ...
+        self.config_hash: str | None = None
+        #: ... and of the last configuration GET (the hash of exactly the values it returned)
+        self.served_config_hash: str | None = None
+        self._bad_hash_logged = False
 
     def close(self) -> None:
         self.session.close()
@@ -187,6 +193,7 @@ class DeviceAPI:
     def next_deployment(self, provides: dict[str, str]) -> Deployment | None:
         resp = self._request("POST", NEXT_V2, json={"device_provides": provides, "update_control_map": False},
                              stream=True)
+        self.config_hash = self._config_hash(resp) if resp.status_code in (200, 204) else None
         if resp.status_code == 204:
             resp.close()
             return None
@@ -220,6 +227,17 @@ class DeviceAPI:
             raise _refused("log upload", resp)
         resp.close()
 
+    def _config_hash(self, resp: requests.Response) -> str | None:
+        """The answer's ``X-VV-Config-Hash``: 64 lower-case hex digits, else None (an other value is logged,
+        once per process: a server that sends it on every poll must not flood the journal)."""
+        value = resp.headers.get(CONFIG_HASH_HEADER)
+        if value is None or is_config_hash(value):
+            return value
+        if not self._bad_hash_logged:
+            log.warning("%s ignored: not 64 hex digits (%r)", CONFIG_HASH_HEADER, value[:80])
+            self._bad_hash_logged = True
+        return None
+
     def send_inventory(self, attributes: dict[str, Any]) -> None:
         body = [{"name": k, "value": v} for k, v in sorted(attributes.items())]
         resp = self._request("PUT", INVENTORY, json=body)
@@ -229,11 +247,13 @@ class DeviceAPI:
 
     def configuration(self) -> dict[str, str]:
         resp = self._request("GET", CONFIGURATION, stream=True)
+        self.served_config_hash = None
         if resp.status_code == 404:
             resp.close()
             return {}
         if resp.status_code != 200:
             raise _refused("configuration", resp)
+        self.served_config_hash = self._config_hash(resp)
         doc = _bounded_json(resp, "configuration")
         if not isinstance(doc, dict):
             raise ServerError("configuration: expected a JSON object")

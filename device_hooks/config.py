@@ -127,6 +127,9 @@ class HealthSection:
     # NAME=value: the value the image holds when nobody configured NAME (the layers' own variables)
     config_placeholders: tuple[str, ...] = ()
     app_env: str = "/etc/vv-video-ai/.env"
+    # after a configuration change (device_env written, restart_on_config restarted): how long the application
+    # checks (units, url, required_config) may take to pass before the previous device_env is restored
+    config_wait: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ and the device certificate, from what ``build.py provision`` wrote and what the 
 2. ``[paths] provisioned_env`` (``KEY=value`` lines from the provisioning tool), each line checked with the
    rules the server's values meet (:func:`.inventory.refusals`: declared by the image, no name of
    :mod:`.envvars`' deny list, one printable line); a bad line is logged and skipped, never passed on;
-3. the server's configuration (the last one accepted, kept in ``server-config.json`` so that the file can be
-   written at start, before the server is reached: a first boot has its provisioned values at once).
+3. the server's configuration (the last one accepted, kept in ``server-config.json`` with its hash so that the
+   file can be written at start, before the server is reached: a first boot has its provisioned values at
+   once). How a new one is applied, checked and reverted: :mod:`.cfgrelease`.
 
 ``SSH_AUTHORIZED_KEYS`` is not an environment variable: checked with :mod:`ota_common.sshkeys`, it replaces
 ``[paths] authorized_keys`` atomically; an invalid value changes nothing and is reported (``config_refused``).
@@ -140,28 +141,19 @@ def load_server_values(cfg: Config) -> dict[str, str]:
     return {} if inventory.refusals(cfg, doc) else doc
 
 
-def write_env(cfg: Config, device_id: str | None, server: Mapping[str, str]) -> bool:
-    """Write ``[paths] device_env`` from the three sources (module docstring); True when it changed (then the
-    units of ``[commands] restart_on_config`` were restarted)."""
+def env_values(cfg: Config, device_id: str | None, server: Mapping[str, str]) -> dict[str, str]:
+    """``[paths] device_env``'s variables from the three sources (module docstring)."""
     values = {"DEVICE_ID": device_id} if device_id else {}
     values.update(provisioned_values(cfg))
     values.update(server)
-    return inventory.write_device_env(cfg, values)
+    return values
 
 
-def apply_server(cfg: Config, device_id: str | None, values: Mapping[str, str]) -> tuple[str, bool]:
-    """Apply the server's configuration: the SSH keys on their own, the rest as :func:`write_env`'s third
-    source when every variable is acceptable (else the last good file stays). Returns (why something was
-    refused, "" when nothing was; whether ``device_env`` changed)."""
-    env = {k: v for k, v in values.items() if k != sshkeys.VARIABLE}
-    refused = [inventory.refusals(cfg, env)]
-    if sshkeys.VARIABLE in values:
-        refused.append(install_ssh_keys(cfg, values[sshkeys.VARIABLE]))
-    why = "; ".join(r for r in refused if r)[:1000]
-    if refused[0]:
-        return why, False
-    write_json(cfg.state_dir / SERVER_VALUES, {"values": dict(env)})
-    return why, write_env(cfg, device_id, env)
+def write_env(cfg: Config, device_id: str | None, server: Mapping[str, str]) -> bool:
+    """Write ``[paths] device_env`` from the three sources (module docstring); True when it changed (then the
+    units of ``[commands] restart_on_config`` were restarted). A change of the server's values goes through
+    :mod:`.cfgrelease` instead (checked, reverted when the application fails)."""
+    return inventory.write_device_env(cfg, env_values(cfg, device_id, server))
 
 
 def install_ssh_keys(cfg: Config, value: str) -> str:
@@ -244,5 +236,5 @@ def effective_environment(cfg: Config) -> dict[str, str]:
     return env
 
 
-__all__ = ["apply_server", "device_cert", "effective_environment", "install_ssh_keys", "inventory_attributes",
+__all__ = ["device_cert", "effective_environment", "env_values", "install_ssh_keys", "inventory_attributes",
            "load_server_values", "parse_env", "provisioned_values", "write_env"]

@@ -30,6 +30,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,9 @@ class CheckResult:
         return "; ".join(failed)[:800] if failed else "all checks passed"
 
 
-def run_checks(cfg: Config) -> CheckResult:
+def run_checks(cfg: Config, *, app_only: bool = False) -> CheckResult:
+    """The local checks; ``app_only``: those that judge the application, not the boot (units, url,
+    required_config: what a configuration change can break), for :func:`wait_app_healthy`."""
     h = cfg.health
     res = CheckResult(True)
     for unit in h.units:
@@ -77,13 +80,13 @@ def run_checks(cfg: Config) -> CheckResult:
         res.add(state == "active", f"unit {unit}: {state}")
     if h.url:
         res.add(*_http_ok(h.url, lambda s: 200 <= s < 300, "application health"))
-    if h.check_data_mount:
+    if h.check_data_mount and not app_only:
         mounted = os.path.ismount(cfg.paths.data_mount)
         res.add(mounted, f"{cfg.paths.data_mount} mounted" if mounted else f"{cfg.paths.data_mount} is not mounted")
     if h.required_config:
         _required_config(cfg, res)
     hooks = Path(h.hooks_dir)
-    if hooks.is_dir():
+    if hooks.is_dir() and not app_only:
         for hook in sorted(hooks.iterdir()):
             if not (RUN_PARTS_NAME.match(hook.name) and hook.is_file() and os.access(hook, os.X_OK)):
                 continue
@@ -97,6 +100,18 @@ def run_checks(cfg: Config) -> CheckResult:
             except OSError as e:
                 res.add(False, f"hook {hook.name}: cannot run: {e.strerror}")
     return res
+
+
+def wait_app_healthy(cfg: Config, sleep: Callable[[float], None] = time.sleep,
+                     monotonic: Callable[[], float] = time.monotonic) -> CheckResult:
+    """The application checks (:func:`run_checks` ``app_only``), again every ``retry_interval`` until they pass
+    or ``[health] config_wait`` has passed: the verdict on a configuration change."""
+    deadline = monotonic() + cfg.health.config_wait
+    while True:
+        res = run_checks(cfg, app_only=True)
+        if res.ok or monotonic() + cfg.health.retry_interval > deadline:
+            return res
+        sleep(cfg.health.retry_interval)
 
 
 def _required_config(cfg: Config, res: CheckResult) -> None:

@@ -56,7 +56,7 @@ def write_device_env(cfg: Config, values: Mapping[str, str]) -> bool:
     """Replace ``[paths] device_env`` with ``values`` (already checked with :func:`refusals`) and restart the
     units of ``[commands] restart_on_config`` when it changed. Returns whether it changed."""
     path = Path(cfg.paths.device_env)
-    text = "".join(f"{k}={_env_quote(v)}\n" for k, v in sorted(values.items()))
+    text = env_text(values)
     try:
         old = path.read_text()
     except FileNotFoundError:
@@ -65,9 +65,19 @@ def write_device_env(cfg: Config, values: Mapping[str, str]) -> bool:
         return False
     atomic_write(path, text.encode(), 0o640)
     log.info("configuration updated: %s", ", ".join(sorted(values)) or "(none)")
+    restart_app(cfg)
+    return True
+
+
+def env_text(values: Mapping[str, str]) -> str:
+    """``values`` as the lines of an ``EnvironmentFile``."""
+    return "".join(f"{k}={_env_quote(v)}\n" for k, v in sorted(values.items()))
+
+
+def restart_app(cfg: Config) -> None:
+    """Restart the units of ``[commands] restart_on_config`` (those that are running)."""
     for unit in cfg.commands.restart_on_config:
         subprocess.run(["systemctl", "try-restart", unit], check=False, timeout=120)
-    return True
 
 
 def _env_quote(value: str) -> str:
@@ -109,4 +119,4 @@ def _inventory_scripts(directory: Path) -> dict[str, str]:
     return out
 
 
-__all__ = ["collect", "refusals", "write_device_env"]
+__all__ = ["collect", "env_text", "refusals", "restart_app", "write_device_env"]

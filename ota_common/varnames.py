@@ -24,3 +24,14 @@ def is_var_name(name: object) -> bool:
 
 def is_group_name(name: object) -> bool:
     return isinstance(name, str) and GROUP_RE.fullmatch(name) is not None
+
+
+#: the response header of ``next`` (and of the device's configuration GET) that carries the hash of the
+#: device's effective configuration: the agent fetches the configuration when it differs from the one it applied
+CONFIG_HASH_HEADER = "X-VV-Config-Hash"
+_CONFIG_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def is_config_hash(value: object) -> bool:
+    """A configuration hash: 64 lower-case hex digits (sha256), nothing else."""
+    return isinstance(value, str) and _CONFIG_HASH.fullmatch(value) is not None

@@ -32,6 +32,7 @@ from ota_common.ansible_inventory import (
 )
 from ota_common.ansible_wire import from_json
 
+from . import confighash
 from .audit import names
 from .configvars import ConfigStore, parse_config_body
 from .errors import APIError, bad_request
@@ -144,6 +145,7 @@ def import_inventory(c: sa.Connection, config: ConfigStore, plan: ImportPlan, wr
             if res.hosts[host].group is not None:
                 c.execute(devices.update().where(devices.c.id == device_id)
                           .values(group_name=res.hosts[host].group, updated=now()))
+                confighash.refresh(c, device_ids=[device_id])
             _unstage(c, host)
         for host in staged:
             _stage(c, config, host, res.hosts[host].group, *plan.hosts[host])
@@ -200,6 +202,7 @@ def apply_staged(c: sa.Connection, config: ConfigStore, device_id: str) -> str:
     if host.group_name is not None:
         c.execute(devices.update().where(devices.c.id == device_id).values(group_name=host.group_name,
                                                                            updated=now()))
+        confighash.refresh(c, device_ids=[device_id])
     _unstage(c, host.host)
     return f"staged host {host.host} applied (group {host.group_name}; variables: {names(values)})"
 

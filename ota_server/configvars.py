@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from ota_common import sshkeys
 from ota_common.varnames import GROUP_RE, MAX_VALUE, MAX_VARS, NAME_RE, SECRETS_KEY, is_group_name, is_var_name
 
+from . import confighash
 from .db import advisory_xact_lock
 from .errors import APIError, bad_request
 from .models import config_values as cv
@@ -167,10 +168,24 @@ class ConfigStore:
         conn.execute(q)
         if rows:
             conn.execute(cv.insert(), rows)
+        if scope == "device":  # the devices whose effective configuration this is: their hash follows
+            confighash.refresh(conn, device_ids=[owner])
+        elif scope == "group":
+            confighash.refresh(conn, group=owner)
 
     def for_device(self, conn: Connection, device_id: str, group: str | None) -> dict[str, str]:
         """What the device receives: its group's variables overridden by its own, secrets decrypted. Raises
         APIError 503 when a secret cannot be decrypted (see :meth:`plain`)."""
-        out = self.plain(self.load(conn, "group", group), f"group {group}") if group else {}
-        out.update(self.plain(self.load(conn, "device", device_id), f"device {device_id}"))
-        return out
+        return self.for_device_hashed(conn, device_id, group)[0]
+
+    def for_device_hashed(self, conn: Connection, device_id: str, group: str | None) -> tuple[dict[str, str], str]:
+        """:meth:`for_device` and the hash of that configuration (:mod:`.confighash`), from the same rows."""
+        grp = self.load(conn, "group", group) if group else None
+        own = self.load(conn, "device", device_id)
+        out = self.plain(grp, f"group {group}") if grp else {}
+        out.update(self.plain(own, f"device {device_id}"))
+        return out, confighash.effective_hash(_rows(grp) if grp else None, _rows(own))
+
+
+def _rows(stored: Stored) -> dict[str, tuple[str, bool]]:
+    return {k: (v, k in stored.secrets) for k, v in stored.values.items()}

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 
 from . import deployments as rollout
 from . import metrics
+from .confighash import sync_state
 from .device_logs import newest_messages
 from .lastseen import is_stale, stale_clause
 from .models import artifacts as art_t
@@ -199,7 +200,7 @@ def device_detail(conn: Connection, device_id: str, cutoff: float) -> dict[str, 
     inventory = row.inventory or {}
     return {"row": row, "identity": identity_of(row.identity_json), "auth_sets": sets, "history": history,
             "inventory": sorted(inventory.items()), "artifact": inventory.get("artifact_name"), "last_log": last_log,
-            "stale": is_stale(row.status, row.last_seen, row.updated, cutoff)}
+            "stale": is_stale(row.status, row.last_seen, row.updated, cutoff), "config": sync_state(row.config_hash, inventory)}
 
 
 def log_messages(conn: Connection, deployment_id: str, device_id: str, limit: int = LOG_LIMIT

@@ -293,11 +293,14 @@ class CurrentDevice:
     id: str
     provides_hash: str | None
     group: str | None
+    #: ``devices.config_hash``, sent with the ``next`` answer (:func:`.confighash.poll_hash`)
+    config_hash: str | None = None
 
 
 #: hot-path statements, run through the driver (see Database.fetch)
 #: the device's row as the token check reads it, through the driver on the hot path (see Database.fetch)
-DEVICE_SQL = "SELECT status, provides_hash, group_name, auth_set_id, token_epoch FROM devices WHERE id = ?"
+DEVICE_SQL = ("SELECT status, provides_hash, group_name, auth_set_id, token_epoch, config_hash FROM devices "
+              "WHERE id = ?")
 
 
 def token_problem(claims: DeviceClaims, status: str, auth_set_id: str | None, epoch: int) -> str | None:
@@ -323,10 +326,10 @@ async def current_device(request: Request) -> CurrentDevice:
     rows = ctx.db.fetch(DEVICE_SQL, (claims.device_id,))
     if not rows:
         raise unauthorized("unknown or decommissioned device")
-    status, provides_hash, group, auth_set_id, epoch = rows[0]
+    status, provides_hash, group, auth_set_id, epoch, config_hash = rows[0]
     if problem := token_problem(claims, status, auth_set_id, epoch):
         raise unauthorized(problem)
-    return CurrentDevice(claims.device_id, provides_hash, group)
+    return CurrentDevice(claims.device_id, provides_hash, group, config_hash)
 
 
 async def _ctx(request: Request) -> ServerContext:

@@ -14,10 +14,13 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from ota_common.varnames import CONFIG_HASH_HEADER
+
 from .context import ServerContext
 from .devauth import Ctx, CurrentDevice, Device
 from .downloads import ArtifactFileResponse
 from .errors import bad_request, error_doc, found_or_404
+from .metrics import CONFIG_REVERTS
 from .models import artifacts as art_t
 from .models import devices
 from .timeutil import now
@@ -45,8 +48,12 @@ def _put_inventory(ctx: ServerContext, device: CurrentDevice, attrs: list[Attrib
         raise bad_request("at most 1000 attributes")
     with ctx.db.write() as c:
         inv: dict[str, Any] = {}
-        if merge:
+        if merge or new.get("config_status") == "reverted":
             inv = c.execute(sa.select(devices.c.inventory).where(devices.c.id == device.id)).scalar() or {}
+        if new.get("config_status") == "reverted" and new.get("config_refused_hash") != inv.get("config_refused_hash"):
+            CONFIG_REVERTS.inc()  # a new revert, not the same one reported again
+        if not merge:
+            inv = {}
         inv = {**inv, **new}
         values: dict[str, Any] = {"inventory": inv, "inventory_updated": now()}
         if not merge:
@@ -75,8 +82,8 @@ async def get_configuration(device: Device, ctx: Ctx) -> Response:
     configuration without one of its secrets: if one cannot be decrypted the answer is 503."""
     ctx.last_seen.seen(device.id)
     with ctx.db.read() as c:
-        values = ctx.config.for_device(c, device.id, device.group)
-    return JSONResponse(values)
+        values, config_hash = ctx.config.for_device_hashed(c, device.id, device.group)
+    return JSONResponse(values, headers={CONFIG_HASH_HEADER: config_hash})
 
 
 # ---------------------------------------------------------------------------------------------------------

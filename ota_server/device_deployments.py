@@ -19,8 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ota_common.varnames import CONFIG_HASH_HEADER
+
 from . import deployments as rollout
 from .auth import canonical_json, sha256_hex
+from .confighash import poll_hash
 from .context import ServerContext
 from .deployments import REPORTABLE
 from .devauth import Ctx, CurrentDevice, Device
@@ -160,8 +163,8 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
             },
             "allow_downgrade": bool(allow_downgrade),
         }
-        return JSONResponse(body)
-    return Response(status_code=NO_CONTENT)
+        return JSONResponse(body, headers={CONFIG_HASH_HEADER: poll_hash(device.config_hash)})
+    return Response(status_code=NO_CONTENT, headers={CONFIG_HASH_HEADER: poll_hash(device.config_hash)})
 
 
 NEXT_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -15,7 +15,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ota_common.varnames import CONFIG_HASH_HEADER
+
 from .auth import canonical_json, sha256_hex
+from .confighash import poll_hash
 from .context import ServerContext
 from .deployments import ALL_GROUPS, is_waiting
 from .devauth import token_problem
@@ -52,10 +55,12 @@ class FastPoll:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if _idle_poll(scope, body):
+        config_hash = _idle_poll(scope, body)
+        if config_hash is not None:
             scope["route"] = _FAST_ROUTES[scope["path"]]  # labels the request's metrics like the route's
             FAST_POLLS.inc()
-            await send({"type": "http.response.start", "status": NO_CONTENT, "headers": []})
+            await send({"type": "http.response.start", "status": NO_CONTENT,
+                        "headers": [(_HASH_HEADER, config_hash.encode())]})
             await send({"type": "http.response.body", "body": b""})
             return
         replayed = False
@@ -85,9 +90,10 @@ _FAST_ROUTES = {p: _RouteLabel(p) for p in FastPoll.PATHS}
 POLL_SQL = ("SELECT d.status, d.provides_hash, d.auth_set_id, d.token_epoch, (SELECT count(*) FROM "
             "deployment_devices dd WHERE dd.device_id = d.id AND dd.active = ?), (SELECT count(*) FROM deployments "
             "dp WHERE dp.join_group IN (d.group_name, ?) AND NOT EXISTS (SELECT 1 FROM deployment_devices x WHERE "
-            "x.deployment_id = dp.id AND x.device_id = d.id)) FROM devices d WHERE d.id = ?")
+            "x.deployment_id = dp.id AND x.device_id = d.id)), d.config_hash FROM devices d WHERE d.id = ?")
 #: ``next`` bodies already checked -> the hash of their provides (None: not a body the shortcut takes). A
 #: fleet sends few distinct bodies (one per running version and device type), so this stays small.
+_HASH_HEADER = CONFIG_HASH_HEADER.lower().encode()
 _BODIES: dict[tuple[bool, bytes], str | None] = {}
 BODY_CACHE_SIZE = 10_000
 BODY_CACHE_MAX_LEN = 4096
@@ -126,8 +132,9 @@ def _provides_hash(body: bytes, flat_allowed: bool) -> str | None:
     return found
 
 
-def _idle_poll(scope: Scope, body: bytes) -> bool:
-    """True when the regular ``next`` route would answer this request with 204 and change nothing."""
+def _idle_poll(scope: Scope, body: bytes) -> str | None:
+    """The device's configuration hash (the answer's header) when the regular ``next`` route would answer this
+    request with 204 and change nothing, else None."""
     auth = ctype = None
     for name, value in scope["headers"]:
         if name == b"authorization" and auth is None:  # the first one, as Starlette's headers.get
@@ -135,26 +142,26 @@ def _idle_poll(scope: Scope, body: bytes) -> bool:
         elif name == b"content-type" and ctype is None:
             ctype = value
     if auth is None or ctype is None or ctype.split(b";", 1)[0].strip().lower() != b"application/json":
-        return False
+        return None
     ctx: ServerContext = scope["app"].state.ctx
     try:
         claims = ctx.tokens.verify(auth.decode("latin-1"))
     except APIError:
-        return False
+        return None
     provides_hash = _provides_hash(body, scope["path"] == NEXT_V1)
     if provides_hash is None:
-        return False
+        return None
     rows = ctx.db.fetch(POLL_SQL, (True, ALL_GROUPS, claims.device_id))
     if not rows:
-        return False
-    status, known_hash, auth_set_id, epoch, active, joinable = rows[0]
+        return None
+    status, known_hash, auth_set_id, epoch, active, joinable, config_hash = rows[0]
     if token_problem(claims, status, auth_set_id, epoch) is not None or known_hash != provides_hash or joinable:
-        return False  # joinable: a dynamic deployment takes the device; the route adds it
+        return None  # joinable: a dynamic deployment takes the device; the route adds it
     t = now()
     if active:
         for _, dstatus, not_before, status, _, _ in ctx.db.fetch(ACTIVE_SQL, (claims.device_id, True)):
             if not is_waiting(dstatus, not_before, status, t):
-                return False  # something to hand out or to record: the route does it (and notes the device)
+                return None  # something to hand out or to record: the route does it (and notes the device)
     ctx.last_seen.seen(claims.device_id, t)  # in memory; written in a batch (see .lastseen)
-    return True
+    return poll_hash(config_hash)
 

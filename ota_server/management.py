@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ota_common.fleetca import MAX_DEVICE_CERT
 
+from . import confighash, revocation
 from . import deployments as rollout
-from . import revocation
 from .ansible_import import ImportPlan, apply_staged, import_inventory, parse_body, staged_list
 from .apitokens import READ, Caller, Operator
 from .audit import names
@@ -322,6 +322,7 @@ def put_group(device_id: str, body: GroupBody, ctx: Ctx, who: Operator) -> Respo
         if c.execute(devices.update().where(devices.c.id == device_id)
                      .values(group_name=body.group, updated=now())).rowcount == 0:
             raise not_found("device")
+        confighash.refresh(c, device_ids=[device_id])
         joined = rollout.join_open(c, device_id)
         who.record(c, f"device {device_id} moved to group {body.group}"
                       + (f"; joined dynamic deployment(s) {names(joined)}" if joined else ""))
@@ -334,6 +335,7 @@ def delete_group(device_id: str, name: str, ctx: Ctx, who: Operator) -> Response
         if c.execute(devices.update().where(devices.c.id == device_id, devices.c.group_name == name)
                      .values(group_name=None, updated=now())).rowcount == 0:
             raise not_found("device in this group")
+        confighash.refresh(c, device_ids=[device_id])
         who.record(c, f"device {device_id} removed from group {name}")
     return Response(status_code=204)
 
@@ -424,9 +426,14 @@ def replace_config(ctx: ServerContext, who: Caller, scope: Literal["device", "gr
 @router.get(CONFIG + "/device/{device_id}", tags=["configuration"], dependencies=READS)
 def get_device_config(device_id: str, ctx: Ctx) -> dict[str, Any]:
     """``configured``: the device's own variables; ``effective``: what the device receives (its group's
-    overridden by its own). Secrets are masked."""
+    overridden by its own). Secrets are masked. ``config_hash``: the hash of ``effective`` the device is told on
+    every poll; ``applied_hash``: the one it reports it applied, ``in_sync`` when they are equal; ``config_status``
+    (``applied``, ``refused``: invalid for this image, ``reverted``: its health checks failed) with
+    ``config_refused`` (why) and ``refused_hash`` as the device reports them."""
     with ctx.db.read() as c:
-        group = _device_group(c, device_id)
+        row = found_or_404(c.execute(sa.select(devices.c.group_name, devices.c.config_hash, devices.c.inventory)
+                                     .where(devices.c.id == device_id)).first(), "device")
+        group = row.group_name
         own = ctx.config.load(c, "device", device_id)
         grp = ctx.config.load(c, "group", group) if group else None
     effective = ctx.config.masked(grp) if grp else {}
@@ -434,7 +441,7 @@ def get_device_config(device_id: str, ctx: Ctx) -> dict[str, Any]:
     secrets = sorted(own.secrets | (grp.secrets - set(own.values) if grp else set()))
     return {"id": device_id, "group": group, "configured": ctx.config.masked(own), "secrets": sorted(own.secrets),
             "effective": dict(sorted(effective.items())), "effective_secrets": secrets,
-            "updated_ts": rfc3339(own.updated)}
+            "updated_ts": rfc3339(own.updated), **confighash.sync_state(row.config_hash, row.inventory)}
 
 
 @router.put(CONFIG + "/group/{group}", status_code=204, tags=["configuration"], openapi_extra=CONFIG_BODY)

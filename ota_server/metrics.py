@@ -32,6 +32,8 @@ LATENCY = Histogram("ota_http_request_seconds", "HTTP request latency", ["route"
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
 #: of the ``next`` polls counted in REQUESTS (labelled with the route's path either way), those answered by the
 #: poll shortcut (:mod:`.fastpoll`) instead of the route
+CONFIG_REVERTS = Counter("ota_config_reverts_total", "Configurations that devices reported reverted (their health "
+                         "checks failed after the change), each device and configuration hash counted once")
 FAST_POLLS = Counter("ota_fast_polls_total", "next polls answered 204 by the idle-poll shortcut, before the route")
 
 

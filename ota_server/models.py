@@ -43,6 +43,9 @@ class Device(Base):
     #: the last authenticated device request (poll, status, log, inventory, configuration), written in batches
     #: (:mod:`.lastseen`); NULL: none since the column exists
     last_seen: Mapped[float | None] = mapped_column(sa.Double)
+    #: sha256 of the effective configuration (:mod:`.confighash`), recomputed when it changes and sent with every
+    #: ``next`` answer; NULL: the empty configuration's
+    config_hash: Mapped[str | None] = mapped_column(sa.String(64))
 
 
 class AuthSet(Base):

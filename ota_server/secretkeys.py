@@ -32,6 +32,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from ota_common.errors import UserError
 
+from . import confighash
 from .db import open_database
 from .models import config_values as cv
 from .settings import SECRETS_FILE, replace_private
@@ -192,6 +193,7 @@ def rotate(db_url: str, keys: SecretKeys, storage: Path) -> tuple[int, bool]:
         for r in rows:
             conn.execute(cv.update().where(cv.c.scope == r.scope, cv.c.owner == r.owner, cv.c.name == r.name)
                          .values(value=fernet.rotate(r.value.encode()).decode()))
+        confighash.refresh_all(conn)  # new tokens, new hashes: the devices fetch once and find the same values
     removed = False
     if keys.legacy is not None and keys.legacy != keys.keys[0]:
         path = storage / SECRETS_FILE

@@ -39,6 +39,8 @@ class Hostile:
     raw_next: tuple[int, bytes, dict[str, str]] | None = None
     #: the answer to status reports (204: taken)
     status_code: int = 204
+    #: sent as ``X-VV-Config-Hash`` with every ``next`` answer and the configuration (None: not sent)
+    config_hash: str | None = None
 
     @property
     def url(self) -> str:
@@ -89,12 +91,13 @@ def _handler(h: Hostile) -> type[BaseHTTPRequestHandler]:
                 code, raw, extra = h.raw_next
                 self._send(code, raw, headers=extra)
             elif self.path.endswith("/deployments/next"):
+                extra = {"X-VV-Config-Hash": h.config_hash} if h.config_hash is not None else {}
                 if h.next is None:
-                    self._send(204)
+                    self._send(204, headers=extra)
                 elif isinstance(h.next, bytes):
-                    self._send(200, h.next)
+                    self._send(200, h.next, headers=extra)
                 else:
-                    self._send(200, json.dumps(h.next).encode())
+                    self._send(200, json.dumps(h.next).encode(), headers=extra)
             else:
                 self._send(404, b'{"error": "no"}')
 
@@ -120,7 +123,8 @@ def _handler(h: Hostile) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802
             h.requests.append(f"GET {self.path}")
             if self.path.endswith("/deviceconfig/configuration"):
-                self._send(200, json.dumps(h.configuration).encode())
+                extra = {"X-VV-Config-Hash": h.config_hash} if h.config_hash is not None else {}
+                self._send(200, json.dumps(h.configuration).encode(), headers=extra)
                 return
             path = self.path.split("?", 1)[0]
             served = h.files.get(path)

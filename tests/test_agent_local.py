@@ -255,7 +255,7 @@ def test_restart_after_arming_in_the_same_boot_rearms_and_reboots(device: FileDe
 # (case, a line of the device's ota.conf, what replaces it, what the one error line must say)
 CONFIG_ERRORS = [
     ("unknown key", "[health]\n", "[health]\nbogus = 1\n",
-     "{conf}: [health] unknown key 'bogus' (known: app_env, check_data_mount, check_server, config_placeholders, "
+     "{conf}: [health] unknown key 'bogus' (known: app_env, check_data_mount, check_server, config_placeholders, config_wait, "
      "deadline, "),
     ("unknown section", "[health]\n", "[bogus]\nx = 1\n[health]\n",
      "{conf}: unknown section [bogus] (known: server, device, paths, health, commands)"),

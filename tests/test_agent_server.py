@@ -306,6 +306,23 @@ def test_configuration_reaches_the_device(server: OtaServer, device: FileDevice)
     assert "DEVICE_ID=cam-017\n" in env and "DVR_IP=10.20.0.5\n" in env
 
 
+def test_configuration_hash_round_trip_shows_in_sync(server: OtaServer, device: FileDevice) -> None:
+    """The hash the server announces, the one its configuration GET carries and the one the agent reports are
+    the same: the management API says the device is in sync, and out of sync after a change until it polls."""
+    dev_id = onboard(server, device)
+    url = f"{MGMT}/v1/deviceconfig/configurations/device/{dev_id}"
+    assert server.send_json("PUT", url, {"DEVICE_ID": "cam-031", "DVR_IP": "10.3.0.1", "_secrets": ["DVR_IP"]}).status == 204
+    assert server.get(url).json()["in_sync"] is False
+    device.agent("check-update")
+    doc = server.get(url).json()
+    assert doc["in_sync"] is True and doc["applied_hash"] == doc["config_hash"] and doc["config_status"] == "applied"
+    assert server.send_json("PUT", url, {"DEVICE_ID": "cam-032"}).status == 204
+    assert server.get(url).json()["in_sync"] is False
+    device.agent("check-update")
+    assert server.get(url).json()["in_sync"] is True
+    assert "DEVICE_ID=cam-032\n" in (device.data / "device.env").read_text()
+
+
 def test_configuration_kept_when_a_secret_does_not_decrypt(server: OtaServer, device: FileDevice) -> None:
     """A secret the server cannot decrypt (stored with a key it does not have): the server answers 503 instead
     of a configuration without the secret, and the agent keeps its last device.env, other changes included."""

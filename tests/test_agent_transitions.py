@@ -31,6 +31,8 @@ class FakeAPI:
     sent: list[tuple[str, str]] = field(default_factory=list)
     polls: int = 0
     session: Any = None
+    config_hash: str | None = None
+    served_config_hash: str | None = None
 
     def authenticate(self) -> str:
         return "token"
