@@ -164,12 +164,15 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--fleet-ca", "fleet_ca_file", type=click.Path(dir_okay=False, path_type=Path), envvar="OTA_FLEET_CA",
               help="Fleet enrolment CA certificate(s), PEM (from `build.py keys fleet-ca`; also OTA_FLEET_CA): a "
               "device whose auth request carries a valid device certificate issued by one is accepted at once.")
+@click.option("--access-log", is_flag=True,
+              help="Log every request (client, method, path, status) to stderr, as uvicorn's access log. Download "
+                   "paths carry their expiring link signatures.")
 @click.pass_context
 def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path],
            allow_unsigned: bool, admin_token_file: Path | None, workers: int, public_url: str | None,
            tls_cert: Path | None, tls_key: Path | None, forwarded_allow_ips: str, device_token_ttl: int,
            secrets_key_file: Path | None, run_migrations: bool, public_metrics: bool, public_docs: bool,
-           fleet_ca_file: Path | None, **limits: Any) -> None:
+           fleet_ca_file: Path | None, access_log: bool, **limits: Any) -> None:
     """Run the update server: Mender-compatible device API, management API (OpenAPI at /docs).
 
     Without a subcommand it serves; `build.py server token create|list|revoke` manage its named API tokens, the
@@ -269,10 +272,26 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
     from ota_server.http_protocol import PROTOCOL
 
     uvicorn.run("ota_server.app:app_from_env", factory=True, host=host, port=port, workers=workers, http=PROTOCOL,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=10,
+                log_level=None, access_log=access_log, log_config=_log_config(access_log),
+                timeout_graceful_shutdown=10,
                 timeout_keep_alive=settings.keep_alive_timeout,
                 server_header=False, proxy_headers=bool(trusted_proxies), forwarded_allow_ips=trusted_proxies or None,
                 ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+
+
+def _log_config(access_log: bool) -> dict[str, Any]:
+    """uvicorn's own logging configuration: its loggers at WARNING, the access log at INFO when asked (so
+    ``uvicorn.run`` gets ``log_level=None``: a level there would apply to the access log too)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for name in ("uvicorn", "uvicorn.error"):
+        config["loggers"].setdefault(name, {})["level"] = "WARNING"
+    config["loggers"]["uvicorn.access"]["level"] = "INFO" if access_log else "WARNING"
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # with the server's other lines, unbuffered
+    return config
 
 
 def _bootstrap(token: str, source: str) -> str:

@@ -154,3 +154,21 @@ def test_release_publish_checks_before_building(tmp_path: Path, env: dict[str, s
             f"http://127.0.0.1:{free_port()}", env=env)
     assert p.returncode == code and message in one_error(p)
     assert time.monotonic() - t0 < 30 and not (tmp_path / "out").exists()
+
+
+def test_access_log_only_when_asked(tmp_path: Path) -> None:
+    """``--access-log`` writes one line per request (what the QEMU rollback test reads); without it, none."""
+    from devkit.server import OtaServer
+
+    for flag in (True, False):
+        server = OtaServer(tmp_path / str(flag), None, "--allow-unsigned", *(["--access-log"] if flag else []))
+        server.start()
+        try:
+            assert server.get("/api/management/v1/deployments/deployments").status == 200
+            server.request("POST", "/api/devices/v1/deployments/device/deployments/next", b"{}", "application/json")
+        finally:
+            server.stop()
+        log = server.log_path.read_text()
+        lines = [line for line in log.splitlines() if '"POST /api/devices/v1/deployments/device/deployments/next' in line]
+        assert (len(lines) == 1 and " 401" in lines[0]) if flag else not lines, log
+        assert "Started server process" not in log and "Uvicorn running" not in log
