@@ -62,10 +62,6 @@ class ServerContext:
     def base_url(self, request: Request) -> str:
         return self.settings.public_url or str(request.base_url)
 
-    @property
-    def artifact_dir(self) -> str:
-        return str(self.settings.storage / "artifacts")
-
 
 def get_ctx(request: Request) -> ServerContext:
     ctx: ServerContext = request.app.state.ctx

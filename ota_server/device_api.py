@@ -95,6 +95,7 @@ LinkSig = Annotated[str | None, Query(description="HMAC-SHA256 of the artifact i
 @router.get("/api/devices/v1/download/{artifact_id}", response_class=Response,
             responses={200: {"content": {"application/vnd.mender-artifact": {}}},
                        206: {"content": {"application/vnd.mender-artifact": {}}},
+                       307: {"description": "artifacts in an object store: on to its presigned URL"},
                        403: error_doc("bad or expired link"), 404: error_doc("no such artifact"),
                        416: error_doc("unsatisfiable range")},
             openapi_extra={"parameters": [  # read by the file response; documented so that they are fuzzed too
