@@ -178,11 +178,18 @@ def test_a_session_made_by_one_server_is_valid_on_the_other(cluster: Cluster) ->
 
 
 def test_backup_with_an_object_store_says_what_it_covers(cluster: Cluster, moto: Moto, run_cli: Any,  # noqa: F811
-                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backup holds the database and the server secrets; the objects stay in the bucket, and it says so."""
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          postgres: str, keys: dict[str, tuple[Path, Path]]) -> None:
+    """The backup holds the database and the server secrets; the objects stay in the bucket, and it says so. A
+    restore finds each artifact's object in the bucket, and names the one that is gone."""
     one = cluster.servers[0]
     for k, v in AWS_ENV.items():
         monkeypatch.setenv(k, v)
+    ids = []
+    for name in ("kept", "lost"):
+        r = upload(one, write_artifact(run_cli, tmp_path / f"{name}.mender", name, key=keys["ec"][0]))
+        assert r.status_code == 201, r.text
+        ids.append(r.headers["Location"].rsplit("/", 1)[1])
     secrets_file = one.args[one.args.index("--secrets-file") + 1]
     out = tmp_path / "backup"
     r = run_cli("server", "backup", "--db", one.db_url, "--storage", f"s3://{cluster.bucket}/{cluster.prefix}",
@@ -194,6 +201,18 @@ def test_backup_with_an_object_store_says_what_it_covers(cluster: Cluster, moto:
     assert manifest["artifact_store"] == f"s3://{cluster.bucket}/{cluster.prefix}" and manifest["artifacts"] == 0
     assert not list((out / "artifacts").iterdir())
     assert json.loads((out / "server-secrets.json").read_text()) == json.loads(Path(secrets_file).read_text())
+
+    moto.client().delete_object(Bucket=cluster.bucket, Key=f"{cluster.prefix}/{ids[1]}.mender")
+    r = run_cli("server", "restore", out, "--db", create_database(postgres), "--storage",
+                f"s3://{cluster.bucket}/{cluster.prefix}", "--s3-endpoint-url", moto.url,
+                "--work-dir", tmp_path / "restored", "--secrets-key-file", tmp_path / "restored.key")
+    assert r.returncode == 0, r.stderr
+    assert f"the artifacts are not in the backup: they are in s3://{cluster.bucket}/{cluster.prefix}" in r.stdout
+    assert f"warning: artifact {ids[1]} is in the database but not in s3://" in r.stderr
+    assert ids[0] not in r.stderr
+    with one.admin() as a:
+        for artifact_id in ids:
+            assert a.delete(f"/api/management/v1/deployments/artifacts/{artifact_id}").status_code == 204
 
 
 # ---------------------------------------------------------------------------------------------------------
