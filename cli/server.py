@@ -90,8 +90,22 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 @click.group(invoke_without_command=True)
 @DB_OPTION
-@click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=Path("var"), show_default=True,
-              help="Artifacts, server secrets and the generated admin token live here.")
+@click.option("--storage", default="var", show_default=True, metavar="DIR|s3://BUCKET[/PREFIX]",
+              help="Artifacts, server secrets and the generated admin token live in DIR; or artifacts in an "
+              "S3-compatible bucket (credentials from the environment as boto3 reads them: AWS_ACCESS_KEY_ID, "
+              "AWS_SECRET_ACCESS_KEY, AWS_PROFILE ...) and the rest in --work-dir.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="With an s3:// --storage: upload temp files, a generated server-secrets.json and admin-token "
+              "[default: var].")
+@click.option("--s3-endpoint-url", envvar="OTA_S3_ENDPOINT_URL",
+              help="URL of the S3-compatible service (MinIO, Ceph ...; default: AWS); devices download from it "
+              "(also OTA_S3_ENDPOINT_URL).")
+@click.option("--s3-region", envvar="OTA_S3_REGION",
+              help="Region of the bucket (default: boto3's, e.g. AWS_DEFAULT_REGION; also OTA_S3_REGION).")
+@click.option("--secrets-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The server secrets (token, link and session keys; the JSON of server-secrets.json, mode 0600) "
+              "shared by every server process; also the JSON itself in OTA_SERVER_SECRETS. Default: "
+              "STORAGE/server-secrets.json, generated.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--release-key", "release_keys", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -168,7 +182,8 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="Log every request (client, method, path, status) to stderr, as uvicorn's access log. Download "
                    "paths carry their expiring link signatures.")
 @click.pass_context
-def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int, release_keys: Sequence[Path],
+def server(ctx: click.Context, db_url: str, storage: str, work_dir: Path | None, s3_endpoint_url: str | None,
+           s3_region: str | None, secrets_file: Path | None, host: str, port: int, release_keys: Sequence[Path],
            allow_unsigned: bool, admin_token_file: Path | None, workers: int, public_url: str | None,
            tls_cert: Path | None, tls_key: Path | None, forwarded_allow_ips: str, device_token_ttl: int,
            secrets_key_file: Path | None, run_migrations: bool, public_metrics: bool, public_docs: bool,
@@ -180,7 +195,13 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
     if ctx.invoked_subcommand is not None:
         return  # a subcommand: the options above only lend their --db
     from ota_server.apitokens import hash_token
-    from ota_server.settings import SETTINGS_ENV, Settings, load_or_create_admin_token, load_or_create_secrets
+    from ota_server.settings import (
+        SETTINGS_ENV,
+        Settings,
+        load_or_create_admin_token,
+        load_or_create_secrets,
+        shared_secrets,
+    )
 
     if (tls_cert is None) != (tls_key is None):
         raise UserError("--tls-cert and --tls-key go together: give both (HTTPS) or neither (HTTP)")
@@ -208,11 +229,15 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
     load_verifiers(keys)  # a bad key file is an error now, not at the first upload
     if public_url is not None and not public_url.startswith(("http://", "https://")):
         raise UserError(f"--public-url must start with http:// or https://, not {public_url!r}")
-    storage = storage.resolve()
+    artifact_store, local = storage_option(storage, work_dir, s3_endpoint_url, s3_region)
+    storage_dir = local.resolve()
     try:
-        storage.mkdir(parents=True, exist_ok=True)
+        storage_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the storage directory {storage}: {e.strerror}") from None
+        raise UserError(f"cannot create the storage directory {storage_dir}: {e.strerror}") from None
+    if secrets_file is not None:
+        secrets_file = secrets_file.resolve()
+    shared = shared_secrets(secrets_file)  # a file others can read, or malformed secrets: an error now
 
     if admin_token_file is not None:
         try:
@@ -225,7 +250,7 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
     elif os.environ.get("OTA_ADMIN_TOKEN", "").strip():
         token = _bootstrap(os.environ["OTA_ADMIN_TOKEN"], "OTA_ADMIN_TOKEN")
     else:
-        token, path, created = load_or_create_admin_token(storage)
+        token, path, created = load_or_create_admin_token(storage_dir)
         token = _bootstrap(token, str(path))
         click.echo(f"admin token {'written to' if created else 'read from'} {path}", err=True)
     os.environ.pop("OTA_ADMIN_TOKEN", None)  # the workers inherit the environment: they get only the hash
@@ -236,13 +261,23 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
 
     # without a secrets key kept apart, the default one is generated beside the database (as before)
     apart = secrets_key_file is not None or bool(os.environ.get(secretkeys.KEYS_ENV, "").strip())
-    load_or_create_secrets(storage, with_fernet_key=not apart)
-    secrets_keys = secretkeys.resolve(secrets_key_file, storage)
+    if shared is None:
+        load_or_create_secrets(storage_dir, with_fernet_key=not apart)
+    elif not apart and not shared.doc.get("fernet_key"):
+        raise UserError(f"{shared.where} holds no fernet_key and no secrets key is kept apart: give "
+                        f"{secretkeys.HOW}, or make the shared secrets with `build.py server secrets "
+                        "new-server-secrets`")
+    secrets_keys = secretkeys.resolve(secrets_key_file, storage_dir, secrets_file)
     assert secrets_keys is not None  # a key file, the environment, or the default key just made
-    settings = Settings(db_url=db_url, storage=storage, admin_token_sha256=hash_token(token),
+    settings = Settings(db_url=db_url, storage=storage_dir, admin_token_sha256=hash_token(token),
                         release_keys=tuple(keys), allow_unsigned=allow_unsigned, public_url=public_url,
                         device_token_ttl=device_token_ttl, public_metrics=public_metrics, public_docs=public_docs,
-                        secrets_keys=secrets_keys.keys, fleet_ca_file=fleet_ca_file, **limits)
+                        secrets_keys=secrets_keys.keys, fleet_ca_file=fleet_ca_file, artifact_store=artifact_store,
+                        s3_endpoint_url=s3_endpoint_url, s3_region=s3_region, secrets_file=secrets_file, **limits)
+    if artifact_store:
+        from ota_server.storage import S3Store
+
+        S3Store(artifact_store, s3_endpoint_url, s3_region).check()  # bucket reachable with these credentials
 
     if run_migrations:
         migrate(db_url)
@@ -254,7 +289,7 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
 
     os.environ[SETTINGS_ENV] = settings.to_env()
     if workers > 1:
-        metrics_dir = storage / "prometheus"
+        metrics_dir = storage_dir / "prometheus"
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
@@ -263,7 +298,8 @@ def server(ctx: click.Context, db_url: str, storage: Path, host: str, port: int,
     scheme = "https" if tls_cert is not None else "http"
     click.echo(f"serving on {scheme}://{host}:{port} ({workers} worker{'s' if workers > 1 else ''}, "
                f"{'release keys: ' + str(len(keys)) if keys else 'no release keys'}"
-               f"{f', fleet CAs: {fleet_cas}' if fleet_cas else ''})", err=True)
+               f"{f', fleet CAs: {fleet_cas}' if fleet_cas else ''}"
+               f"{f', artifacts in {artifact_store}' if artifact_store else ''})", err=True)
     sys.stderr.flush()
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with the previous handlers
     # restored: make that a normal exit (status 0) instead of death by signal
@@ -292,6 +328,25 @@ def _log_config(access_log: bool) -> dict[str, Any]:
     config["loggers"]["uvicorn.access"]["level"] = "INFO" if access_log else "WARNING"
     config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # with the server's other lines, unbuffered
     return config
+
+
+def storage_option(storage: str, work_dir: Path | None, s3_endpoint_url: str | None = None,
+                   s3_region: str | None = None) -> tuple[str, Path]:
+    """``--storage`` (and the options that go with it) → (the artifact store URL, "" for the local directory;
+    the local directory of secrets, admin token and upload temp files). Raises UserError for options that do
+    not go together or a malformed ``s3://`` URL."""
+    from ota_server.storage import is_s3, parse_s3_url
+
+    if not is_s3(storage):
+        given = [o for o, v in (("--work-dir", work_dir), ("--s3-endpoint-url", s3_endpoint_url),
+                                ("--s3-region", s3_region)) if v]
+        if given:
+            raise UserError(f"{given[0]} needs an s3:// --storage (--storage {storage} is a directory)")
+        return "", Path(storage)
+    bucket, prefix = parse_s3_url(storage)
+    if s3_endpoint_url is not None and not s3_endpoint_url.startswith(("http://", "https://")):
+        raise UserError(f"--s3-endpoint-url must start with http:// or https://, not {s3_endpoint_url!r}")
+    return f"s3://{bucket}/{prefix}".rstrip("/"), work_dir if work_dir is not None else Path("var")
 
 
 def _bootstrap(token: str, source: str) -> str:

@@ -40,7 +40,7 @@ from .context import ServerContext
 from .downloads import DOWNLOAD_PATH
 from .errors import ERROR_RESPONSES, APIError
 from .fastpoll import FastPoll
-from .settings import Settings, load_or_create_secrets
+from .settings import Settings, load_server_secrets
 
 log = logging.getLogger("ota_server")
 
@@ -309,9 +309,9 @@ def _document_scopes(app: FastAPI) -> None:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    for sub in ("artifacts", "tmp"):
+    for sub in ("tmp",) if settings.artifact_store else ("artifacts", "tmp"):
         (settings.storage / sub).mkdir(parents=True, exist_ok=True)
-    ctx = ServerContext.create(settings, load_or_create_secrets(settings.storage))
+    ctx = ServerContext.create(settings, load_server_secrets(settings.storage, settings.secrets_file))
     http_protocol.configure(http_protocol.ConnectionLimits.from_settings(settings))
     app = FastAPI(
         title="vv-ota update server",

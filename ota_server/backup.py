@@ -11,6 +11,11 @@ A backup is a directory (mode 0700), written under a temporary name and renamed 
   their tokens, links stay valid;
 - ``secrets.key`` — the keys of secret configuration values (unless left out on purpose: then whoever restores
   must bring the key). Keep backups as safe as the key: whoever has both reads every secret.
+
+With artifacts in an object store (``--storage s3://...``) a backup holds the database and the secrets only:
+the objects stay in the bucket (the manifest names it as ``artifact_store``; keep them with the store's own
+means: versioning, replication). Deleting an artifact deletes its object, so a database restored from an older
+backup may list artifacts whose objects are gone: restore reports each one.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from ota_common.tools import find_program, install_hint, run
 from . import secretkeys
 from .db import make_engine, migrate, normalize_url, open_database
 from .secretkeys import SecretKeys
-from .settings import SECRETS_FILE
+from .settings import SECRETS_FILE, SharedSecrets
+from .storage import ArtifactStore
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -54,6 +60,8 @@ class Report:
     artifacts: int
     secrets_key: bool
     warnings: list[str] = field(default_factory=list)
+    #: the object store holding the artifacts (not in the backup), None: they are in the backup
+    artifact_store: str | None = None
 
 
 def _kind(db_url: str) -> str:
@@ -155,16 +163,19 @@ def _backup_postgres(db_url: str, out: Path) -> tuple[list[str], str | None]:
     return ids, revision
 
 
-def backup(db_url: str, storage: Path, keys: SecretKeys | None, out: Path, include_key: bool = True) -> Report:
-    """Back up a (running) server into the new directory ``out``. Raises UserError when ``out`` exists and is
-    not empty, the database cannot be read, or there is no server secrets file in ``storage``; ToolError when
-    pg_dump fails."""
+def backup(db_url: str, storage: Path, keys: SecretKeys | None, out: Path, include_key: bool = True,
+           store: ArtifactStore | None = None, shared: SharedSecrets | None = None) -> Report:
+    """Back up a (running) server into the new directory ``out``: the artifacts from ``storage/artifacts``, or
+    none when they are in the object store ``store`` (None: a local store); the server secrets ``shared`` by every server, else those
+    of ``storage``. Raises UserError when ``out`` exists and is not empty, the database cannot be read, or there
+    are no server secrets; ToolError when pg_dump fails."""
     kind = _kind(db_url)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty: back up into a new directory")
     secrets_file = storage / SECRETS_FILE
-    if not secrets_file.is_file():
+    if shared is None and not secrets_file.is_file():
         raise UserError(f"no {SECRETS_FILE} in {storage}: is --storage the server's storage directory?")
+    where = store.where if store is not None else None
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700, parents=True)
@@ -172,14 +183,14 @@ def backup(db_url: str, storage: Path, keys: SecretKeys | None, out: Path, inclu
         ids, revision = (_backup_sqlite if kind == "sqlite" else _backup_postgres)(db_url, tmp)
         report = Report(out, kind, revision, 0, False)
         (tmp / "artifacts").mkdir()
-        for artifact_id in sorted(ids):
+        for artifact_id in [] if store is not None else sorted(ids):
             src = storage / "artifacts" / f"{artifact_id}.mender"
             if src.is_file():
                 _copy(src, tmp / "artifacts" / src.name)
                 report.artifacts += 1
             else:  # deleted after the snapshot, or lost before
                 report.warnings.append(f"artifact {artifact_id} is in the database but not in {src.parent}")
-        doc = json.loads(secrets_file.read_text())
+        doc = dict(shared.doc) if shared is not None else json.loads(secrets_file.read_text())
         if not include_key:
             doc.pop("fernet_key", None)
         _write(tmp / SECRETS_FILE, json.dumps(doc).encode())
@@ -192,7 +203,9 @@ def backup(db_url: str, storage: Path, keys: SecretKeys | None, out: Path, inclu
         manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "database": kind, "revision": revision, "database_file": db_file.name,
                     "database_sha256": sha256_file(db_file), "artifacts": report.artifacts,
-                    "secrets_key": report.secrets_key, "warnings": report.warnings}
+                    "secrets_key": report.secrets_key, "warnings": report.warnings,
+                    "artifact_store": where}
+        report.artifact_store = where
         _write(tmp / MANIFEST, json.dumps(manifest, indent=2).encode() + b"\n")
         _fsync(tmp)
         os.rename(tmp, out)
@@ -253,12 +266,14 @@ def _database_is_empty(db_url: str, kind: str) -> None:
         raise UserError("the target database is not empty: restore into a new database (createdb)")
 
 
-def restore(src: Path, db_url: str, storage: Path, key_file: Path | None) -> Report:
+def restore(src: Path, db_url: str, storage: Path, key_file: Path | None,
+            store: ArtifactStore | None = None) -> Report:
     """Restore the backup ``src`` into a new database and an empty storage directory, write its secrets key to
     ``key_file`` when that does not exist yet, bring the schema up to date and check that every artifact is
     intact and every secret decrypts. Raises UserError when the backup is damaged, the targets are not empty,
     the database kinds differ (SQLite backups restore into SQLite, PostgreSQL into PostgreSQL), or the secrets
-    key is missing or wrong; ToolError when pg_restore fails."""
+    key is missing or wrong; ToolError when pg_restore fails. A backup of a server with an object store holds
+    no artifacts: with ``store`` (that object store) each artifact's object is looked for."""
     manifest = _read_manifest(src)
     kind = _kind(db_url)
     if manifest["database"] != kind:
@@ -295,7 +310,8 @@ def restore(src: Path, db_url: str, storage: Path, key_file: Path | None) -> Rep
         secretkeys.write_key_file(write_key, keys.keys)
 
     _, revision = migrate(db_url)
-    report = Report(src, kind, revision, count, keys is not None, list(manifest.get("warnings", [])))
+    report = Report(src, kind, revision, count, keys is not None, list(manifest.get("warnings", [])),
+                    manifest.get("artifact_store"))
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:
@@ -304,7 +320,10 @@ def restore(src: Path, db_url: str, storage: Path, key_file: Path | None) -> Rep
         engine.dispose()
     for artifact_id, sha in rows:
         f = storage / "artifacts" / f"{artifact_id}.mender"
-        if not f.is_file():
+        if report.artifact_store is not None:
+            if store is not None and not store.exists(artifact_id):
+                report.warnings.append(f"artifact {artifact_id} is in the database but not in {store.where}")
+        elif not f.is_file():
             report.warnings.append(f"artifact {artifact_id} is in the database but not in the backup")
         elif sha256_file(f) != sha:
             raise UserError(f"artifact {artifact_id} in the backup is damaged (its SHA-256 differs)")

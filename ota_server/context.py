@@ -19,6 +19,7 @@ from .downloads import LinkSigner
 from .lastseen import LastSeen
 from .limits import AuthLimiter
 from .settings import ServerSecrets, Settings
+from .storage import ArtifactStore, make_store
 
 
 @dataclass
@@ -34,6 +35,8 @@ class ServerContext:
     auth_limits: AuthLimiter
     #: the fleet enrolment CAs (empty: no zero-touch enrolment, the auth request's ``device_cert`` is ignored)
     fleet_cas: list[x509.Certificate]
+    #: where artifacts live (local directory or object store) and how devices download them
+    store: ArtifactStore
     #: devices heard from since the last flush (written in batches by the app's lifespan task)
     last_seen: LastSeen = field(default_factory=LastSeen)
 
@@ -41,24 +44,23 @@ class ServerContext:
     def create(cls, settings: Settings, secrets: ServerSecrets) -> ServerContext:
         db = Database(settings.db_url)
         metrics.configure(db, stale_after=settings.stale_after)
+        links = LinkSigner(secrets.link_key, settings.link_ttl)
         return cls(
             settings=settings,
             db=db,
             tokens=TokenCodec(secrets.jwt_key, settings.device_token_ttl),
-            links=LinkSigner(secrets.link_key, settings.link_ttl),
+            links=links,
             config=ConfigStore(settings.secrets_keys or ([secrets.fernet_key] if secrets.fernet_key else [])),
             verifiers=list(load_verifiers(settings.release_keys)),
             session_key=secrets.session_key,
             auth_limits=AuthLimiter.from_settings(settings.auth_rate_per_address, settings.auth_rate_per_identity),
             fleet_cas=load_fleet_cas(settings.fleet_ca_file) if settings.fleet_ca_file is not None else [],
+            store=make_store(settings.artifact_store, settings.storage, links, settings.s3_endpoint_url,
+                             settings.s3_region),
         )
 
     def base_url(self, request: Request) -> str:
         return self.settings.public_url or str(request.base_url)
-
-    @property
-    def artifact_dir(self) -> str:
-        return str(self.settings.storage / "artifacts")
 
 
 def get_ctx(request: Request) -> ServerContext:

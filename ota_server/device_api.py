@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from ota_common.varnames import CONFIG_HASH_HEADER
@@ -102,6 +102,7 @@ LinkSig = Annotated[str | None, Query(description="HMAC-SHA256 of the artifact i
 @router.get("/api/devices/v1/download/{artifact_id}", response_class=Response,
             responses={200: {"content": {"application/vnd.mender-artifact": {}}},
                        206: {"content": {"application/vnd.mender-artifact": {}}},
+                       307: {"description": "artifacts in an object store: on to its presigned URL"},
                        403: error_doc("bad or expired link"), 404: error_doc("no such artifact"),
                        416: error_doc("unsatisfiable range")},
             openapi_extra={"parameters": [  # read by the file response; documented so that they are fuzzed too
@@ -112,6 +113,9 @@ LinkSig = Annotated[str | None, Query(description="HMAC-SHA256 of the artifact i
 async def download(artifact_id: str, ctx: Ctx, expires: LinkExpires = None, sig: LinkSig = None) -> Response:
     """The artifact behind a signed link (from ``next``). Range requests: one range → 206.
 
+    With an object store (``--storage s3://...``), ``next`` hands out the store's presigned URLs; a link to
+    this route (one handed out before the store changed) answers 307 to a presigned URL expiring with it.
+
     Raises:
         APIError: 403 for a link that is malformed, not signed by this server or expired; 404 for an artifact
             that is gone.
@@ -120,5 +124,7 @@ async def download(artifact_id: str, ctx: Ctx, expires: LinkExpires = None, sig:
     with ctx.db.read() as c:
         row = found_or_404(c.execute(sa.select(art_t.c.name, art_t.c.sha256).where(art_t.c.id == artifact_id)).first(),
                            "artifact")
-    path = f"{ctx.artifact_dir}/{artifact_id}.mender"
+    path = ctx.store.local_path(artifact_id)
+    if path is None:  # an object store: a link this server signed goes on to the store's presigned URL
+        return RedirectResponse(ctx.store.download_url(artifact_id, int(expires or 0), ""), status_code=307)
     return ArtifactFileResponse(path, row.sha256, f"{row.name}.mender")

@@ -152,7 +152,8 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
         if dstatus == "pending" or status == "pending":
             with ctx.db.write() as c:
                 rollout.hand_out(c, deployment_id, device.id)
-        uri, expires = ctx.links.link(ctx.base_url(request), match.id, t)
+        expires = int(t) + ctx.links.ttl  # the store's URL (signed link or presigned GET) expires with the link TTL
+        uri = ctx.store.download_url(match.id, expires, ctx.base_url(request))
         body = {
             "id": deployment_id,
             "artifact": {

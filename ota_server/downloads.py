@@ -38,8 +38,12 @@ class LinkSigner:
 
     def link(self, base_url: str, artifact_id: str, now: float | None = None) -> tuple[str, int]:
         expires = int(now if now is not None else time.time()) + self.ttl
+        return self.url(base_url, artifact_id, expires), expires
+
+    def url(self, base_url: str, artifact_id: str, expires: int) -> str:
+        """The signed link to the artifact, valid until ``expires`` (epoch seconds)."""
         query = urlencode({"expires": expires, "sig": self._mac(artifact_id, expires)})
-        return f"{base_url.rstrip('/')}{DOWNLOAD_PATH}{artifact_id}?{query}", expires
+        return f"{base_url.rstrip('/')}{DOWNLOAD_PATH}{artifact_id}?{query}"
 
     def check(self, artifact_id: str, expires: str | None, sig: str | None) -> None:
         """Accept a link made by :meth:`link` that has not expired. The query values come from anyone: they

@@ -4,6 +4,7 @@ change is written to the audit log)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import uuid
@@ -41,6 +42,7 @@ Ctx = Annotated[ServerContext, Depends(get_ctx)]
 ARTIFACTS = "/api/management/v1/deployments/artifacts"
 DEPLOYMENTS = "/api/management/v1/deployments/deployments"
 MAX_FIELD = 64 * 1024
+log = logging.getLogger("ota_server")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,15 +240,23 @@ async def upload_artifact(request: Request, ctx: Ctx, who: Operator) -> Response
         except ArtifactError as e:
             raise bad_request(f"artifact rejected: {e}") from None
         artifact_id = str(uuid.uuid4())
-        final = Path(ctx.artifact_dir) / f"{artifact_id}.mender"
         source = rollout.source_checksum(meta["info"])
         _check_key_lengths(meta["name"], meta["device_types"], source)
+        with ctx.db.read() as c:  # before the bytes go to the store (checked again in the transaction)
+            _refuse_conflicts(c, meta["name"], meta["device_types"], source)
+        sha256 = upload.sha.hexdigest()
+        try:  # an object store takes time: not inside the write transaction, not on the event loop
+            await run_in_threadpool(ctx.store.put, artifact_id, upload.path, sha256, upload.size)
+        except Exception as e:
+            log.error("cannot store artifact %s in %s: %s", artifact_id, ctx.store.where, e)
+            raise APIError(503, f"cannot store the artifact in {ctx.store.where}; try again") from None
+        stored = False
         try:
             with ctx.db.write() as c:
                 _refuse_conflicts(c, meta["name"], meta["device_types"], source)
                 c.execute(art_t.insert().values(
                     id=artifact_id, name=meta["name"], description=description, device_types=meta["device_types"],
-                    size=upload.size, sha256=upload.sha.hexdigest(), signed=meta["signed"],
+                    size=upload.size, sha256=sha256, signed=meta["signed"],
                     signed_by=(meta["signed_by"] or "")[:255] or None, info=meta["info"], created=now()))
                 # the unique index: of two uploads racing past the check above, the second waits here for the
                 # first to commit and then fails (sorted: two uploads lock the index entries in the same order)
@@ -257,14 +267,25 @@ async def upload_artifact(request: Request, ctx: Ctx, who: Operator) -> Response
                 who.record(c, f"uploaded artifact {meta['name']} ({artifact_id}) for {names(meta['device_types'])}, "
                               f"{upload.size} bytes, "
                               f"{'signed by ' + str(meta['signed_by']) if meta['signed'] else 'unsigned'}")
-                os.replace(upload.path, final)  # inside the transaction: a failed move rolls the row back
+            stored = True
         except sa.exc.IntegrityError:
-            final.unlink(missing_ok=True)
             raise conflict(f"artifact {meta['name']} for device type {', '.join(meta['device_types'])} was "
                            "uploaded at the same moment by another request") from None
+        finally:
+            if not stored:  # no row refers to it: remove it again
+                await run_in_threadpool(_forget, ctx, artifact_id)
         return Response(status_code=201, headers={"Location": f"{ARTIFACTS}/{artifact_id}"})
     finally:
         upload.discard()
+
+
+def _forget(ctx: ServerContext, artifact_id: str) -> None:
+    """Remove an artifact stored for an upload that did not commit (a failure here is logged, not raised: the
+    upload's own answer matters more than an orphan object)."""
+    try:
+        ctx.store.delete(artifact_id)
+    except Exception as e:
+        log.error("cannot remove the uncommitted artifact %s from %s: %s", artifact_id, ctx.store.where, e)
 
 
 @router.get(ARTIFACTS, tags=["artifacts"], dependencies=READS)
@@ -294,7 +315,7 @@ def delete_artifact(artifact_id: str, ctx: Ctx, who: Operator) -> Response:
             raise conflict(f"deployment {using.id} still uses artifact {r.name}; abort it or wait until it finishes")
         c.execute(sa.delete(art_t).where(art_t.c.id == artifact_id))
         who.record(c, f"deleted artifact {r.name} ({artifact_id})")
-    (Path(ctx.artifact_dir) / f"{artifact_id}.mender").unlink(missing_ok=True)
+    ctx.store.delete(artifact_id)  # after the commit: a row never points at a missing object
     return Response(status_code=204)
 
 

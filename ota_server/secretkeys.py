@@ -35,7 +35,7 @@ from ota_common.errors import UserError
 from . import confighash
 from .db import open_database
 from .models import config_values as cv
-from .settings import SECRETS_FILE, replace_private
+from .settings import SECRETS_FILE, replace_private, shared_secrets
 
 KEY_FILE_ENV = "OTA_SECRETS_KEY_FILE"
 KEYS_ENV = "OTA_SECRETS_KEYS"
@@ -84,33 +84,40 @@ def read_key_file(path: Path) -> tuple[str, ...]:
     return parse_keys(text, f"{OPTION} {path}")
 
 
-def _legacy_key(storage: Path) -> str | None:
+def _legacy_key(storage: Path, secrets_file: Path | None = None) -> tuple[str | None, str]:
+    """The default key in the server secrets (shared ones from ``--secrets-file``/``$OTA_SERVER_SECRETS``,
+    else ``STORAGE/server-secrets.json``) and where they are, for messages."""
+    shared = shared_secrets(secrets_file)
+    if shared is not None:
+        key = shared.doc.get("fernet_key")
+        return (key if isinstance(key, str) and key else None), shared.where
     path = storage / SECRETS_FILE
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        return None
+        return None, str(path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the server secrets in {path}: {e}") from None
     key = doc.get("fernet_key") if isinstance(doc, dict) else None
-    return key if isinstance(key, str) and key else None
+    return (key if isinstance(key, str) and key else None), str(path)
 
 
-def resolve(key_file: Path | None, storage: Path) -> SecretKeys | None:
-    """The keys from ``key_file``, else ``$OTA_SECRETS_KEYS``, else the default key in ``STORAGE`` (None when
-    there is none yet). Raises UserError for an unreadable file or a malformed key."""
-    legacy = _legacy_key(storage)
+def resolve(key_file: Path | None, storage: Path, secrets_file: Path | None = None) -> SecretKeys | None:
+    """The keys from ``key_file``, else ``$OTA_SECRETS_KEYS``, else the default key in the server secrets
+    (``secrets_file``, ``$OTA_SERVER_SECRETS``, else ``STORAGE``; None when there is none yet). Raises UserError
+    for an unreadable file or a malformed key."""
+    legacy, secrets_where = _legacy_key(storage, secrets_file)
     if key_file is not None:
         keys, where, source = read_key_file(key_file), f"{OPTION} {key_file}", "file"
     elif os.environ.get(KEYS_ENV, "").strip():
         keys, where, source = parse_keys(os.environ[KEYS_ENV], KEYS_ENV), KEYS_ENV, "env"
     elif legacy is not None:
-        return SecretKeys((legacy,), f"{storage / SECRETS_FILE} (beside the database; see {OPTION})", "default",
+        return SecretKeys((legacy,), f"{secrets_where} (beside the database; see {OPTION})", "default",
                           legacy=legacy)
     else:
         return None
     if legacy is not None and legacy not in keys:
-        return SecretKeys((*keys, legacy), f"{where} (and the old key in {storage / SECRETS_FILE})", source,
+        return SecretKeys((*keys, legacy), f"{where} (and the old key in {secrets_where})", source,
                           key_file, legacy)
     return SecretKeys(keys, where, source, key_file, legacy if legacy in keys else None)
 
@@ -195,9 +202,10 @@ def rotate(db_url: str, keys: SecretKeys, storage: Path) -> tuple[int, bool]:
                          .values(value=fernet.rotate(r.value.encode()).decode()))
         confighash.refresh_all(conn)  # new tokens, new hashes: the devices fetch once and find the same values
     removed = False
-    if keys.legacy is not None and keys.legacy != keys.keys[0]:
-        path = storage / SECRETS_FILE
-        doc = json.loads(path.read_text())
+    path = storage / SECRETS_FILE
+    # shared secrets (--secrets-file, $OTA_SERVER_SECRETS) are not rewritten here: the operator edits them
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    if keys.legacy is not None and keys.legacy != keys.keys[0] and doc.get("fernet_key") == keys.legacy:
         doc.pop("fernet_key", None)
         try:
             replace_private(path, json.dumps(doc).encode())

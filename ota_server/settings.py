@@ -2,7 +2,8 @@
 
 Worker processes are started by uvicorn in fresh interpreters, so the settings travel as JSON in the
 ``OTA_SERVER_SETTINGS`` environment variable; the secrets live in ``<storage>/server-secrets.json`` (mode 0600),
-created once, so that every worker and every restart agree on them: the key of device tokens, the key of
+created once — or, for several servers on several machines, in a file given with ``--secrets-file`` or in
+``$OTA_SERVER_SECRETS`` (the same JSON) — so that every worker, every server and every restart agree on them: the key of device tokens, the key of
 download links, and — only when no secrets key is configured apart (see :mod:`.secretkeys`) — the Fernet key
 of secret configuration values.
 """
@@ -16,9 +17,12 @@ import hmac
 import json
 import os
 import secrets
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cryptography.fernet import Fernet
 
 from ota_common.errors import UserError
 
@@ -26,6 +30,9 @@ from .timeutil import parse_duration
 
 SETTINGS_ENV = "OTA_SERVER_SETTINGS"
 SECRETS_FILE = "server-secrets.json"
+#: the server secrets kept apart from storage: a file (option) or the JSON itself (environment variable)
+SECRETS_FILE_OPTION = "--secrets-file"
+SERVER_SECRETS_ENV = "OTA_SERVER_SECRETS"
 #: environment variables of the fleet-observation settings (`build.py server --stale-after/--last-seen-flush` read them too)
 LAST_SEEN_FLUSH_ENV = "OTA_LAST_SEEN_FLUSH"
 STALE_AFTER_ENV = "OTA_STALE_AFTER"
@@ -95,6 +102,15 @@ class Settings:
     #: PEM file of the fleet enrolment CA(s): a device whose auth request carries a certificate issued by one is
     #: accepted at once (zero-touch enrolment, docs/server.md); None: the ``device_cert`` field is ignored
     fleet_ca_file: Path | None = None
+    # --- past one machine (docs/server.md, "Several servers")
+    #: where artifacts live: "" for ``storage/artifacts`` (local disk), or ``s3://bucket/prefix``
+    artifact_store: str = ""
+    #: the S3-compatible service's URL (None: AWS) and region (None: boto3's default)
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    #: the server secrets' file kept apart from storage (``--secrets-file``); None: ``$OTA_SERVER_SECRETS``, else
+    #: ``storage/server-secrets.json``
+    secrets_file: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_env(self) -> str:
@@ -102,6 +118,7 @@ class Settings:
         d["storage"] = str(self.storage)
         d["release_keys"] = [str(p) for p in self.release_keys]
         d["fleet_ca_file"] = None if self.fleet_ca_file is None else str(self.fleet_ca_file)
+        d["secrets_file"] = None if self.secrets_file is None else str(self.secrets_file)
         return json.dumps(d)
 
     @classmethod
@@ -114,6 +131,7 @@ class Settings:
         d["release_keys"] = tuple(Path(p) for p in d["release_keys"])
         d["secrets_keys"] = tuple(d.get("secrets_keys", ()))
         d["fleet_ca_file"] = None if d.get("fleet_ca_file") is None else Path(d["fleet_ca_file"])
+        d["secrets_file"] = None if d.get("secrets_file") is None else Path(d["secrets_file"])
         return cls(**d)
 
 
@@ -153,19 +171,98 @@ def replace_private(path: Path, data: bytes) -> None:
     write_private(path, data, replace=True)
 
 
+def _b64_key(doc: dict[str, Any], name: str) -> bytes:
+    value = doc.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} is missing")
+    key = base64.b64decode(value, validate=True)
+    if len(key) < 32:
+        raise ValueError(f"{name} holds {len(key)} bytes, fewer than 32")
+    return key
+
+
+def parse_secrets(doc: Any) -> ServerSecrets:
+    """The secrets of a ``server-secrets.json`` document, checked: an object with ``jwt_key`` and ``link_key``
+    (base64, at least 32 bytes each) and an optional ``fernet_key`` (a Fernet key). Raises ValueError."""
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    fernet = doc.get("fernet_key")
+    if fernet is not None:
+        try:
+            Fernet(fernet.encode() if isinstance(fernet, str) else b"")
+        except ValueError:
+            raise ValueError("fernet_key is not a Fernet key (32 bytes, urlsafe base64)") from None
+    return ServerSecrets(jwt_key=_b64_key(doc, "jwt_key"), link_key=_b64_key(doc, "link_key"),
+                         fernet_key=fernet.encode() if fernet else None)
+
+
+def new_secrets_doc(with_fernet_key: bool) -> dict[str, str]:
+    doc = {
+        "jwt_key": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "link_key": base64.b64encode(secrets.token_bytes(32)).decode(),
+    }
+    if with_fernet_key:
+        doc["fernet_key"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    return doc
+
+
+def check_private(path: Path, what: str) -> None:
+    """Refuse a credential file other users can read or write (what ssh does with a private key).
+    Raises UserError, also when the file cannot be read."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    if mode & 0o077:
+        raise UserError(f"{what} {path} is accessible by other users (mode {mode:04o}): chmod 600 {path}")
+
+
+@dataclass(frozen=True)
+class SharedSecrets:
+    """Server secrets given from outside the storage directory, the same for every server process."""
+
+    doc: dict[str, Any]
+    secrets: ServerSecrets
+    #: ``--secrets-file PATH`` or ``OTA_SERVER_SECRETS``, for messages
+    where: str
+
+
+def shared_secrets(secrets_file: Path | None) -> SharedSecrets | None:
+    """The server secrets of ``--secrets-file`` (mode 0600 or stricter), else of ``$OTA_SERVER_SECRETS`` (the
+    JSON itself), else None (they live in ``storage/server-secrets.json``). Raises UserError (one line) for a
+    file others can read, unreadable or malformed secrets."""
+    if secrets_file is not None:
+        where = f"{SECRETS_FILE_OPTION} {secrets_file}"
+        check_private(secrets_file, SECRETS_FILE_OPTION)
+        try:
+            text = secrets_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {where}: {e}") from None
+    elif os.environ.get(SERVER_SECRETS_ENV, "").strip():
+        where, text = SERVER_SECRETS_ENV, os.environ[SERVER_SECRETS_ENV]
+    else:
+        return None
+    try:
+        doc = json.loads(text)
+        return SharedSecrets(doc, parse_secrets(doc), where)
+    except ValueError as e:
+        raise UserError(f"{where} does not hold server secrets (the JSON of server-secrets.json): {e}") from None
+
+
+def load_server_secrets(storage: Path, secrets_file: Path | None) -> ServerSecrets:
+    """What a server process uses: the shared secrets (:func:`shared_secrets`) or those of
+    ``storage/server-secrets.json`` (created when missing). Raises UserError."""
+    shared = shared_secrets(secrets_file)
+    return shared.secrets if shared is not None else load_or_create_secrets(storage)
+
+
 def load_or_create_secrets(storage: Path, with_fernet_key: bool = False) -> ServerSecrets:
     """The secrets of ``STORAGE/server-secrets.json``, the file created when missing; ``with_fernet_key``: a
     default Fernet key is generated into it too (when no secrets key is configured apart). Raises UserError
     when the file cannot be read."""
     path = storage / SECRETS_FILE
     if not path.exists():
-        doc = {
-            "jwt_key": base64.b64encode(secrets.token_bytes(32)).decode(),
-            "link_key": base64.b64encode(secrets.token_bytes(32)).decode(),
-        }
-        if with_fernet_key:
-            doc["fernet_key"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
-        write_private(path, json.dumps(doc).encode(), replace=False)
+        write_private(path, json.dumps(new_secrets_doc(with_fernet_key)).encode(), replace=False)
     try:
         doc = json.loads(path.read_text())
         if with_fernet_key and not doc.get("fernet_key"):

@@ -28,7 +28,7 @@ BUILD_PY = REPO / "build.py"
 #: secrets keys, database URL, release keys, the agent's fault injection, the e2e seed), the reproducibility
 #: clock, the metrics directory, and what ``requests``/``urllib``/``ssl`` take from the environment (proxies,
 #: CA bundles, .netrc credentials). A test that needs one sets it with ``monkeypatch.setenv``.
-SCRUBBED_PREFIXES = ("OTA_",)
+SCRUBBED_PREFIXES = ("OTA_", "AWS_")
 SCRUBBED = frozenset({
     "SOURCE_DATE_EPOCH", "PROMETHEUS_MULTIPROC_DIR",
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
