@@ -24,6 +24,7 @@ from .auth import canonical_json, sha256_hex
 from .context import ServerContext
 from .deployments import REPORTABLE
 from .devauth import Ctx, CurrentDevice, Device
+from .downloads import HINT, ROLLBACK, rollback_hint
 from .errors import bad_request, error_doc, found_or_404
 from .models import artifacts as art_t
 from .models import deployment_devices as dd
@@ -35,9 +36,10 @@ NEXT_V2 = "/api/devices/v2/deployments/device/deployments/next"
 NEXT_V1 = "/api/devices/v1/deployments/device/deployments/next"
 NO_CONTENT = 204
 #: the device's unfinished deployments, oldest first, read through the driver (see Database.fetch)
+#: (the artifact is the device's own ``target_artifact`` in a rollback deployment, else the deployment's)
 ACTIVE_SQL = (
-    "SELECT dd.deployment_id, dd.status, dd.not_before, d.status, d.artifact_name, d.allow_downgrade "
-    "FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id "
+    "SELECT dd.deployment_id, dd.status, dd.not_before, d.status, COALESCE(dd.target_artifact, d.artifact_name), "
+    "d.allow_downgrade, d.kind FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id "
     "WHERE dd.device_id = ? AND dd.active = ? ORDER BY d.created"
 )
 
@@ -125,7 +127,7 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
         with ctx.db.write() as c:  # an open dynamic deployment of its group (or of all devices) takes it now
             rollout.join_open(c, device.id)
     t = now()
-    for deployment_id, dstatus, not_before, status, artifact_name, allow_downgrade in ctx.db.fetch(
+    for deployment_id, dstatus, not_before, status, artifact_name, allow_downgrade, kind in ctx.db.fetch(
             ACTIVE_SQL, (device.id, True)):
         if rollout.is_waiting(dstatus, not_before, status, t):
             continue  # phase not started yet, or the deployment is paused
@@ -147,8 +149,9 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
                                          only_from=("pending",))
             continue
         if dstatus == "pending" or status == "pending":
+            running = str(provides["artifact_name"])
             with ctx.db.write() as c:
-                rollout.hand_out(c, deployment_id, device.id)
+                rollout.hand_out(c, deployment_id, device.id, running if len(running) <= 256 else None)
         uri, expires = ctx.links.link(ctx.base_url(request), match.id, t)
         body = {
             "id": deployment_id,
@@ -160,6 +163,8 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
             },
             "allow_downgrade": bool(allow_downgrade),
         }
+        if kind == ROLLBACK:  # our agent may re-arm the slot that still holds it (a Mender client ignores this)
+            body[HINT] = rollback_hint(ctx.links, ctx.base_url(request), match.id, t)
         return JSONResponse(body)
     return Response(status_code=NO_CONTENT)
 
