@@ -114,3 +114,6 @@ MAX_PAYLOADS: Final = 64
 MAX_FILES_PER_PAYLOAD: Final = 4096
 MAX_PAYLOAD_FILE_SIZE: Final = 1 << 40  # 1 TiB: no slot is bigger
 MAX_DEVICE_TYPES: Final = 1024
+#: the signed header part of an artifact (``version``, ``manifest``, ``manifest.sig``, ``header.tar*``) that an
+#: instant rollback fetches alone: a few KB in practice; state scripts make it larger
+MAX_HEADER_PART: Final = 1 << 20

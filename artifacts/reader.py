@@ -443,6 +443,28 @@ class ArtifactReader:
         return self._done
 
 
+def header_part_size(stream: BinaryIO | Any, *, what: str = "artifact", limit: int = fmt.MAX_HEADER_PART) -> int:
+    """How many leading bytes of an artifact are its signed header part: the members ``version``, ``manifest``,
+    ``manifest.sig`` (when signed) and ``header.tar*``, with their tar padding. Those bytes alone are what
+    :meth:`ArtifactReader.read_header` reads and verifies, so an instant rollback (the server's header route,
+    the device's check of a slot it kept) needs only them. Nothing is verified here; raises
+    :class:`MalformedArtifact` for another layout or a part larger than ``limit``."""
+    src = ByteSource(stream, what)
+    tar = TarReader(src, what)
+    leading = (fmt.VERSION_MEMBER, fmt.MANIFEST_MEMBER, fmt.SIGNATURE_MEMBER)
+    while True:
+        entry = tar.next()
+        if entry is None or not (entry.name in leading or entry.name.startswith(fmt.HEADER_MEMBER_STEM)):
+            raise MalformedArtifact(f"{what}: expected the header members first, found {_name(entry)}")
+        if src.pos + entry.size > limit:
+            raise MalformedArtifact(f"{what}: the header part is larger than {limit} bytes")
+        tar.finish_member()
+        if src.pos > limit:
+            raise MalformedArtifact(f"{what}: the header part is larger than {limit} bytes")
+        if entry.name.startswith(fmt.HEADER_MEMBER_STEM):
+            return src.pos
+
+
 def _name(entry: TarEntry | None) -> str:
     return "the end of the archive" if entry is None else repr(entry.name)
 
@@ -514,5 +536,6 @@ __all__ = [
     "FileInfo",
     "PayloadFile",
     "SignatureStatus",
+    "header_part_size",
     "read_artifact",
 ]

@@ -1,4 +1,4 @@
-"""``build.py fleet deploy|status|watch|abort|resume|logs``: deployments through the management API.
+"""``build.py fleet deploy|status|watch|abort|close|rollback|resume|logs``: deployments through the management API.
 
 Phases are written as the operator thinks of a rollout — how much of the fleet has it by when, counted from the
 deployment's creation: ``10%@0,50%@1h,100%@4h``. The API counts each phase's share and its wait after the
@@ -413,6 +413,45 @@ def close(deployment_id: str, server: str | None) -> None:
             raise UserError(f"deployment {d['id']} takes no joiners ({e.reason})") from None
         raise
     click.echo(f"{d['id']}: closed")
+
+
+@fleet.command("rollback")
+@click.argument("deployment_id", metavar="DEPLOYMENT")
+@click.option("--name", help="A name for the rollback (default: rollback of DEPLOYMENT's name).")
+@click.option("--phases", metavar="P%@WAIT,...", help="Phased, as for fleet deploy (default: all at once).")
+@click.option("--failure-threshold", metavar="PERCENT",
+              help="Pause the rollback when more than PERCENT % of the finished devices failed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer (id, targets, skipped) as JSON.")
+@SERVER_OPTION
+def rollback(deployment_id: str, name: str | None, phases: str | None, failure_threshold: str | None,
+             as_json: bool, server: str | None) -> None:
+    """Send every device DEPLOYMENT updated (status success) back to the release it ran before, each to its own.
+    Our agent re-arms the inactive slot that still holds it (no download); prints the new deployment's id and
+    the devices skipped (what they ran before is unknown, or no longer uploaded)."""
+    body: dict[str, Any] = {}
+    if name is not None:
+        body["name"] = name
+    if phases is not None:
+        body["phases"] = phases_body(parse_phases(phases))
+    if failure_threshold is not None:
+        body["failure_threshold"] = percent(failure_threshold)
+    api = management(server)
+    try:
+        answer = api.call("POST", f"{DEPLOYMENTS}/{seg(deployment_id)}/rollback", body or None)
+    except ServerRefused as e:
+        if e.status == 404:
+            raise UserError(f"no deployment {clean(deployment_id)!r} on the server") from None
+        if e.status == 400:
+            raise UserError(f"the server refused the rollback: {e.reason}") from None
+        raise
+    if as_json:
+        print_json(answer)
+        return
+    click.echo(answer["id"])
+    targets = ", ".join(f"{n} × {clean(str(k))}" for k, n in answer.get("targets", {}).items())
+    click.echo(f"{answer.get('device_count', 0)} device(s) go back: {targets}", err=True)
+    for skipped in answer.get("skipped", []):
+        click.echo(f"skipped {clean(str(skipped.get('id')))}: {clean(str(skipped.get('reason')))}", err=True)
 
 
 @fleet.command("resume")

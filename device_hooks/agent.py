@@ -49,7 +49,7 @@ from artifacts.delta import DeltaError
 from ota_common.deviceid import IDENTITY_KEY, is_device_id
 from ota_common.errors import ArtifactError, BootEnvError, IncompatibleArtifact, OTAError
 
-from . import cfgrelease, devconfig, inventory, journal, validate
+from . import cfgrelease, devconfig, inventory, journal, slot_rollback, validate
 from .agentstate import Current, Phase, Slot, StateStore
 from .api import Aborted, BadDeployment, Deployment, DeviceAPI, ServerError, Unauthorized
 from .bootenv import BootEnv
@@ -501,8 +501,10 @@ class Agent:
         self.dlog(dep.id, "info", f"deployment of {dep.artifact_name or 'a local artifact'} to slot "
                                   f"{target.label}" + (" (resumed)" if resumed else ""))
         try:
-            self.report(dep.id, "downloading")
-            result = self._download_and_install(dep, facts, target)
+            result = slot_rollback.rearm(self, dep, facts, target)  # the slot still holds it: no download
+            if result is None:
+                self.report(dep.id, "downloading")
+                result = self._download_and_install(dep, facts, target)
         except Aborted:
             self.dlog(dep.id, "warning", "deployment aborted by the server; the boot state is untouched")
             self._clear(dep.id)
@@ -590,7 +592,7 @@ class Agent:
             remove_spool(spool)  # installed and verified: free /data
         slots = read_json(self.dir / "slots.json")
         slots[str(int(target))] = {"artifact_name": result.artifact_name, "provides": result.provides,
-                                   "installed_at": self.clock.now()}
+                                   "size": result.size, "installed_at": self.clock.now()}
         write_json(self.dir / "slots.json", slots)
         return result
 

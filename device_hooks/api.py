@@ -82,6 +82,9 @@ class Deployment:
     device_types: tuple[str, ...]
     allow_downgrade: bool
     local_path: Path | None = None  # ota-agent install of a file on the device
+    #: a rollback deployment's link to the artifact's signed header part (``vv_rollback``, our server's
+    #: extension): the inactive slot may still hold the artifact (:mod:`.slot_rollback`)
+    rollback_header_uri: str = ""
 
     @classmethod
     def from_json(cls, doc: Any, *, allow_http: bool = False) -> Deployment:
@@ -106,9 +109,14 @@ class Deployment:
             allow_downgrade = doc.get("allow_downgrade", False)
             if not isinstance(allow_downgrade, bool):
                 raise validate.UntrustedInput(f"allow_downgrade must be true or false, got {allow_downgrade!r:.40}")
+            hint = doc.get("vv_rollback")
+            if hint is not None and not isinstance(hint, dict):
+                raise validate.UntrustedInput("vv_rollback must be an object")
+            header_uri = "" if hint is None else validate.url(hint.get("header_uri"), what="rollback header link",
+                                                              allow_http=allow_http)
             return cls(id=dep_id, artifact_name=validate.artifact_name(art.get("artifact_name")),
                        uri=validate.url(source.get("uri"), what="download link", allow_http=allow_http),
-                       device_types=tuple(types), allow_downgrade=allow_downgrade)
+                       device_types=tuple(types), allow_downgrade=allow_downgrade, rollback_header_uri=header_uri)
         except validate.UntrustedInput as e:
             raise BadDeployment(f"deployment {dep_id} refused: {e}", dep_id) from None
 

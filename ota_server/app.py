@@ -34,6 +34,7 @@ from . import (
     openapi_links,
     provisioning,
     releases,
+    rollback,
 )
 from .apitokens import READ, RequireScope, find_principal, route_scope
 from .context import ServerContext
@@ -387,6 +388,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(device_logs.router)
     app.include_router(management.router)
     app.include_router(releases.router)
+    app.include_router(rollback.router)
     app.include_router(admin_api.router)
     app.include_router(dashboard.router)
     app.include_router(dashboard_actions.router)

@@ -220,14 +220,16 @@ def mark_started(conn: Connection, deployment_id: str) -> None:
     conn.execute(dep.update().where(dep.c.id == deployment_id, dep.c.status == "pending").values(status="inprogress"))
 
 
-def hand_out(conn: Connection, deployment_id: str, device_id: str) -> None:
+def hand_out(conn: Connection, deployment_id: str, device_id: str, running: str | None = None) -> None:
     """``next`` gives the deployment to the device: remember which attempt it was handed (reports about older
-    attempts are ignored from now on) and start the deployment."""
+    attempts are ignored from now on) and what the device ran then (``running``, its ``artifact_name``: kept from
+    the first hand-out, since a failed attempt leaves the device on it; a rollback sends it back there), and
+    start the deployment."""
     conn.execute(dd.update().where(
         dd.c.deployment_id == deployment_id, dd.c.device_id == device_id, dd.c.active.is_(True),
         dd.c.status == "pending",
         sa.or_(dd.c.delivered_attempt.is_(None), dd.c.delivered_attempt != dd.c.attempts),
-    ).values(delivered_attempt=dd.c.attempts))
+    ).values(delivered_attempt=dd.c.attempts, from_artifact=sa.func.coalesce(dd.c.from_artifact, running)))
     mark_started(conn, deployment_id)
 
 

@@ -7,6 +7,7 @@ reports (:mod:`.device_deployments`, with the poll shortcut of :mod:`.fastpoll` 
 
 from __future__ import annotations
 
+import io
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -14,12 +15,15 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
+from artifacts.format import MAX_HEADER_PART
+from artifacts.reader import header_part_size
+from ota_common.errors import ArtifactError
 from ota_common.varnames import CONFIG_HASH_HEADER
 
 from .context import ServerContext
 from .devauth import Ctx, CurrentDevice, Device
-from .downloads import ArtifactFileResponse
-from .errors import bad_request, error_doc, found_or_404
+from .downloads import HEADER_SUFFIX, ArtifactFileResponse
+from .errors import APIError, bad_request, error_doc, found_or_404
 from .metrics import CONFIG_REVERTS
 from .models import artifacts as art_t
 from .models import devices
@@ -128,3 +132,33 @@ async def download(artifact_id: str, ctx: Ctx, expires: LinkExpires = None, sig:
     if path is None:  # an object store: a link this server signed goes on to the store's presigned URL
         return RedirectResponse(ctx.store.download_url(artifact_id, int(expires or 0), ""), status_code=307)
     return ArtifactFileResponse(path, row.sha256, f"{row.name}.mender")
+
+
+@router.get("/api/devices/v1/download/{artifact_id}" + HEADER_SUFFIX, response_class=Response,
+            responses={200: {"content": {"application/vnd.mender-artifact": {}}},
+                       403: error_doc("bad or expired link"), 404: error_doc("no such artifact"),
+                       413: error_doc("the header part is larger than the agent takes")})
+def download_header(artifact_id: str, ctx: Ctx, expires: LinkExpires = None, sig: LinkSig = None) -> Response:
+    """The artifact's signed header part only, behind a signed link (the ``vv_rollback`` hint of a rollback
+    deployment's ``next``): its leading members ``version``, ``manifest``, ``manifest.sig`` and ``header.tar*``,
+    a few KB, from which the agent verifies what it would install and checks the slot it kept against it.
+    Range is not supported (the answer is small).
+
+    Raises:
+        APIError: 403 for a link that is malformed, not signed by this server for the header, or expired; 404
+            for an artifact that is gone; 413 when the header part is larger than ``MAX_HEADER_PART``.
+    """
+    ctx.links.check(artifact_id, expires, sig, part="header")
+    with ctx.db.read() as c:
+        found_or_404(c.execute(sa.select(art_t.c.id).where(art_t.c.id == artifact_id)).first(), "artifact")
+    try:
+        with ctx.store.open(artifact_id) as f:
+            head = f.read(MAX_HEADER_PART + 4096)
+    except FileNotFoundError:
+        raise APIError(404, "artifact not found in storage") from None
+    try:
+        size = header_part_size(io.BytesIO(head), what="artifact", limit=MAX_HEADER_PART)
+    except ArtifactError as e:  # verified at upload: only a header larger than the limit ends here
+        raise APIError(413, str(e)) from None
+    return Response(head[:size], media_type="application/vnd.mender-artifact",
+                    headers={"Cache-Control": "no-store"})

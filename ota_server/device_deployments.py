@@ -27,6 +27,7 @@ from .confighash import poll_hash
 from .context import ServerContext
 from .deployments import REPORTABLE
 from .devauth import Ctx, CurrentDevice, Device
+from .downloads import HINT, ROLLBACK, rollback_hint
 from .errors import bad_request, error_doc, found_or_404
 from .models import artifacts as art_t
 from .models import deployment_devices as dd
@@ -38,9 +39,10 @@ NEXT_V2 = "/api/devices/v2/deployments/device/deployments/next"
 NEXT_V1 = "/api/devices/v1/deployments/device/deployments/next"
 NO_CONTENT = 204
 #: the device's unfinished deployments, oldest first, read through the driver (see Database.fetch)
+#: (the artifact is the device's own ``target_artifact`` in a rollback deployment, else the deployment's)
 ACTIVE_SQL = (
-    "SELECT dd.deployment_id, dd.status, dd.not_before, d.status, d.artifact_name, d.allow_downgrade "
-    "FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id "
+    "SELECT dd.deployment_id, dd.status, dd.not_before, d.status, COALESCE(dd.target_artifact, d.artifact_name), "
+    "d.allow_downgrade, d.kind FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id "
     "WHERE dd.device_id = ? AND dd.active = ? ORDER BY d.created"
 )
 
@@ -128,7 +130,7 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
         with ctx.db.write() as c:  # an open dynamic deployment of its group (or of all devices) takes it now
             rollout.join_open(c, device.id)
     t = now()
-    for deployment_id, dstatus, not_before, status, artifact_name, allow_downgrade in ctx.db.fetch(
+    for deployment_id, dstatus, not_before, status, artifact_name, allow_downgrade, kind in ctx.db.fetch(
             ACTIVE_SQL, (device.id, True)):
         if rollout.is_waiting(dstatus, not_before, status, t):
             continue  # phase not started yet, or the deployment is paused
@@ -150,8 +152,9 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
                                          only_from=("pending",))
             continue
         if dstatus == "pending" or status == "pending":
+            running = str(provides["artifact_name"])
             with ctx.db.write() as c:
-                rollout.hand_out(c, deployment_id, device.id)
+                rollout.hand_out(c, deployment_id, device.id, running if len(running) <= 256 else None)
         expires = int(t) + ctx.links.ttl  # the store's URL (signed link or presigned GET) expires with the link TTL
         uri = ctx.store.download_url(match.id, expires, ctx.base_url(request))
         body = {
@@ -164,6 +167,8 @@ def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides:
             },
             "allow_downgrade": bool(allow_downgrade),
         }
+        if kind == ROLLBACK:  # our agent may re-arm the slot that still holds it (a Mender client ignores this)
+            body[HINT] = rollback_hint(ctx.links, ctx.base_url(request), match.id, t)
         return JSONResponse(body, headers={CONFIG_HASH_HEADER: poll_hash(device.config_hash)})
     return Response(status_code=NO_CONTENT, headers={CONFIG_HASH_HEADER: poll_hash(device.config_hash)})
 

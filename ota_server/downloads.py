@@ -3,6 +3,10 @@
 A link is ``/api/devices/v1/download/{artifact_id}?expires=<epoch>&sig=<hex HMAC-SHA256>``; the HMAC covers
 the artifact id and the expiry, keyed with the server's link key (shared by every worker through the storage
 directory). The link needs no Authorization header, so any HTTP cache or CDN can serve it.
+
+A rollback deployment (ota_server/rollback.py) also hands our agent a link to the artifact's signed header part
+alone, ``/api/devices/v1/download/{artifact_id}/header?expires=...&sig=...``: its HMAC covers ``header``, the id
+and the expiry, so neither kind of link can be turned into the other.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from starlette.types import Message, Receive, Scope, Send
 from .errors import APIError
 
 DOWNLOAD_PATH = "/api/devices/v1/download/"
+HEADER_SUFFIX = "/header"
+#: ``deployments.kind`` of a rollback deployment, and the field of ``next`` that carries its hint
+ROLLBACK = "rollback"
+HINT = "vv_rollback"
 #: what a link's query values look like (``str.isdigit`` and ``int`` also take other scripts' digits; hex
 #: digits compared as bytes: ``hmac.compare_digest`` raises TypeError on a non-ASCII str)
 EXPIRES_RE = re.compile(r"[0-9]{1,15}")
@@ -33,19 +41,23 @@ class LinkSigner:
         self._key = key
         self.ttl = ttl
 
-    def _mac(self, artifact_id: str, expires: int) -> str:
-        return hmac.new(self._key, f"{artifact_id}\n{expires}".encode(), hashlib.sha256).hexdigest()
+    def _mac(self, artifact_id: str, expires: int, part: str = "") -> str:
+        message = f"{part}\n{artifact_id}\n{expires}" if part else f"{artifact_id}\n{expires}"
+        return hmac.new(self._key, message.encode(), hashlib.sha256).hexdigest()
 
-    def link(self, base_url: str, artifact_id: str, now: float | None = None) -> tuple[str, int]:
+    def link(self, base_url: str, artifact_id: str, now: float | None = None, *, part: str = "") -> tuple[str, int]:
+        """A link to the artifact, or with ``part="header"`` to its signed header part only."""
         expires = int(now if now is not None else time.time()) + self.ttl
-        return self.url(base_url, artifact_id, expires), expires
+        return self.url(base_url, artifact_id, expires, part=part), expires
 
-    def url(self, base_url: str, artifact_id: str, expires: int) -> str:
-        """The signed link to the artifact, valid until ``expires`` (epoch seconds)."""
-        query = urlencode({"expires": expires, "sig": self._mac(artifact_id, expires)})
-        return f"{base_url.rstrip('/')}{DOWNLOAD_PATH}{artifact_id}?{query}"
+    def url(self, base_url: str, artifact_id: str, expires: int, *, part: str = "") -> str:
+        """The signed link to the artifact (or, with ``part="header"``, to its signed header part only), valid
+        until ``expires`` (epoch seconds)."""
+        query = urlencode({"expires": expires, "sig": self._mac(artifact_id, expires, part)})
+        suffix = f"/{part}" if part else ""
+        return f"{base_url.rstrip('/')}{DOWNLOAD_PATH}{artifact_id}{suffix}?{query}"
 
-    def check(self, artifact_id: str, expires: str | None, sig: str | None) -> None:
+    def check(self, artifact_id: str, expires: str | None, sig: str | None, *, part: str = "") -> None:
         """Accept a link made by :meth:`link` that has not expired. The query values come from anyone: they
         are checked for shape (ASCII digits, 64 hex digits) before anything is computed with them.
 
@@ -59,10 +71,17 @@ class LinkSigner:
         if not SIG_RE.fullmatch(sig):
             raise APIError(403, "download link signature is invalid")
         exp = int(expires)
-        if not hmac.compare_digest(self._mac(artifact_id, exp).encode(), sig.lower().encode()):
+        if not hmac.compare_digest(self._mac(artifact_id, exp, part).encode(), sig.lower().encode()):
             raise APIError(403, "download link signature is invalid")
         if exp < time.time():
             raise APIError(403, "download link expired; ask for the deployment again to get a fresh one")
+
+
+def rollback_hint(links: LinkSigner, base_url: str, artifact_id: str, now: float) -> dict[str, str]:
+    """The extra field of ``next`` in a rollback deployment: where our agent gets the artifact's signed header,
+    to check the inactive slot it kept against it instead of downloading the artifact again."""
+    uri, _ = links.link(base_url, artifact_id, now, part="header")
+    return {"header_uri": uri}
 
 
 class ArtifactFileResponse(FileResponse):

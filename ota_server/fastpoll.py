@@ -159,7 +159,7 @@ def _idle_poll(scope: Scope, body: bytes) -> str | None:
         return None  # joinable: a dynamic deployment takes the device; the route adds it
     t = now()
     if active:
-        for _, dstatus, not_before, status, _, _ in ctx.db.fetch(ACTIVE_SQL, (claims.device_id, True)):
+        for _, dstatus, not_before, status, *_ in ctx.db.fetch(ACTIVE_SQL, (claims.device_id, True)):
             if not is_waiting(dstatus, not_before, status, t):
                 return None  # something to hand out or to record: the route does it (and notes the device)
     ctx.last_seen.seen(claims.device_id, t)  # in memory; written in a batch (see .lastseen)

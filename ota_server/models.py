@@ -122,6 +122,10 @@ class Deployment(Base):
     failure_limit: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     #: why the deployment was paused or aborted by the server (the failure limit), for the operator
     status_reason: Mapped[str | None] = mapped_column(sa.Text)
+    #: ``software``, or ``rollback``: each device is sent back to what it ran before ``rollback_of``
+    #: (``deployment_devices.target_artifact``; see ota_server/rollback.py)
+    kind: Mapped[str] = mapped_column(sa.String(16), default="software", server_default="software")
+    rollback_of: Mapped[str | None] = mapped_column(sa.String(36))
 
 
 class DeploymentDevice(Base):
@@ -153,6 +157,11 @@ class DeploymentDevice(Base):
     started: Mapped[float | None] = mapped_column(sa.Double)
     finished: Mapped[float | None] = mapped_column(sa.Double)
     has_log: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    #: the device's inventory ``artifact_name`` when ``next`` first handed it this deployment (what a rollback
+    #: of the deployment sends it back to); NULL: not handed out yet, or handed out before the column existed
+    from_artifact: Mapped[str | None] = mapped_column(sa.String(256))
+    #: the artifact this device is sent instead of the deployment's ``artifact_name`` (rollback deployments)
+    target_artifact: Mapped[str | None] = mapped_column(sa.String(256))
 
 
 class DeploymentLog(Base):

@@ -311,6 +311,9 @@ def delete_artifact(artifact_id: str, ctx: Ctx, who: Operator) -> Response:
                          "artifact")
         using = c.execute(sa.select(dep.c.id).where(dep.c.artifact_name == r.name,
                                                     dep.c.status.in_(rollout.OPEN)).limit(1)).first()
+        if using is None:  # a rollback deployment sends some devices to it
+            using = c.execute(sa.select(dd.c.deployment_id.label("id")).where(
+                dd.c.target_artifact == r.name, dd.c.active.is_(True)).limit(1)).first()
         if using is not None:
             raise conflict(f"deployment {using.id} still uses artifact {r.name}; abort it or wait until it finishes")
         c.execute(sa.delete(art_t).where(art_t.c.id == artifact_id))
@@ -379,19 +382,31 @@ class NewDeployment(BaseModel):
             raise ValueError("give exactly one target: devices, all_devices or group")
         if self.dynamic and self.devices is not None:
             raise ValueError("a dynamic deployment targets a group or all_devices, not a device list")
-        if self.phases and self.phases[0].gate is not None:
-            raise ValueError("the first phase cannot have a gate (no phase before it to judge)")
-        if self.phases:
-            for i, p in enumerate(self.phases[:-1]):
-                if p.batch_size is None:
-                    raise ValueError(f"phase {i + 1} needs batch_size (only the last phase takes the rest)")
-            used = sum(p.batch_size or 0 for p in self.phases[:-1])
-            if len(self.phases) > 1 and used >= 100:
-                raise ValueError("the batch sizes before the last phase must add up to less than 100")
-            last = self.phases[-1].batch_size
-            if last is not None and last != 100 - used:
-                raise ValueError(f"the last phase takes the remaining {100 - used}% (omit its batch_size)")
+        check_phases(self.phases)
         return self
+
+
+def check_phases(phases: list[PhaseIn] | None) -> None:
+    """The rules of a deployment's phases (a ValueError says which one is broken)."""
+    if not phases:
+        return
+    if phases[0].gate is not None:
+        raise ValueError("the first phase cannot have a gate (no phase before it to judge)")
+    for i, p in enumerate(phases[:-1]):
+        if p.batch_size is None:
+            raise ValueError(f"phase {i + 1} needs batch_size (only the last phase takes the rest)")
+    used = sum(p.batch_size or 0 for p in phases[:-1])
+    if len(phases) > 1 and used >= 100:
+        raise ValueError("the batch sizes before the last phase must add up to less than 100")
+    last = phases[-1].batch_size
+    if last is not None and last != 100 - used:
+        raise ValueError(f"the last phase takes the remaining {100 - used}% (omit its batch_size)")
+
+
+def phase_specs(phases: list[PhaseIn] | None) -> list[dict[str, Any]]:
+    """The phases of a request as :func:`.deployments.plan_phases` takes them."""
+    return [{"batch_size": p.batch_size, "wait_s": p.wait_s, "start_ts": p.start_ts.timestamp() if p.start_ts else None,
+             **({"gate": p.gate.model_dump()} if p.gate is not None else {})} for p in phases or []]
 
 
 def _deployment_doc(r: Any) -> dict[str, Any]:
@@ -414,6 +429,9 @@ def _deployment_doc(r: Any) -> dict[str, Any]:
         "closed": rfc3339(r.closed),
         "failure_limit": r.failure_limit,
         "status_reason": r.status_reason,
+        # extension: "rollback" sends each device back to what it ran before deployment rollback_of
+        "kind": r.kind,
+        "rollback_of": r.rollback_of,
     }
 
 
@@ -432,9 +450,7 @@ def create_deployment(body: NewDeployment, ctx: Ctx, who: Operator) -> Response:
     a ``dynamic`` deployment also takes the devices that join its group (or are accepted, with
     ``all_devices``) later, until it is closed."""
     t = now()
-    phases = [{"batch_size": p.batch_size, "wait_s": p.wait_s,
-               "start_ts": p.start_ts.timestamp() if p.start_ts else None,
-               **({"gate": p.gate.model_dump()} if p.gate is not None else {})} for p in body.phases or []]
+    phases = phase_specs(body.phases)
     deployment_id = str(uuid.uuid4())
     with ctx.db.write() as c:
         # FOR SHARE: an artifact deleted at the same moment is either gone here or sees this deployment
@@ -526,7 +542,9 @@ def deployment_devices(deployment_id: str, ctx: Ctx, status: str | None = None,
         _get_deployment(c, deployment_id)
         return [{"id": r.device_id, "status": r.status, "substate": r.substate, "created": rfc3339(r.created),
                  "started": rfc3339(r.started), "finished": rfc3339(r.finished), "log": bool(r.has_log),
-                 "phase": r.phase + 1, "attempts": r.attempts} for r in c.execute(q)]
+                 "phase": r.phase + 1, "attempts": r.attempts,
+                 # extensions: what the device ran when it got the deployment, and its own target (rollbacks)
+                 "from_artifact": r.from_artifact, "target_artifact": r.target_artifact} for r in c.execute(q)]
 
 
 @router.get(DEPLOYMENTS + "/{deployment_id}/devices/{device_id}/log", tags=["deployments"], response_class=Response,

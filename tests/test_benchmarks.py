@@ -19,6 +19,7 @@ EXPECTED = {
     "artifacts.py": "write speed  mender/ours",
     "build.py": "warm build of qemu-virt",
     "delta.py": "Delta updates: ",
+    "rollback.py": "rollback speed-up",
     "server.py": "polls/s / floor",
 }
 

@@ -306,6 +306,33 @@ def test_a_dynamic_gated_deployment_takes_joiners_until_closed(server: Server, f
         assert late not in {d["id"] for d in a.get(f"{DEPLOYMENTS}/{dep_id}/devices").json()}
 
 
+def test_rollback_sends_each_device_back_and_names_the_skipped(server: Server, fleet: Fleet, artifact: str,
+                                                               keys: dict[str, tuple[Path, Path]],
+                                                               tmp_path: Path) -> None:
+    def run_cli(*args: Any, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(BUILD_PY), *map(str, args)], capture_output=True, text=True,
+                              check=check, cwd=REPO)
+
+    # "old", what install() says the devices ran, is on the server; "factory-1" is not
+    assert upload(server, write_artifact(run_cli, tmp_path / "old.mender", "old", key=keys["ec"][0])).status_code == 201
+    (dev1, id1), (dev2, id2) = accepted(server), accepted(server)
+    dep = ok(fleet("deploy", artifact, "--devices", f"{id1},{id2}")).strip()
+    install(dev1, dep)
+    assert dev2.next(artifact_name="factory-1").json()["id"] == dep
+    for s in ("downloading", "installing", "rebooting", "success"):
+        assert dev2.status(dep, s).status_code == 204
+    r = fleet("rollback", dep, "--phases", "50%@0,100%@0", "--name", "undo")
+    rb = ok(r).strip()
+    assert "1 device(s) go back: 1 × old" in r.stderr and f"skipped {id2}" in r.stderr and "factory-1" in r.stderr
+    with server.admin() as a:
+        doc = a.get(f"{DEPLOYMENTS}/{rb}").json()
+    assert (doc["kind"], doc["rollback_of"], doc["name"], len(doc["phases"])) == ("rollback", dep, "undo", 2)
+    body = dev1.next(artifact_name=artifact).json()
+    assert body["id"] == rb and body["artifact"]["artifact_name"] == "old" and "header_uri" in body["vv_rollback"]
+    one_line_error(fleet("rollback", "no-such-deployment"), 2, "no deployment")
+    one_line_error(fleet("rollback", rb), 2, "no device of deployment")
+
+
 def test_phases_are_cumulative_shares_at_times_after_creation() -> None:
     assert phases_body(parse_phases("10%@0,50%@1h,100%@4h")) == [
         {"wait_s": 0.0, "batch_size": 10}, {"wait_s": 3600.0, "batch_size": 40}, {"wait_s": 10800.0}]

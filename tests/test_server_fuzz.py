@@ -81,6 +81,7 @@ PUBLIC = {
     "GET /health",
     "POST /api/devices/v1/authentication/auth_requests",
     "GET /api/devices/v1/download/{artifact_id}",
+    "GET /api/devices/v1/download/{artifact_id}/header",
 }
 
 

@@ -367,7 +367,13 @@ def test_every_change_is_audited(srv: Server, tokens: dict[str, str], run_cli: A
     r = call("POST", f"{MGMT}/v1/deployments/deployments", 201,
              json={"name": "audit", "artifact_name": "audit-1", "devices": [device_id]})
     deployment_id = r.headers["Location"].rsplit("/", 1)[1]
-    call("PUT", f"{MGMT}/v1/deployments/deployments/{deployment_id}/status", 204, json={"status": "aborted"})
+    before = write_artifact(run_cli, tmp_path / "b.mender", "audit-0", key=keys["ec"][0], seed=2)
+    with open(before, "rb") as f:  # what the device ran: a rollback sends it back there
+        call("POST", f"{MGMT}/v1/deployments/artifacts", 201, files={"artifact": ("b.mender", f)})
+    assert dev.next("audit-0").json()["id"] == deployment_id
+    assert dev.status(deployment_id, "success").status_code == 204
+    r = call("POST", f"{MGMT}/v1/deployments/deployments/{deployment_id}/rollback", 201, json={"name": "undo"})
+    call("PUT", f"{MGMT}/v1/deployments/deployments/{r.json()['id']}/status", 204, json={"status": "aborted"})
     call("DELETE", f"{MGMT}/v1/deployments/artifacts/{artifact_id}", 204)
     call("DELETE", f"{MGMT}/v1/inventory/devices/{device_id}/group/audited", 204)
     call("DELETE", f"{DEVAUTH}/{device_id}", 204)

@@ -1,0 +1,226 @@
+"""Instant rollback: re-arm the inactive slot that still holds the release a rollback deployment asks for,
+instead of downloading and writing it again.
+
+A rollback deployment of our server (ota_server/rollback.py) sends in ``next``, besides Mender's download
+link, ``vv_rollback.header_uri``: a signed link to the artifact's signed header part alone (``version``,
+``manifest``, ``manifest.sig``, ``header.tar*``; a few KB). When the agent's record of the inactive slot
+(``slots.json``) names the deployment's artifact, :func:`rearm`:
+
+1. fetches that header (at most :data:`artifacts.format.MAX_HEADER_PART` bytes, through the agent's session:
+   the same TLS and redirect rules as every request);
+2. verifies it exactly as an install verifies a header: the manifest signature against the trusted, not
+   revoked keys, the header's checksum against the manifest, the signed artifact name against the
+   deployment's, then :func:`.install.check_compatible` (device type, depends, payload type, the security
+   floor, and a downgrade only when the deployment allows it);
+3. reads the inactive slot and hashes it over the image's size against the checksum the signed header
+   carries (a ``rootfs-image``: its payload file's sha256 in the signed manifest; a ``rootfs-delta``: its
+   target ``rootfs-image.checksum``).
+
+Only then is the slot treated as installed: the header's state scripts are stored, ``ArtifactInstall`` runs,
+and the agent goes on exactly as after a download (``rebooting``, ``ArtifactReboot_Enter``, :func:`.install.arm`,
+the trial boot, the health verdict, commit or roll back). Nothing is written before the arming, so a power cut
+at any point leaves what an interrupted install leaves before its first write.
+
+A header that fails verification (step 2), or one larger than the cap, fails the deployment like an install
+with that header would: the server offered something this device must not run. Anything that only makes the
+shortcut impossible — no hint, a record naming another artifact, the header not fetched, an image size not
+known, a slot whose content no longer matches (it was overwritten since) — falls back to the normal download,
+with the reason in the deployment's log.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+import requests
+
+from artifacts import ArtifactReader, Verifier
+from artifacts.format import MAX_HEADER_PART, ROOTFS_CHECKSUM_KEY
+from artifacts.header import ArtifactHeader
+from ota_common.errors import ArtifactError, DownloadError, IncompatibleArtifact, MalformedArtifact
+
+from . import validate
+from .agentstate import Phase, Slot
+from .api import Deployment
+from .download import MAX_REDIRECTS
+from .install import DELTA, DeviceFacts, InstallResult, SlotVerifyError, check_compatible, verify_slot
+from .scripts import store_scripts
+from .slots import check_writable_target
+from .state import read_json, write_json
+from .transport import transport_errors
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger(__name__)
+
+EXT4_MAGIC = b"\x53\xef"
+EXT4_INCOMPAT_64BIT = 0x80
+
+
+class HeaderTooLarge(MalformedArtifact):
+    """The server sent more than :data:`MAX_HEADER_PART` bytes for a header part: refused, not read."""
+
+
+def rearm(agent: Agent, dep: Deployment, facts: DeviceFacts, target: Slot) -> InstallResult | None:
+    """The install of ``dep`` into ``target`` without a download when the slot still holds its artifact (see
+    the module docstring); None when the normal install must run instead. Raises :class:`ArtifactError` for a
+    header this device refuses (the deployment fails, nothing changed), ``OSError``/:class:`OTAError` as an
+    install does."""
+    if not dep.rollback_header_uri or not dep.artifact_name:
+        return None
+    rec = agent.slot_record(int(target))
+    held = rec.get("artifact_name")
+    if held != dep.artifact_name:
+        agent.dlog(dep.id, "info", f"rollback to {dep.artifact_name}: slot {target.label} holds "
+                                   f"{held or 'nothing this agent recorded'}, downloading it")
+        return None
+    started = time.monotonic()
+    try:
+        data = fetch_header(agent.api.session, dep.rollback_header_uri, timeout=agent.cfg.server.request_timeout)
+    except (DownloadError, validate.UntrustedInput) as e:
+        agent.dlog(dep.id, "warning", f"rollback header not fetched ({e}); downloading the artifact")
+        return None
+    header, provides, checksum = verify_header(data, agent.verifiers(), facts, dep)
+    dev = check_writable_target(agent.slots, int(target))
+    size = image_size(rec, dev)
+    if size is None:
+        agent.dlog(dep.id, "warning", f"the size of the image in slot {target.label} is not known; downloading it")
+        return None
+    agent.dlog(dep.id, "info", f"signature verified; {dep.artifact_name} (version "
+                               f"{provides.get('rootfs-image.version', '?')}) fits this device; checking slot "
+                               f"{target.label}, which should still hold it ({size} bytes)")
+    agent.report(dep.id, "installing")
+    read_from = time.monotonic()
+    try:
+        verify_slot(dev, size, checksum)
+    except SlotVerifyError as e:
+        agent.dlog(dep.id, "warning", f"slot {target.label} no longer holds {dep.artifact_name} ({e}); "
+                                      "downloading it")
+        return None
+    verified = time.monotonic()
+    cur = agent.current
+    assert cur is not None
+    with agent.scripts(dep.id).state("ArtifactInstall", lambda out: agent.dlog(dep.id, "info", out)) as install:
+        store_scripts(agent.scripts_dir(dep.id), header.scripts)
+        cur.phase, cur.verified = Phase.INSTALLING, True
+        agent.save()
+        install.enter()
+    slots = read_json(agent.dir / "slots.json")
+    slots[str(int(target))] = {**rec, "provides": provides, "size": size}  # the signed provides from now on
+    write_json(agent.dir / "slots.json", slots)
+    agent.dlog(dep.id, "info", f"slot {target.label} holds {dep.artifact_name}: re-armed without a download "
+                               f"(header {len(data)} bytes; slot read and hashed in {verified - read_from:.1f}s)")
+    return InstallResult(dep.artifact_name, provides, size, checksum, dict(header.scripts),
+                         time.monotonic() - started, 0.0, verified - read_from, 0)
+
+
+def fetch_header(session: requests.Session, url: str, *, timeout: float, cap: int = MAX_HEADER_PART) -> bytes:
+    """The body of the header link, at most ``cap`` bytes (never decompressed; redirects followed by hand, each
+    checked like a download's). Raises :class:`DownloadError` when it cannot be fetched, :class:`HeaderTooLarge`
+    when the server sends or announces more than ``cap``."""
+    for _ in range(MAX_REDIRECTS + 1):
+        with transport_errors("rollback header"):
+            resp = session.get(url, headers={"Accept-Encoding": "identity"}, stream=True, timeout=timeout,
+                               allow_redirects=False)
+        if resp.status_code not in (301, 302, 303, 307, 308):
+            break
+        location = resp.headers.get("Location", "")
+        resp.close()
+        url = validate.redirect(url, urllib.parse.urljoin(url, location),
+                                allow_http=bool(getattr(session, "allow_http", False)))
+    else:
+        raise DownloadError(f"rollback header: more than {MAX_REDIRECTS} redirects")
+    try:
+        if resp.status_code != 200:
+            raise DownloadError(f"rollback header: the server answered {resp.status_code}")
+        length = resp.headers.get("Content-Length", "")
+        if length.isascii() and length.isdigit() and int(length) > cap:
+            raise HeaderTooLarge(f"the rollback header is {length} bytes, larger than the {cap} this agent takes")
+        with transport_errors("rollback header"):
+            body: bytes = resp.raw.read(cap + 1, decode_content=False)
+    finally:
+        resp.close()
+    if len(body) > cap:
+        raise HeaderTooLarge(f"the rollback header is larger than the {cap} bytes this agent takes")
+    if length.isascii() and length.isdigit() and int(length) != len(body):
+        raise DownloadError(f"rollback header: {len(body)} of {length} bytes received")
+    return body
+
+
+def verify_header(data: bytes, verifiers: list[Verifier], facts: DeviceFacts, dep: Deployment
+                  ) -> tuple[ArtifactHeader, dict[str, str], str]:
+    """Verify a header part as an install verifies the header (see the module docstring). Returns the header,
+    the provides the slot has with it, and the image checksum it signs. Raises :class:`ArtifactError`."""
+    if not verifiers:
+        raise ArtifactError("no trusted release keys on this device: refusing to install anything")
+    reader = ArtifactReader(io.BytesIO(data), verifiers=verifiers, require_signature=True, source_size=len(data),
+                            what="rollback header")
+    header = reader.read_header()
+    name = header.info.artifact_name
+    if name != dep.artifact_name:
+        raise IncompatibleArtifact(f"artifact name mismatch: the deployment is for {dep.artifact_name!r}, the "
+                                   f"signed header is {name!r}")
+    provides = check_compatible(header, facts, allow_downgrade=dep.allow_downgrade)
+    ti = header.type_infos[0]
+    claimed = ti.provides.get(ROOTFS_CHECKSUM_KEY)
+    if ti.type == DELTA:
+        if not claimed:
+            raise IncompatibleArtifact("delta artifact does not provide rootfs-image.checksum: nothing to check against")
+        checksum = claimed
+    else:
+        assert reader.manifest is not None
+        files = reader.manifest.data_files(0)
+        if len(files) != 1:
+            raise IncompatibleArtifact(f"artifact {name!r} has {len(files)} payload files; a root filesystem "
+                                       "image is one")
+        checksum = next(iter(files.values()))
+        if claimed is not None and claimed != checksum:
+            raise MalformedArtifact(f"rollback header: type-info provides {ROOTFS_CHECKSUM_KEY}={claimed[:16]}… but "
+                                    f"the signed manifest says {checksum[:16]}…")
+    provides[ROOTFS_CHECKSUM_KEY] = checksum
+    return header, provides, checksum
+
+
+def image_size(rec: dict[str, Any], dev: os.PathLike[str] | str) -> int | None:
+    """How many bytes of the slot the image covers: the ``size`` this agent recorded when it wrote the slot,
+    else the ext4 file system's own size (the factory slot, or one an older agent wrote). Neither needs trust:
+    only the image's own bytes hash to the signed checksum."""
+    size = rec.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        size = ext4_size(dev)
+    if size is None:
+        return None
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        capacity = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    return size if size <= capacity else None
+
+
+def ext4_size(dev: os.PathLike[str] | str) -> int | None:
+    """The size of the ext4 file system at the start of ``dev`` from its superblock, None when there is none."""
+    try:
+        with open(dev, "rb") as f:
+            f.seek(1024)
+            sb = f.read(1024)
+    except OSError:
+        return None
+    if len(sb) < 1024 or sb[56:58] != EXT4_MAGIC:
+        return None
+    log_block = int.from_bytes(sb[24:28], "little")
+    if log_block > 6:  # 64 KiB blocks at most
+        return None
+    blocks = int.from_bytes(sb[4:8], "little")
+    if int.from_bytes(sb[0x60:0x64], "little") & EXT4_INCOMPAT_64BIT:
+        blocks |= int.from_bytes(sb[0x150:0x154], "little") << 32
+    return blocks * (1024 << log_block) or None
+
+
+__all__ = ["HeaderTooLarge", "ext4_size", "fetch_header", "image_size", "rearm", "verify_header"]
