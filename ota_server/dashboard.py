@@ -53,6 +53,7 @@ from .context import ServerContext, get_ctx
 from .deployments import OPEN
 from .errors import APIError
 from .management import get_device_config
+from .rollback import plan as rollback_plan
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
@@ -418,12 +419,23 @@ def device_page(request: Request, device_id: str, ctx: Ctx, who: Viewer) -> Resp
                   config=get_device_config(device_id, ctx))
 
 
+def rollback_preview(c: Any, deployment_id: str) -> dict[str, Any]:
+    """What "roll back" would do (the same plan as ``POST .../rollback``, without its locks): how many devices go
+    back, to which artifacts, and how many are skipped with why."""
+    targets, skipped = rollback_plan(c, deployment_id, lock=False)
+    counts: dict[str, int] = {}
+    for name in targets.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {"count": len(targets), "targets": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])),
+            "skipped": skipped}
+
+
 @pages.get("/ui/deployments/{deployment_id}")
 def deployment_page(request: Request, deployment_id: str, ctx: Ctx, who: Viewer, failures_page: PageNo = 1
                     ) -> Response:
     with ctx.db.read() as c:
         d = q.deployment_detail(c, deployment_id, failures_page, time.time())
-        rollback = q.rollback_plan(c, deployment_id) if who.allows("operate") else None
+        rollback = rollback_preview(c, deployment_id) if who.allows("operate") else None
     if d is None:
         return render("not_found.html", status=404, request=request, viewer=who, what="deployment",
                       ident=deployment_id)

@@ -22,6 +22,7 @@ one-line flash message (the API's error text on failure) in a signed cookie that
 from __future__ import annotations
 
 import hmac
+import json
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
@@ -46,9 +47,9 @@ from .errors import APIError
 from .management import AuthStatus, BulkAccept, get_group_config, put_auth_status, replace_config
 from .management import bulk_accept as api_bulk_accept
 from .models import auth_sets
-from .models import deployments as dep
 from .models import devices as devices_t
 from .releases import DeploymentStatus, NewDeployment, create_deployment, put_deployment_status
+from .rollback import create_rollback
 
 CSRF_FIELD = "csrf"
 PHASE_ROWS = 4
@@ -288,22 +289,12 @@ async def deployment_status(request: Request, deployment_id: str, who: Viewer, c
 
 @router.post("/ui/deployments/{deployment_id}/rollback")
 async def rollback(request: Request, deployment_id: str, who: Viewer, ctx: Ctx) -> Response:
-    """A new deployment of the chosen artifact (``artifact_name``) with downgrades allowed, to the devices that
-    installed this one and are still accepted (resolved now, not taken from the form)."""
+    """``POST .../deployments/{id}/rollback``: each device that installed it goes back to what it ran before."""
     def action(caller: Caller, form: FormData) -> tuple[str, str]:
-        with ctx.db.read() as c:
-            name = c.execute(sa.select(dep.c.name).where(dep.c.id == deployment_id)).scalar()
-            ids = q.rollback_devices(c, deployment_id)
-        if name is None:
-            raise APIError(404, "deployment not found")
-        if not ids:
-            raise APIError(400, "no device installed this deployment (status success) and is still accepted: "
-                                "nothing to roll back")
-        body = NewDeployment(name=f"roll back {name}"[:256], artifact_name=_field(form, "artifact_name"),
-                             devices=ids, allow_downgrade=True)
-        new_id = _created_id(create_deployment(body, ctx, caller))
-        return (f"roll-back deployment of {body.artifact_name} to {len(ids)} device(s) created",
-                f"/ui/deployments/{new_id}")
+        doc = json.loads(bytes(create_rollback(deployment_id, ctx, caller, None).body))
+        skipped = f"; {len(doc['skipped'])} skipped" if doc["skipped"] else ""
+        return (f"rollback deployment to {doc['device_count']} device(s) created{skipped}",
+                f"/ui/deployments/{doc['id']}")
     return await _act(request, who, f"/ui/deployments/{deployment_id}", action)
 
 

@@ -276,39 +276,3 @@ def artifact_choices(conn: Connection) -> list[dict[str, Any]]:
 def group_choices(conn: Connection) -> list[str]:
     return [r[0] for r in conn.execute(sa.select(devices.c.group_name).where(devices.c.group_name.is_not(None))
                                        .distinct().order_by(devices.c.group_name))]
-
-
-def _rollback_targets(deployment_id: str) -> Any:
-    """``device_id`` of the devices that installed the deployment (``success``) and are still accepted."""
-    return (sa.select(dd.c.device_id).join(devices, devices.c.id == dd.c.device_id)
-            .where(dd.c.deployment_id == deployment_id, dd.c.status == "success", devices.c.status == "accepted"))
-
-
-def rollback_plan(conn: Connection, deployment_id: str) -> dict[str, Any] | None:
-    """What "roll back" can do for a deployment: how many devices installed it (``success``) and are still
-    accepted, and what they ran before as far as the server knows. The server does not record the version a
-    device ran when a deployment reached it; the best it has is the artifact of the device's latest earlier
-    deployment that succeeded. ``previous``: [(artifact name, devices)], most devices first; ``unknown``: devices
-    without such a deployment. Aggregated in SQL (a few rows whatever the fleet size). None for an unknown
-    deployment."""
-    created = conn.execute(sa.select(dep.c.created).where(dep.c.id == deployment_id)).scalar()
-    if created is None:
-        return None
-    earlier, earlier_dep = dd.alias("earlier"), dep.alias("earlier_dep")
-    targets = _rollback_targets(deployment_id).subquery("targets")
-    previous = (sa.select(earlier_dep.c.artifact_name)
-                .select_from(earlier.join(earlier_dep, earlier_dep.c.id == earlier.c.deployment_id))
-                .where(earlier.c.device_id == targets.c.device_id, earlier.c.status == "success",
-                       earlier_dep.c.created < created)
-                .order_by(earlier_dep.c.created.desc()).limit(1).scalar_subquery())
-    per_device = sa.select(previous.label("artifact")).select_from(targets).subquery("per_device")
-    counts = {name: int(n) for name, n in conn.execute(
-        sa.select(per_device.c.artifact, sa.func.count()).group_by(per_device.c.artifact))}
-    unknown = counts.pop(None, 0)
-    return {"count": sum(counts.values()) + unknown, "unknown": unknown,
-            "previous": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])), "artifacts": artifact_choices(conn)}
-
-
-def rollback_devices(conn: Connection, deployment_id: str) -> list[str]:
-    """The devices a roll-back deployment goes to (see :func:`rollback_plan`)."""
-    return [r[0] for r in conn.execute(_rollback_targets(deployment_id).order_by(dd.c.device_id))]

@@ -61,9 +61,10 @@ class RollbackRequest(BaseModel):
         return self
 
 
-def plan(c: sa.Connection, deployment_id: str) -> tuple[dict[str, str], list[dict[str, str]]]:
+def plan(c: sa.Connection, deployment_id: str, *, lock: bool = True) -> tuple[dict[str, str], list[dict[str, str]]]:
     """The devices of the deployment that reported ``success``: ``({device id: artifact to go back to}, [{"id",
-    "reason"} of each device skipped])``, in device id order."""
+    "reason"} of each device skipped])``, in device id order. ``lock=False``: a preview (the dashboard's), in a
+    read transaction."""
     went = sa.func.coalesce(dd.c.target_artifact, dep.c.artifact_name)
     rows = c.execute(
         sa.select(dd.c.device_id, dd.c.from_artifact, went.label("went"), devices.c.status, devices.c.device_type)
@@ -71,9 +72,10 @@ def plan(c: sa.Connection, deployment_id: str) -> tuple[dict[str, str], list[dic
         .where(dd.c.deployment_id == deployment_id, dd.c.status == "success").order_by(dd.c.device_id)).all()
     names = {r.from_artifact for r in rows if r.from_artifact}
     uploaded: dict[str, set[str]] = {}  # artifact name -> device types with a full artifact of it
-    if names:
+    if names and lock:
         # FOR SHARE: an artifact deleted at the same moment is either gone here or sees this deployment
         c.execute(sa.select(art_t.c.id).where(art_t.c.name.in_(sorted(names))).with_for_update(read=True))
+    if names:
         for name, device_type in c.execute(sa.select(targets_t.c.name, targets_t.c.device_type).where(
                 targets_t.c.name.in_(sorted(names)), targets_t.c.source == "")):
             uploaded.setdefault(name, set()).add(device_type)

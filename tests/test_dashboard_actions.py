@@ -333,8 +333,8 @@ def test_abort_and_resume(fleet: Fleet) -> None:
 
 
 def test_roll_back(fleet: Fleet) -> None:
-    """Two devices go 1.0 → 2.0 through deployments; "roll back" of the 2.0 deployment is a new deployment of
-    1.0 (what their previous successful deployment installed) with downgrades allowed, to exactly them."""
+    """Two devices go 1.0 → 2.0 through deployments; "roll back" of the 2.0 deployment is the API's rollback
+    deployment: each device that installed it goes back to what it ran when it got it (1.0), downgrades allowed."""
     s = fleet.server
     devs = [accepted_device(s) for _ in range(3)]
     ids = [i for _, i in devs]
@@ -349,19 +349,17 @@ def test_roll_back(fleet: Fleet) -> None:
             assert d.status(dep_id, final).status_code == 204
     html = fleet.ops.page(f"/ui/deployments/{new}")
     form = html[html.index('id="rollback-form"'):]
-    assert "the 2 device(s) that installed this one" in form and "<code>vv-app-1.0</code> (2)" in form
-    assert '<option value="vv-app-1.0" selected>' in form and 'value="vv-app-2.0"' not in form
-    assert 'id="rollback-form"' not in fleet.ops.page(f"/ui/deployments/{deploy(s, name='x', artifact_name='vv-app-1.0', devices=ids[2:])}")
+    assert "each of the 2 device(s) that installed this one" in form and "<code>vv-app-1.0</code>: 2" in form
+    # nothing to go back to: the factory image is not on the server
+    assert 'id="rollback-form"' not in fleet.ops.page(f"/ui/deployments/{old}")
 
-    ok, text, target = fleet.ops.act(f"/ui/deployments/{new}/rollback", {"artifact_name": "vv-app-1.0"})
-    assert ok and text == "roll-back deployment of vv-app-1.0 to 2 device(s) created", text
+    ok, text, target = fleet.ops.act(f"/ui/deployments/{new}/rollback", {})
+    assert ok and text == "rollback deployment to 2 device(s) created", text
     doc = api(s, f"{DEPLOYMENTS}/{target.rsplit('/', 1)[1]}")
-    assert doc["name"] == "roll back second" and doc["artifact_name"] == "vv-app-1.0" and doc["allow_downgrade"] is True
-    assert sorted(doc["target"]["devices"]) == sorted(ids[:2])
-    ok, text, _ = fleet.ops.act(f"/ui/deployments/{new}/rollback", {"artifact_name": ""})
-    assert not ok and text.startswith("invalid request: artifact_name:"), text
-    ok, text, _ = fleet.ops.act(f"/ui/deployments/{old}/rollback", {"artifact_name": "vv-app-2.0"})
-    assert ok  # the operator chooses: any uploaded artifact
+    assert doc["name"] == "rollback of second" and doc["kind"] == "rollback" and doc["allow_downgrade"] is True
+    assert sorted(doc["target"]["devices"]) == sorted(ids[:2]) and doc["artifact_name"] == "vv-app-1.0"
+    ok, text, _ = fleet.ops.act(f"/ui/deployments/{old}/rollback", {})
+    assert not ok and "can be rolled back" in text, text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -511,7 +509,7 @@ def test_attack_read_scope_cannot_act(fleet: Fleet) -> None:
                        ("/ui/devices/pending", {"ids": device_id, "decision": "accept"}),
                        ("/ui/deploy", _deploy_form(target="all")),
                        (f"/ui/deployments/{dep_id}/status", {"status": "aborted"}),
-                       (f"/ui/deployments/{dep_id}/rollback", {"artifact_name": "vv-app-1.0"}),
+                       (f"/ui/deployments/{dep_id}/rollback", {}),
                        (f"/ui/devices/{device_id}/config", _config_form([("A", "1", False)])),
                        ("/ui/groups/yard/config", _config_form([("A", "1", False)]))):
         r = fleet.viewer.post(path, form, csrf=csrf)
