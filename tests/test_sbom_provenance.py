@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
+from packageurl import PackageURL
 
 from artifacts.format import SBOM_SHA256_KEY
 from artifacts.header import ArtifactHeader
@@ -185,3 +186,26 @@ def test_an_unsigned_release_has_an_envelope_that_does_not_verify(
 def test_malformed_envelopes_are_refused_in_words(data: bytes, keys: dict[str, tuple[Path, Path]]) -> None:
     with pytest.raises(MalformedArtifact, match="provenance"):
         verify_provenance(data, [load_verifier(keys["ec"][1])])
+
+
+@pytest.mark.slow
+def test_a_real_release_has_a_valid_sbom_of_its_rootfs_and_verified_provenance(
+        release_dir: Path, keys: dict[str, tuple[Path, Path]]) -> None:
+    """The default release built with mmdebstrap (shared with test_image_build): every package manifest.json
+    records is in each board's SBOM with its purl, and the provenance names every artifact."""
+    manifest = json.loads((release_dir / "manifest.json").read_text())
+    doc, _ = verify_provenance((release_dir / "provenance.intoto.json").read_bytes(), [load_verifier(keys["ec"][1])])
+    subjects = subjects_of(doc)
+    for board in manifest["boards"]:
+        text = (release_dir / board / "sbom.cdx.json").read_text()
+        assert JsonStrictValidator(SchemaVersion.V1_5).validate_str(text) is None
+        purls = [PackageURL.from_string(c["purl"]) for c in json.loads(text)["components"] if "purl" in c]
+        listed = {(u.type, u.namespace, u.name, u.version, u.qualifiers["arch"], u.qualifiers["distro"])  # type: ignore[index]
+                  for u in purls}
+        assert listed == {("deb", "debian", p["name"], p["version"], p["architecture"], "debian-bookworm")
+                          for p in manifest["packages"]}
+        art = f"{manifest['artifact_name']}-{board}.mender"
+        assert subjects[art] == manifest["outputs"][art]["sha256"]
+        with ArtifactReader.open(release_dir / art, verifiers=[load_verifier(keys["ec"][1])],
+                                 require_signature=True) as r:
+            assert r.read_header().sbom_sha256() == manifest["outputs"][f"{board}/sbom.cdx.json"]["sha256"]
