@@ -33,6 +33,10 @@ ROOTFS_CHECKSUM_KEY: Final = "rootfs-image.checksum"
 ROOTFS_VERSION_KEY: Final = "rootfs-image.version"
 #: the signed security version of an image: devices refuse artifacts below the highest they committed
 SECURITY_VERSION_KEY: Final = "rootfs-image.security_version"
+#: the sha256 of the image's SBOM (``sbom.cdx.json``), in the rootfs-image payload's signed ``meta-data``: not a
+#: provide, because provides are stored by devices and matched by servers; meta-data is signed with the header,
+#: and stock mender-artifact 3.9 accepts it and shows it under "Metadata" (docs/artifacts.md)
+SBOM_SHA256_KEY: Final = "vv.sbom_sha256"
 #: what mender-artifact 3.9 writes by default for a rootfs-image payload
 ROOTFS_DEFAULT_CLEARS: Final = ("artifact_group", "rootfs_image_checksum", "rootfs-image.*")
 

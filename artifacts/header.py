@@ -6,6 +6,7 @@ and strict parsing of untrusted JSON.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from .format import (
     MAX_JSON_SIZE,
     MAX_PAYLOADS,
     PAYLOAD_TYPE_RE,
+    SBOM_SHA256_KEY,
     STATE_SCRIPT_RE,
     TOKEN_RE,
     Compression,
@@ -84,6 +86,21 @@ class ArtifactHeader:
     meta_data: tuple[Mapping[str, Any] | None, ...]
     scripts: Mapping[str, bytes]
     compression: Compression
+
+    def sbom_sha256(self) -> str | None:
+        """The sha256 of the SBOM the signed header names for its first payload (:data:`SBOM_SHA256_KEY` in its
+        meta-data), None when it names none. Raises :class:`MalformedArtifact` for a value that is not 64
+        lowercase hex digits."""
+        meta = self.meta_data[0] if self.meta_data else None
+        if meta is None or SBOM_SHA256_KEY not in meta:
+            return None
+        value = meta[SBOM_SHA256_KEY]
+        if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
+            raise MalformedArtifact(f"headers/0000/meta-data: {SBOM_SHA256_KEY} is not a sha256 hex digest")
+        return value
+
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def go_json(doc: Any) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -89,16 +90,20 @@ def rootfs_image_spec(
     scripts: Sequence[Path] = (),
     software_version: str | None = None,
     security_version: int | None = None,
+    sbom_sha256: str | None = None,
 ) -> ArtifactSpec:
     """The spec ``mender-artifact write rootfs-image`` would build: provides ``rootfs-image.version`` and
     ``rootfs-image.checksum``, with mender's default clears-provides; with ``security_version``, also
-    ``rootfs-image.security_version`` (its decimal string). Raises :class:`UserError` for a negative security
-    version or a malformed ``KEY:VALUE`` pair."""
+    ``rootfs-image.security_version`` (its decimal string); with ``sbom_sha256`` (the image's SBOM's sha256),
+    meta-data that carries it (:data:`artifacts.format.SBOM_SHA256_KEY`) instead of mender's empty meta-data.
+    Raises :class:`UserError` for a negative security version, a malformed ``KEY:VALUE`` pair or SBOM hash."""
     extra: dict[str, str] = {}
     if security_version is not None:
         if security_version < 0:
             raise UserError(f"security version must be a non-negative integer, got {security_version}")
         extra[SECURITY_VERSION_KEY] = str(security_version)
+    if sbom_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sbom_sha256):
+        raise UserError(f"an SBOM hash must be a sha256 of 64 lowercase hex digits, got {sbom_sha256!r}")
     payload = PayloadSpec(
         type=fmt.ROOTFS_IMAGE,
         files=(file,),
@@ -106,6 +111,7 @@ def rootfs_image_spec(
         depends=parse_pairs(depends, "depends"),
         clears_provides=fmt.ROOTFS_DEFAULT_CLEARS,
         provide_checksum=True,
+        meta_data=None if sbom_sha256 is None else {fmt.SBOM_SHA256_KEY: sbom_sha256},
         empty_meta_data=True,
     )
     return _single_payload(name, device_types, payload, scripts, depends_artifacts)

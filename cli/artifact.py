@@ -167,6 +167,22 @@ def verify(source: Path, keys: Sequence[Path]) -> None:
     )
 
 
+@artifact.command("verify-provenance")
+@click.argument("source", type=_existing_file)
+@click.option("--key", "-k", "keys", type=_existing_file, multiple=True, required=True,
+              help="Trusted public key (PEM); repeat to trust several.")
+def verify_provenance(source: Path, keys: Sequence[Path]) -> None:
+    """Exit 0 only if a release's provenance.intoto.json is signed by one of the keys; lists its subjects."""
+    from artifacts.provenance import subjects_of
+    from artifacts.provenance import verify_provenance as verify_envelope
+
+    doc, signed_by = verify_envelope(source.read_bytes(), load_verifiers(keys))
+    subjects = subjects_of(doc)
+    click.echo(f"OK {source}: signature verified with {signed_by.description}, {len(subjects)} subject(s)")
+    for name, digest in subjects.items():
+        click.echo(f"  {digest}  {name}")
+
+
 def info_to_dict(info: ArtifactInfo) -> dict[str, Any]:
     h = info.header
     return {

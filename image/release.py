@@ -7,8 +7,9 @@ timed (:class:`ota_common.progress.Steps`) and returning early when its :class:`
 
     base rootfs (bootstrap or reuse the cached base) → layers (the rootfs tree: layers, kernel, normalisation)
     → ``rootfs.ext4`` (one for every board) → per board: boot partition, ``disk.img``, ``disk.img.bmap``,
-    ``disk.img.gz`` and the signed artifact ``<name>-<version>-<board>.mender`` → deltas from the previous
-    release → ``manifest.json`` (not timed: it records the timings).
+    ``disk.img.gz``, the SBOM ``sbom.cdx.json`` and the signed artifact ``<name>-<version>-<board>.mender`` (its
+    header carries the SBOM's sha256) → deltas from the previous release → ``provenance.intoto.json`` (signed
+    SLSA provenance of the outputs) → ``manifest.json`` (not timed: it records the timings).
 
 The release's ``SOURCE_DATE_EPOCH`` (:attr:`BuildContext.epoch`) is passed to each step's tools, never written
 into ``os.environ`` (:mod:`image.epoch`).
@@ -167,6 +168,8 @@ class BuildContext:
     kernel: str = ""
     packages: list[dict[str, str]] = field(default_factory=list)
     deltas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sboms: dict[str, Path] = field(default_factory=dict)  # by board
+    config: Path = DEFAULT_CONFIG
 
     @property
     def artifact_name(self) -> str:
@@ -254,7 +257,7 @@ def build_release(
                                data_mib=release.data_size_mib, seed=release.name),
             stages=wanted, signer=signer, previous=prev, cache=cache,
             epoch=release_epoch(REPO) if epoch is None else epoch,
-            out_dir=out_dir, steps=Steps(progress), started=started)
+            out_dir=out_dir, steps=Steps(progress), started=started, config=config)
         with pinned_epoch(ctx.epoch):  # the artifact writers' clock, for this build only
             for step in STEPS:
                 step(ctx)
@@ -318,6 +321,7 @@ def board_outputs(ctx: BuildContext) -> None:
     data_files = _data_partition_files(ctx)
     for board in ctx.boards:
         disk_image(ctx, board, data_files)
+        board_sbom(ctx, board)
         full_artifact(ctx, board)
 
 
@@ -349,6 +353,21 @@ def disk_image(ctx: BuildContext, board_name: str, data_files: dict[str, bytes])
                             f"{board_name}/disk.img.gz": gz})
 
 
+def board_sbom(ctx: BuildContext, board_name: str) -> None:
+    """``<board>/sbom.cdx.json``, written with the artifacts (whose header carries its sha256). Not timed: it
+    takes milliseconds."""
+    if Stage.ARTIFACTS not in ctx.stages:
+        return
+    from .sbom import SBOM, make_sbom
+
+    path = ctx.out_dir / board_name / SBOM
+    path.write_bytes(make_sbom(name=ctx.release.name, version=ctx.release.version, board=board_name,
+                               device_type=ctx.boards[board_name].device_type, suite=ctx.release.suite,
+                               kernel=ctx.kernel, epoch=ctx.epoch, packages=ctx.packages, layers=ctx.layers))
+    ctx.sboms[board_name] = path
+    ctx.outputs[f"{board_name}/{SBOM}"] = path
+
+
 def full_artifact(ctx: BuildContext, board_name: str) -> None:
     if Stage.ARTIFACTS not in ctx.stages:
         return
@@ -359,7 +378,8 @@ def full_artifact(ctx: BuildContext, board_name: str) -> None:
         art = ctx.full_artifact(board_name)
         write_artifact(rootfs_image_spec(file=ctx.rootfs_image, name=ctx.artifact_name,
                                          device_types=[ctx.boards[board_name].device_type],
-                                         software_version=release.version, security_version=release.security_version),
+                                         software_version=release.version, security_version=release.security_version,
+                                         sbom_sha256=sha256_file(ctx.sboms[board_name])),
                        art, compression=Compression(release.compression), signer=ctx.signer)
         ctx.outputs[art.name] = art
 
@@ -374,6 +394,27 @@ def deltas(ctx: BuildContext) -> None:
     ctx.deltas = write_release_deltas(ctx.previous.path, ctx.previous, full, ctx.out_dir, ctx.work / "delta",
                                       signer=ctx.signer, verifiers=ctx.trust.verifiers(), steps=ctx.steps)
     ctx.outputs.update({entry["file"]: ctx.out_dir / entry["file"] for entry in ctx.deltas.values()})
+
+
+def provenance(ctx: BuildContext) -> None:
+    """``provenance.intoto.json``: the SLSA provenance of the artifacts, disk images and SBOMs, in a DSSE envelope
+    signed with the release key (unsigned for an unsigned release)."""
+    if Stage.ARTIFACTS not in ctx.stages:
+        return
+    from artifacts.provenance import sign_envelope, statement
+
+    from .provenance import PROVENANCE, release_predicate
+
+    with ctx.steps.step("provenance"):
+        subjects = {name: sha256_file(p) for name, p in ctx.outputs.items()
+                    if name.endswith((".mender", "/disk.img", "/disk.img.gz", "/sbom.cdx.json"))}
+        predicate = release_predicate(config=ctx.config, name=ctx.release.name, version=ctx.release.version,
+                                      boards=list(ctx.boards), epoch=ctx.epoch, base_key=ctx.spec.key,
+                                      suite=ctx.release.suite, layers=ctx.layers, packages=ctx.packages, repo=REPO,
+                                      tool_version=_tool_version)
+        path = ctx.out_dir / PROVENANCE
+        path.write_bytes(sign_envelope(statement(subjects, predicate), ctx.signer))
+        ctx.outputs[PROVENANCE] = path
 
 
 def manifest(ctx: BuildContext) -> None:
@@ -413,7 +454,7 @@ def manifest(ctx: BuildContext) -> None:
 
 #: the build, in order; each step returns early when it does not apply
 STEPS: tuple[Callable[[BuildContext], None], ...] = (base_rootfs, rootfs_tree, rootfs_image, board_outputs, deltas,
-                                                     manifest)
+                                                     provenance, manifest)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ if [ ! -f "$stamp" ]; then
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
-print("\n".join(project["dependencies"] + extras["test"] + extras["ansible"] + extras["s3"]))
+print("\n".join(project["dependencies"] + extras["test"] + extras["ansible"] + extras["s3"] + extras["sbom"]))
 PY
   .venv/bin/python -m pip install -q -r .venv/requirements.txt
   rm -f .venv/.installed-*

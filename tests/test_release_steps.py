@@ -145,7 +145,7 @@ def test_steps_run_in_order_and_each_reports_its_time(small_release: Path, tmp_p
                                                       keys: dict[str, tuple[Path, Path]]) -> None:
     said: list[str] = []
     result = _build(small_release, tmp_path, keys, progress=said.append, epoch=ONE)
-    steps = ["base rootfs", "layers", "rootfs.ext4", "qemu-virt: disk image", "qemu-virt: artifact"]
+    steps = ["base rootfs", "layers", "rootfs.ext4", "qemu-virt: disk image", "qemu-virt: artifact", "provenance"]
     assert list(result.timings) == steps
     started = [line.removesuffix(" …") for line in said if line.endswith(" …")]
     finished = [line.rsplit(": ", 1)[0] for line in said if line.endswith(" s") and ": " in line]
@@ -153,7 +153,7 @@ def test_steps_run_in_order_and_each_reports_its_time(small_release: Path, tmp_p
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
     assert list(manifest["timings"]) == steps
     assert [step.__name__ for step in STEPS] == ["base_rootfs", "rootfs_tree", "rootfs_image", "board_outputs",
-                                                 "deltas", "manifest"]
+                                                 "deltas", "provenance", "manifest"]
 
 
 @pytest.mark.parametrize(("stages", "outputs"), [
@@ -162,7 +162,7 @@ def test_steps_run_in_order_and_each_reports_its_time(small_release: Path, tmp_p
                                     "qemu-virt/disk.img.gz", "manifest.json"}),
     ({"rootfs", "images", Stage.ARTIFACTS}, {"rootfs.ext4", "qemu-virt/disk.img", "qemu-virt/disk.img.bmap",
                                              "qemu-virt/disk.img.gz", "small-1.0.0-qemu-virt.mender",
-                                             "manifest.json"}),
+                                             "qemu-virt/sbom.cdx.json", "provenance.intoto.json", "manifest.json"}),
 ])
 def test_a_build_stops_at_the_stage_asked_for(small_release: Path, tmp_path: Path,
                                               keys: dict[str, tuple[Path, Path]], stages: set[Stage | str],
