@@ -23,8 +23,8 @@ from .layers import Layer
 from .sbom import layer_files
 
 PROVENANCE = "provenance.intoto.json"
-BUILD_TYPE = "https://github.com/vv-ota/vv-ota/release/v1"
-BUILDER_ID = "https://github.com/vv-ota/vv-ota/build.py"
+BUILD_TYPE = "urn:vv-ota:build-type:release:v1"  # a URI naming our build process (no public address yet)
+BUILDER_ID = "urn:vv-ota:builder:build.py"
 
 
 def packages_sha256(packages: Sequence[Mapping[str, str]]) -> str:
