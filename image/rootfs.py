@@ -3,7 +3,8 @@
 Speed (DESIGN.md §5): the initramfs is generated once, at the end of the bootstrap, with ``MODULES=list``
 (``update-initramfs`` is diverted to ``true`` while packages install). The bootstrapped base is cached by
 the hash of its inputs (suite, mirror, package list, initramfs module list, this recipe's version), so a
-release that changes only files, templates, units or commands of a layer reuses it and takes seconds.
+release that changes only files, templates, units or commands of a layer reuses it and takes seconds — while
+the archive has nothing newer for its packages (:mod:`image.basecache` decides, and calls :func:`bootstrap`).
 
 Applying layers uses host tools wherever possible (``systemctl --root``, ``useradd --root``, plain file
 copies) and runs only the layers' own commands inside the rootfs, through qemu-user.
