@@ -26,6 +26,7 @@ from image.imager import IMAGER_FILE, compress_xz, write_imager_file
 from image.manifest import ReleaseManifest
 from image.release import build_release
 from ota_common.errors import UserError
+from ota_common.files import sha256_file
 from tests.test_release_steps import small_release  # noqa: F401  (the fixture)
 
 SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -64,10 +65,14 @@ def check_imager_file(listing: Path, disk: Path) -> dict[str, Any]:
     assert {t for d in doc["imager"]["devices"] for t in d["tags"]} >= set(entry["devices"])
     compressed = listing.parent / entry["url"].rsplit("/", 1)[1]
     assert compressed.stat().st_size == entry["image_download_size"]
-    assert hashlib.sha256(compressed.read_bytes()).hexdigest() == entry["image_download_sha256"]
-    raw = lzma.decompress(compressed.read_bytes())
-    assert len(raw) == entry["extract_size"] == disk.stat().st_size
-    assert hashlib.sha256(raw).hexdigest() == entry["extract_sha256"] == hashlib.sha256(disk.read_bytes()).hexdigest()
+    assert sha256_file(compressed) == entry["image_download_sha256"]
+    extracted, size = hashlib.sha256(), 0
+    with lzma.open(compressed) as f:  # streamed: a real image extracts to gigabytes
+        while chunk := f.read(4 << 20):
+            extracted.update(chunk)
+            size += len(chunk)
+    assert size == entry["extract_size"] == disk.stat().st_size
+    assert extracted.hexdigest() == entry["extract_sha256"] == sha256_file(disk)
     return doc
 
 
