@@ -188,9 +188,12 @@ def ensure_base(
     else:
         # a version the layers pin (``pkg=version``) is what was asked for, not out of date
         pinned = {p.partition("=")[0].partition(":")[0] for p in spec.packages if "=" in p}
-        upgrades = [u for u in archive_mod.newer_packages(record.packages, state) if u.name not in pinned]
+        newer = archive_mod.newer_packages(record.packages, state)
+        upgrades = [u for u in newer if u.name not in pinned]
         if not upgrades:
-            line = f"cached {_day(record.built_at)}, up to date with the archive ({state.summary()}): reused"
+            held = [u.name for u in newer if u.name in pinned]
+            line = (f"cached {_day(record.built_at)}, up to date with the archive ({state.summary()})"
+                    f"{'; older as pinned: ' + ', '.join(held) if held else ''}: reused")
             progress(line)
             record.archive, record.checked_at = list(state.releases), int(now)
             write_record(target, record)
