@@ -7,7 +7,12 @@ Release pairs (all qemu-virt, the default release's layers, built with a cache d
 - base: the default configuration, version 1.0.0;
 - (a) app-only change: one file of the ``app`` layer edited (1.0.1);
 - (b) 48 MB of new files: a ``bulk`` layer adding real x86_64 binaries and text from this machine (1.1.0);
-- (c) one Debian package added: a layer adding ``curl`` (1.2.0; a new base bootstrap, ~8 minutes once).
+- (c) one Debian package added: a layer adding ``curl`` (1.2.0; a new base bootstrap, ~8 minutes once);
+- (d) a security update: the same release with its base rebuilt after one source package (openssl: ``openssl``
+  and ``libssl3``) was upgraded. The archive does not move on demand, so the release *before* the update is
+  simulated: its base pins the two packages to the point release's version (``pkg=version`` in a layer, one
+  more base bootstrap) while bookworm-security has a newer one, which the default base (1.0.1, the same
+  epoch) has. ``--pairs d`` after a point release that ships openssl's update: change :data:`PINNED`.
 
 Each newer release is built with a later SOURCE_DATE_EPOCH than the base (a release is a later commit), as
 ``build.py release`` does from git. Releases are kept in the work directory and reused while their inputs
@@ -49,6 +54,8 @@ BASE_EPOCH = 1700000000
 NEXT_EPOCH = BASE_EPOCH + 86400
 BULK_BYTES = 48_000_000
 EXTRA_PACKAGE = "curl"
+#: the versions the release before the security update had (bookworm 12.15's; bookworm-security has newer ones)
+PINNED = {"openssl": "3.0.20-1~deb12u2", "libssl3": "3.0.20-1~deb12u2"}
 ZSTD_LEVEL = 19
 
 
@@ -74,7 +81,11 @@ VARIANTS = {
     "a": Variant("a", "1.0.1", NEXT_EPOCH, "app-only change (one file of the app layer edited)"),
     "b": Variant("b", "1.1.0", NEXT_EPOCH, "48 MB of new files (a layer of x86_64 binaries and text)"),
     "c": Variant("c", "1.2.0", NEXT_EPOCH, f"one Debian package added ({EXTRA_PACKAGE})"),
+    "d0": Variant("d0", "1.0.0", BASE_EPOCH, "before a security update (openssl pinned to the point release's)"),
+    "d": Variant("d", "1.0.1", BASE_EPOCH, "the same release, base rebuilt with openssl's security update"),
 }
+#: a pair's source release when it is not "base"
+SOURCES = {"d": "d0"}
 
 
 def _bulk_files(dest: Path) -> None:
@@ -134,6 +145,11 @@ def _config(work: Path, variant: Variant) -> Path:
             "description: 48 MB of data files (delta benchmark)\n"
             "trees:\n  - {src: bulk/files, dest: /opt/vv-data}\n")
         cfg["layers"] = [*cfg["layers"], "bulk"]
+    elif variant.label == "d0":
+        (cfg_dir / "layers" / "pinned.yaml").write_text(
+            "description: openssl as the point release has it, before its security update (delta benchmark)\n"
+            f"packages: [{', '.join(f'{k}={v}' for k, v in PINNED.items())}]\n")
+        cfg["layers"] = [*cfg["layers"], "pinned"]
     elif variant.label == "c":
         (cfg_dir / "layers" / "extra.yaml").write_text(
             f"description: one more Debian package (delta benchmark)\npackages: [{EXTRA_PACKAGE}]\n")
@@ -174,7 +190,7 @@ def _inputs_hash(cfg: Path, variant: Variant) -> str:
 def build_releases(work: Path, cache: Path, key: Path, labels: Sequence[str], log: Callable[[str], None]) -> dict[str, Path]:
     """Build (or reuse) the base and the variants; return ``{label: release output directory}``."""
     out: dict[str, Path] = {}
-    for label in ["base", *labels]:
+    for label in dict.fromkeys(["base", *(SOURCES[x] for x in labels if x in SOURCES), *labels]):
         variant = VARIANTS[label]
         cfg = _config(work, variant)
         stamp = _inputs_hash(cfg, variant)
@@ -204,7 +220,8 @@ def build_releases(work: Path, cache: Path, key: Path, labels: Sequence[str], lo
 
 
 #: the columns of the table
-TITLES = {"a": "a) app-only change", "b": "b) 48 MB of new files", "c": "c) one package added"}
+TITLES = {"a": "a) app-only change", "b": "b) 48 MB of new files", "c": "c) one package added",
+          "d": "d) security update"}
 
 
 def full_artifact(rel_dir: Path) -> Path:
@@ -574,7 +591,7 @@ def main() -> None:
     rows = []
     for label in labels:
         level = zstd_level if label in args.zstd_pairs.split(",") else None
-        rows.append(measure_pair(label, TITLES[label], releases["base"], releases[label], work, key, level,
+        rows.append(measure_pair(label, TITLES[label], releases[SOURCES.get(label, "base")], releases[label], work, key, level,
                                  lambda m: print(m, flush=True)))
     report(rows, zstd_level, what="release pairs built by build.py release (1.2 GiB ext4 slot, qemu-virt)",
            targets=True)

@@ -49,6 +49,18 @@ _OPTIONS = [
     click.option("--previous", type=click.Path(exists=True, file_okay=False, path_type=Path),
                  help="The previous release's output directory (OUT/<old version>): a delta artifact from it is "
                       "written next to each board's full artifact (delta-from-<old>-<board>.mender)."),
+    click.option("--refresh-base", is_flag=True,
+                 help="Bootstrap the base rootfs again even if the cached one is current."),
+    click.option("--offline", is_flag=True,
+                 help="Build from the cached base rootfs as it is, without asking the archive for newer packages "
+                      "(never touches the network; the build says so)."),
+    click.option("--base-max-age", type=click.FloatRange(min=0), default=7.0, show_default=True, metavar="DAYS",
+                 help="Bootstrap the base rootfs again when the cached one is older than this, even if the archive "
+                      "has nothing newer for it."),
+    click.option("--image-url-base", metavar="URL",
+                 help="Where the compressed images will be served from (the release directory's URL): the "
+                      "Raspberry Pi Imager file written next to each Pi image points there (default: the local "
+                      "file, as a file:// URL)."),
 ]
 _PUBLISH = click.option("--publish", "publish_url", metavar="URL",
                         help="Upload the release's artifacts to the update server at URL (token: $OTA_ADMIN_TOKEN).")
@@ -98,20 +110,30 @@ def _check_signing(key: Path | None, unsigned: bool) -> None:
 
 def _run(kind: str, *, config: Path | None, version: str | None, boards: Sequence[str], key: Path | None,
          unsigned: bool, out: Path, cache_dir: Path | None, server_url: str | None, server_ca: Path | None,
-         insecure_http: bool | None, security_version: int | None, previous: Path | None) -> list[Path]:
+         insecure_http: bool | None, security_version: int | None, previous: Path | None, refresh_base: bool,
+         offline: bool, base_max_age: float, image_url_base: str | None) -> list[Path]:
+    from image.archive import ArchiveUnreachable
+    from image.basecache import BasePolicy
     from image.release import ALL_STAGES, DEFAULT_CONFIG, Stage, build_release
     from image.trust import InsecureServerError
 
     stages = {"release": ALL_STAGES, "image": frozenset({Stage.ROOTFS, Stage.IMAGES}),
               "rootfs": frozenset({Stage.ROOTFS})}[kind]
     signer = load_signer(key) if key else None
+    if refresh_base and offline:
+        raise UserError("--refresh-base and --offline exclude each other: a bootstrap needs the archive")
+    policy = BasePolicy(refresh=refresh_base, offline=offline, max_age_days=base_max_age)
     try:
         result = build_release(config=config or DEFAULT_CONFIG, version=version, boards=boards, signer=signer,
                                unsigned=unsigned, out=out, cache_dir=cache_dir, server_url=server_url,
                                security_version=security_version, server_ca=server_ca, insecure_http=insecure_http,
-                               progress=progress_line, stages=stages, previous=previous)
+                               progress=progress_line, stages=stages, previous=previous, base_policy=policy,
+                               image_url_base=image_url_base)
     except InsecureServerError as e:
         raise InsecureServerError(f"{e}, or with --insecure-http") from None
+    except ArchiveUnreachable as e:
+        raise ArchiveUnreachable(f"{e}; to build from the cached base rootfs as it is, pass --offline",
+                                 transient=e.transient) from None
     table = Table(title=f"release {result.version} → {result.out_dir}")
     table.add_column("output")
     table.add_column("size", justify="right")

@@ -105,15 +105,19 @@ def _apt_download(packages: list[str], dest: Path, cache_dir: Path, mirror: str,
 
 
 def firmware_files(board: BoardModel, work: Path, cache_dir: Path, *, root: Path | None = None, mirror: str = "",
-                   suite: str = "bookworm") -> dict[str, Path]:
+                   suite: str = "bookworm", offline: bool = False) -> dict[str, Path]:
     """Files for the boot partition taken from arm64 firmware packages, unpacked on the host so they stay
-    out of the rootfs; plus the board's literal files (config.txt)."""
+    out of the rootfs; plus the board's literal files (config.txt). ``offline``: packages not in the cache are
+    an error instead of a download."""
     out: dict[str, Path] = {}
     if board.firmware_packages:
         pkgdir = cache_dir / "firmware"
         pkgdir.mkdir(parents=True, exist_ok=True)
         missing = [p for p in board.firmware_packages if not sorted(pkgdir.glob(f"{p}_*_arm64.deb"))
                    and not sorted(pkgdir.glob(f"{p}_*_all.deb"))]
+        if missing and offline:
+            raise UserError(f"building offline, but the firmware packages {', '.join(missing)} are not in the "
+                            f"build cache ({pkgdir}): build once with access to the archive")
         if missing:
             _apt_download(missing, pkgdir, cache_dir, mirror, suite)
         unpacked = work / "firmware"

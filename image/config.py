@@ -46,6 +46,9 @@ class BoardModel(Model):
     dtb_path: str = ""
     #: power-of-two disk size for QEMU's SD emulation
     sd_power_of_two: bool = False
+    #: Raspberry Pi Imager's device tags (``pi4-64bit``): an Imager repository file for ``disk.img.gz`` is
+    #: written next to the board's disk image (:mod:`image.imager`)
+    imager_devices: tuple[Token, ...] = ()
 
 
 class ReleaseModel(Model):

@@ -57,10 +57,33 @@ class DiskEntry:
 
 
 @dataclass(frozen=True)
+class ArchiveEntry:
+    """A suite of the Debian archive as its ``Release`` file describes it (``date``: ISO 8601 UTC)."""
+
+    suite: str
+    codename: str
+    version: str
+    date: str
+    origin: str = ""
+
+
+@dataclass(frozen=True)
 class BaseEntry:
+    """The cached base rootfs the image was made from: its cache key, when it was bootstrapped, the archive's
+    suites its package versions were current with (empty: unknown, e.g. built offline from a base cached before
+    this was recorded), and the build's decision about it (reused, rebuilt and why). The image's packages and
+    versions are :attr:`ReleaseManifest.packages`."""
+
     key: str
     suite: str
     mirror: str
+    built_at: int | None = None
+    archive: list[ArchiveEntry] = dataclasses.field(default_factory=list)
+    decision: str = ""
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> BaseEntry:
+        return cls(**{**doc, "archive": [ArchiveEntry(**a) for a in doc.get("archive", [])]})
 
 
 @dataclass(frozen=True)
@@ -115,7 +138,7 @@ class ReleaseManifest:
                 trust=TrustEntry(**doc["trust"]),
                 previous=None if previous is None else PreviousEntry(**previous),
                 disk=DiskEntry(**doc["disk"]),
-                base=BaseEntry(**doc["base"]),
+                base=BaseEntry.from_dict(doc["base"]),
                 outputs={n: OutputEntry(**e) for n, e in doc["outputs"].items()},
                 packages=[PackageEntry(**p) for p in doc["packages"]],
             )
@@ -165,5 +188,5 @@ class PreviousRelease:
         return PreviousEntry(self.version, self.artifact_name, self.rootfs_sha256, deltas)
 
 
-__all__ = ["MANIFEST", "BaseEntry", "BoardEntry", "DiskEntry", "OutputEntry", "PackageEntry", "PreviousEntry",
+__all__ = ["MANIFEST", "ArchiveEntry", "BaseEntry", "BoardEntry", "DiskEntry", "OutputEntry", "PackageEntry", "PreviousEntry",
            "PreviousRelease", "ReleaseManifest", "TrustEntry"]

@@ -5,10 +5,11 @@ keys and server settings; the previous release's artifacts; the tools), gathers 
 :class:`BuildContext`, then runs :data:`STEPS`, a straight list of small step functions ``step(ctx)``, each
 timed (:class:`ota_common.progress.Steps`) and returning early when its :class:`Stage` was not asked for:
 
-    base rootfs (bootstrap or reuse the cached base) → layers (the rootfs tree: layers, kernel, normalisation)
+    base rootfs (reuse the cached base, or bootstrap it when missing or out of date: :mod:`image.basecache`) → layers (the rootfs tree: layers, kernel, normalisation)
     → ``rootfs.ext4`` (one for every board) → per board: boot partition, ``disk.img``, ``disk.img.bmap``,
-    ``disk.img.gz``, the SBOM ``sbom.cdx.json`` and the signed artifact ``<name>-<version>-<board>.mender`` (its
-    header carries the SBOM's sha256) → deltas from the previous release → ``provenance.intoto.json`` (signed
+    ``disk.img.gz`` (for a board Raspberry Pi Imager knows also the Imager file :data:`image.imager.IMAGER_FILE`
+    for ``disk.img.gz``), the SBOM ``sbom.cdx.json`` and the signed artifact ``<name>-<version>-<board>.mender``
+    (its header carries the SBOM's sha256) → deltas from the previous release → ``provenance.intoto.json`` (signed
     SLSA provenance of the outputs) → ``manifest.json`` (not timed: it records the timings).
 
 The release's ``SOURCE_DATE_EPOCH`` (:attr:`BuildContext.epoch`) is passed to each step's tools, never written
@@ -41,10 +42,12 @@ from ota_common.progress import Steps
 from ota_common.tools import require_tools
 
 from . import rootfs as rootfs_mod
+from .basecache import BaseInfo, BasePolicy, ensure_base
 from .build import build_disk, firmware_files, template_context
 from .config import BoardModel, ReleaseModel, load_board, load_release, with_overrides
 from .disk import DiskLayout, make_ext4, plan_layout
 from .epoch import release_epoch
+from .imager import IMAGER_FILE, check_url_base, write_imager_file
 from .layers import Layer, MergedLayers, load_layers, merge_layers
 from .manifest import (
     MANIFEST,
@@ -162,9 +165,13 @@ class BuildContext:
     out_dir: Path
     steps: Steps
     started: float  # time.monotonic() when the build began
+    base_policy: BasePolicy = field(default_factory=BasePolicy)
+    #: where Raspberry Pi Imager downloads the compressed images from (None: the local files)
+    image_url_base: str | None = None
     # left by the steps
     outputs: dict[str, Path] = field(default_factory=dict)
     base: Path | None = None
+    base_info: BaseInfo | None = None
     kernel: str = ""
     packages: list[dict[str, str]] = field(default_factory=list)
     deltas: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -208,6 +215,8 @@ def build_release(
     stages: Iterable[Stage | str] = ALL_STAGES,
     previous: Path | None = None,
     epoch: int | None = None,
+    base_policy: BasePolicy | None = None,
+    image_url_base: str | None = None,
 ) -> ReleaseResult:
     """Build a release, or only its first ``stages`` (:class:`Stage` members or their values: ``rootfs``;
     ``rootfs`` + ``images``) for debugging.
@@ -217,7 +226,10 @@ def build_release(
     ``security_version``, ``server_ca`` (a PEM file of certificates) and ``insecure_http`` replace the
     configuration's values when given. ``previous``: the output directory of the release this one updates
     from (delta artifacts from it). ``epoch``: the release's SOURCE_DATE_EPOCH (default: ``$SOURCE_DATE_EPOCH``,
-    else the last commit's time). Raises :class:`UserError` for bad configuration, keys, server settings or
+    else the last commit's time). ``base_policy``: when the cached base rootfs is rebuilt (default: when the
+    archive has newer versions of its packages or it is a week old; :mod:`image.basecache`).
+    ``image_url_base``: the URL the Raspberry Pi Imager file points at for boards Imager knows
+    (:mod:`image.imager`; default: the local file). Raises :class:`UserError` for bad configuration, keys, server settings or
     previous release (:class:`image.trust.InsecureServerError` for a plain http server URL that is not allowed),
     all before anything is built; :class:`ToolError` for tools."""
     if signer is None and not unsigned:
@@ -247,6 +259,8 @@ def build_release(
         if prev is not None and Stage.ARTIFACTS in wanted:
             # fail before the build, not after it, when a delta could not be made from the previous artifacts
             check_previous_artifacts(prev.path, prev, board_models, trust.verifiers())
+        if image_url_base is not None:
+            check_url_base(image_url_base)
         preflight()
         out_dir = (out / release.version).absolute()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +271,8 @@ def build_release(
                                data_mib=release.data_size_mib, seed=release.name),
             stages=wanted, signer=signer, previous=prev, cache=cache,
             epoch=release_epoch(REPO) if epoch is None else epoch,
-            out_dir=out_dir, steps=Steps(progress), started=started, config=config)
+            out_dir=out_dir, steps=Steps(progress), started=started, config=config,
+            base_policy=base_policy or BasePolicy(), image_url_base=image_url_base)
         with pinned_epoch(ctx.epoch):  # the artifact writers' clock, for this build only
             for step in STEPS:
                 step(ctx)
@@ -285,7 +300,7 @@ def _release_config(config: Path, *, version: str | None, boards: Sequence[str],
 
 def base_rootfs(ctx: BuildContext) -> None:
     with ctx.steps.step("base rootfs") as note:
-        ctx.base = rootfs_mod.bootstrap(ctx.spec, ctx.cache, progress=note)
+        ctx.base, ctx.base_info = ensure_base(ctx.spec, ctx.cache, ctx.base_policy, progress=note)
 
 
 def rootfs_tree(ctx: BuildContext) -> None:
@@ -343,7 +358,7 @@ def disk_image(ctx: BuildContext, board_name: str, data_files: dict[str, bytes])
     release = ctx.release
     with ctx.steps.step(f"{board_name}: disk image"):
         files = firmware_files(board, ctx.work / board_name, ctx.cache, root=ctx.root, mirror=release.mirror,
-                               suite=release.suite)
+                               suite=release.suite, offline=ctx.base_policy.offline)
         image = build_disk(board_name=board_name, board=board, layout=ctx.layout, rootfs_image=ctx.rootfs_image,
                            boot_files=files, out_dir=ctx.out_dir / board_name, seed=release.name,
                            signed=ctx.trust.signed, data_files=data_files, epoch=ctx.epoch)
@@ -351,6 +366,15 @@ def disk_image(ctx: BuildContext, board_name: str, data_files: dict[str, bytes])
         _gzip(image.disk, gz)
         ctx.outputs.update({f"{board_name}/disk.img": image.disk, f"{board_name}/disk.img.bmap": image.bmap,
                             f"{board_name}/disk.img.gz": gz})
+    if board.imager_devices:
+        with ctx.steps.step(f"{board_name}: Raspberry Pi Imager file"):
+            # the gzip the release writes anyway (Imager reads gz, xz, zstd and zip): xz -T0 took 10 min more
+            listing = write_imager_file(image.disk.parent / IMAGER_FILE, disk=image.disk, compressed=gz,
+                                        devices=board.imager_devices,
+                                        name=f"{release.name} {release.version} ({board_name})",
+                                        description=f"Debian {release.suite} arm64 with A/B slots and OTA updates",
+                                        release_date=ctx.epoch, url_base=ctx.image_url_base)
+            ctx.outputs[f"{board_name}/{IMAGER_FILE}"] = listing
 
 
 def board_sbom(ctx: BuildContext, board_name: str) -> None:
@@ -436,7 +460,10 @@ def manifest(ctx: BuildContext) -> None:
         kernel=ctx.kernel,
         disk=DiskEntry(f"{ctx.layout.disk_id:08x}", release.slot_size_mib),
         layers={layer.name: layer_hash(layer) for layer in ctx.layers},
-        base=BaseEntry(ctx.spec.key, release.suite, release.mirror or "(apt default)"),
+        base=BaseEntry(ctx.spec.key, release.suite, release.mirror or "(apt default)",
+                       built_at=None if ctx.base_info is None else ctx.base_info.built_at,
+                       archive=[] if ctx.base_info is None else list(ctx.base_info.archive),
+                       decision="" if ctx.base_info is None else ctx.base_info.decision),
         outputs={name: OutputEntry(sha256_file(p), p.stat().st_size) for name, p in sorted(ctx.outputs.items())},
         packages=[PackageEntry(**p) for p in ctx.packages],
         tools={

@@ -3,7 +3,8 @@
 Speed (DESIGN.md §5): the initramfs is generated once, at the end of the bootstrap, with ``MODULES=list``
 (``update-initramfs`` is diverted to ``true`` while packages install). The bootstrapped base is cached by
 the hash of its inputs (suite, mirror, package list, initramfs module list, this recipe's version), so a
-release that changes only files, templates, units or commands of a layer reuses it and takes seconds.
+release that changes only files, templates, units or commands of a layer reuses it and takes seconds — while
+the archive has nothing newer for its packages (:mod:`image.basecache` decides, and calls :func:`bootstrap`).
 
 Applying layers uses host tools wherever possible (``systemctl --root``, ``useradd --root``, plain file
 copies) and runs only the layers' own commands inside the rootfs, through qemu-user.
@@ -83,15 +84,23 @@ def base_spec(suite: str, mirror: str, merged: MergedLayers) -> BaseSpec:
     return BaseSpec(suite, mirror, merged.packages, files)
 
 
-def bootstrap(spec: BaseSpec, cache_dir: Path, progress: Callable[[str], None] = lambda msg: None) -> Path:
-    """The cached base tarball for ``spec``, bootstrapping it when missing (several minutes; mmdebstrap's
-    stage lines, such as "installing remaining packages inside the chroot", go to ``progress``)."""
-    target = cache_dir / "base" / f"{spec.suite}-{ARCH}-{spec.key}.tar"
-    if target.exists():
+def base_path(spec: BaseSpec, cache_dir: Path) -> Path:
+    """Where the base tarball for ``spec`` is cached (:mod:`image.basecache` keeps its record next to it)."""
+    return cache_dir / "base" / f"{spec.suite}-{ARCH}-{spec.key}.tar"
+
+
+def bootstrap(spec: BaseSpec, cache_dir: Path, progress: Callable[[str], None] = lambda msg: None, *,
+              force: bool = False) -> Path:
+    """The cached base tarball for ``spec``, bootstrapping it when missing or when ``force`` (several minutes;
+    mmdebstrap's stage lines, such as "installing remaining packages inside the chroot", go to ``progress``).
+    A forced bootstrap replaces the cached tarball only once it is complete. Whether a cached base is still
+    current is :func:`image.basecache.ensure_base`'s decision."""
+    target = base_path(spec, cache_dir)
+    if target.exists() and not force:
         log.info("base rootfs from cache: %s", target)
         progress(f"from the build cache ({target.name})")
         return target
-    progress(f"not cached: bootstrapping {spec.suite} {ARCH} with {len(spec.packages)} packages "
+    progress(f"bootstrapping {spec.suite} {ARCH} with {len(spec.packages)} packages "
              "(about 6 minutes on 2 cores; later builds reuse it)")
     require_tools(["mmdebstrap"], "bootstrapping the base rootfs")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +133,7 @@ def bootstrap(spec: BaseSpec, cache_dir: Path, progress: Callable[[str], None] =
         args.append(spec.mirror)
     run(args, stage="bootstrap (mmdebstrap)", timeout=3600, env={"SOURCE_DATE_EPOCH": str(BASE_EPOCH)},
         on_stderr_line=_mmdebstrap_stages(progress))
-    tmp.rename(target)
+    tmp.replace(target)
     return target
 
 
@@ -292,8 +301,12 @@ def normalise(root: Path, epoch: int | None, touched_since: float | None = None)
 
 def package_list(root: Path) -> list[dict[str, str]]:
     """The exact Debian packages in the rootfs (software bill of materials)."""
+    return dpkg_packages((root / "var/lib/dpkg/status").read_text())
+
+
+def dpkg_packages(status: str) -> list[dict[str, str]]:
+    """The installed packages of a dpkg status file (name, version, architecture), by name."""
     out = []
-    status = (root / "var/lib/dpkg/status").read_text()
     for stanza in status.split("\n\n"):
         fields = dict(
             line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line.startswith(" ")
@@ -304,5 +317,5 @@ def package_list(root: Path) -> list[dict[str, str]]:
     return sorted(out, key=lambda p: p["name"])
 
 
-__all__ = ["BaseSpec", "apply_layers", "base_spec", "bootstrap", "extract", "normalise", "package_list", "render_template",
-           "place_kernel"]
+__all__ = ["BaseSpec", "apply_layers", "base_path", "base_spec", "bootstrap", "dpkg_packages", "extract", "normalise",
+           "package_list", "place_kernel", "render_template"]

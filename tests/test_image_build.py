@@ -20,9 +20,11 @@ import pytest
 from artifacts import load_verifier, read_artifact
 from devkit.qemu import Vm
 from image.disk import partitions_of
+from image.imager import IMAGER_FILE
 from image.release import sha256_file
 
 from .conftest import REPO, build_release
+from .test_imager import check_imager_file
 
 _release = build_release
 
@@ -52,6 +54,12 @@ def test_release_outputs_and_manifest(release_dir: Path, keys, mender_artifact: 
     assert [p["type"] for p in parts] == ["c", "83", "83", "83"]
     with gzip.open(release_dir / "rpi4" / "disk.img.gz") as g, open(release_dir / "rpi4" / "disk.img", "rb") as d:
         assert g.read(1 << 20) == d.read(1 << 20)
+    # the Raspberry Pi Imager file: for rpi4 only, checked against the files it describes (tests/test_imager.py)
+    check_imager_file(release_dir / "rpi4" / IMAGER_FILE, release_dir / "rpi4" / "disk.img")
+    assert f"rpi4/{IMAGER_FILE}" in manifest["outputs"] and not (release_dir / "qemu-virt" / IMAGER_FILE).exists()
+    # the base it was made from, and the archive's state its packages were current with
+    assert manifest["base"]["decision"] and manifest["base"]["built_at"] > 1_600_000_000
+    assert {"bookworm", "bookworm-security"} <= {a["codename"] for a in manifest["base"]["archive"]}
 
 
 def _manifest_of(art: Path) -> bytes:

@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 
+import image.basecache
 import image.build
 import image.disk
 import image.release
 import image.rootfs
 from artifacts.keys import load_signer
+from image.archive import ArchiveState
 from image.layers import load_layers, merge_layers
 from image.manifest import PreviousRelease, ReleaseManifest
 from image.release import STEPS, Stage, build_release, stage_set
@@ -64,6 +66,9 @@ def small_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     base = _fake_base(tmp_path / "base.tar")
     monkeypatch.setattr(image.rootfs, "bootstrap", lambda spec, cache, progress=None: base)
+    # the archive as it is when this base was "bootstrapped" (no network: tests/test_base_cache.py covers that)
+    monkeypatch.setattr(image.basecache, "check_archive",
+                        lambda suite, mirror, cache: ArchiveState((), {"base-files": "12.4"}))
     monkeypatch.setattr(image.release, "preflight", lambda: None)
     layers = tmp_path / "config" / "layers"
     (layers / "small").mkdir(parents=True)
@@ -200,8 +205,11 @@ def test_the_manifest_keeps_its_format_and_reads_back(small_release: Path, tmp_p
     assert doc["boards"] == {"qemu-virt": {"device_type": "qemu-virt"}}
     assert doc["kernel"] == KERNEL and doc["disk"]["slot_mib"] == 64 and list(doc["disk"]) == ["disk_id", "slot_mib"]
     assert doc["packages"] == [{"name": "base-files", "version": "12.4", "architecture": "arm64"}]
-    assert list(doc["base"]) == ["key", "suite", "mirror"] and list(doc["tools"]) == ["python", "mmdebstrap",
-                                                                                       "mke2fs", "mkimage"]
+    assert list(doc["base"]) == ["key", "suite", "mirror", "built_at", "archive", "decision"]
+    assert list(doc["tools"]) == ["python", "mmdebstrap", "mke2fs", "mkimage"]
+    # the stand-in bootstrap leaves nothing in the cache: each build "bootstraps", and says so
+    assert isinstance(doc["base"]["built_at"], int) and doc["base"]["archive"] == []
+    assert doc["base"]["decision"] == "not cached: bootstrapping from the archive ()"
     first_doc = json.loads((first.out_dir / "manifest.json").read_text())
     assert first_doc["previous"] is None
     # the release it updates from, and the delta from that release's artifact (the version is in the rootfs)
