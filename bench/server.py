@@ -8,7 +8,10 @@ that write is not measured). Then a load generator in ``--gen-procs`` processes 
 requests in flight (closed loop, keep-alive connections, devices taken round robin) on
 ``POST /api/devices/v2/deployments/device/deployments/next`` for ``--duration`` seconds after a short warm-up,
 and prints polls/s, p50/p95/p99 latency, errors, and the CPU taken by the server and by the generator (they
-share the machine). The floor is measured in the same run with the same generator: a bare FastAPI app on
+share the machine). Then the same server takes status reports the same way (``--no-reports`` skips them): a
+deployment to every device, each device handed it by one ``next``, then ``PUT .../status`` reports in a closed
+loop (each one a durable write, acknowledged once committed: :mod:`ota_server.groupcommit`), printed as reports/s
+next to the polls/s and the floor. The floor is measured in the same run with the same generator: a bare FastAPI app on
 uvicorn answering 204 on the same path, with the same worker counts. With ``--rounds N`` both stay up and are
 loaded alternately N times each; the median round is reported with the per-round ratios and the server's CPU time
 per request (what a poll costs, whatever share of a busy machine a round got).
@@ -382,6 +385,40 @@ async def provision(port: int, admin: dict[str, str], devs: list[SimDevice], con
     return times
 
 
+async def hand_out(server: ManagementClient, port: int, devs: list[SimDevice], art: Path) -> tuple[str, float]:
+    """For the status-report load: the release uploaded (once), a deployment to every device, and each device
+    given it by one ``next`` poll (200), so that it may report. Returns (deployment id, seconds)."""
+    t = time.perf_counter()
+    uploaded = server.upload_artifact(art)
+    if uploaded.status != 201:
+        raise SystemExit(f"artifact upload failed: {uploaded}")
+    resp = server.send_json("POST", DEPLOYMENTS, {"name": "bench reports", "artifact_name": RELEASE,
+                                                  "all_devices": True})
+    if resp.status != 201:
+        raise SystemExit(f"deployment not created: {resp}")
+    dep_id = resp.headers["location"].rstrip("/").rsplit("/", 1)[-1]
+    pool = Pool(port, 16)
+    it = iter(devs)
+
+    async def worker() -> None:
+        for d in it:
+            status, _, body = await pool.request(d.poll_request(port))
+            if status != 200:
+                raise SystemExit(f"next with a deployment answered {status} {body[:200]!r}")
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    pool.close()
+    return dep_id, time.perf_counter() - t
+
+
+def report_request(d: SimDevice, port: int, dep_id: str) -> bytes:
+    """A status report the way the agent sends it: ``downloading`` (the first moves the device on; each repeat
+    stores its substate: every report is one write, as a real one)."""
+    body = json.dumps({"status": "downloading", "substate": f"bench {d.index}"}).encode()
+    return http_request("PUT", STATUS.format(dep_id), port, body, {"Authorization": f"Bearer {d.token}",
+                                                                    "Content-Type": "application/json"})
+
+
 # -----------------------------------------------------------------------------------------------------------
 # The poll load (runs in --gen-procs processes)
 
@@ -670,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gen-procs", type=int, default=2, help="load generator processes")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw", help="HTTP client of the generator")
     ap.add_argument("--no-floor", action="store_true", help="skip the bare FastAPI floor")
+    ap.add_argument("--no-reports", dest="reports", action="store_false",
+                    help="skip the status-report load (PUT .../status, each one a durable write)")
     ap.add_argument("--rounds", type=int, default=1, help="measure floor and server alternately this many times "
                     "each (both stay up) and report the median round and the per-round ratios: on a busy machine "
                     "one round of each is mostly noise")
@@ -698,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     work = Path(tempfile.mkdtemp(prefix="bench-server-"))
     results: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                               "load": {}, "floor": {}}
+                               "load": {}, "floor": {}, "reports": {}}
     admin_token = uuid.uuid4().hex
     admin = {"Authorization": f"Bearer {admin_token}"}
     private, public = generate_keypair(KeyType.ECDSA_P256, work / "release")
@@ -706,6 +745,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{args.gen_procs} processes, {args.concurrency} connections; temp dir {work}", flush=True)
     try:
         rows: list[str] = []
+        art: Path | None = None
         if workers and args.devices:
             t = time.perf_counter()
             devs = make_devices(args.devices)
@@ -736,6 +776,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     name = f"{'floor' if kind == 'floor' else 'next'}, {label}"
                     rows.append(fmt_load(name + (f" #{i + 1}" if args.rounds > 1 else ""), r, r["server_cpu"]))
                     print(rows[-1], flush=True)
+            if args.reports:  # status reports/s on the same server, after its poll rounds
+                if art is None:
+                    art = make_artifact(work, private, 4096)
+                loop = new_loop()
+                dep_id, _ = loop.run_until_complete(hand_out(srv, srv.port, devs, art))
+                loop.close()
+                reqs = [report_request(d, srv.port, dep_id) for d in devs]
+                for i in range(args.rounds):
+                    c0 = cpu(srv)
+                    r = run_load(srv.port, reqs, args.concurrency, args.duration, args.warmup, args.gen_procs,
+                                 args.client)
+                    r["server_cpu"] = (cpu(srv) - c0) / (args.duration + args.warmup)
+                    rounds.setdefault("reports", []).append(r)
+                    rows.append(fmt_load(f"status, {label}" + (f" #{i + 1}" if args.rounds > 1 else ""), r,
+                                         r["server_cpu"]))
+                    print(rows[-1], flush=True)
+                stats = srv.get(f"{DEPLOYMENTS}/{dep_id}/statistics").json()
+                if stats.get("downloading") != len(devs):
+                    raise SystemExit(f"after the reports: statistics {stats}, expected {len(devs)} downloading")
+                results["reports"][str(w)] = _median_round(rounds["reports"])
             for kind, proc in (("floor", floor), ("load", srv)):
                 if proc is not None:
                     proc.stop()
@@ -766,6 +826,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           f"{r['cpu_us']:.0f} us, floor {f['cpu_us']:.0f} us" + ("" if args.quick else
                           "; target >= 2000 polls/s with p99 < 50 ms: "
                           f"{'met' if r['rps'] >= 2000 and r['p99_ms'] < 50 else 'NOT met'}"))
+                    rep = results["reports"].get(str(w))
+                    if rep:
+                        print(f"  {w} worker(s): status reports/s {rep['rps']:.0f} = {rep['rps'] / r['rps']:.2f} x "
+                              f"polls/s, {rep['rps'] / f['rps']:.2f} x floor (p99 {rep['p99_ms']:.1f} ms); server CPU "
+                              f"per report {rep['cpu_us']:.0f} us" + ("" if args.quick else
+                              "; target >= 2000 reports/s (1 worker, SQLite): "
+                              f"{'met' if rep['rps'] >= 2000 else 'NOT met'}"))
         if args.rollout_devices:
             print(f"\nrollout: {args.rollout_devices} devices, server with {args.rollout_workers} worker(s)", flush=True)
             srv = ota_server(work / "rollout", args.rollout_workers, admin_token, public, args.server_arg).start(

@@ -16,6 +16,7 @@ from .auth import TokenCodec
 from .configvars import ConfigStore
 from .db import Database
 from .downloads import LinkSigner
+from .groupcommit import GroupCommitter
 from .lastseen import LastSeen
 from .limits import AuthLimiter
 from .settings import ServerSecrets, Settings
@@ -39,6 +40,11 @@ class ServerContext:
     store: ArtifactStore
     #: devices heard from since the last flush (written in batches by the app's lifespan task)
     last_seen: LastSeen = field(default_factory=LastSeen)
+    #: device reports (status, logs) share transactions and commits (:mod:`.groupcommit`)
+    committer: GroupCommitter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.committer = GroupCommitter(self.db)
 
     @classmethod
     def create(cls, settings: Settings, secrets: ServerSecrets) -> ServerContext:

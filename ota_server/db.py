@@ -176,6 +176,22 @@ class Database:
 _AFTER_COMMIT: weakref.WeakKeyDictionary[Connection, list[Callable[[], None]]] = weakref.WeakKeyDictionary()
 
 
+@contextmanager
+def savepoint(conn: Connection) -> Iterator[None]:
+    """A savepoint inside a :meth:`Database.write` transaction: when the block raises, what it did is rolled
+    back — and so are the :func:`after_commit` callbacks it registered (an outcome counted by a report that
+    failed must not be counted) — while the rest of the transaction goes on."""
+    registered = len(_AFTER_COMMIT.get(conn, ()))
+    try:
+        with conn.begin_nested():
+            yield
+    except BaseException:
+        callbacks = _AFTER_COMMIT.get(conn)
+        if callbacks is not None:
+            del callbacks[registered:]
+        raise
+
+
 def after_commit(conn: Connection, callback: Callable[[], None]) -> None:
     """Run ``callback`` when the :meth:`Database.write` transaction of ``conn`` has committed; never when it
     rolls back (nor for a connection that is not one of :meth:`Database.write`'s). For effects outside the

@@ -232,8 +232,8 @@ async def put_status(deployment_id: str, body: StatusBody, device: Device, ctx: 
     final status (a repeated ``failure`` uses no second retry); a different final status after a final one is
     refused with 400; 409 once the deployment was aborted."""
     ctx.last_seen.seen(device.id)
-    with ctx.db.write() as c:
-        report = rollout.report_status(c, deployment_id, device.id, body.status, body.substate)
+    report = await ctx.committer.run(deployment_id, device.id, lambda c: rollout.report_status(
+        c, deployment_id, device.id, body.status, body.substate))  # answered once committed (.groupcommit)
     if report.abort:  # the failure limit says abort: paused above, aborted now (see gates.check_failure_limit)
         with ctx.db.write() as c:
             rollout.abort(c, deployment_id)

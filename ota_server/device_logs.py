@@ -120,29 +120,39 @@ async def put_log(deployment_id: str, body: LogBody, device: Device, ctx: Ctx) -
         APIError: 404 when the deployment is not this device's; 413 when its log is full.
     """
     ctx.last_seen.seen(device.id)
-    max_bytes, max_uploads = ctx.settings.log_max_bytes, ctx.settings.log_max_uploads
     messages = [m.model_dump() for m in body.messages]
-    mine = (logs_t.c.deployment_id == deployment_id, logs_t.c.device_id == device.id)
-    with ctx.db.write() as c:
-        own_deployment(c, deployment_id, device.id)
-        # uploads of one device are serialized (PostgreSQL; SQLite writers are anyway), so the quota holds
-        c.execute(sa.select(dd.c.device_id).where(dd.c.deployment_id == deployment_id, dd.c.device_id == device.id)
-                  .with_for_update())
-        row = c.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(logs_t.c.size), 0))
-                        .where(*mine)).one()
-        uploads, used = int(row[0]), int(row[1])  # PostgreSQL's sum() of a bigint is a numeric (Decimal)
-        if (max_uploads and uploads >= max_uploads) or (max_bytes and used >= max_bytes):
-            raise APIError(413, f"the log of this deployment is full ({max_bytes} bytes or {max_uploads} uploads "
-                                "per device); nothing was stored")
-        size = sum(message_size(m) for m in messages)
-        if max_bytes and used + size > max_bytes:
-            messages, _, _ = fit_messages(messages, max_bytes - used)
-            size = max_bytes - used  # truncated: the quota is used up
-        c.execute(logs_t.insert().values(deployment_id=deployment_id, device_id=device.id, created=now(),
-                                         messages=messages, message_count=len(messages), size=size))
-        c.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device.id)
-                  .values(has_log=True))
+    await ctx.committer.run(deployment_id, device.id, lambda c: store_log(c, ctx, deployment_id, device.id, messages))
     return Response(status_code=NO_CONTENT)
+
+
+def store_log(c: Connection, ctx: ServerContext, deployment_id: str, device_id: str,
+              messages: list[dict[str, Any]]) -> None:
+    """Append an upload to the device's log of the deployment, within the quota (in a shared transaction of
+    :mod:`.groupcommit`).
+
+    Raises:
+        APIError: 404 when the deployment is not this device's; 413 when its log is full.
+    """
+    max_bytes, max_uploads = ctx.settings.log_max_bytes, ctx.settings.log_max_uploads
+    mine = (logs_t.c.deployment_id == deployment_id, logs_t.c.device_id == device_id)
+    own_deployment(c, deployment_id, device_id)
+    # uploads of one device are serialized (PostgreSQL; SQLite writers are anyway), so the quota holds
+    c.execute(sa.select(dd.c.device_id).where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
+              .with_for_update())
+    row = c.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(logs_t.c.size), 0))
+                    .where(*mine)).one()
+    uploads, used = int(row[0]), int(row[1])  # PostgreSQL's sum() of a bigint is a numeric (Decimal)
+    if (max_uploads and uploads >= max_uploads) or (max_bytes and used >= max_bytes):
+        raise APIError(413, f"the log of this deployment is full ({max_bytes} bytes or {max_uploads} uploads "
+                            "per device); nothing was stored")
+    size = sum(message_size(m) for m in messages)
+    if max_bytes and used + size > max_bytes:
+        messages, _, _ = fit_messages(messages, max_bytes - used)
+        size = max_bytes - used  # truncated: the quota is used up
+    c.execute(logs_t.insert().values(deployment_id=deployment_id, device_id=device_id, created=now(),
+                                     messages=messages, message_count=len(messages), size=size))
+    c.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
+              .values(has_log=True))
 
 
 def format_log(chunks: list[Any]) -> str:

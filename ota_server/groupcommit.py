@@ -1,0 +1,122 @@
+"""Group commit of device reports: many concurrent status reports (and log uploads) share one write transaction
+and one commit, and each is still acknowledged only once it is durable.
+
+Why: a status report is a tiny write, and its cost is the commit (an fsync with SQLite's ``synchronous=FULL``,
+a WAL flush on PostgreSQL): one transaction per report caps a worker at a few hundred reports/s. Here a
+report's operation is queued; a flusher (one per event loop, i.e. per worker, running while there is work)
+takes everything queued, runs it in one write transaction on a thread of its own (the event loop goes on
+reading requests during the commit: that is what fills the next batch), each operation in its own savepoint
+(:func:`.db.savepoint`), commits once, and only then resolves each request's future with its own result or
+error. So a 204 still means "on disk", one report that fails (a 409 for an aborted deployment, a 400) fails
+alone, and a commit that fails fails every report of the batch (none was acknowledged).
+
+Lock order (see :mod:`.deployments`): every operation locks device rows (``deployment_devices``) before the
+deployment row. One transaction doing many of them would break that order (report 1 locks deployment D, report
+2 then locks a device row of D), so a batch first locks all its device rows in (deployment id, device id) order
+in one statement, and runs its operations in that order, which takes the deployment rows in id order. Two
+batches (two workers on PostgreSQL), or a batch and an abort, thus take locks in one global order and cannot
+deadlock. On SQLite write transactions are serial anyway (``BEGIN IMMEDIATE``) and the lock statement is left
+out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from .db import Database, savepoint
+from .models import deployment_devices as dd
+
+T = TypeVar("T")
+#: operations per transaction at most: a long batch delays the first report's answer for little gain
+MAX_BATCH = 512
+
+
+@dataclass
+class _Op:
+    key: tuple[str, str]
+    fn: Callable[[Connection], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class _LoopState:
+    pending: list[_Op] = field(default_factory=list)
+    flusher: asyncio.Task[None] | None = None
+
+
+class GroupCommitter:
+    """Runs operations of device reports in shared transactions (see the module's docstring)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        #: per event loop (a worker has one; a test client may run a loop per request)
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
+        #: batches committed and operations in them, for the tests and the bench
+        self.batches = 0
+        self.operations = 0
+
+    async def run(self, deployment_id: str, device_id: str, fn: Callable[[Connection], T]) -> T:
+        """``fn(conn)`` inside a shared write transaction, in a savepoint; returns its result once the
+        transaction committed, or raises what it raised (its savepoint rolled back) or what the commit
+        raised. ``fn`` touches only the rows of this device in this deployment (and, after them, the
+        deployment's row), and runs on another thread."""
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            state = self._loops[loop] = _LoopState()
+        future: asyncio.Future[T] = loop.create_future()
+        state.pending.append(_Op((deployment_id, device_id), fn, future))
+        if state.flusher is None or state.flusher.done():
+            state.flusher = loop.create_task(self._flush(state))
+        return await future
+
+    async def _flush(self, state: _LoopState) -> None:
+        while state.pending:
+            batch, state.pending = state.pending[:MAX_BATCH], state.pending[MAX_BATCH:]
+            batch.sort(key=lambda op: op.key)  # stable: one device's reports keep their order
+            try:
+                results = await asyncio.to_thread(self._commit, batch)
+            except BaseException as e:  # noqa: BLE001 - every waiting request gets the error (cancelled: the loop ends)
+                results = [(False, e)] * len(batch)
+            for op, (ok, value) in zip(batch, results, strict=True):
+                if op.future.done():  # the request went away; its operation is stored all the same
+                    continue
+                if ok:
+                    op.future.set_result(value)
+                else:
+                    op.future.set_exception(value)
+
+    def _commit(self, batch: Sequence[_Op]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        try:
+            with self.db.write() as conn:
+                lock_device_rows(conn, [op.key for op in batch])
+                for op in batch:
+                    try:
+                        with savepoint(conn):
+                            results.append((True, op.fn(conn)))
+                    except Exception as e:  # noqa: BLE001 - this operation's answer; the others go on
+                        results.append((False, e))
+        except Exception as e:  # noqa: BLE001 - the commit failed: nothing of the batch is stored
+            return [(False, e)] * len(batch)
+        self.batches += 1
+        self.operations += len(batch)
+        return results
+
+
+def lock_device_rows(conn: Connection, keys: Sequence[tuple[str, str]]) -> None:
+    """Lock the ``deployment_devices`` rows of ``keys`` ((deployment id, device id)) in that order, the lock
+    order of a batch (PostgreSQL; SQLite's write transactions are serial anyway)."""
+    if conn.dialect.name != "postgresql" or not keys:
+        return
+    wanted = sorted(set(keys))
+    conn.execute(sa.select(dd.c.deployment_id, dd.c.device_id)
+                 .where(sa.tuple_(dd.c.deployment_id, dd.c.device_id).in_(wanted))
+                 .order_by(dd.c.deployment_id, dd.c.device_id).with_for_update())
