@@ -1,13 +1,15 @@
 """``build.py demo``: the whole product in one command, on this machine.
 
 Builds (or reuses, through the build cache) three releases of the default configuration for ``qemu-virt`` —
-v1, v2, and a broken v3 whose application fails its health check — starts the update server, boots a QEMU
-device from v1, accepts it, deploys v2 and follows it to ``success``, then deploys v3 and shows the automatic
-rollback to v2 with the failure reported. Everything it starts is stopped at the end (or on Ctrl-C).
+v1, v2 (with a delta from v1), and a broken v3 whose application fails its health check — starts the update
+server, boots a QEMU device from v1, accepts it, deploys v2 (the device downloads the delta: about a megabyte
+instead of the full artifact) and follows it to ``success``, then deploys v3 and shows the automatic rollback to
+v2 with the failure reported, and its total time. Everything it starts is stopped at the end (or on Ctrl-C).
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import signal
 import time
@@ -31,7 +33,10 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 HEARTBEAT = 30.0  # seconds of silence after which a wait says it is still waiting
 T = TypeVar("T")
-SERIES: tuple[tuple[str, dict[str, str]], ...] = (("1.0.0", {}), ("2.0.0", {}), ("2.1.0", {"DVR_IP": ""}))  # v3: empty DVR_IP, the app answers 503
+#: version, variables, the release it carries a delta from (v2 reaches v1 devices as a delta; v3: empty DVR_IP, the
+#: app answers 503)
+SERIES: tuple[tuple[str, dict[str, str], str | None], ...] = (
+    ("1.0.0", {}, None), ("2.0.0", {}, "1.0.0"), ("2.1.0", {"DVR_IP": ""}, None))
 
 
 def _last_console_line(vm: Vm) -> str:
@@ -68,7 +73,7 @@ class Demo:
 
         signer = load_signer(key)
         releases = {}
-        for version, variables in SERIES:
+        for version, variables, previous in SERIES:
             # a DVR_IP the health verdict accepts (the app layer's placeholder fails it); v3 empties it
             config = demo_config(self.out / "config" / version, DEFAULT_CONFIG, server_url,
                                  {"DVR_IP": "10.0.2.2", **variables})
@@ -77,7 +82,8 @@ class Demo:
                                    out=self.out / "releases", cache_dir=self.cache_dir, server_url=server_url,
                                    server_ca=server_ca,
                                    progress=lambda m, v=version: self.say(f"  {v}: {m}"),
-                                   stages=frozenset({"rootfs", "images", "artifacts"}))
+                                   stages=frozenset({"rootfs", "images", "artifacts"}),
+                                   previous=releases[previous] if previous else None)
             releases[version] = result.out_dir
             art = result.out_dir / f"vv-video-ai-{version}-qemu-virt.mender"
             # the stock tool agrees with our writer
@@ -87,6 +93,10 @@ class Demo:
                 said = (proc.stderr or proc.stdout).decode(errors="replace").strip()
                 raise ToolError(f"mender-artifact refuses {art}: {said}")
             self.say(f"{art.name}: {art.stat().st_size / 1e6:.0f} MB, signature checked by mender-artifact")
+            if previous:
+                delta = result.out_dir / f"delta-from-{previous}-qemu-virt.mender"
+                self.say(f"{delta.name}: {delta.stat().st_size / 1e6:.1f} MB (what a device running {previous} "
+                         "downloads)")
         return releases
 
     def wait(self, what: str, check: Callable[[], T], timeout: float, vm: Vm) -> T:
@@ -170,12 +180,18 @@ class Demo:
             self.say(f"device reports {attrs}")
             for version, broken in (("2.0.0", False), ("2.1.0", True)):
                 art = releases[version] / f"vv-video-ai-{version}-qemu-virt.mender"
-                resp = server.upload_artifact(art)
-                if resp.status != 201:
-                    raise PublishError(f"upload of {art.name} refused: {resp}")
+                for upload in (art, *sorted(releases[version].glob("delta-from-*-qemu-virt.mender"))):
+                    resp = server.upload_artifact(upload)
+                    if resp.status != 201:
+                        raise PublishError(f"upload of {upload.name} refused: {resp}")
                 dep = server.deploy(f"rollout {version}", f"vv-video-ai-{version}", [device["id"]])
                 self.say(f"deployed vv-video-ai-{version} ({art.stat().st_size / 1e6:.0f} MB){' — broken on purpose' if broken else ''}")
                 stats = self.follow(server, dep, vm, {"success", "failure"}, 1800)
+                got = re.search(r"downloading (\d+) bytes", server.device_log(dep, device["id"]))
+                if got:
+                    kind = "a delta" if int(got.group(1)) < art.stat().st_size / 2 else "the full artifact"
+                    self.say(f"the device downloaded {int(got.group(1)) / 1e6:.1f} MB ({kind}; the full artifact is "
+                             f"{art.stat().st_size / 1e6:.0f} MB)")
                 if broken:
                     log = server.device_log(dep, device["id"])
                     reason = next((line for line in log.splitlines() if "rolled back" in line), "")
@@ -184,7 +200,8 @@ class Demo:
                 current = self.wait("the device's version", lambda: server.attributes(device["id"]).get("artifact_name"), 120, vm)
                 self.say(f"deployment {stats}; the device now runs {current} "
                          f"from slot {server.attributes(device['id']).get('ota_slot')}")
-            self.say("demo complete: v1 → v2 updated and committed; v2 → broken v3 rolled back to v2")
+            self.say("demo complete: v1 → v2 updated and committed; v2 → broken v3 rolled back to v2 "
+                     f"(total {elapsed(time.monotonic() - self.started)})")
 
 
 @click.command()

@@ -253,7 +253,8 @@ def deployment_devices(enrolled: Enrolled, dep_id: str) -> dict[str, str]:
 def rollout(enrolled: Enrolled, fleet: Fleet) -> dict[str, str]:
     """v2 rolled out to group canary through the CLI, cam-north-02 joining mid-rollout; the deployment's id."""
     TRANSCRIPT.unlink(missing_ok=True)
-    assert enrolled.server.upload_artifact(fleet.artifact("2.0.0")).status == 201
+    for version in ("1.0.0", "2.0.0"):  # what the devices run is on the server too (a rollback's fallback download)
+        assert enrolled.server.upload_artifact(fleet.artifact(version)).status == 201
     one, two = (device_of(enrolled.server, n)["id"] for n in GOOD)
     fleet_cli(enrolled, "group", "set", one, "--group", "canary")
     dep = json.loads(fleet_cli(enrolled, "deploy", f"{NAME}-2.0.0", "--group", "canary", "--dynamic", "--json"))["id"]
