@@ -43,6 +43,8 @@ from .fleet_view import (
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WAIT = 366 * 86400
+#: attributes of a filter the server keeps (a dynamic deployment's)
+MAX_FILTERS = 8
 #: deployment statuses after which nothing moves any more
 ENDED = ("finished", "aborted")
 FAILED = ("failure", "aborted", "noartifact", "decommissioned")
@@ -131,7 +133,8 @@ def split_ids(values: Sequence[str]) -> list[str]:
 @click.option("--all", "all_devices", is_flag=True, help="Every accepted device.")
 @click.option("--filter", "filters", multiple=True, metavar="NAME=VALUE",
               help="Accepted devices whose identity or inventory attribute NAME is VALUE (repeat: all must match; "
-                   "with --group: within the group); resolved now into a device list.")
+                   "with --group: within the group); resolved now into a device list. With --dynamic the server "
+                   "keeps it (inventory attributes only, string values, up to 8) and adds devices that match later.")
 @click.option("--name", help="A name for the deployment (default: ARTIFACT_NAME and the target).")
 @click.option("--phases", metavar="P%@WAIT,...",
               help="Phased rollout: the share of the devices reached by each time after creation, e.g. "
@@ -149,8 +152,8 @@ def split_ids(values: Sequence[str]) -> list[str]:
 @click.option("--on-failure", type=click.Choice(["pause", "abort"]), default="pause", show_default=True,
               help="What --failure-limit does (resume a paused rollout with fleet resume).")
 @click.option("--dynamic", is_flag=True,
-              help="With --group or --all: devices that join later (accepted, or moved into the group) get it too, "
-                   "until fleet close DEPLOYMENT.")
+              help="With --group, --all or --filter: devices that join later (accepted, moved into the group, or "
+                   "whose inventory comes to match) get it too, until fleet close DEPLOYMENT.")
 @click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
               help="Times a device that reports failure may try again.")
 @click.option("--allow-downgrade", is_flag=True,
@@ -184,11 +187,18 @@ def deploy(artifact_name: str, devices: Sequence[str], group: str | None, all_de
     if failure_limit is not None:
         body["failure_limit"] = {"max_failed_pct": percent(failure_limit, "--failure-limit"), "on_failure": on_failure}
     if dynamic:
-        if not (group or all_devices) or ids or wanted:
-            raise UserError("--dynamic goes with --group G or --all (a device list or a filter is fixed now)")
+        if not (group or all_devices or wanted) or ids:
+            raise UserError("--dynamic goes with --group G, --all or --filter NAME=VALUE (a device list is fixed now)")
         body["dynamic"] = True
     api = management(server)
-    if wanted:
+    if wanted and dynamic:  # the server keeps the filter and adds the devices whose inventory comes to match
+        if len(wanted) > MAX_FILTERS or len(dict(wanted)) != len(wanted):
+            raise UserError(f"--filter with --dynamic: 1-{MAX_FILTERS} attributes, each named once")
+        body["filter"] = dict(wanted)
+        if group:
+            body["group"] = group
+        aim = ",".join(f"{n}={v}" for n, v in wanted) + (f" in {group}" if group else "") + " (dynamic)"
+    elif wanted:
         chosen = [d["id"] for d in list_devices(api, "accepted", group, wanted)]
         if not chosen:
             raise UserError("no accepted device matches " + " and ".join(f"{n}={v}" for n, v in wanted)
@@ -233,6 +243,9 @@ def stats_line(stats: dict[str, int]) -> str:
 
 
 def target_text(target: dict[str, Any]) -> str:
+    if isinstance(target.get("filter"), dict):
+        return (f"group {target['group']}, " if "group" in target else "") + "inventory " + " and ".join(
+            f"{n}={v}" for n, v in target["filter"].items())
     if "group" in target:
         return f"group {target['group']}"
     if isinstance(target.get("devices"), list):

@@ -11,13 +11,15 @@ itself), and only then, if the deployment itself may move, the ``deployments`` r
 rows, then the deployment row; several deployment rows in id order) cannot deadlock, and the deployment row
 lock makes "is anyone left?" and the failure ratio be computed by one transaction at a time, each seeing every
 earlier one committed: the deployment finishes exactly once. A device joining a dynamic deployment
-(:func:`join`) locks the deployment row and then inserts its own new row, which nobody else can hold: joins of
+(:func:`join`: accepted later, moved into the group, or its inventory now matching the filter) locks the
+deployment row and then inserts its own new row, which nobody else can hold: joins of
 the same device at once add it once, and joins and final reports take turns on the deployment row. On SQLite, write transactions are serial anyway
 (``BEGIN IMMEDIATE``) and ``FOR UPDATE`` is left out of the SQL.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -330,26 +332,53 @@ def resume(conn: Connection, deployment_id: str, values: dict[str, Any]) -> bool
 
 
 #: the open dynamic deployments that would take the device and do not have it yet, in id order (the lock
-#: order); ``?``: :data:`ALL_GROUPS`, the device id. One probe of ``ix_deployments_join_group`` per group value,
-#: one primary-key probe of ``deployment_devices`` per open dynamic deployment found (usually none).
+#: order), with their inventory filter (NULL: none) and the device's inventory to check it against
+#: (:func:`joinable`); ``?``: :data:`ALL_GROUPS`, the device id. One probe of ``ix_deployments_join_group`` per
+#: group value, one primary-key probe of ``deployment_devices`` per open dynamic deployment found (usually none).
 JOINABLE_SQL = (
-    "SELECT dp.id FROM devices d JOIN deployments dp ON dp.join_group IN (d.group_name, ?) "
-    "WHERE d.id = ? AND d.status = 'accepted' AND NOT EXISTS (SELECT 1 FROM deployment_devices x "
+    "SELECT dp.id, dp.join_filter, d.inventory FROM devices d JOIN deployments dp ON dp.join_group IN "
+    "(d.group_name, ?) WHERE d.id = ? AND d.status = 'accepted' AND NOT EXISTS (SELECT 1 FROM deployment_devices x "
     "WHERE x.deployment_id = dp.id AND x.device_id = d.id) ORDER BY dp.id"
 )
+#: :data:`JOINABLE_SQL` limited to the deployments to an inventory filter (what an inventory write may change)
+JOINABLE_FILTER_SQL = JOINABLE_SQL.replace(" ORDER BY", " AND dp.join_filter IS NOT NULL ORDER BY")
+
+
+def _json(value: Any) -> Any:
+    """A JSON column read through a driver directly: text on SQLite, already decoded by psycopg."""
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def matches_filter(inventory: Any, wanted: Any) -> bool:
+    """Whether an inventory has every attribute of a deployment's filter equal to its value (string equality:
+    a number or a list in the inventory never matches). No filter (None) matches every device."""
+    if not wanted:
+        return True
+    if not isinstance(inventory, dict):
+        return False
+    return all(isinstance(inventory.get(name), str) and inventory[name] == value for name, value in wanted.items())
+
+
+def joinable(rows: Sequence[Sequence[Any]]) -> list[str]:
+    """The deployment ids of :data:`JOINABLE_SQL` rows whose filter the device's inventory matches: checked
+    before any lock is taken, so a device that matches none of them costs one read, not a write."""
+    return [r[0] for r in rows if matches_filter(_json(r[2]), _json(r[1]))]
 
 
 def join(conn: Connection, deployment_id: str, device_id: str) -> bool:
-    """Add a device that joined the target (accepted later, or moved into the group) to an open dynamic
-    deployment, in its current phase (:func:`.gates.current_phase`). Everything is checked again under the
-    deployment's row lock: it still takes joiners, the device is accepted and in its target, and not in it yet
-    (two polls of one device at once add it once). Returns whether it was added."""
-    row = conn.execute(sa.select(dep.c.status, dep.c.join_group, dep.c.phases).where(dep.c.id == deployment_id)
-                       .with_for_update()).first()
+    """Add a device that joined the target (accepted later, moved into the group, or whose inventory now matches
+    the filter) to an open dynamic deployment, in its current phase (:func:`.gates.current_phase`). Everything is
+    checked again under the deployment's row lock: it still takes joiners, the device is accepted and in its
+    target, and not in it yet (two polls of one device at once add it once). Returns whether it was added."""
+    row = conn.execute(sa.select(dep.c.status, dep.c.join_group, dep.c.join_filter, dep.c.phases)
+                       .where(dep.c.id == deployment_id).with_for_update()).first()
     if row is None or row.join_group is None or row.status not in OPEN:
         return False
-    device = conn.execute(sa.select(devices.c.status, devices.c.group_name).where(devices.c.id == device_id)).first()
+    device = conn.execute(sa.select(devices.c.status, devices.c.group_name, devices.c.inventory)
+                          .where(devices.c.id == device_id)).first()
     if device is None or device.status != "accepted" or row.join_group not in (ALL_GROUPS, device.group_name):
+        return False
+    if not matches_filter(device.inventory, row.join_filter):
         return False
     if conn.execute(sa.select(dd.c.status).where(dd.c.deployment_id == deployment_id,
                                                  dd.c.device_id == device_id)).first() is not None:
@@ -367,12 +396,14 @@ def join(conn: Connection, deployment_id: str, device_id: str) -> bool:
     return True
 
 
-def join_open(conn: Connection, device_id: str) -> list[str]:
+def join_open(conn: Connection, device_id: str, filtered_only: bool = False) -> list[str]:
     """Add the device to every open dynamic deployment of its target that does not have it yet (deployment rows
-    locked in id order). Returns the ids of the deployments it joined."""
-    ids = [r[0] for r in conn.execute(sa.text(JOINABLE_SQL.replace("?", ":all", 1).replace("?", ":device")),
-                                      {"all": ALL_GROUPS, "device": device_id})]
-    return [i for i in ids if join(conn, i, device_id)]
+    locked in id order); ``filtered_only``: only those to an inventory filter (after an inventory write).
+    Returns the ids of the deployments it joined."""
+    sql = JOINABLE_FILTER_SQL if filtered_only else JOINABLE_SQL
+    rows = conn.execute(sa.text(sql.replace("?", ":all", 1).replace("?", ":device")),
+                        {"all": ALL_GROUPS, "device": device_id}).all()
+    return [i for i in joinable(rows) if join(conn, i, device_id)]
 
 
 def close(conn: Connection, deployment_id: str) -> bool:

@@ -20,6 +20,7 @@ from artifacts.reader import header_part_size
 from ota_common.errors import ArtifactError
 from ota_common.varnames import CONFIG_HASH_HEADER
 
+from . import deployments as rollout
 from .context import ServerContext
 from .devauth import Ctx, CurrentDevice, Device
 from .downloads import HEADER_SUFFIX, ArtifactFileResponse
@@ -39,8 +40,12 @@ router = APIRouter(tags=["device API"])
 Scalar = str | int | float
 
 
+#: an inventory attribute's name (also the names of a deployment's inventory filter)
+AttributeName = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
 class Attribute(BaseModel):
-    name: str = Field(min_length=1, max_length=1024)
+    name: AttributeName
     value: Scalar | list[Scalar]
     description: str | None = None
 
@@ -63,6 +68,7 @@ def _put_inventory(ctx: ServerContext, device: CurrentDevice, attrs: list[Attrib
         if not merge:
             values["provides_hash"] = None  # the next poll records the provides again
         c.execute(devices.update().where(devices.c.id == device.id).values(**values))
+        rollout.join_open(c, device.id, filtered_only=True)  # its inventory may match a dynamic filter now
     return Response(status_code=200)
 
 

@@ -126,8 +126,9 @@ def _record_provides(ctx: ServerContext, device: CurrentDevice, provides: dict[s
 def _next(ctx: ServerContext, request: Request, device: CurrentDevice, provides: dict[str, Any]) -> Response:
     ctx.last_seen.seen(device.id)
     _record_provides(ctx, device, provides)
-    if ctx.db.fetch(rollout.JOINABLE_SQL, (rollout.ALL_GROUPS, device.id)):
-        with ctx.db.write() as c:  # an open dynamic deployment of its group (or of all devices) takes it now
+    if rollout.joinable(ctx.db.fetch(rollout.JOINABLE_SQL, (rollout.ALL_GROUPS, device.id))):
+        with ctx.db.write() as c:  # an open dynamic deployment of its group, of all devices or of a filter that
+            # its inventory (with the provides just recorded) matches takes it now
             rollout.join_open(c, device.id)
     t = now()
     for deployment_id, dstatus, not_before, status, artifact_name, allow_downgrade, kind in ctx.db.fetch(

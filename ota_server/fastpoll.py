@@ -20,7 +20,8 @@ from ota_common.varnames import CONFIG_HASH_HEADER
 from .auth import canonical_json, sha256_hex
 from .confighash import poll_hash
 from .context import ServerContext
-from .deployments import ALL_GROUPS, is_waiting
+from .deployments import ALL_GROUPS, JOINABLE_SQL, is_waiting
+from .deployments import joinable as joinable_ids
 from .devauth import token_problem
 from .device_deployments import ACTIVE_SQL, NEXT_V1, NEXT_V2, NO_CONTENT, ProvidesError, check_provides
 from .errors import APIError
@@ -86,7 +87,10 @@ _FAST_ROUTES = {p: _RouteLabel(p) for p in FastPoll.PATHS}
 #: the idle-poll question in one statement: the device row, how many unfinished deployments it has (the
 #: ``deployment_devices(device_id, active)`` index answers the count; only a device with some reads them), and
 #: how many open dynamic deployments of its group (or of all devices) would take it and do not have it yet
-#: (the ``deployments(join_group)`` index, usually no row): a device one would take is not idle
+#: (the ``deployments(join_group)`` index, usually no row): a device one would take is not idle. A deployment
+#: to an inventory filter is counted for every device of its group (all devices: every device) until it is
+#: closed; for those the shortcut reads :data:`.deployments.JOINABLE_SQL` too and checks the filter, one more
+#: indexed read per poll while such a deployment is open, and still answers the devices that do not match
 POLL_SQL = ("SELECT d.status, d.provides_hash, d.auth_set_id, d.token_epoch, (SELECT count(*) FROM "
             "deployment_devices dd WHERE dd.device_id = d.id AND dd.active = ?), (SELECT count(*) FROM deployments "
             "dp WHERE dp.join_group IN (d.group_name, ?) AND NOT EXISTS (SELECT 1 FROM deployment_devices x WHERE "
@@ -155,8 +159,10 @@ def _idle_poll(scope: Scope, body: bytes) -> str | None:
     if not rows:
         return None
     status, known_hash, auth_set_id, epoch, active, joinable, config_hash = rows[0]
-    if token_problem(claims, status, auth_set_id, epoch) is not None or known_hash != provides_hash or joinable:
-        return None  # joinable: a dynamic deployment takes the device; the route adds it
+    if token_problem(claims, status, auth_set_id, epoch) is not None or known_hash != provides_hash:
+        return None
+    if joinable and joinable_ids(ctx.db.fetch(JOINABLE_SQL, (ALL_GROUPS, claims.device_id))):
+        return None  # a dynamic deployment takes the device (its filter, if any, matches): the route adds it
     t = now()
     if active:
         for _, dstatus, not_before, status, *_ in ctx.db.fetch(ACTIVE_SQL, (claims.device_id, True)):

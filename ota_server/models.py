@@ -109,13 +109,17 @@ class Deployment(Base):
     failure_threshold: Mapped[float | None] = mapped_column(sa.Double)
     allow_downgrade: Mapped[bool] = mapped_column(sa.Boolean, default=False)
     retries: Mapped[int] = mapped_column(sa.Integer, default=0)
-    #: what the request targeted: {"devices": [...]} | {"all_devices": true} | {"group": name}
+    #: what the request targeted: {"devices": [...]} | {"all_devices": true} | {"group": name}, the last one
+    #: with {"filter": {attribute: value}} added, or {"filter": {...}} alone (every accepted device that matches)
     target: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
     #: a dynamic deployment takes the devices that join its target later, until it is closed
     dynamic: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
     #: while a dynamic deployment takes joiners: its group, or ``*`` for all devices; NULL otherwise (not
     #: dynamic, closed, aborted). Indexed: a poll asks for the open dynamic deployments of the device's group
     join_group: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    #: ``{inventory attribute: value}``: a deployment to a filter takes the devices whose inventory has every
+    #: attribute equal (strings); with ``dynamic``, also the ones that match later while ``join_group`` is set
+    join_filter: Mapped[dict[str, str] | None] = mapped_column(sa.JSON)
     #: when a dynamic deployment was closed (stopped taking joiners)
     closed: Mapped[float | None] = mapped_column(sa.Double)
     #: {"max_failed_pct": P, "on_failure": "pause" | "abort"} (see ota_server/gates.py)

@@ -27,6 +27,7 @@ from .apitokens import READ, Operator
 from .audit import names
 from .context import ServerContext, get_ctx
 from .db import where_given
+from .device_api import AttributeName
 from .device_logs import device_log
 from .errors import APIError, bad_request, conflict, found_or_404
 from .management import DEFAULT_PER_PAGE, READS, Page, PerPage
@@ -371,17 +372,24 @@ class NewDeployment(BaseModel):
     failure_threshold: float | None = Field(None, ge=0, le=100, description="percent of finished devices")
     allow_downgrade: bool = False
     retries: int = Field(0, ge=0, le=100)
+    filter: dict[AttributeName, Annotated[str, Field(max_length=1024)]] | None = Field(
+        None, min_length=1, max_length=8,
+        description="the accepted devices whose inventory attributes all equal these values (strings); alone, or "
+                    "with group: within the group")
     dynamic: bool = Field(False, description="keep taking the devices that join the group (or, with all_devices, "
-                          "that are accepted) until the deployment is closed or aborted")
+                          "that are accepted; with filter, whose inventory comes to match) until the deployment is "
+                          "closed or aborted")
     failure_limit: FailureLimit | None = None
 
     @model_validator(mode="after")
     def _check(self) -> NewDeployment:
-        targets = (self.devices is not None) + self.all_devices + (self.group is not None)
+        if self.filter is not None and (self.devices is not None or self.all_devices):
+            raise ValueError("filter goes alone or with group, not with devices or all_devices")
+        targets = (self.devices is not None) + self.all_devices + (self.group is not None or self.filter is not None)
         if targets != 1:
-            raise ValueError("give exactly one target: devices, all_devices or group")
+            raise ValueError("give exactly one target: devices, all_devices, group or filter")
         if self.dynamic and self.devices is not None:
-            raise ValueError("a dynamic deployment targets a group or all_devices, not a device list")
+            raise ValueError("a dynamic deployment targets a group, a filter or all_devices, not a device list")
         check_phases(self.phases)
         return self
 
@@ -435,6 +443,10 @@ def _deployment_doc(r: Any) -> dict[str, Any]:
     }
 
 
+def _filter_text(wanted: dict[str, str]) -> str:
+    return " and ".join(f"{n}={v!r}" for n, v in wanted.items())
+
+
 def _phase_doc(p: dict[str, Any]) -> dict[str, Any]:
     doc = {**p, "start_ts": rfc3339(p["start_ts"])}
     for key in ("start_at", "gate_passed_ts"):
@@ -448,7 +460,7 @@ def create_deployment(body: NewDeployment, ctx: Ctx, who: Operator) -> Response:
     """Deploy a release to devices, a group or all accepted devices, optionally in phases (on a timer, or
     gated by the health of the phases before) with a failure threshold or limit. Targets are resolved now;
     a ``dynamic`` deployment also takes the devices that join its group (or are accepted, with
-    ``all_devices``) later, until it is closed."""
+    ``all_devices``, or whose inventory comes to match its ``filter``) later, until it is closed."""
     t = now()
     phases = phase_specs(body.phases)
     deployment_id = str(uuid.uuid4())
@@ -469,13 +481,17 @@ def create_deployment(body: NewDeployment, ctx: Ctx, who: Operator) -> Response:
                 raise bad_request(f"device(s) not accepted: {', '.join(unaccepted[:5])}")
             target: dict[str, Any] = {"devices": ids}
         else:
-            q = sa.select(devices.c.id).where(devices.c.status == "accepted").order_by(devices.c.id)
+            q = sa.select(devices.c.id, devices.c.inventory).where(devices.c.status == "accepted").order_by(devices.c.id)
+            target = {}
             if body.group is not None:
                 q = q.where(devices.c.group_name == body.group)
-                target = {"group": body.group}
+                target["group"] = body.group
+            if body.filter is not None:  # a full scan of the target's inventories, once, at creation
+                target["filter"] = body.filter
+                ids = [r.id for r in c.execute(q) if rollout.matches_filter(r.inventory, body.filter)]
             else:
-                target = {"all_devices": True}
-            ids = [r[0] for r in c.execute(q)]
+                target = target or {"all_devices": True}
+                ids = [r[0] for r in c.execute(q.with_only_columns(devices.c.id))]
         if not ids and not body.dynamic:
             raise bad_request("no accepted devices match the target")
         planned, assignment = rollout.plan_phases(ids, phases, t)
@@ -487,7 +503,7 @@ def create_deployment(body: NewDeployment, ctx: Ctx, who: Operator) -> Response:
             id=deployment_id, name=body.name, artifact_name=body.artifact_name, status="pending", created=t,
             device_count=len(ids), phases=planned, failure_threshold=body.failure_threshold,
             allow_downgrade=body.allow_downgrade, retries=body.retries, target=target, dynamic=body.dynamic,
-            join_group=join_group,
+            join_group=join_group, join_filter=body.filter,
             failure_limit=body.failure_limit.model_dump() if body.failure_limit is not None else None))
         if assignment:
             c.execute(dd.insert(), [
@@ -495,7 +511,8 @@ def create_deployment(body: NewDeployment, ctx: Ctx, who: Operator) -> Response:
                  "not_before": nb, "attempts": 0, "created": t, "has_log": False}
                 for d, ph, nb in assignment])
         aim = ("a device list" if "devices" in target else f"group {target['group']}" if "group" in target
-               else "all devices") + (", dynamic" if body.dynamic else "")
+               else "all devices") + (
+            f" matching {_filter_text(body.filter)}" if body.filter else "") + (", dynamic" if body.dynamic else "")
         gated = sum(1 for p in planned if p.get("gate"))
         who.record(c, f"created deployment {body.name!r} ({deployment_id}) of {body.artifact_name} to {len(ids)} "
                       f"device(s) ({aim}), {len(planned)} phase(s)" + (f" ({gated} gated)" if gated else "")

@@ -272,7 +272,9 @@ def test_bad_deployments_are_refused_in_one_line_and_create_nothing(server: Serv
         (("--devices", f"{device_id},no-such-device"), "unknown device(s): no-such-device"),
         (("--filter", "hostname"), "NAME=VALUE"),
         (("--filter", f"hostname=nobody-{os.urandom(3).hex()}"), "no accepted device matches"),
-        (("--devices", device_id, "--dynamic"), "--dynamic goes with --group G or --all"),
+        (("--devices", device_id, "--dynamic"), "--dynamic goes with --group G, --all or --filter"),
+        (("--filter", "a=1", "--filter", "a=2", "--dynamic"), "each named once"),
+        (tuple(x for i in range(9) for x in ("--filter", f"a{i}=1")) + ("--dynamic",), "1-8 attributes"),
         (("--group", "g", "--gate", "90%+1h"), "--gate needs --phases"),
         (("--group", "g", "--phases", "50%,100%@1h", "--gate", "0%"), "above 0 %"),
         (("--group", "g", "--failure-limit", "x"), "--failure-limit"),
@@ -304,6 +306,24 @@ def test_a_dynamic_gated_deployment_takes_joiners_until_closed(server: Server, f
     with server.admin() as a:  # closed: a device moved in now does not get it
         assert a.put(f"/api/management/v1/inventory/devices/{late}/group", json={"group": group}).status_code == 204
         assert late not in {d["id"] for d in a.get(f"{DEPLOYMENTS}/{dep_id}/devices").json()}
+
+
+def test_a_dynamic_filter_goes_to_the_server(server: Server, fleet: Fleet, artifact: str) -> None:
+    hw, group = f"rev-{os.urandom(4).hex()}", f"dynf-{os.urandom(3).hex()}"
+    dep_id = json.loads(ok(fleet("deploy", artifact, "--group", group, "--filter", f"hw_rev={hw}", "--dynamic",
+                                 "--json")))["id"]
+    with server.admin() as a:
+        doc = a.get(f"{DEPLOYMENTS}/{dep_id}").json()
+    assert doc["dynamic"] is True and doc["target"] == {"group": group, "filter": {"hw_rev": hw}}, doc
+    assert f"hw_rev={hw}" in doc["name"] and doc["device_count"] == 0
+    dev, joiner = accepted(server, group)
+    r = dev.http.patch("/api/devices/v1/inventory/device/attributes", headers=dev.headers,
+                       json=[{"name": "hw_rev", "value": hw}])
+    assert r.status_code == 200
+    assert f"group {group}, inventory hw_rev={hw}" in ok(fleet("status", dep_id))
+    with server.admin() as a:  # its inventory came to match: it is in the deployment
+        assert joiner in {d["id"] for d in a.get(f"{DEPLOYMENTS}/{dep_id}/devices").json()}
+    assert f"{dep_id}: closed" in ok(fleet("close", dep_id))
 
 
 def test_rollback_sends_each_device_back_and_names_the_skipped(server: Server, fleet: Fleet, artifact: str,

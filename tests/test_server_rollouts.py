@@ -258,3 +258,111 @@ def test_failure_limit_aborts(server: Server, release: str) -> None:  # noqa: F8
     assert s["failure"] == 1 and s["aborted"] == 2
     assert b.status(dep_id, "installing").status_code == 409
     assert c.next().status_code == 204
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deployments to an inventory filter
+
+ATTRIBUTES = "/api/devices/v1/inventory/device/attributes"
+
+
+def inventory(dev: Device, method: str = "PATCH", **attrs: Any) -> None:
+    r = dev.http.request(method, ATTRIBUTES, headers=dev.headers,
+                         json=[{"name": n, "value": v} for n, v in attrs.items()])
+    assert r.status_code == 200, r.text
+
+
+def test_dynamic_filter_deployment_takes_devices_whose_inventory_comes_to_match(
+        server: Server, release: str) -> None:  # noqa: F811
+    hw = f"rev-{uuid.uuid4().hex[:8]}"
+    first, first_id = accepted(server)
+    inventory(first, "PUT", hw_rev=hw, site="lab")
+    other, other_id = accepted(server)
+    inventory(other, "PUT", hw_rev="rev-other", site="lab")
+    dep_id = deploy(server, name="dyn-filter", artifact_name=release, filter={"hw_rev": hw, "site": "lab"},
+                    dynamic=True)
+    doc = get(server, dep_id)
+    assert doc["target"] == {"filter": {"hw_rev": hw, "site": "lab"}} and doc["device_count"] == 1
+    assert set(members(server, dep_id)) == {first_id}
+
+    # its inventory comes to match: the inventory write adds it at once (one attribute is not enough)
+    late, late_id = accepted(server)
+    assert late.next().status_code == 204
+    inventory(late, hw_rev=hw)
+    assert late_id not in members(server, dep_id)
+    inventory(late, site="lab")
+    assert members(server, dep_id)[late_id]["status"] == "pending"
+    inventory(late, site="lab")  # written again: added once
+    assert get(server, dep_id)["device_count"] == 2
+    assert late.next().json()["id"] == dep_id
+
+    # the matching attributes come with the poll's provides (recorded into the inventory): the poll adds it
+    polled, polled_id = accepted(server)
+    assert polled.next().status_code == 204
+    r = polled.next(hw_rev=hw, site="lab")
+    assert r.status_code == 200 and r.json()["id"] == dep_id, r.text
+
+    # never matching: never taken, by inventory writes nor polls (a number is not the string "lab")
+    inventory(other, site="lab")
+    inventory(other, "PUT", hw_rev=hw, site=7)
+    assert other.next().status_code == 204 and other.next(site=8).status_code == 204
+    assert set(members(server, dep_id)) == {first_id, late_id, polled_id}
+
+    # closed: a device that comes to match is not taken any more
+    assert set_status(server, dep_id, status="closed").status_code == 204
+    after, after_id = accepted(server)
+    inventory(after, hw_rev=hw, site="lab")
+    assert after.next(hw_rev=hw, site="lab").status_code == 204 and after_id not in members(server, dep_id)
+    assert get(server, dep_id)["device_count"] == 3
+
+
+def test_group_and_filter_narrow_and_the_poll_shortcut_defers(server: Server, release: str) -> None:  # noqa: F811
+    g, hw = group(), f"rev-{uuid.uuid4().hex[:8]}"
+    inside, inside_id = accepted(server, g)
+    inventory(inside, hw_rev=hw)
+    unmatched, unmatched_id = accepted(server, g)
+    inventory(unmatched, hw_rev="rev-other")
+    outside, outside_id = accepted(server, group())
+    inventory(outside, hw_rev=hw)
+    dep_id = deploy(server, name="group-filter", artifact_name=release, group=g, filter={"hw_rev": hw},
+                    dynamic=True)
+    assert get(server, dep_id)["target"] == {"group": g, "filter": {"hw_rev": hw}}
+    assert set(members(server, dep_id)) == {inside_id}
+    inventory(outside, hw_rev=hw)  # matches, but not in the group
+    assert outside.next().status_code == 204 and outside_id not in members(server, dep_id)
+
+    # matching before it is moved into the group by an import (no deployment logic there): its polls are idle
+    # ones the shortcut answers, until the group matches too; then the shortcut must not say "nothing"
+    host, host2 = f"flt-{uuid.uuid4().hex[:8]}", f"flt-{uuid.uuid4().hex[:8]}"
+    moved, moved_id = accepted(server, hostname=host)
+    inventory(moved, "PUT", hw_rev=hw)
+    stays, stays_id = accepted(server, hostname=host2)
+    inventory(stays, "PUT", hw_rev="rev-other")
+    for dev in (moved, stays):
+        assert dev.next().status_code == 204 and dev.next().status_code == 204
+    assert {m["device_id"] for m in import_hosts(server, g, host, host2)["matched"]} == {moved_id, stays_id}
+    r = moved.next()
+    assert r.status_code == 200 and r.json()["id"] == dep_id, r.text
+    assert stays.next().status_code == 204 and unmatched.next().status_code == 204
+    assert set(members(server, dep_id)) == {inside_id, moved_id}
+    assert set_status(server, dep_id, status="closed").status_code == 204
+
+
+def test_filter_deployment_rules(server: Server, release: str) -> None:  # noqa: F811
+    hw = f"rev-{uuid.uuid4().hex[:8]}"
+    dev, dev_id = accepted(server)
+    inventory(dev, hw_rev=hw)
+    with server.admin() as a:
+        for body in ({"filter": {}}, {"filter": {f"a{i}": "x" for i in range(9)}}, {"filter": {"": "x"}},
+                     {"filter": {"hw_rev": 3}}, {"filter": {"hw_rev": hw}, "all_devices": True},
+                     {"filter": {"hw_rev": hw}, "devices": [dev_id]}):
+            r = a.post(DEPLOYMENTS, json={"name": "bad", "artifact_name": release, **body})
+            assert r.status_code == 400, (body, r.text)
+        r = a.post(DEPLOYMENTS, json={"name": "none", "artifact_name": release, "filter": {"hw_rev": "rev-nobody"}})
+        assert r.status_code == 400 and "no accepted devices" in r.json()["error"]
+    # not dynamic: resolved now, nobody joins later
+    dep_id = deploy(server, name="static-filter", artifact_name=release, filter={"hw_rev": hw})
+    assert set(members(server, dep_id)) == {dev_id} and get(server, dep_id)["dynamic"] is False
+    late, late_id = accepted(server)
+    inventory(late, hw_rev=hw)
+    assert late.next().status_code == 204 and late_id not in members(server, dep_id)
