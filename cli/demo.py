@@ -187,7 +187,9 @@ class Demo:
                 dep = server.deploy(f"rollout {version}", f"vv-video-ai-{version}", [device["id"]])
                 self.say(f"deployed vv-video-ai-{version} ({art.stat().st_size / 1e6:.0f} MB){' — broken on purpose' if broken else ''}")
                 stats = self.follow(server, dep, vm, {"success", "failure"}, 1800)
-                got = re.search(r"downloading (\d+) bytes", server.device_log(dep, device["id"]))
+                # the agent's console line "[<deployment id>] downloading N bytes" (the deployment log is
+                # uploaded only when an install fails)
+                got = re.search(rf"\[{re.escape(dep[:8])}\] downloading (\d+) bytes", vm.console())
                 if got:
                     kind = "a delta" if int(got.group(1)) < art.stat().st_size / 2 else "the full artifact"
                     self.say(f"the device downloaded {int(got.group(1)) / 1e6:.1f} MB ({kind}; the full artifact is "
