@@ -191,9 +191,9 @@ class Demo:
                 # uploaded only when an install fails)
                 got = re.search(rf"\[{re.escape(dep[:8])}\] downloading (\d+) bytes", vm.console())
                 if got:
-                    kind = "a delta" if int(got.group(1)) < art.stat().st_size / 2 else "the full artifact"
-                    self.say(f"the device downloaded {int(got.group(1)) / 1e6:.1f} MB ({kind}; the full artifact is "
-                             f"{art.stat().st_size / 1e6:.0f} MB)")
+                    size, full = int(got.group(1)), art.stat().st_size
+                    kind = "the full artifact" if size > full / 2 else f"a delta; the full artifact is {full / 1e6:.0f} MB"
+                    self.say(f"the device downloaded {size / 1e6:.1f} MB ({kind})")
                 if broken:
                     log = server.device_log(dep, device["id"])
                     reason = next((line for line in log.splitlines() if "rolled back" in line), "")
