@@ -42,6 +42,7 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import jinja2
+import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
@@ -53,7 +54,10 @@ from .context import ServerContext, get_ctx
 from .deployments import OPEN
 from .errors import APIError
 from .management import get_device_config
-from .rollback import plan as rollback_plan
+from .models import artifacts as art_t
+from .models import deployment_devices as dd
+from .models import deployments as dep
+from .models import devices
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
@@ -420,13 +424,25 @@ def device_page(request: Request, device_id: str, ctx: Ctx, who: Viewer) -> Resp
 
 
 def rollback_preview(c: Any, deployment_id: str) -> dict[str, Any]:
-    """What "roll back" would do (the same plan as ``POST .../rollback``, without its locks): how many devices go
-    back, to which artifacts, and how many are skipped with why."""
-    targets, skipped = rollback_plan(c, deployment_id, lock=False)
+    """What "roll back" would do, in one aggregate (a page must not read a row per device of a big deployment):
+    how many devices go back to which artifact; the exact plan, with each skipped device's reason, is made by
+    ``POST .../rollback`` (:func:`ota_server.rollback.plan`)."""
+    went = sa.func.coalesce(dd.c.target_artifact, dep.c.artifact_name)
+    rows = c.execute(
+        sa.select(dd.c.from_artifact, went.label("went"), sa.func.count().label("n"))
+        .select_from(dd.join(dep, dep.c.id == dd.c.deployment_id).join(devices, devices.c.id == dd.c.device_id))
+        .where(dd.c.deployment_id == deployment_id, dd.c.status == "success", devices.c.status == "accepted")
+        .group_by(dd.c.from_artifact, went)).all()
+    names = sorted({r.from_artifact for r in rows if r.from_artifact})
+    uploaded = set(c.execute(sa.select(art_t.c.name).where(art_t.c.name.in_(names))).scalars()) if names else set()
     counts: dict[str, int] = {}
-    for name in targets.values():
-        counts[name] = counts.get(name, 0) + 1
-    return {"count": len(targets), "targets": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])),
+    skipped = 0
+    for r in rows:
+        if r.from_artifact and r.from_artifact != r.went and r.from_artifact in uploaded:
+            counts[r.from_artifact] = counts.get(r.from_artifact, 0) + int(r.n)
+        else:
+            skipped += int(r.n)
+    return {"count": sum(counts.values()), "targets": sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])),
             "skipped": skipped}
 
 

@@ -51,7 +51,8 @@ def programs_in_code() -> dict[str, str]:
     found: dict[str, str] = {}
 
     def add(node: ast.expr, where: str) -> None:
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        # an argument list that starts with an option ("--storage", ...) is the tail of a command, not a program
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and not node.value.startswith("-"):
             found.setdefault(node.value, where)
 
     files = [p for d in ("ota_common", "artifacts", "image", "device_hooks", "ota_server", "devkit", "cli", "tests",

@@ -430,7 +430,7 @@ def test_registered_cards_boot_accepted_with_their_configuration(release: Path, 
     env = {"OTA_ADMIN_TOKEN": ADMIN_TOKEN}
     args = ["--release", release, "--csv", csv_file, "--server", server.url, "--out", out]
     refused = provision_cli(*args, env={"OTA_ADMIN_TOKEN": "x" * 40})
-    assert refused.returncode == 2 and "refused the admin token" in refused.stderr
+    assert refused.returncode == 2 and "refused the API token" in refused.stderr
     assert not out.exists() or not list(out.glob("*.img"))  # the token is checked before a card is written
     done = provision_cli(*args, env=env)
     assert done.returncode == 0, done.stderr
