@@ -394,21 +394,29 @@ def watch(deployment_id: str, interval: float, timeout: str | None, server: str 
     outcome(final)
 
 
+def set_status(server: str | None, deployment_id: str, body: dict[str, Any], done: str,
+               conflict: Callable[[dict[str, Any], ServerRefused], str]) -> None:
+    """``PUT .../deployments/{id}/status`` with ``body`` on the deployment ``deployment_id`` (an unknown one is a
+    one-line error); a 409 becomes the one-line error ``conflict(deployment, refusal)`` says."""
+    api = management(server)
+    d = get_or_unknown(api, f"{DEPLOYMENTS}/{seg(deployment_id)}", f"deployment {clean(deployment_id)!r}")
+    try:
+        api.call("PUT", f"{DEPLOYMENTS}/{seg(d['id'])}/status", body)
+    except ServerRefused as e:
+        if e.status == 409:
+            raise UserError(conflict(d, e)) from None
+        raise
+    click.echo(f"{d['id']}: {done}")
+
+
 @fleet.command("abort")
 @click.argument("deployment_id", metavar="DEPLOYMENT")
 @SERVER_OPTION
 def abort(deployment_id: str, server: str | None) -> None:
     """Abort DEPLOYMENT: devices that have not finished become aborted (a device in the middle of an install gets
     409 at its next report and rolls back)."""
-    api = management(server)
-    d = get_or_unknown(api, f"{DEPLOYMENTS}/{seg(deployment_id)}", f"deployment {clean(deployment_id)!r}")
-    try:
-        api.call("PUT", f"{DEPLOYMENTS}/{seg(d['id'])}/status", {"status": "aborted"})
-    except ServerRefused as e:
-        if e.status == 409:
-            raise UserError(f"deployment {d['id']} has already ended ({d['status']})") from None
-        raise
-    click.echo(f"{d['id']}: aborted")
+    set_status(server, deployment_id, {"status": "aborted"}, "aborted",
+               lambda d, e: f"deployment {d['id']} has already ended ({d['status']})")
 
 
 @fleet.command("close")
@@ -417,15 +425,8 @@ def abort(deployment_id: str, server: str | None) -> None:
 def close(deployment_id: str, server: str | None) -> None:
     """Close a dynamic DEPLOYMENT: devices joining its group from now on do not get it; the devices it has
     finish as usual."""
-    api = management(server)
-    d = get_or_unknown(api, f"{DEPLOYMENTS}/{seg(deployment_id)}", f"deployment {clean(deployment_id)!r}")
-    try:
-        api.call("PUT", f"{DEPLOYMENTS}/{seg(d['id'])}/status", {"status": "closed"})
-    except ServerRefused as e:
-        if e.status == 409:
-            raise UserError(f"deployment {d['id']} takes no joiners ({e.reason})") from None
-        raise
-    click.echo(f"{d['id']}: closed")
+    set_status(server, deployment_id, {"status": "closed"}, "closed",
+               lambda d, e: f"deployment {d['id']} takes no joiners ({e.reason})")
 
 
 @fleet.command("rollback")
@@ -474,18 +475,11 @@ def rollback(deployment_id: str, name: str | None, phases: str | None, failure_t
 @SERVER_OPTION
 def resume(deployment_id: str, failure_threshold: str | None, server: str | None) -> None:
     """Resume DEPLOYMENT, paused by its failure threshold."""
-    api = management(server)
-    d = get_or_unknown(api, f"{DEPLOYMENTS}/{seg(deployment_id)}", f"deployment {clean(deployment_id)!r}")
     body: dict[str, Any] = {"status": "inprogress"}
     if failure_threshold is not None:
         body["failure_threshold"] = None if failure_threshold == "none" else percent(failure_threshold)
-    try:
-        api.call("PUT", f"{DEPLOYMENTS}/{seg(d['id'])}/status", body)
-    except ServerRefused as e:
-        if e.status == 409:
-            raise UserError(f"deployment {d['id']} is {d['status']}: only a paused deployment can be resumed") from None
-        raise
-    click.echo(f"{d['id']}: resumed")
+    set_status(server, deployment_id, body, "resumed",
+               lambda d, e: f"deployment {d['id']} is {d['status']}: only a paused deployment can be resumed")
 
 
 @fleet.command("logs")
