@@ -193,3 +193,19 @@ def deploy(server: Server, **body: Any) -> str:
         r = a.post("/api/management/v1/deployments/deployments", json=body)
     assert r.status_code == 201, r.text
     return r.headers["Location"].rsplit("/", 1)[1]
+
+
+def preauthorized_devices(server: Server, n: int) -> list[tuple[Device, str]]:
+    """``n`` devices preauthorized through the management API and authenticated (token in hand), with their ids."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = []
+    with server.admin() as a:
+        for _ in range(n):
+            dev = Device(server)
+            r = a.post("/api/management/v2/devauth/devices", json={"identity_data": dev.identity, "pubkey": dev.pubkey})
+            assert r.status_code == 201, r.text
+            out.append((dev, r.headers["Location"].rsplit("/", 1)[1]))
+    with ThreadPoolExecutor(16) as pool:
+        assert all(code == 200 for code in pool.map(lambda d: d[0].auth().status_code, out))
+    return out

@@ -13,24 +13,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .server_helpers import Device, Server, deploy
+from .server_helpers import Device, Server, deploy, preauthorized_devices
 from .test_server_deployments import release  # noqa: F401 - fixture (on this module's server)
 
 STEPS = ("downloading", "installing", "rebooting")
 
-
-def _fleet(server: Server, n: int) -> list[tuple[Device, str]]:
-    """``n`` devices preauthorized through the management API and authenticated (token in hand)."""
-    out = []
-    with server.admin() as a:
-        for _ in range(n):
-            dev = Device(server)
-            r = a.post("/api/management/v2/devauth/devices", json={"identity_data": dev.identity, "pubkey": dev.pubkey})
-            assert r.status_code == 201, r.text
-            out.append((dev, r.headers["Location"].rsplit("/", 1)[1]))
-    with ThreadPoolExecutor(16) as pool:
-        assert all(code == 200 for code in pool.map(lambda d: d[0].auth().status_code, out))
-    return out
 
 
 def _handed_out(server: Server, fleet: list[tuple[Device, str]], dep_id: str) -> None:
@@ -49,7 +36,7 @@ def _statistics(server: Server, dep_id: str) -> dict[str, int]:
 def test_many_concurrent_reports_are_all_acknowledged_and_stored(server: Server, release: str) -> None:  # noqa: F811
     """60 devices report their whole update at once from 24 threads: every report is answered 204, every one is
     in the database, the statistics count each device once and the deployment finishes."""
-    fleet = _fleet(server, 60)
+    fleet = preauthorized_devices(server, 60)
     dep_id = deploy(server, name="many reports", artifact_name=release, devices=[i for _, i in fleet])
     _handed_out(server, fleet, dep_id)
     failing = {i for _, i in fleet[:9]}
@@ -98,7 +85,7 @@ def test_a_report_that_must_fail_fails_alone_in_its_batch(server: Server, releas
     from ota_server.db import after_commit
     from ota_server.errors import APIError
 
-    fleet = _fleet(server, 4)
+    fleet = preauthorized_devices(server, 4)
     (_, a), (_, b), (_, c), (_, d) = fleet
     open_dep = deploy(server, name="open", artifact_name=release, devices=[a, c, d])
     aborted = deploy(server, name="aborted", artifact_name=release, devices=[b])
@@ -152,7 +139,7 @@ def test_batches_of_two_workers_cannot_deadlock(server: Server, release: str) ->
     from ota_server import deployments as rollout
     from ota_server.models import deployment_devices as dd
 
-    fleet = _fleet(server, 3)
+    fleet = preauthorized_devices(server, 3)
     a, b, c = sorted(i for _, i in fleet)  # a batch runs its reports in device id order
     dep_id = deploy(server, name="two workers", artifact_name=release, devices=[a, b, c])
     _handed_out(server, fleet, dep_id)
@@ -193,7 +180,7 @@ def test_batches_of_two_workers_cannot_deadlock(server: Server, release: str) ->
 def test_an_acknowledged_report_survives_sigkill(server: Server, release: str) -> None:  # noqa: F811
     """Devices report at once; as soon as some of the reports were answered 204 the server process group is
     killed with SIGKILL (no shutdown, no flush). Every report answered 204 is in the database afterwards."""
-    fleet = _fleet(server, 40)
+    fleet = preauthorized_devices(server, 40)
     dep_id = deploy(server, name="crash", artifact_name=release, devices=[i for _, i in fleet])
     _handed_out(server, fleet, dep_id)
     acked: list[str] = []

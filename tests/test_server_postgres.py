@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from .conftest import BUILD_PY, REPO, create_database
-from .server_helpers import Device, Server, deploy, write_artifact
+from .server_helpers import Device, Server, deploy, preauthorized_devices, write_artifact
 from .test_server_deployments import release  # noqa: F401 - fixture (on this module's server)
 
 
@@ -62,7 +62,7 @@ def test_final_reports_at_the_same_moment_close_the_deployment(server: Server, r
     from ota_server import deployments as rollout
     from ota_server.db import normalize_url
 
-    (_, a_id), (_, b_id) = _preauthorized_devices(server, 2)
+    (_, a_id), (_, b_id) = preauthorized_devices(server, 2)
     dep_id = deploy(server, name="pair", artifact_name=release, devices=[a_id, b_id])
     engine = sa.create_engine(normalize_url(server.db_url))
     try:
@@ -95,7 +95,7 @@ def test_devices_joining_a_dynamic_deployment_at_the_same_moment(server: Server,
     from ota_server import deployments as rollout
     from ota_server.db import normalize_url
 
-    devs = _preauthorized_devices(server, 5)
+    devs = preauthorized_devices(server, 5)
     (a_id, b_id), joiners = [i for _, i in devs[:2]], devs[2:]
     with server.admin() as adm:
         for device_id in (a_id, b_id):
@@ -180,19 +180,6 @@ def test_unique_index_behind_the_artifact_conflict(server: Server) -> None:
         engine.dispose()
 
 
-def _preauthorized_devices(server: Server, n: int) -> list[tuple[Device, str]]:
-    """``n`` devices preauthorized through the management API and authenticated (token in hand)."""
-    out = []
-    with server.admin() as a:
-        for _ in range(n):
-            dev = Device(server)
-            r = a.post("/api/management/v2/devauth/devices", json={"identity_data": dev.identity, "pubkey": dev.pubkey})
-            assert r.status_code == 201, r.text
-            out.append((dev, r.headers["Location"].rsplit("/", 1)[1]))
-    with ThreadPoolExecutor(16) as pool:
-        assert all(code == 200 for code in pool.map(lambda d: d[0].auth().status_code, out))
-    return out
-
 
 def test_200_devices_finish_one_deployment_at_the_same_moment(server: Server, release: str,  # noqa: F811
                                                               tmp_path: Path) -> None:
@@ -200,7 +187,7 @@ def test_200_devices_finish_one_deployment_at_the_same_moment(server: Server, re
     status released by one barrier: the deployment closes exactly once with exact statistics."""
     extra = [_sibling(server, tmp_path / f"s{i}", workers=3) for i in range(2)]
     try:
-        fleet = _preauthorized_devices(server, 200)
+        fleet = preauthorized_devices(server, 200)
         dep_id = deploy(server, name="stampede", artifact_name=release, devices=[i for _, i in fleet])
         for n, (dev, _) in enumerate(fleet):  # spread the devices over the three servers
             target = (server, *extra)[n % 3]
