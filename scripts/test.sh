@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
 .venv/bin/python -m ruff check .
-exec .venv/bin/python -m pytest "$@"
+# two workers: the QEMU scenarios and image builds (one group) run beside the rest (conftest.py)
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
