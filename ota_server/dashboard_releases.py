@@ -161,13 +161,13 @@ def deploy_preview(request: Request, ctx: Ctx, who: Viewer, artifact_name: Name 
                 if i >= MAX_PREVIEW:
                     more += n
                     continue
+                row: dict[str, Any] = {"name": running_name, "devices": n, "diff": None, "error": None,
+                                       "same": running_name == artifact_name}
                 if running_name is None:
-                    rows.append({"name": None, "devices": n, "diff": None, "error": "the devices report no release"})
-                elif running_name == artifact_name:
-                    rows.append({"name": running_name, "devices": n, "diff": None, "error": None, "same": True})
-                else:
-                    diff, error = _diff_or_error(c, running_name, artifact_name, None)
-                    rows.append({"name": running_name, "devices": n, "diff": diff, "error": error})
+                    row["error"] = "the devices report no release"
+                elif not row["same"]:
+                    row["diff"], row["error"] = _diff_or_error(c, running_name, artifact_name, None)
+                rows.append(row)
     return render("deploy_preview.html", request=request, viewer=who, artifacts=choices, groups=groups,
                   artifact_name=artifact_name or "", group=group or "", rows=rows, more=more)
 
