@@ -258,3 +258,38 @@ def test_chromium_shows_the_package_diff_between_two_releases(
     page = fetch(server, "/ui/deploy/preview?artifact_name=vv-c-2.0", bearer=server.admin_token).body.decode()
     assert "1 device(s) running" in page and "vv-c-1.0" in page
     assert _rows(page, "diff-added") == [["newpkg", "0.1"]] and len(_rows(page, "diff-upgraded")) == 2
+
+
+def test_publish_sends_each_artifact_with_its_release_documents(server: Server, keys: dict[str, tuple[Path, Path]],
+                                                                tmp_path: Path) -> None:
+    """``build.py publish`` / ``release --publish``: the SBOM is found next to the artifact by the sha256 its
+    header names (not by its place), the provenance when it is signed and names the artifact."""
+    from cli.publish import publish_release, release_documents
+    from devkit.client import ManagementClient
+
+    from .server_helpers import ADMIN_TOKEN
+
+    d = tmp_path / "vv-d-1.0"
+    (d / "qemu-virt").mkdir(parents=True)
+    (d / "rpi4").mkdir()
+    art, sbom = release(d, "vv-d-1.0", OLD, keys["ec"][0], seed=10)
+    (d / "qemu-virt" / "sbom.cdx.json").write_bytes(sbom)
+    (d / "rpi4" / "sbom.cdx.json").write_bytes(sbom_of("vv-d-1.0", NEW, "rpi4"))  # another board's: not this one
+    (d / "provenance.intoto.json").write_bytes(provenance(keys["ec"][0], **{art.name: art}))
+    notes: list[str] = []
+    assert release_documents(art, notes.append) == [("sbom", d / "qemu-virt" / "sbom.cdx.json"),
+                                                   ("provenance", d / "provenance.intoto.json")] and notes == []
+
+    client = ManagementClient(server.url, ADMIN_TOKEN)
+    (location,) = publish_release(client, [art], progress=notes.append)
+    art_id = location.rsplit("/", 1)[1]
+    assert get(server, f"{ARTIFACTS}/{art_id}/sbom").content == sbom
+    assert get(server, f"{ARTIFACTS}/{art_id}/provenance").status_code == 200
+    assert any("published sbom.cdx.json with vv-d-1.0" in n for n in notes)
+
+    # an unsigned provenance and an SBOM that is not there are told, not sent
+    (d / "provenance.intoto.json").write_bytes(provenance(None, **{art.name: art}))
+    (d / "qemu-virt" / "sbom.cdx.json").unlink()
+    notes.clear()
+    assert release_documents(art, notes.append) == []
+    assert any("its SBOM" in n and "is not next to it" in n for n in notes) and any("not signed" in n for n in notes)
