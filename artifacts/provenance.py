@@ -18,7 +18,7 @@ import binascii
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ota_common.errors import BadSignature, MalformedArtifact, UnsignedArtifact
 
@@ -69,16 +69,13 @@ def _b64(value: Any, what: str) -> bytes:
         raise MalformedArtifact(f"provenance: {what} is not valid base64") from None
 
 
-def verify_provenance(data: bytes, verifiers: Sequence[Verifier]) -> tuple[dict[str, Any], Verifier]:
-    """The statement of a DSSE envelope (``provenance.intoto.json``'s bytes) whose signature verifies with one of
-    ``verifiers``, and that verifier. Raises :class:`MalformedArtifact` for a document that is not such an
-    envelope or statement, :class:`UnsignedArtifact` for one without signatures, :class:`BadSignature` when no
-    signature verifies with any of the keys."""
+def _open_envelope(data: bytes) -> tuple[bytes, list[dict[str, Any]]]:
+    """The payload and signature entries of a DSSE envelope's bytes, its shape checked. Raises MalformedArtifact."""
     if len(data) > MAX_ENVELOPE_SIZE:
         raise MalformedArtifact(f"provenance: {len(data)} bytes is far more than a provenance document")
     try:
         env = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise MalformedArtifact("provenance: not JSON") from None
     if not isinstance(env, dict) or set(env) != {"payloadType", "payload", "signatures"}:
         raise MalformedArtifact("provenance: not a DSSE envelope (payloadType, payload, signatures)")
@@ -88,6 +85,24 @@ def verify_provenance(data: bytes, verifiers: Sequence[Verifier]) -> tuple[dict[
     sigs = env["signatures"]
     if not isinstance(sigs, list) or not all(isinstance(s, dict) for s in sigs) or len(sigs) > 16:
         raise MalformedArtifact("provenance: signatures must be a list of objects")
+    return payload, sigs
+
+
+def _statement_of(payload: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise MalformedArtifact("provenance: the signed payload is not JSON") from None
+    _check_statement(doc)
+    return cast(dict[str, Any], doc)
+
+
+def verify_provenance(data: bytes, verifiers: Sequence[Verifier]) -> tuple[dict[str, Any], Verifier]:
+    """The statement of a DSSE envelope (``provenance.intoto.json``'s bytes) whose signature verifies with one of
+    ``verifiers``, and that verifier. Raises :class:`MalformedArtifact` for a document that is not such an
+    envelope or statement, :class:`UnsignedArtifact` for one without signatures, :class:`BadSignature` when no
+    signature verifies with any of the keys."""
+    payload, sigs = _open_envelope(data)
     if not sigs:
         raise UnsignedArtifact("provenance: the envelope is not signed (an unsigned release's)")
     message = pae(PAYLOAD_TYPE, payload)
@@ -106,12 +121,17 @@ def verify_provenance(data: bytes, verifiers: Sequence[Verifier]) -> tuple[dict[
     if signed_by is None:
         keys = ", ".join(v.description for v in verifiers) or "no key (none given)"
         raise BadSignature(f"provenance: no signature verifies with {keys}")
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        raise MalformedArtifact("provenance: the signed payload is not JSON") from None
-    _check_statement(doc)
-    return doc, signed_by
+    return _statement_of(payload), signed_by
+
+
+def read_unverified_provenance(data: bytes) -> tuple[dict[str, Any], int]:
+    """The statement of a DSSE envelope and how many signatures it has, **without verifying any**: for a holder
+    that has no key to verify with (an update server started without release keys), which must then say that
+    the document is unverified. Raises :class:`MalformedArtifact` as :func:`verify_provenance` does."""
+    payload, sigs = _open_envelope(data)
+    for s in sigs:
+        _b64(s.get("sig"), "a signature")
+    return _statement_of(payload), len(sigs)
 
 
 def _check_statement(doc: Any) -> None:
@@ -133,5 +153,5 @@ def subjects_of(doc: Mapping[str, Any]) -> dict[str, str]:
     return {s["name"]: s["digest"]["sha256"] for s in doc["subject"]}
 
 
-__all__ = ["PAYLOAD_TYPE", "SLSA_PROVENANCE", "STATEMENT_TYPE", "pae", "sign_envelope", "statement", "subjects_of",
-           "verify_provenance"]
+__all__ = ["PAYLOAD_TYPE", "SLSA_PROVENANCE", "STATEMENT_TYPE", "pae", "read_unverified_provenance", "sign_envelope",
+           "statement", "subjects_of", "verify_provenance"]

@@ -71,7 +71,7 @@ _PUBLISH = click.option("--publish", "publish_url", metavar="URL",
 @_PUBLISH
 def release(publish_url: str | None, **opts: Any) -> None:
     """Build disk images, the rootfs and signed artifacts for every board into OUT/<version>/."""
-    from cli.publish import publisher
+    from cli.publish import publish_release, publisher
 
     _check_signing(opts["key"], opts["unsigned"])
     client = None
@@ -80,7 +80,7 @@ def release(publish_url: str | None, **opts: Any) -> None:
         client.check()
     outputs = _run("release", **opts)
     if client is not None:
-        client.publish(sorted(p for p in outputs if p.suffix == ".mender"), progress=progress_line)
+        publish_release(client, sorted(p for p in outputs if p.suffix == ".mender"), progress=progress_line)
 
 
 @click.command()

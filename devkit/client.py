@@ -12,7 +12,7 @@ import http.client
 import json
 import ssl
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ ARTIFACTS_PATH = f"{MGMT}/v1/deployments/artifacts"
 #: where ``build.py server`` and ``build.py publish`` take the bootstrap admin token from
 TOKEN_ENV = "OTA_ADMIN_TOKEN"
 CHUNK = 1 << 20
+#: the documents of a release stored with each artifact (``PUT .../artifacts/{id}/<kind>``), by kind: media type
+DOCUMENTS = {"sbom": "application/vnd.cyclonedx+json", "provenance": "application/vnd.dsse.envelope.v1+json"}
 #: seconds an upload may wait on one socket operation (the server verifies a large artifact before it answers)
 UPLOAD_TIMEOUT = 600.0
 
@@ -148,8 +150,18 @@ class ManagementClient:
             raise PublishError(f"{self.url} does not look like the update server (HTTP {resp.status}: "
                                f"{resp.error()})")
 
-    def publish(self, artifacts: Sequence[Path], progress: Callable[[str], None] | None = None) -> list[str]:
-        """Check the server, then upload each artifact; returns the server's artifact URLs (``Location``).
+    def put_document(self, artifact_id: str, kind: str, path: Path) -> Response:
+        """PUT a release document of an uploaded artifact: ``kind`` is ``sbom`` (``sbom.cdx.json``) or
+        ``provenance`` (``provenance.intoto.json``); the answer is the server's (204: stored)."""
+        if kind not in DOCUMENTS:
+            raise ValueError(f"unknown release document {kind!r}")
+        return self.request("PUT", f"{ARTIFACTS_PATH}/{artifact_id}/{kind}", [path], DOCUMENTS[kind])
+
+    def publish(self, artifacts: Sequence[Path], progress: Callable[[str], None] | None = None,
+                documents: Mapping[Path, Sequence[tuple[str, Path]]] | None = None) -> list[str]:
+        """Check the server, then upload each artifact and, after it, its release documents (``documents``:
+        artifact → ``[(kind, file), ...]``, see :meth:`put_document`); returns the server's artifact URLs
+        (``Location``).
 
         Raises :class:`PublishError` on the first refusal, and what :meth:`check` raises."""
         self.check()
@@ -162,6 +174,14 @@ class ManagementClient:
             locations.append(location)
             if progress:
                 progress(f"published {path.name} → {location}")
+            artifact_id = location.rstrip("/").rsplit("/", 1)[-1]
+            for kind, doc in (documents or {}).get(path, ()):
+                resp = self.put_document(artifact_id, kind, doc)
+                if resp.status != 204:
+                    raise PublishError(f"the server refused the {kind} {doc.name} of {path.name} (HTTP "
+                                       f"{resp.status}): {resp.error()}")
+                if progress:
+                    progress(f"published {doc.name} with {path.name}")
         return locations
 
     # --- devices and deployments (the demo and the end-to-end harness) --------------------------------------

@@ -23,6 +23,7 @@ from . import (
     admin_api,
     dashboard,
     dashboard_actions,
+    dashboard_releases,
     devauth,
     device_api,
     device_deployments,
@@ -33,6 +34,7 @@ from . import (
     metrics,
     openapi_links,
     provisioning,
+    release_sbom,
     releases,
     rollback,
 )
@@ -388,10 +390,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(device_logs.router)
     app.include_router(management.router)
     app.include_router(releases.router)
+    app.include_router(release_sbom.router)
     app.include_router(rollback.router)
     app.include_router(admin_api.router)
     app.include_router(dashboard.router)
     app.include_router(dashboard_actions.router)
+    app.include_router(dashboard_releases.router)
     app.include_router(provisioning.router)
     _document_scopes(app)
     generate_openapi = app.openapi

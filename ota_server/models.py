@@ -93,6 +93,40 @@ class ArtifactTarget(Base):
                                              index=True)
 
 
+class ArtifactSbom(Base):
+    """The SBOM (CycloneDX JSON) of an artifact's image as the operator uploaded it (issue 17). Its sha256 is the
+    one the artifact's signed meta-data names (``vv.sbom_sha256``), checked at upload; ``packages`` are its
+    components with a purl, ``[[name, version, purl], ...]`` sorted, read once at upload for the package lists
+    and diffs (:mod:`.sbom`)."""
+
+    __tablename__ = "artifact_sboms"
+    artifact_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("artifacts.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    size: Mapped[int] = mapped_column(sa.Integer)
+    #: the exact bytes (UTF-8 JSON), so that a reader can check them against the signed hash again
+    document: Mapped[str] = mapped_column(sa.Text)
+    packages: Mapped[list[list[str]]] = mapped_column(sa.JSON)
+    created: Mapped[float] = mapped_column(sa.Double)
+
+
+class ArtifactProvenance(Base):
+    """The in-toto/SLSA provenance (a DSSE envelope) of an artifact as the operator uploaded it: one of its
+    subjects is the artifact's sha256, and its signature verified with ``signed_by`` (a release key of the
+    server; NULL: the server has no release keys, so it is stored unverified)."""
+
+    __tablename__ = "artifact_provenance"
+    artifact_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("artifacts.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    size: Mapped[int] = mapped_column(sa.Integer)
+    envelope: Mapped[str] = mapped_column(sa.Text)
+    signed_by: Mapped[str | None] = mapped_column(sa.String(255))
+    #: the subject that is the artifact (its name in the release)
+    subject: Mapped[str] = mapped_column(sa.String(512))
+    created: Mapped[float] = mapped_column(sa.Double)
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
@@ -252,6 +286,8 @@ devices = cast(sa.Table, Device.__table__)
 auth_sets = cast(sa.Table, AuthSet.__table__)
 artifacts = cast(sa.Table, Artifact.__table__)
 artifact_targets = cast(sa.Table, ArtifactTarget.__table__)
+artifact_sboms = cast(sa.Table, ArtifactSbom.__table__)
+artifact_provenance = cast(sa.Table, ArtifactProvenance.__table__)
 deployments = cast(sa.Table, Deployment.__table__)
 deployment_devices = cast(sa.Table, DeploymentDevice.__table__)
 deployment_logs = cast(sa.Table, DeploymentLog.__table__)

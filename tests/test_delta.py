@@ -36,6 +36,7 @@ from artifacts.delta.format import (
     parse_header,
 )
 from artifacts.delta.make import make_delta
+from artifacts.format import SBOM_SHA256_KEY
 from artifacts.writer import module_image_spec, rootfs_image_spec, write_artifact
 from image.release import check_previous_artifacts, write_release_deltas
 from ota_common.errors import BadSignature, UserError
@@ -335,6 +336,10 @@ def test_apply_streams_in_bounded_memory(tmp_path: Path) -> None:
 # Delta artifacts
 
 
+#: the SBOM hash the signed header of the "new" artifact names (a delta to it must name it too)
+NEW_SBOM = hashlib.sha256(b"the SBOM of rel-2.0").hexdigest()
+
+
 @pytest.fixture(scope="module")
 def artifacts_(images: dict[str, Path], keys: dict[str, tuple[Path, Path]],
                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -343,7 +348,7 @@ def artifacts_(images: dict[str, Path], keys: dict[str, tuple[Path, Path]],
     out = {}
     for name, image, version in (("old", "old", "1.0"), ("new", "new", "2.0"), ("other", "other", "3.0")):
         spec = rootfs_image_spec(file=images[image], name=f"rel-{version}", device_types=["qemu-virt", "rpi4"],
-                                 software_version=version)
+                                 software_version=version, sbom_sha256=NEW_SBOM if name == "new" else None)
         out[name] = write_artifact(spec, d / f"{name}.mender", signer=signer).path
     return out
 
@@ -369,6 +374,10 @@ def test_delta_artifact_validates_with_mender_artifact_and_installs(
     assert p["type"] == DELTA_PAYLOAD_TYPE
     assert p["depends"] == {"rootfs-image.checksum": old_sha}
     assert p["provides"] == {"rootfs-image.checksum": new_sha, "rootfs-image.version": "2.0"}
+    # the delta installs the target's image, so its signed meta-data names the target's SBOM (issue 17)
+    assert p["meta_data"][SBOM_SHA256_KEY] == NEW_SBOM
+    with ArtifactReader.open(out, verifiers=[load_verifier(keys["ec"][1])]) as reader:
+        assert reader.read_header().sbom_sha256() == NEW_SBOM
 
     # what the device does: stream the verified payload into the inactive slot
     slot = tmp_path / "slot-b"

@@ -46,6 +46,8 @@ class RootfsArtifactInfo:
     size: int
     #: ``rootfs-image.security_version`` of the artifact, when it provides one
     security_version: str | None = None
+    #: the sha256 of the image's SBOM its signed meta-data names (:data:`artifacts.format.SBOM_SHA256_KEY`)
+    sbom_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def _rootfs_info(path: Path, role: str, header: ArtifactHeader, size: int = 0) -
     provides = header.type_infos[0].provides
     return RootfsArtifactInfo(path, header.info.artifact_name, header.info.device_types,
                               provides.get(fmt.ROOTFS_VERSION_KEY), provides.get(fmt.ROOTFS_CHECKSUM_KEY), size,
-                              provides.get(fmt.SECURITY_VERSION_KEY))
+                              provides.get(fmt.SECURITY_VERSION_KEY), header.sbom_sha256())
 
 
 def _check_device_types(src: RootfsArtifactInfo, tgt: RootfsArtifactInfo) -> None:
@@ -135,7 +137,9 @@ def make_delta_payload(old: Path, new: Path, out: Path, *, level: int = DEFAULT_
 
 
 def delta_artifact_spec(payload: Path, stats: DeltaStats, target: RootfsArtifactInfo) -> ArtifactSpec:
-    """The artifact spec of a delta: named and typed like the target, installable only on its source."""
+    """The artifact spec of a delta: named and typed like the target, installable only on its source. Its
+    meta-data carries the target's SBOM hash, when the target names one: the delta installs the same image, so
+    the same SBOM belongs to it."""
     provides = {fmt.ROOTFS_CHECKSUM_KEY: stats.target_sha256}
     if target.version is not None:
         provides[fmt.ROOTFS_VERSION_KEY] = target.version
@@ -151,7 +155,8 @@ def delta_artifact_spec(payload: Path, stats: DeltaStats, target: RootfsArtifact
             depends={fmt.ROOTFS_CHECKSUM_KEY: stats.source_sha256},
             clears_provides=fmt.ROOTFS_DEFAULT_CLEARS,
             meta_data={"format": FORMAT_VERSION, "block_size": BLOCK_SIZE, "source_size": stats.source_size,
-                       "target_size": stats.target_size},
+                       "target_size": stats.target_size,
+                       **({fmt.SBOM_SHA256_KEY: target.sbom_sha256} if target.sbom_sha256 is not None else {})},
         ),),
     )
 
