@@ -28,7 +28,7 @@ from packageurl import PackageURL
 
 from ota_common.files import sha256_file
 
-from .layers import Layer
+from .layers import Layer, tree_files
 
 SBOM = "sbom.cdx.json"
 #: the layer that holds the preloaded application (DESIGN.md section 1): listed as an application component
@@ -45,7 +45,8 @@ def debian_purl(package: Mapping[str, str], suite: str) -> PackageURL:
 
 def layer_files(layer: Layer) -> Iterator[tuple[str, Path]]:
     """The files a layer consists of, each with its name relative to the layers directory (``app.yaml``,
-    ``app/files/vv-video-ai.py``), in a stable order: the layer file, then its files, templates and trees."""
+    ``app/files/vv-video-ai.py``), in a stable order: the layer file, then its files, templates and trees (of a
+    tree, what the image gets: no bytecode caches, :data:`image.layers.TREE_IGNORE`)."""
     top = layer.path.resolve().parent
     seen: set[Path] = set()
 
@@ -59,7 +60,7 @@ def layer_files(layer: Layer) -> Iterator[tuple[str, Path]]:
     for entry in (*m.files, *m.templates):
         yield from named(layer.source(entry.src))
     for tree in m.trees:
-        for p in sorted(layer.source(tree.src).rglob("*")):
+        for p in tree_files(layer.source(tree.src)):
             if p.is_file():
                 yield from named(p.resolve())
 
