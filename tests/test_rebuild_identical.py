@@ -1,13 +1,19 @@
 """A rebuild of a release is bit-identical (the fast half of tests/test_image_build.py's slow
 ``test_rebuild_is_bit_identical``).
 
-The regression it pins: the ``ota`` layer copies the repository's own packages (``device_hooks``, ``artifacts``,
-``ota_common``) into the image as trees. Between two builds in one checkout those source trees change in ways that
-are not the release's content: Python writes ``__pycache__/*.pyc`` into them whenever a module is imported (the
-build itself, or any test, imports them), which also moves their directories' mtimes; and a fresh checkout gives
-every file another mtime. The rebuild must not see any of that: the image's tree files are stamped with the release's
-epoch (not the checkout's times), and bytecode caches — which the image never gets — are not in the SBOM (whose
-sha256 is in the artifact's signed header) nor in the layer hashes.
+The regressions it pins, both in what the ``ota`` layer brings in: the repository's own packages (``device_hooks``,
+``artifacts``, ``ota_common``), copied into the image as trees from outside the layers directory.
+
+- The SBOM (whose sha256 is in the artifact's signed header) named a file of such a tree by its base name alone,
+  so ``__init__.py`` (and ``format.py``) stood for several files under one ``bom-ref``; cyclonedx-python-lib
+  replaces a repeated ``bom-ref`` with a *random* one when it writes the document, so every build had another
+  SBOM, another header, another signed manifest. Names are now the paths as the layer spells its sources
+  (``../device_hooks/__init__.py``), and a repeated reference is an error, never a random one.
+- Between two builds in one checkout those source trees change in ways that are not the release's content:
+  Python writes ``__pycache__/*.pyc`` into them whenever a module is imported (also moving their directories'
+  mtimes), and a fresh checkout gives every file another mtime. The image's tree files were stamped with the
+  checkout's times and the SBOM listed the bytecode; now they get the release's epoch, and bytecode caches (which
+  the image never gets) are in neither the SBOM nor the layer hashes.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,9 +43,9 @@ def _package(top: Path) -> Path:
     """A Python package as a layer's tree source: two modules, one in a subpackage."""
     pkg = top / "pkg"
     (pkg / "sub").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text('"""The package."""\n')
     (pkg / "mod.py").write_text("VALUE = 1\n")
-    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text('"""A subpackage."""\n')
     (pkg / "sub" / "x.py").write_text("X = 2\n")
     return pkg
 
@@ -65,12 +72,13 @@ def _manifest_of(art: Path) -> bytes:
 
 @pytest.fixture
 def release_with_tree(small_release: Path) -> tuple[Path, Path]:  # noqa: F811
-    """The small release with a tree (a Python package) in its layer: (configuration, the package's source)."""
+    """The small release with a tree in its layer, a Python package from outside the layers directory (as the ota
+    layer takes the repository's packages): (configuration, the package's source)."""
     layers = small_release.parent / "layers"
-    pkg = _package(layers / "small")
+    pkg = _package(small_release.parent)
     os.utime(pkg / "mod.py", (ONE - 86400, ONE - 86400))  # older than the epoch too: the image stamps it anyway
     (layers / "small.yaml").write_text("templates:\n  - {src: small/version.j2, dest: /etc/small-version}\n"
-                                       "trees:\n  - {src: small/pkg, dest: /usr/lib/small/pkg}\n")
+                                       "trees:\n  - {src: ../pkg, dest: /usr/lib/small/pkg}\n")
     return small_release, pkg
 
 
@@ -110,12 +118,52 @@ def test_the_sbom_of_the_same_inputs_is_the_same_bytes_and_lists_no_bytecode(
     assert sbom() == before
     _import_and_touch(pkg, when=ONE + 1)
     assert sbom() == before and layer_hash(layer) == hashed
+    # named as the layer names its sources: the two __init__.py are two files, two components, two bom-refs
     assert [name for name, _ in layer_files(layer)] == [
-        "small.yaml", "small/version.j2", "small/pkg/__init__.py", "small/pkg/mod.py", "small/pkg/sub/__init__.py",
-        "small/pkg/sub/x.py"]
+        "small.yaml", "small/version.j2", "../pkg/__init__.py", "../pkg/mod.py", "../pkg/sub/__init__.py",
+        "../pkg/sub/x.py"]
+    refs = _bom_refs(json.loads(before))
+    assert "file:small:../pkg/sub/__init__.py" in refs and len(refs) == len(set(refs))
+    assert not [r for r in refs if r.startswith("BomRef")]  # the library's random stand-ins for repeated refs
     # what the SBOM lists of a tree is what the image gets of it
     assert [p.relative_to(pkg).as_posix() for p in tree_files(pkg)] == [
         "__init__.py", "mod.py", "sub", "sub/__init__.py", "sub/x.py"]
     # a changed source is a changed SBOM (the hashes are of the content)
     (pkg / "mod.py").write_text("VALUE = 2\n")
     assert sbom() != before and layer_hash(layer) != hashed
+
+
+def _bom_refs(doc: dict[str, Any]) -> list[str]:
+    refs, stack = [], [doc["metadata"]["component"], *doc["components"]]
+    while stack:
+        c = stack.pop()
+        refs.append(c["bom-ref"])
+        stack.extend(c.get("components", []))
+    return refs
+
+
+def test_the_sbom_of_the_repositorys_own_layers_is_the_same_bytes_every_time() -> None:
+    """The layers a release ships (the ota layer's trees are device_hooks, artifacts and ota_common, with many
+    files of one name): two SBOMs of the same inputs are the same bytes, every component under its own bom-ref."""
+    repo = Path(__file__).resolve().parent.parent
+    layers = load_layers([repo / "layers" / f"{n}.yaml" for n in ("base", "boot", "ota", "app")])
+
+    def sbom() -> bytes:
+        return make_sbom(name="vv-video-ai", version="1.0.0", board="qemu-virt", device_type="qemu-virt",
+                         suite="bookworm", kernel="6.1", epoch=ONE, packages=PACKAGES, layers=layers)
+
+    first = sbom()
+    assert sbom() == first
+    refs = _bom_refs(json.loads(first))
+    assert len(refs) == len(set(refs)) and not [r for r in refs if r.startswith("BomRef")]
+    assert {"file:ota:../device_hooks/__init__.py", "file:ota:../artifacts/__init__.py",
+            "file:ota:../artifacts/delta/__init__.py"} <= set(refs)
+
+
+def test_a_repeated_bom_ref_is_an_error_not_a_random_one() -> None:
+    """Two components under one reference (here a package listed with two versions): the library would write one
+    of them under a random reference."""
+    twice = [*PACKAGES, {**PACKAGES[0], "version": "12.5"}]
+    with pytest.raises(ValueError, match="repeated bom-ref deb:base-files:arm64"):
+        make_sbom(name="small", version="1.0.0", board="qemu-virt", device_type="qemu-virt", suite="bookworm",
+                  kernel="6.1", epoch=ONE, packages=twice, layers=[])
