@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 
 from artifacts.keys import load_signer
 from image.layers import load_layers, tree_files
@@ -154,6 +156,7 @@ def test_the_sbom_of_the_repositorys_own_layers_is_the_same_bytes_every_time() -
 
     first = sbom()
     assert sbom() == first
+    assert JsonStrictValidator(SchemaVersion.V1_5).validate_str(first.decode()) is None
     refs = _bom_refs(json.loads(first))
     assert len(refs) == len(set(refs)) and not [r for r in refs if r.startswith("BomRef")]
     assert {"file:ota:../device_hooks/__init__.py", "file:ota:../artifacts/__init__.py",
