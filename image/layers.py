@@ -18,8 +18,9 @@ Merge rules (:func:`merge_layers`), in layer order:
 
 from __future__ import annotations
 
+import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
@@ -163,6 +164,25 @@ class LayerModel(Model):
             if not _VAR_RE.match(k):
                 raise ValueError(f"not a variable name: {k!r}")
         return v
+
+
+#: what a tree never brings into the image: Python's bytecode caches. They appear in a source tree whenever its
+#: modules are imported (the ``ota`` layer's trees are the repository's own packages, which the build and the tests
+#: import), so they are no part of a release's content.
+TREE_IGNORE = ("__pycache__", "*.pyc")
+
+
+def tree_ignored(name: str) -> bool:
+    """Whether a file or directory of this name is left out of a tree (:data:`TREE_IGNORE`)."""
+    return any(fnmatch.fnmatch(name, pattern) for pattern in TREE_IGNORE)
+
+
+def tree_files(src: Path) -> Iterator[Path]:
+    """The files, directories and symlinks of a tree as the image gets them, sorted by path: everything under
+    ``src`` but :data:`TREE_IGNORE` (and what is inside an ignored directory)."""
+    for p in sorted(src.rglob("*")):
+        if not any(tree_ignored(part) for part in p.relative_to(src).parts):
+            yield p
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from .config import BoardModel, ReleaseModel, load_board, load_release, with_ove
 from .disk import DiskLayout, make_ext4, plan_layout
 from .epoch import release_epoch
 from .imager import IMAGER_FILE, check_url_base, write_imager_file
-from .layers import Layer, MergedLayers, load_layers, merge_layers
+from .layers import Layer, MergedLayers, load_layers, merge_layers, tree_files
 from .manifest import (
     MANIFEST,
     BaseEntry,
@@ -123,14 +123,14 @@ class ReleaseResult:
 
 
 def layer_hash(layer: Layer) -> str:
-    """Hash of a layer file and every source it references."""
+    """Hash of a layer file and every source it references (of a tree, what the image gets of it)."""
     h = hashlib.sha256(layer.path.read_bytes())
     m = layer.model
     for entry in (*m.files, *m.templates):
         h.update(entry.src.encode() + b"\0" + layer.source(entry.src).read_bytes())
     for tree in m.trees:
         src = layer.source(tree.src)
-        for p in sorted(src.rglob("*")):
+        for p in tree_files(src):
             h.update(str(p.relative_to(src)).encode() + b"\0")
             if p.is_file():
                 h.update(p.read_bytes())

@@ -28,7 +28,7 @@ from ota_common.errors import ToolError, UserError
 from ota_common.tools import require_tools, run
 
 from .epoch import tool_env
-from .layers import MergedLayers
+from .layers import TREE_IGNORE, MergedLayers, tree_files
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +231,14 @@ def apply_layers(root: Path, merged: MergedLayers, context: Mapping[str, Any], *
         os.chown(dest, *_ids(root, f.owner))
     for t in merged.trees:
         dest = _inside(root, t.dest)
-        shutil.copytree(t.source, dest, dirs_exist_ok=True, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(t.source, dest, dirs_exist_ok=True, symlinks=True, ignore=shutil.ignore_patterns(*TREE_IGNORE))
         uid, gid = _ids(root, t.owner)
-        for p in [dest, *dest.rglob("*")]:
+        for p in [dest, *(dest / p.relative_to(t.source) for p in tree_files(t.source))]:
             os.lchown(p, uid, gid)
+            # copytree keeps the source's times, which are the checkout's (and a directory's moves whenever
+            # Python writes a __pycache__ into it): what a layer puts in the image is this build's, like its
+            # files, so that normalise() stamps it with the release's epoch
+            os.utime(p, None, follow_symlinks=False)
     if merged.enable:
         run(["systemctl", f"--root={root}", "enable", *merged.enable], stage="enable units", env=env)
     if merged.mask:

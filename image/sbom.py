@@ -15,10 +15,12 @@ which SBOM belongs to a payload.
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from cyclonedx.model import HashAlgorithm, HashType, Property
 from cyclonedx.model.bom import Bom
@@ -28,7 +30,7 @@ from packageurl import PackageURL
 
 from ota_common.files import sha256_file
 
-from .layers import Layer
+from .layers import Layer, tree_files
 
 SBOM = "sbom.cdx.json"
 #: the layer that holds the preloaded application (DESIGN.md section 1): listed as an application component
@@ -44,22 +46,24 @@ def debian_purl(package: Mapping[str, str], suite: str) -> PackageURL:
 
 
 def layer_files(layer: Layer) -> Iterator[tuple[str, Path]]:
-    """The files a layer consists of, each with its name relative to the layers directory (``app.yaml``,
-    ``app/files/vv-video-ai.py``), in a stable order: the layer file, then its files, templates and trees."""
+    """The files a layer consists of, each with its path relative to the layers directory as a layer names its
+    sources (``app.yaml``, ``app/files/vv-video-ai.py``, ``../device_hooks/agent.py`` for a tree outside it), so
+    every name is unique; in a stable order: the layer file, then its files, templates and trees (of a tree, what
+    the image gets: no bytecode caches, :data:`image.layers.TREE_IGNORE`)."""
     top = layer.path.resolve().parent
     seen: set[Path] = set()
 
     def named(p: Path) -> Iterator[tuple[str, Path]]:
         if p not in seen:
             seen.add(p)
-            yield (p.relative_to(top).as_posix() if p.is_relative_to(top) else p.name), p
+            yield PurePath(os.path.relpath(p, top)).as_posix(), p
 
     yield from named(layer.path.resolve())
     m = layer.model
     for entry in (*m.files, *m.templates):
         yield from named(layer.source(entry.src))
     for tree in m.trees:
-        for p in sorted(layer.source(tree.src).rglob("*")):
+        for p in tree_files(layer.source(tree.src)):
             if p.is_file():
                 yield from named(p.resolve())
 
@@ -99,9 +103,29 @@ def make_sbom(*, name: str, version: str, board: str, device_type: str, suite: s
     for layer in layers:
         bom.components.add(_layer_component(layer, version))
     bom.register_dependency(bom.metadata.component, bom.components)  # the image holds all of them
+    _check_unique_refs(bom)
     unnumbered = _render(bom)
     bom.serial_number = uuid.uuid5(_SERIAL_NAMESPACE, hashlib.sha256(unnumbered).hexdigest())
     return _render(bom)
+
+
+def _check_unique_refs(bom: Bom) -> None:
+    """Every component's ``bom-ref`` is set and unique. The library's writer replaces a missing or repeated one
+    with a *random* value (``BomRef.0.123…``), which would make the SBOM — and the artifact header that carries
+    its sha256 — differ on every build. Raises :class:`ValueError` naming the repeated references (a bug here:
+    the references are derived from unique names)."""
+    refs: list[str | None] = []
+    stack = [bom.metadata.component, *bom.components]
+    while stack:
+        c = stack.pop()
+        if c is not None:
+            refs.append(c.bom_ref.value)
+            stack.extend(c.components)
+    if None in refs:
+        raise ValueError("SBOM: a component has no bom-ref")
+    repeated = sorted(r for r, n in Counter(refs).items() if r is not None and n > 1)
+    if repeated:
+        raise ValueError(f"SBOM: repeated bom-ref {', '.join(repeated[:5])}: the SBOM would not be reproducible")
 
 
 def _render(bom: Bom) -> bytes:
