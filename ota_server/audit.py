@@ -14,6 +14,9 @@ from .timeutil import now, rfc3339
 MAX_SUMMARY = 1000
 MAX_PATH = 2048
 MAX_LIMIT = 1000
+#: the largest id the column holds on every database (``audit_log.id`` is an INTEGER: 32 bits on PostgreSQL); a
+#: ``before`` past it means "from the newest" and is not sent as a bound PostgreSQL cannot compare (a 500 before)
+MAX_ID = 2**31 - 1
 
 
 def clip(text: str, limit: int) -> str:
@@ -29,7 +32,7 @@ def record(c: sa.Connection, actor: str, method: str, path: str, summary: str) -
 def entries(c: sa.Connection, limit: int = 100, before: int | None = None) -> list[dict[str, Any]]:
     """The newest ``limit`` entries older than entry ``before`` (all when None), newest first."""
     q = sa.select(audit_log).order_by(audit_log.c.id.desc()).limit(max(1, min(limit, MAX_LIMIT)))
-    if before is not None:
+    if before is not None and before <= MAX_ID:
         q = q.where(audit_log.c.id < before)
     return [{"id": r.id, "time": rfc3339(r.ts), "ts": r.ts, "actor": r.actor, "method": r.method, "path": r.path,
              "summary": r.summary} for r in c.execute(q)]
