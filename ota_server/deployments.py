@@ -178,10 +178,13 @@ def statistics(conn: Connection, deployment_id: str) -> dict[str, int]:
     return stats
 
 
-def after_final(conn: Connection, deployment_id: str) -> None:
-    """A device of this deployment reached a final status: open the gates it reached (:mod:`.gates`), pause on
-    too many failures, finish when no device is left (a dynamic deployment: once it is also closed). The deployment row is locked first (see the module's docstring): the transactions of devices
-    finishing at the same moment pass here one after the other, the last one sees nobody left."""
+def after_final(conn: Connection, deployment_id: str, status: str) -> None:
+    """A device of this deployment reached the final ``status``: open the gates it reached (:mod:`.gates`), pause
+    on too many failures, finish when no device is left (a dynamic deployment: once it is also closed). The
+    deployment row is locked first (see the module's docstring): the transactions of devices finishing at the
+    same moment pass here one after the other, the last one sees nobody left. The failure ratio is counted only
+    after a ``failure``: no other final status raises it (a success lowers it), so a deployment resumed above its
+    threshold goes on until its next failure, and a rollout's successes cost no count of the deployment's rows."""
     row = conn.execute(sa.select(dep.c.status, dep.c.failure_threshold, dep.c.join_group, dep.c.phases,
                                  dep.c.created).where(dep.c.id == deployment_id).with_for_update()).first()
     if row is None or row.status not in OPEN:
@@ -195,7 +198,7 @@ def after_final(conn: Connection, deployment_id: str) -> None:
         conn.execute(dep.update().where(dep.c.id == deployment_id, dep.c.status.in_(OPEN))
                      .values(status="finished", finished=now()))
         return
-    if row.failure_threshold is not None and row.status != "paused":
+    if status == "failure" and row.failure_threshold is not None and row.status != "paused":
         stats = statistics(conn, deployment_id)
         finished = stats["success"] + stats["failure"] + stats["already-installed"] + stats["noartifact"]
         if finished and stats["failure"] * 100.0 / finished > row.failure_threshold:
@@ -215,7 +218,7 @@ def set_device_final(conn: Connection, deployment_id: str, device_id: str, statu
                                     started=sa.func.coalesce(dd.c.started, t))).rowcount > 0
     if changed:
         count_outcome(conn, status)
-        after_final(conn, deployment_id)
+        after_final(conn, deployment_id, status)
     return changed
 
 
