@@ -8,6 +8,7 @@ power cut: a status report answered 204 is on disk), foreign keys on. Write tran
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -107,41 +108,45 @@ class Database:
 
     def fetch(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Hot-path read through the driver directly (no statement building, no result processing):
-        ``sql`` uses ``?`` placeholders, rewritten once per statement for drivers that want ``%s``."""
-        if self.is_sqlite:
-            return self._fetch_sqlite(sql, params)
-        sql = _format_sql(sql)
-        raw = self.engine.raw_connection()
-        try:
-            cur = raw.cursor()
-            try:
-                cur.execute(sql, params)
-                return list(cur.fetchall())
-            finally:
-                cur.close()
-        finally:
-            raw.close()
+        ``sql`` uses ``?`` placeholders, rewritten once per statement for drivers that want ``%s``.
 
-    def _fetch_sqlite(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """SQLite: each thread keeps one connection of its own for these reads (taken out of the pool once,
-        with the pragmas applied), so a poll skips the pool's checkout, reset and checkin. The connection is in
-        autocommit mode: every statement sees the latest commit of any process."""
-        fairy = getattr(self._local, "fairy", None)
-        if fairy is None:
-            fairy = self.engine.raw_connection()
-            fairy.detach()  # the pool forgets it; it lives as long as this thread
-            self._local.fairy = fairy
-        try:
-            cur = fairy.cursor()
+        Each thread keeps one connection of its own for these reads (taken out of the pool once, with the
+        pragmas applied on SQLite), in autocommit mode: a poll or a report's token check skips the pool's
+        checkout, ping and reset (on PostgreSQL three round trips more than the query), and every statement sees
+        the latest commit of any process. A PostgreSQL connection found broken (the server restarted) is
+        replaced and the read asked once more."""
+        if not self.is_sqlite:
+            sql = _format_sql(sql)
+        for attempt in (1, 2):
+            fairy = getattr(self._local, "fairy", None)
+            if fairy is None:
+                fairy = self._local.fairy = self._own_connection()
             try:
-                cur.execute(sql, params)
-                return list(cur.fetchall())
-            finally:
-                cur.close()
-        except Exception:
-            self._local.fairy = None
-            fairy.close()
-            raise
+                cur = fairy.cursor()
+                try:
+                    cur.execute(sql, params)
+                    return list(cur.fetchall())
+                finally:
+                    cur.close()
+            except Exception as e:
+                self._local.fairy = None
+                with contextlib.suppress(Exception):
+                    fairy.close()
+                dbapi = self.engine.dialect.dbapi
+                if self.is_sqlite or attempt == 2 or dbapi is None or not isinstance(
+                        e, dbapi.OperationalError | dbapi.InterfaceError):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _own_connection(self) -> Any:
+        """A connection out of the pool for :meth:`fetch` (it lives as long as its thread), in autocommit mode."""
+        fairy = self.engine.raw_connection()
+        driver: Any = fairy.driver_connection
+        fairy.detach()  # the pool forgets it
+        if not self.is_sqlite:  # (SQLite's connections are in autocommit mode already: we issue BEGIN ourselves)
+            driver.rollback()  # whatever the pool's ping opened
+            driver.autocommit = True
+        return fairy
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
