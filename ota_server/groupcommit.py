@@ -67,10 +67,11 @@ class GroupCommitter:
         self.retried = 0
 
     async def run(self, deployment_id: str, device_id: str, fn: Callable[[Connection], T]) -> T:
-        """``fn(conn)`` inside a shared write transaction, in a savepoint; returns its result once the
-        transaction committed, or raises what it raised (its savepoint rolled back) or what the commit
-        raised. ``fn`` touches only the rows of this device in this deployment (and, after them, the
-        deployment's row), and runs on another thread."""
+        """``fn(conn)`` inside a shared write transaction; returns its result once the transaction committed,
+        or raises what it raised (nothing of it stored) or what the commit raised. ``fn`` touches only the rows
+        of this device in this deployment (and, after them, the deployment's row), runs on another thread, and
+        may run twice (a batch in which an operation failed runs again, see the module's docstring): it acts on
+        the database only, and on anything else through :func:`.db.after_commit`."""
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None:
