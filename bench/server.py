@@ -1,17 +1,17 @@
 #!/usr/bin/env python3
 """Update-server load: simulated devices polling ``next`` and a full phased rollout, over real HTTP on loopback.
 
-For every worker count in ``--workers`` a fresh ``build.py server`` (its own SQLite file and storage in a temp
-dir) is started; ``--devices`` devices are preauthorized through the management API (generated ed25519
-keys), each authenticates with a signed auth request (real JWTs) and polls once (its provides are recorded;
-that write is not measured). Then a load generator in ``--gen-procs`` processes keeps ``--concurrency``
-requests in flight (closed loop, keep-alive connections, devices taken round robin) on
-``POST /api/devices/v2/deployments/device/deployments/next`` for ``--duration`` seconds after a short warm-up,
-and prints polls/s, p50/p95/p99 latency, errors, and the CPU taken by the server and by the generator (they
-share the machine). Then the same server takes status reports the same way (``--no-reports`` skips them): a
-deployment to every device, each device handed it by one ``next``, then ``PUT .../status`` reports in a closed
-loop (each one a durable write, acknowledged once committed: :mod:`ota_server.groupcommit`), printed as reports/s
-next to the polls/s and the floor. The floor is measured in the same run with the same generator: a bare FastAPI app on
+For every worker count in ``--workers`` a fresh ``build.py server`` (its own SQLite file and storage in a temp dir;
+with ``--postgres URL`` a new database on that cluster instead) is started; ``--devices`` devices are preauthorized
+through the management API (generated ed25519 keys), each authenticates with a signed auth request (real JWTs) and
+polls once (its provides are recorded; that write is not measured). Then a load generator in ``--gen-procs``
+processes keeps ``--concurrency`` requests in flight (closed loop, keep-alive connections, devices taken round
+robin) on ``POST /api/devices/v2/deployments/device/deployments/next`` for ``--duration`` seconds after a short
+warm-up, and prints polls/s, p50/p95/p99 latency, errors, and the CPU taken by the server and by the generator
+(they share the machine). Then the same server takes status reports the same way (``--no-reports`` skips them): a
+deployment to every device, each device handed it by one ``next``, then ``PUT .../status`` reports in a closed loop
+(each one a durable write, acknowledged once committed: :mod:`ota_server.groupcommit`), printed as reports/s next
+to the polls/s and the floor. The floor is measured in the same run with the same generator: a bare FastAPI app on
 uvicorn answering 204 on the same path, with the same worker counts. With ``--rounds N`` both stay up and are
 loaded alternately N times each; the median round is reported with the per-round ratios and the server's CPU time
 per request (what a poll costs, whatever share of a busy machine a round got).
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -258,21 +257,55 @@ def cpu(server: ServerProcess) -> float:
     return tree_cpu(server.proc.pid)
 
 
-def ota_server(base: Path, workers: int, admin_token: str, release_key: Path, extra: Sequence[str] = ()) -> OtaServer:
-    """``build.py server`` (devkit) with its own database and storage in ``base``; thousands of devices
-    authenticate from this one address, so the auth rate limits are off (they would measure themselves)."""
+def ota_server(base: Path, workers: int, admin_token: str, release_key: Path, extra: Sequence[str] = (),
+               postgres: str | None = None) -> OtaServer:
+    """``build.py server`` (devkit) with its own database and storage in ``base`` (the database: a new one on the
+    ``postgres`` cluster when given, else SQLite in ``base``); thousands of devices authenticate from this one
+    address, so the auth rate limits are off (they would measure themselves)."""
     server = OtaServer(base, release_key, "--auth-rate-per-address", "off", "--auth-rate-per-identity", "off",
-                       *extra, workers=workers, admin_token=admin_token)
+                       *extra, workers=workers, admin_token=admin_token,
+                       db_url=new_postgres_database(postgres) if postgres else None)
     STARTED.append(server)
     return server
 
 
+#: databases created on the ``--postgres`` cluster, dropped at the end
+CREATED_DATABASES: list[tuple[str, str]] = []
+
+
+def new_postgres_database(cluster: str) -> str:
+    """A new, empty database on the cluster of ``cluster`` (a URL whose user may create databases); its URL."""
+    import psycopg
+
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(cluster, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]  # a generated identifier
+    CREATED_DATABASES.append((cluster, name))
+    return cluster.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_postgres_databases() -> None:
+    import psycopg
+
+    while CREATED_DATABASES:
+        cluster, name = CREATED_DATABASES.pop()
+        with psycopg.connect(cluster, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[arg-type]
+
+
 def last_seen_written(server: OtaServer, since: float) -> int:
     """Devices whose ``last_seen`` the (stopped) server wrote at ``since`` or later: every polled one."""
-    import sqlite3
+    import sqlalchemy as sa
 
-    with contextlib.closing(sqlite3.connect(server.db_path)) as db:
-        return int(db.execute("SELECT count(*) FROM devices WHERE last_seen >= ?", (since,)).fetchone()[0])
+    from ota_server.db import normalize_url
+
+    engine = sa.create_engine(normalize_url(server.db_url))
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT count(*) FROM devices WHERE last_seen >= :t"), {"t": since})
+                       .scalar_one())
+    finally:
+        engine.dispose()
 
 
 class FloorServer(ServerProcess):
@@ -723,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--range-bytes", type=int, default=65536, help="bytes each device downloads (0: whole file)")
     ap.add_argument("--rollout-timeout", type=float, default=900.0)
     ap.add_argument("--server-arg", action="append", default=[], help="extra build.py server argument")
+    ap.add_argument("--postgres", metavar="URL", help="run the servers on PostgreSQL: a new database for each on the "
+                    "cluster of URL (postgresql://USER@HOST:PORT/DB, USER may create databases), dropped at the end; "
+                    "default: SQLite")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (server logs, databases)")
     ap.add_argument("--quick", action="store_true", help="a run of seconds that checks the bench still works: "
@@ -741,7 +777,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     admin_token = uuid.uuid4().hex
     admin = {"Authorization": f"Bearer {admin_token}"}
     private, public = generate_keypair(KeyType.ECDSA_P256, work / "release")
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; generator: {args.client} client, "
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; database "
+          f"{'PostgreSQL' if args.postgres else 'SQLite'}; generator: {args.client} client, "
           f"{args.gen_procs} processes, {args.concurrency} connections; temp dir {work}", flush=True)
     try:
         rows: list[str] = []
@@ -755,7 +792,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             floor = None
             if not args.no_floor:
                 floor = floor_server(work / f"floor-{w}", w).start(timeout=60)
-            srv = ota_server(work / f"server-{w}", w, admin_token, public, args.server_arg).start(timeout=60)
+            srv = ota_server(work / f"server-{w}", w, admin_token, public, args.server_arg,
+                             args.postgres).start(timeout=60)
             loop = new_loop()
             load_start = time.time()  # every device polls at least once from here on (provision's first poll)
             times = loop.run_until_complete(provision(srv.port, admin, devs))
@@ -830,12 +868,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     if rep:
                         print(f"  {w} worker(s): status reports/s {rep['rps']:.0f} = {rep['rps'] / r['rps']:.2f} x "
                               f"polls/s, {rep['rps'] / f['rps']:.2f} x floor (p99 {rep['p99_ms']:.1f} ms); server CPU "
-                              f"per report {rep['cpu_us']:.0f} us" + ("" if args.quick else
+                              f"per report {rep['cpu_us']:.0f} us" + ("" if args.quick or args.postgres else
                               "; target >= 2000 reports/s (1 worker, SQLite): "
                               f"{'met' if rep['rps'] >= 2000 else 'NOT met'}"))
         if args.rollout_devices:
             print(f"\nrollout: {args.rollout_devices} devices, server with {args.rollout_workers} worker(s)", flush=True)
-            srv = ota_server(work / "rollout", args.rollout_workers, admin_token, public, args.server_arg).start(
+            srv = ota_server(work / "rollout", args.rollout_workers, admin_token, public, args.server_arg,
+                             args.postgres).start(
                 timeout=60)
             art = make_artifact(work, private, args.artifact_kib * 1024)
             loop = new_loop()
@@ -871,6 +910,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         for p in STARTED:
             p.stop()
+        drop_postgres_databases()
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
         if args.keep:

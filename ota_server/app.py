@@ -43,6 +43,7 @@ from .context import ServerContext
 from .downloads import DOWNLOAD_PATH
 from .errors import ERROR_RESPONSES, APIError
 from .fastpoll import FastPoll
+from .fastreport import FastReport
 from .settings import Settings, load_server_secrets
 
 log = logging.getLogger("ota_server")
@@ -407,6 +408,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.openapi = openapi_with_links  # type: ignore[method-assign]
     app.add_middleware(FastPoll)  # innermost: the checks below wrap it as they wrap routes
+    app.add_middleware(FastReport)  # the same for status reports
     app.add_middleware(UnicodeCheck)  # inside BodyLimit: never buffers more than max_body
     app.add_middleware(BodyLimit, ctx=ctx, limit=settings.max_body, unauthenticated=settings.max_unauthenticated_body)
     app.add_middleware(metrics.MetricsMiddleware)

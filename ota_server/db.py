@@ -8,10 +8,12 @@ power cut: a status report answered 204 is on disk), foreign keys on. Write tran
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -95,7 +97,6 @@ class Database:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
         self._read_engine = self.engine.execution_options(sqlite_begin="NONE") if self.is_sqlite else self.engine
-        self._pg_sql: dict[str, str] = {}
         self._local = threading.local()
 
     @contextmanager
@@ -107,41 +108,45 @@ class Database:
 
     def fetch(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Hot-path read through the driver directly (no statement building, no result processing):
-        ``sql`` uses ``?`` placeholders, rewritten once per statement for drivers that want ``%s``."""
-        if self.is_sqlite:
-            return self._fetch_sqlite(sql, params)
-        sql = self._pg_sql.get(sql) or self._pg_sql.setdefault(sql, sql.replace("%", "%%").replace("?", "%s"))
-        raw = self.engine.raw_connection()
-        try:
-            cur = raw.cursor()
-            try:
-                cur.execute(sql, params)
-                return list(cur.fetchall())
-            finally:
-                cur.close()
-        finally:
-            raw.close()
+        ``sql`` uses ``?`` placeholders, rewritten once per statement for drivers that want ``%s``.
 
-    def _fetch_sqlite(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """SQLite: each thread keeps one connection of its own for these reads (taken out of the pool once,
-        with the pragmas applied), so a poll skips the pool's checkout, reset and checkin. The connection is in
-        autocommit mode: every statement sees the latest commit of any process."""
-        fairy = getattr(self._local, "fairy", None)
-        if fairy is None:
-            fairy = self.engine.raw_connection()
-            fairy.detach()  # the pool forgets it; it lives as long as this thread
-            self._local.fairy = fairy
-        try:
-            cur = fairy.cursor()
+        Each thread keeps one connection of its own for these reads (taken out of the pool once, with the
+        pragmas applied on SQLite), in autocommit mode: a poll or a report's token check skips the pool's
+        checkout, ping and reset (on PostgreSQL three round trips more than the query), and every statement sees
+        the latest commit of any process. A PostgreSQL connection found broken (the server restarted) is
+        replaced and the read asked once more."""
+        if not self.is_sqlite:
+            sql = _format_sql(sql)
+        for attempt in (1, 2):
+            fairy = getattr(self._local, "fairy", None)
+            if fairy is None:
+                fairy = self._local.fairy = self._own_connection()
             try:
-                cur.execute(sql, params)
-                return list(cur.fetchall())
-            finally:
-                cur.close()
-        except Exception:
-            self._local.fairy = None
-            fairy.close()
-            raise
+                cur = fairy.cursor()
+                try:
+                    cur.execute(sql, params)
+                    return list(cur.fetchall())
+                finally:
+                    cur.close()
+            except Exception as e:
+                self._local.fairy = None
+                with contextlib.suppress(Exception):
+                    fairy.close()
+                dbapi = self.engine.dialect.dbapi
+                if self.is_sqlite or attempt == 2 or dbapi is None or not isinstance(
+                        e, dbapi.OperationalError | dbapi.InterfaceError):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _own_connection(self) -> Any:
+        """A connection out of the pool for :meth:`fetch` (it lives as long as its thread), in autocommit mode."""
+        fairy = self.engine.raw_connection()
+        driver: Any = fairy.driver_connection
+        fairy.detach()  # the pool forgets it
+        if not self.is_sqlite:  # (SQLite's connections are in autocommit mode already: we issue BEGIN ourselves)
+            driver.rollback()  # whatever the pool's ping opened
+            driver.autocommit = True
+        return fairy
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
@@ -190,6 +195,27 @@ def savepoint(conn: Connection) -> Iterator[None]:
         if callbacks is not None:
             del callbacks[registered:]
         raise
+
+
+@functools.lru_cache(maxsize=512)
+def _format_sql(sql: str) -> str:
+    """``sql`` with ``?`` placeholders for psycopg (``%s``; a literal ``%`` doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def driver_execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> tuple[list[tuple[Any, ...]], int]:
+    """Run one statement of the hot path on the driver connection under ``conn`` (inside its transaction), with
+    no statement building and no result processing: what a status report in a group commit costs is mostly
+    SQLAlchemy's per-statement work otherwise, several times the statement's own. ``sql`` uses ``?``
+    placeholders (rewritten for psycopg) and portable SQL. Returns (the rows it returned, rows it changed)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None, "driver_execute needs an open connection"
+    cur = driver.cursor()
+    try:
+        cur.execute(sql if conn.dialect.name == "sqlite" else _format_sql(sql), tuple(params))
+        return (list(cur.fetchall()) if cur.description is not None else []), cur.rowcount
+    finally:
+        cur.close()
 
 
 def after_commit(conn: Connection, callback: Callable[[], None]) -> None:

@@ -23,12 +23,13 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import gates
+from .db import driver_execute
 from .errors import APIError, bad_request, found_or_404
 from .metrics import OUTCOMES, count_outcome
 from .models import deployment_devices as dd
@@ -177,10 +178,13 @@ def statistics(conn: Connection, deployment_id: str) -> dict[str, int]:
     return stats
 
 
-def after_final(conn: Connection, deployment_id: str) -> None:
-    """A device of this deployment reached a final status: open the gates it reached (:mod:`.gates`), pause on
-    too many failures, finish when no device is left (a dynamic deployment: once it is also closed). The deployment row is locked first (see the module's docstring): the transactions of devices
-    finishing at the same moment pass here one after the other, the last one sees nobody left."""
+def after_final(conn: Connection, deployment_id: str, status: str) -> None:
+    """A device of this deployment reached the final ``status``: open the gates it reached (:mod:`.gates`), pause
+    on too many failures, finish when no device is left (a dynamic deployment: once it is also closed). The
+    deployment row is locked first (see the module's docstring): the transactions of devices finishing at the
+    same moment pass here one after the other, the last one sees nobody left. The failure ratio is counted only
+    after a ``failure``: no other final status raises it (a success lowers it), so a deployment resumed above its
+    threshold goes on until its next failure, and a rollout's successes cost no count of the deployment's rows."""
     row = conn.execute(sa.select(dep.c.status, dep.c.failure_threshold, dep.c.join_group, dep.c.phases,
                                  dep.c.created).where(dep.c.id == deployment_id).with_for_update()).first()
     if row is None or row.status not in OPEN:
@@ -194,7 +198,7 @@ def after_final(conn: Connection, deployment_id: str) -> None:
         conn.execute(dep.update().where(dep.c.id == deployment_id, dep.c.status.in_(OPEN))
                      .values(status="finished", finished=now()))
         return
-    if row.failure_threshold is not None and row.status != "paused":
+    if status == "failure" and row.failure_threshold is not None and row.status != "paused":
         stats = statistics(conn, deployment_id)
         finished = stats["success"] + stats["failure"] + stats["already-installed"] + stats["noartifact"]
         if finished and stats["failure"] * 100.0 / finished > row.failure_threshold:
@@ -214,7 +218,7 @@ def set_device_final(conn: Connection, deployment_id: str, device_id: str, statu
                                     started=sa.func.coalesce(dd.c.started, t))).rowcount > 0
     if changed:
         count_outcome(conn, status)
-        after_final(conn, deployment_id)
+        after_final(conn, deployment_id, status)
     return changed
 
 
@@ -248,6 +252,27 @@ class Report:
     abort: bool = False
 
 
+#: a report's device row and its deployment's status, read first (locked on PostgreSQL: ``FOR UPDATE OF dd``)
+REPORT_ROW_SQL = (
+    "SELECT dd.status, dd.active, dd.attempts, dd.delivered_attempt, d.status, d.retries FROM deployment_devices dd "
+    "JOIN deployments d ON d.id = dd.deployment_id WHERE dd.deployment_id = ? AND dd.device_id = ?"
+)
+#: a progress report that moves the device forward
+PROGRESS_SQL = ("UPDATE deployment_devices SET status = ?, substate = ?, started = COALESCE(started, ?) "
+                "WHERE deployment_id = ? AND device_id = ?")
+#: a repeated progress report with a substate
+SUBSTATE_SQL = "UPDATE deployment_devices SET substate = ? WHERE deployment_id = ? AND device_id = ?"
+
+
+class _ReportRow(NamedTuple):
+    status: str
+    active: bool
+    attempts: int
+    delivered_attempt: int | None
+    dep_status: str
+    retries: int
+
+
 def report_status(conn: Connection, deployment_id: str, device_id: str, status: str, substate: str | None) -> Report:
     """A status report of the device (a status in :data:`REPORTABLE`), applied under a lock on the device's row.
 
@@ -258,13 +283,9 @@ def report_status(conn: Connection, deployment_id: str, device_id: str, status: 
 
     Raises APIError: 404 when this is not the device's deployment, 409 once it was aborted, 400 for a
     different final status after a final one."""
-    row = found_or_404(conn.execute(
-        sa.select(dd.c.status, dd.c.active, dd.c.attempts, dd.c.delivered_attempt,
-                  dep.c.status.label("dep_status"), dep.c.retries)
-        .join(dep, dep.c.id == dd.c.deployment_id)
-        .where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id)
-        .with_for_update(of=dd)
-    ).first(), "deployment for this device")
+    found = driver_execute(conn, REPORT_ROW_SQL + (" FOR UPDATE OF dd" if conn.dialect.name == "postgresql" else ""),
+                           (deployment_id, device_id))[0]
+    row = _ReportRow(*found_or_404(found[0] if found else None, "deployment for this device"))
     if row.status == "aborted" or row.dep_status == "aborted":
         raise APIError(409, "the deployment was aborted")
     if not row.active:
@@ -273,25 +294,24 @@ def report_status(conn: Connection, deployment_id: str, device_id: str, status: 
         return Report("ignored", row.status)
     if row.attempts > 0 and row.delivered_attempt != row.attempts:
         return Report("ignored", row.status)  # about the attempt that failed: the device has not asked `next` since
-    this = dd.c.deployment_id == deployment_id, dd.c.device_id == device_id
     if status == "failure" and row.attempts < row.retries:
-        conn.execute(dd.update().where(*this).values(
+        conn.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id).values(
             status="pending", attempts=row.attempts + 1, not_before=now(),
             substate=f"attempt {row.attempts + 1} failed ({substate or 'no details'}); retrying"))
         return Report("retry", "pending", gates.check_failure_limit(conn, deployment_id))
     if status in TERMINAL:
         set_device_final(conn, deployment_id, device_id, status, substate)
         return Report("final", status, status == "failure" and gates.check_failure_limit(conn, deployment_id))
+    # progress (most reports): plain statements through the driver (see db.driver_execute)
     if rank(status) < rank(row.status):
         return Report("ignored", row.status)
     if status == row.status:
         if substate is not None:
-            conn.execute(dd.update().where(*this).values(substate=substate))
+            driver_execute(conn, SUBSTATE_SQL, (substate, deployment_id, device_id))
         return Report("ignored", row.status)
-    t = now()
-    conn.execute(dd.update().where(*this).values(status=status, substate=substate,
-                                                 started=sa.func.coalesce(dd.c.started, t)))
-    mark_started(conn, deployment_id)
+    driver_execute(conn, PROGRESS_SQL, (status, substate, now(), deployment_id, device_id))
+    if row.dep_status == "pending":  # read above; a deployment never goes back to pending
+        mark_started(conn, deployment_id)
     return Report("stored", status)
 
 

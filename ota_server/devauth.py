@@ -313,16 +313,15 @@ def token_problem(claims: DeviceClaims, status: str, auth_set_id: str | None, ep
     return None
 
 
-async def current_device(request: Request) -> CurrentDevice:
-    """The device of a valid token, read on every request.
+def device_of(ctx: ServerContext, authorization: str | None) -> CurrentDevice:
+    """The device of a valid token (the ``Authorization`` header's value), read from the database.
 
     Raises:
         APIError: 401 for a bad or expired token, an unknown (decommissioned) device, a device that is not
             accepted, or a token issued for an auth set or epoch that is no longer the device's (its key was
             rejected or replaced, or accepted again since).
     """
-    ctx = get_ctx(request)
-    claims = ctx.tokens.verify(request.headers.get("authorization"))
+    claims = ctx.tokens.verify(authorization)
     rows = ctx.db.fetch(DEVICE_SQL, (claims.device_id,))
     if not rows:
         raise unauthorized("unknown or decommissioned device")
@@ -330,6 +329,15 @@ async def current_device(request: Request) -> CurrentDevice:
     if problem := token_problem(claims, status, auth_set_id, epoch):
         raise unauthorized(problem)
     return CurrentDevice(claims.device_id, provides_hash, group, config_hash)
+
+
+async def current_device(request: Request) -> CurrentDevice:
+    """The device of a valid token, read on every request (:func:`device_of`).
+
+    Raises:
+        APIError: 401 as :func:`device_of` says.
+    """
+    return device_of(get_ctx(request), request.headers.get("authorization"))
 
 
 async def _ctx(request: Request) -> ServerContext:

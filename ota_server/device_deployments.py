@@ -200,9 +200,14 @@ async def next_v1_get(request: Request, device: Device, ctx: Ctx,
     return _next(ctx, request, device, {"artifact_name": artifact_name, "device_type": device_type})
 
 
+#: the longest ``substate`` a status report may carry
+SUBSTATE_MAX = 4096
+STATUS_PATH = "/api/devices/v1/deployments/device/deployments/{deployment_id}/status"
+
+
 class StatusBody(BaseModel):
     status: str = Field(json_schema_extra={"enum": list[Any](sorted(REPORTABLE))})  # documented; checked by _status
-    substate: str | None = Field(None, max_length=4096)
+    substate: str | None = Field(None, max_length=SUBSTATE_MAX)
 
     @field_validator("status")
     @classmethod
@@ -223,7 +228,7 @@ def own_deployment(c: sa.Connection, deployment_id: str, device_id: str) -> Any:
     ).first(), "deployment for this device")
 
 
-@router.put("/api/devices/v1/deployments/device/deployments/{deployment_id}/status", status_code=204,
+@router.put(STATUS_PATH, status_code=204,
             responses={204: {"description": "stored, or ignored (a repeat, or an older status than the stored one)"},
                        400: error_doc("invalid, or a different final status after a final one"),
                        404: error_doc("not a deployment of this device"), 409: error_doc("aborted")})
@@ -232,11 +237,22 @@ async def put_status(deployment_id: str, body: StatusBody, device: Device, ctx: 
     report that repeats the current status or goes backwards is acknowledged and ignored, so is a repeated
     final status (a repeated ``failure`` uses no second retry); a different final status after a final one is
     refused with 400; 409 once the deployment was aborted."""
-    ctx.last_seen.seen(device.id)
-    report = await ctx.committer.run(deployment_id, device.id, lambda c: rollout.report_status(
-        c, deployment_id, device.id, body.status, body.substate))  # answered once committed (.groupcommit)
+    await store_status(ctx, deployment_id, device.id, body.status, body.substate)
+    return Response(status_code=NO_CONTENT)
+
+
+async def store_status(ctx: ServerContext, deployment_id: str, device_id: str, status: str, substate: str | None
+                       ) -> None:
+    """Store a status report (:func:`.deployments.report_status`) through the group commit: returns once it is
+    committed (the route, and the report shortcut of :mod:`.fastreport`, answer 204 only then); a report that
+    passed the failure limit aborts the deployment in a transaction of its own.
+
+    Raises:
+        APIError: what :func:`.deployments.report_status` raises (404, 409, 400).
+    """
+    ctx.last_seen.seen(device_id)
+    report = await ctx.committer.run(deployment_id, device_id, lambda c: rollout.report_status(
+        c, deployment_id, device_id, status, substate))  # answered once committed (.groupcommit)
     if report.abort:  # the failure limit says abort: paused above, aborted now (see gates.check_failure_limit)
         with ctx.db.write() as c:
             rollout.abort(c, deployment_id)
-    return Response(status_code=NO_CONTENT)
-

@@ -5,10 +5,12 @@ Why: a status report is a tiny write, and its cost is the commit (an fsync with 
 a WAL flush on PostgreSQL): one transaction per report caps a worker at a few hundred reports/s. Here a
 report's operation is queued; a flusher (one per event loop, i.e. per worker, running while there is work)
 takes everything queued, runs it in one write transaction on a thread of its own (the event loop goes on
-reading requests during the commit: that is what fills the next batch), each operation in its own savepoint
-(:func:`.db.savepoint`), commits once, and only then resolves each request's future with its own result or
-error. So a 204 still means "on disk", one report that fails (a 409 for an aborted deployment, a 400) fails
-alone, and a commit that fails fails every report of the batch (none was acknowledged).
+reading requests during the commit: that is what fills the next batch), commits once, and only then resolves
+each request's future with its own result or error. So a 204 still means "on disk". The batch first runs
+without savepoints (one costs about as much as a report's own statements); when an operation raises (a 409 for
+an aborted deployment, a 400, a bug), that try is rolled back and the batch runs again with each operation in
+its own savepoint (:func:`.db.savepoint`), so the failing report fails alone and the others are stored. A
+commit that fails fails every report of the batch (none was acknowledged).
 
 Lock order (see :mod:`.deployments`): every operation locks device rows (``deployment_devices``) before the
 deployment row. One transaction doing many of them would break that order (report 1 locks deployment D, report
@@ -61,12 +63,15 @@ class GroupCommitter:
         #: batches committed and operations in them, for the tests and the bench
         self.batches = 0
         self.operations = 0
+        #: batches run a second time, with savepoints, because an operation in them failed
+        self.retried = 0
 
     async def run(self, deployment_id: str, device_id: str, fn: Callable[[Connection], T]) -> T:
-        """``fn(conn)`` inside a shared write transaction, in a savepoint; returns its result once the
-        transaction committed, or raises what it raised (its savepoint rolled back) or what the commit
-        raised. ``fn`` touches only the rows of this device in this deployment (and, after them, the
-        deployment's row), and runs on another thread."""
+        """``fn(conn)`` inside a shared write transaction; returns its result once the transaction committed,
+        or raises what it raised (nothing of it stored) or what the commit raised. ``fn`` touches only the rows
+        of this device in this deployment (and, after them, the deployment's row), runs on another thread, and
+        may run twice (a batch in which an operation failed runs again, see the module's docstring): it acts on
+        the database only, and on anything else through :func:`.db.after_commit`."""
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None:
@@ -94,21 +99,45 @@ class GroupCommitter:
                     op.future.set_exception(value)
 
     def _commit(self, batch: Sequence[_Op]) -> list[tuple[bool, Any]]:
-        results: list[tuple[bool, Any]] = []
+        """Run the batch in one transaction and commit: first without savepoints (a savepoint costs about as
+        much as a report); when an operation raises, that attempt is rolled back and the batch runs again with
+        each operation in its own savepoint, so that the failing one fails alone. Returns (ok, result or error)
+        for each operation, in order; every operation gets the error when the commit fails."""
         try:
-            with self.db.write() as conn:
-                lock_device_rows(conn, [op.key for op in batch])
-                for op in batch:
-                    try:
-                        with savepoint(conn):
-                            results.append((True, op.fn(conn)))
-                    except Exception as e:  # noqa: BLE001 - this operation's answer; the others go on
-                        results.append((False, e))
+            try:
+                results = self._attempt(batch, savepoints=False)
+            except _OperationFailed:
+                results = self._attempt(batch, savepoints=True)
+                self.retried += 1
         except Exception as e:  # noqa: BLE001 - the commit failed: nothing of the batch is stored
             return [(False, e)] * len(batch)
         self.batches += 1
         self.operations += len(batch)
         return results
+
+    def _attempt(self, batch: Sequence[_Op], savepoints: bool) -> list[tuple[bool, Any]]:
+        """One try at the batch's transaction. Without ``savepoints`` an operation that raises rolls the whole
+        transaction back (:class:`_OperationFailed`); with them it fails alone, its savepoint rolled back."""
+        results: list[tuple[bool, Any]] = []
+        with self.db.write() as conn:
+            lock_device_rows(conn, [op.key for op in batch])
+            for op in batch:
+                if not savepoints:
+                    try:
+                        results.append((True, op.fn(conn)))
+                    except Exception as e:
+                        raise _OperationFailed from e  # out of the block: the transaction rolls back
+                    continue
+                try:
+                    with savepoint(conn):
+                        results.append((True, op.fn(conn)))
+                except Exception as e:  # noqa: BLE001 - this operation's answer; the others go on
+                    results.append((False, e))
+        return results
+
+
+class _OperationFailed(Exception):
+    """An operation of a batch run without savepoints raised: that try is rolled back."""
 
 
 def lock_device_rows(conn: Connection, keys: Sequence[tuple[str, str]]) -> None:

@@ -300,6 +300,29 @@ def test_failure_threshold_pauses_and_resume(server: Server, release: str) -> No
     assert stats(server, dep_id)["failure"] == 2 and stats(server, dep_id)["success"] == 2
 
 
+def test_resumed_above_the_threshold_only_the_next_failure_pauses_again(server: Server, release: str) -> None:
+    """As the resume documents: resumed without a new threshold while the failure ratio is still above it, the
+    deployment goes on through successes (each lowers the ratio) and pauses again at its next failure while the
+    ratio is still above."""
+    devs = devices(server, 6)
+    dep_id = deploy(server, name="resumed", artifact_name=release, devices=[i for _, i in devs], failure_threshold=30)
+    (d1, _), (d2, _), (d3, _), (d4, _), (d5, _), (d6, _) = devs
+    assert d1.next().status_code == 200
+    assert d1.status(dep_id, "failure").status_code == 204  # 1 of 1
+    assert get(server, dep_id)["status"] == "paused"
+    with server.admin() as a:
+        assert a.put(f"{DEPLOYMENTS}/{dep_id}/status", json={"status": "inprogress"}).status_code == 204
+    for d in (d2, d3):
+        assert d.next().status_code == 200
+        assert d.status(dep_id, "success").status_code == 204  # 1 of 2, then 1 of 3: still above 30 %
+        assert get(server, dep_id)["status"] == "inprogress"
+    assert d4.next().status_code == 200
+    assert d4.status(dep_id, "failure").status_code == 204  # 2 of 4
+    assert get(server, dep_id)["status"] == "paused"
+    counts = stats(server, dep_id)
+    assert (counts["failure"], counts["success"], counts["pending"]) == (2, 2, 2)
+
+
 def test_retries_and_logs(server: Server, release: str) -> None:
     (dev, dev_id), = devices(server, 1)
     dep_id = deploy(server, name="retry", artifact_name=release, devices=[dev_id], retries=1)

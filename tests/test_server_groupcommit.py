@@ -17,6 +17,7 @@ from .server_helpers import Device, Server, deploy, preauthorized_devices
 from .test_server_deployments import release  # noqa: F401 - fixture (on this module's server)
 
 STEPS = ("downloading", "installing", "rebooting")
+LAST: list[Any] = [None]
 
 
 
@@ -60,13 +61,14 @@ def test_many_concurrent_reports_are_all_acknowledged_and_stored(server: Server,
 
 def _run_batch(server: Server, ops: list[tuple[str, str, Callable[[Any], Any]]]) -> tuple[list[Any], int]:
     """Run ``ops`` ((deployment id, device id, fn)) through one in-process committer on the server's database,
-    queued together so that they share one batch. Returns (each result or exception, batches committed)."""
+    queued together so that they share one batch. Returns (each result or exception, batches committed); the
+    committer is kept in ``LAST`` for the tests that look at it."""
     from ota_server.db import Database
     from ota_server.groupcommit import GroupCommitter
 
     db = Database(server.db_url)
     try:
-        committer = GroupCommitter(db)
+        committer = LAST[0] = GroupCommitter(db)
 
         async def main() -> list[Any]:
             return await asyncio.gather(*(committer.run(d, dev, fn) for d, dev, fn in ops), return_exceptions=True)
@@ -113,6 +115,7 @@ def test_a_report_that_must_fail_fails_alone_in_its_batch(server: Server, releas
         report(aborted, c, "downloading"), (open_dep, c, breaks), report(open_dep, c, "downloading"),
         (open_dep, a, counts)])
     assert batches == 1
+    assert LAST[0].retried == 1  # run without savepoints first; the failures made it run again with them
     ok_a, conflict, refused, missing, broken, ok_c, ok_a2 = results
     assert (ok_a.outcome, ok_c.outcome, ok_a2.outcome) == ("stored", "stored", "stored")
     assert isinstance(conflict, APIError) and conflict.status == 409
@@ -126,6 +129,24 @@ def test_a_report_that_must_fail_fails_alone_in_its_batch(server: Server, releas
     assert rows[c] == ("downloading", "batch downloading")
     assert rows[d][0] == "success"
     assert server.query("SELECT status FROM deployment_devices WHERE device_id = :d", d=b) == [("aborted",)]
+
+
+def test_a_batch_without_failures_runs_once_without_savepoints(server: Server, release: str) -> None:  # noqa: F811
+    """Progress reports of several devices in one batch: one try, one commit, each report stored."""
+    from ota_server import deployments as rollout
+
+    fleet = preauthorized_devices(server, 5)
+    dep_id = deploy(server, name="clean batch", artifact_name=release, devices=[i for _, i in fleet])
+    _handed_out(server, fleet, dep_id)
+    results, batches = _run_batch(server, [
+        (dep_id, i, lambda conn, i=i, s=s: rollout.report_status(conn, dep_id, i, s, f"{s} {i}"))
+        for _, i in fleet for s in STEPS])
+    assert [r.outcome for r in results] == ["stored"] * 15
+    assert (batches, LAST[0].retried) == (1, 0)
+    rows = server.query("SELECT device_id, status, substate FROM deployment_devices WHERE deployment_id = :d",
+                        d=dep_id)
+    assert sorted(rows) == sorted((i, "rebooting", f"rebooting {i}") for _, i in fleet)
+    assert _statistics(server, dep_id) == {"rebooting": 5}
 
 
 def test_batches_of_two_workers_cannot_deadlock(server: Server, release: str) -> None:  # noqa: F811

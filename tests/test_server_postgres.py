@@ -306,3 +306,30 @@ def test_log_quota_and_non_finite_numbers_on_postgres(server: Server, release: s
     r = dev.http.put("/api/devices/v1/inventory/device/attributes", headers={**dev.headers,
                      "Content-Type": "application/json"}, content=b'[{"name": "x", "value": Infinity}]')
     assert r.status_code == 400 and "finite" in r.json()["error"], r.text
+
+
+def test_hot_reads_use_one_autocommit_connection_and_survive_a_lost_one(postgres: str) -> None:
+    """``Database.fetch`` keeps one connection per thread in autocommit mode: each read sees what other
+    connections committed since (no transaction held open between reads), and when that connection is lost
+    (its backend terminated, as when the database restarts) the read is asked again on a new one."""
+    import psycopg
+
+    from ota_server.db import Database
+
+    url = create_database(postgres)
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("CREATE TABLE hot (n integer)")
+        db = Database(url)
+        try:
+            assert db.fetch("SELECT count(*) FROM hot", ()) == [(0,)]
+            (pid,), = db.fetch("SELECT pg_backend_pid()", ())
+            admin.execute("INSERT INTO hot VALUES (1)")
+            assert db.fetch("SELECT count(*) FROM hot", ()) == [(1,)]  # the commit of another connection
+            assert db.fetch("SELECT pg_backend_pid()", ()) == [(pid,)]  # the same connection
+            state = admin.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+            assert state == ("idle",)  # not "idle in transaction": nothing held open between reads
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            assert db.fetch("SELECT count(*) FROM hot WHERE n = ?", (1,)) == [(1,)]
+            assert db.fetch("SELECT pg_backend_pid()", ()) != [(pid,)]
+        finally:
+            db.dispose()
