@@ -426,6 +426,10 @@ class Agent:
         self.env.record_last_good(int(cur.target))
         with contextlib.suppress(IncompatibleArtifact):
             self.trust.raise_floor([security_version(self.slot_record(int(cur.target)).get("provides") or {})])
+        # the slot left behind is final now (not mounted, written again only by an install): its state recorded
+        # before the report, so a rollback that follows at once finds it (slot_rollback.record_left)
+        if cur.source != cur.target and (left := slot_rollback.record_left(self, int(cur.source))):
+            self.dlog(cur.id, "info", left)
         self._inventory_due = 0.0  # the new version shows on the server right away
         self.end(cur.id, "success")
 
@@ -503,7 +507,8 @@ class Agent:
         try:
             result = slot_rollback.rearm(self, dep, facts, target)  # the slot still holds it: no download
             if result is None:
-                self.report(dep.id, "downloading")
+                if not dep.rollback_header_uri:  # a rollback that downloads reported it, with the reason
+                    self.report(dep.id, "downloading")
                 result = self._download_and_install(dep, facts, target)
         except Aborted:
             self.dlog(dep.id, "warning", "deployment aborted by the server; the boot state is untouched")
@@ -579,6 +584,9 @@ class Agent:
                 cur = self.current
                 assert cur is not None
                 store_scripts(self.scripts_dir(dep.id), header.scripts)
+                # the slot is about to change: no record may vouch for it until the new one (an interrupted
+                # install must never leave a record that an instant rollback trusts)
+                self._forget_slot(int(target))
                 cur.phase, cur.verified = Phase.INSTALLING, True
                 self.save()
                 self.dlog(dep.id, "info", f"signature verified; {name} (version "

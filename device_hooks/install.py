@@ -342,8 +342,9 @@ def _apply_delta(reader: ArtifactReader, files: Any, pf: Any, header: ArtifactHe
                          done - started, streamed - started, done - streamed, applied.zero_bytes)
 
 
-def verify_slot(target: Path, size: int, sha256: str) -> None:
-    """Read back ``size`` bytes of the slot, bypassing the page cache as far as the kernel lets us."""
+def slot_sha256(target: Path, size: int) -> str:
+    """The sha256 of the first ``size`` bytes of the slot, read bypassing the page cache as far as the kernel
+    lets us. Raises :class:`SlotVerifyError` when the slot is shorter, ``OSError`` for the medium."""
     fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if hasattr(os, "posix_fadvise"):
@@ -358,8 +359,14 @@ def verify_slot(target: Path, size: int, sha256: str) -> None:
             left -= len(data)
     finally:
         os.close(fd)
-    if h.hexdigest() != sha256:
-        raise SlotVerifyError(f"slot {target} read back with checksum {h.hexdigest()[:16]}…, expected {sha256[:16]}…")
+    return h.hexdigest()
+
+
+def verify_slot(target: Path, size: int, sha256: str) -> None:
+    """Read back ``size`` bytes of the slot (:func:`slot_sha256`) and compare them with ``sha256``."""
+    digest = slot_sha256(target, size)
+    if digest != sha256:
+        raise SlotVerifyError(f"slot {target} read back with checksum {digest[:16]}…, expected {sha256[:16]}…")
 
 
 def arm(env: BootEnv, target_part: int) -> dict[str, str]:

@@ -12,9 +12,15 @@ link, ``vv_rollback.header_uri``: a signed link to the artifact's signed header 
    revoked keys, the header's checksum against the manifest, the signed artifact name against the
    deployment's, then :func:`.install.check_compatible` (device type, depends, payload type, the security
    floor, and a downgrade only when the deployment allows it);
-3. reads the inactive slot and hashes it over the image's size against the checksum the signed header
-   carries (a ``rootfs-image``: its payload file's sha256 in the signed manifest; a ``rootfs-delta``: its
-   target ``rootfs-image.checksum``).
+3. reads the inactive slot and hashes it over the image's size. The slot holds the release when that hash is
+   the checksum the signed header carries (a ``rootfs-image``: its payload file's sha256 in the signed
+   manifest; a ``rootfs-delta``: its target ``rootfs-image.checksum``): a slot written and never booted since.
+   A slot the device *ran* never hashes to it: the root file system is mounted read-write, so its superblock,
+   journal and whatever the system wrote changed. Such a slot is accepted when the hash is the one this agent
+   recorded when it left the slot (:func:`record_left`: the other slot committed, this one not mounted any
+   more) and the record's image checksum is the signed one: the slot was written from that signed image,
+   verified, booted, and not changed since the device left it. A rollback always goes back to a slot the device
+   ran, so without that record it could never be instant (a factory slot after its first boot included).
 
 Only then is the slot treated as installed: the header's state scripts are stored, ``ArtifactInstall`` runs,
 and the agent goes on exactly as after a download (``rebooting``, ``ArtifactReboot_Enter``, :func:`.install.arm`,
@@ -25,7 +31,15 @@ A header that fails verification (step 2), or one larger than the cap, fails the
 with that header would: the server offered something this device must not run. Anything that only makes the
 shortcut impossible — no hint, a record naming another artifact, the header not fetched, an image size not
 known, a slot whose content no longer matches (it was overwritten since) — falls back to the normal download,
-with the reason in the deployment's log.
+with the reason in the deployment's log and on the console, and that log uploaded with the ``downloading``
+report (whose substate says it too), so the operator sees on the server why a rollback downloaded.
+
+Trust: the record of a used slot lives on ``/data``, which is not trusted to override the signed image's
+decisions. It does not: the signed header still decides what may run (signature, name, device type, security
+floor, downgrade); the record only vouches that the slot's bytes are those the agent verified and then booted.
+Whoever can write ``/data`` can already arm the inactive slot (an ``armed`` state file re-arms its target), and
+the agent forgets a slot's record before it writes that slot, so an interrupted install never leaves a record
+that vouches for half-written bytes.
 """
 
 from __future__ import annotations
@@ -48,9 +62,9 @@ from . import validate
 from .agentstate import Phase, Slot
 from .api import Deployment
 from .download import MAX_REDIRECTS
-from .install import DELTA, DeviceFacts, InstallResult, SlotVerifyError, check_compatible, verify_slot
+from .install import DELTA, DeviceFacts, InstallResult, SlotVerifyError, check_compatible, slot_sha256
 from .scripts import store_scripts
-from .slots import check_writable_target
+from .slots import check_writable_target, slot_name
 from .state import read_json, write_json
 from .transport import transport_errors
 
@@ -61,6 +75,8 @@ log = logging.getLogger(__name__)
 
 EXT4_MAGIC = b"\x53\xef"
 EXT4_INCOMPAT_64BIT = 0x80
+LEFT_KEY = "left_sha256"  # slots.json: the slot's hash when the device left it (see record_left)
+SHA256_HEX = frozenset("0123456789abcdef")
 
 
 class HeaderTooLarge(MalformedArtifact):
@@ -72,36 +88,48 @@ def rearm(agent: Agent, dep: Deployment, facts: DeviceFacts, target: Slot) -> In
     the module docstring); None when the normal install must run instead. Raises :class:`ArtifactError` for a
     header this device refuses (the deployment fails, nothing changed), ``OSError``/:class:`OTAError` as an
     install does."""
-    if not dep.rollback_header_uri or not dep.artifact_name:
+    if not dep.rollback_header_uri:
+        return None
+    if not dep.artifact_name:
+        fall_back(agent, dep, "warning", "the deployment names no artifact to look for in the inactive slot")
         return None
     rec = agent.slot_record(int(target))
     held = rec.get("artifact_name")
     if held != dep.artifact_name:
-        agent.dlog(dep.id, "info", f"rollback to {dep.artifact_name}: slot {target.label} holds "
-                                   f"{held or 'nothing this agent recorded'}, downloading it")
+        fall_back(agent, dep, "info", f"slot {target.label} holds {held or 'nothing this agent recorded'}")
         return None
     started = time.monotonic()
     try:
         data = fetch_header(agent.api.session, dep.rollback_header_uri, timeout=agent.cfg.server.request_timeout)
     except (DownloadError, validate.UntrustedInput) as e:
-        agent.dlog(dep.id, "warning", f"rollback header not fetched ({e}); downloading the artifact")
+        fall_back(agent, dep, "warning", f"the rollback header was not fetched ({e})")
         return None
     header, provides, checksum = verify_header(data, agent.verifiers(), facts, dep)
     dev = check_writable_target(agent.slots, int(target))
     size = image_size(rec, dev)
     if size is None:
-        agent.dlog(dep.id, "warning", f"the size of the image in slot {target.label} is not known; downloading it")
+        fall_back(agent, dep, "warning", f"the size of the image in slot {target.label} is not known (no size "
+                                         "recorded and no ext4 superblock, or larger than the partition)")
         return None
+    left = left_hash(rec, checksum)
     agent.dlog(dep.id, "info", f"signature verified; {dep.artifact_name} (version "
                                f"{provides.get('rootfs-image.version', '?')}) fits this device; checking slot "
-                               f"{target.label}, which should still hold it ({size} bytes)")
+                               f"{target.label}, which should still hold it ({size} bytes"
+                               + (", booted since it was written" if left else "") + ")")
     agent.report(dep.id, "installing")
     read_from = time.monotonic()
     try:
-        verify_slot(dev, size, checksum)
+        digest = slot_sha256(dev, size)
     except SlotVerifyError as e:
-        agent.dlog(dep.id, "warning", f"slot {target.label} no longer holds {dep.artifact_name} ({e}); "
-                                      "downloading it")
+        fall_back(agent, dep, "warning", f"slot {target.label} no longer holds {dep.artifact_name} ({e})")
+        return None
+    if digest == checksum:
+        how = "as written, never booted since"
+    elif left is not None and digest == left:
+        how = "as this device left it (booted since it was written)"
+    else:
+        fall_back(agent, dep, "warning", f"slot {target.label} no longer holds {dep.artifact_name}: "
+                                         f"{mismatch(rec, checksum, digest)}")
         return None
     verified = time.monotonic()
     cur = agent.current
@@ -112,12 +140,76 @@ def rearm(agent: Agent, dep: Deployment, facts: DeviceFacts, target: Slot) -> In
         agent.save()
         install.enter()
     slots = read_json(agent.dir / "slots.json")
-    slots[str(int(target))] = {**rec, "provides": provides, "size": size}  # the signed provides from now on
+    kept = {k: v for k, v in rec.items() if k != LEFT_KEY}  # the slot is about to be booted: its hash will change
+    slots[str(int(target))] = {**kept, "provides": provides, "size": size}  # the signed provides from now on
     write_json(agent.dir / "slots.json", slots)
-    agent.dlog(dep.id, "info", f"slot {target.label} holds {dep.artifact_name}: re-armed without a download "
-                               f"(header {len(data)} bytes; slot read and hashed in {verified - read_from:.1f}s)")
+    agent.dlog(dep.id, "info", f"slot {target.label} holds {dep.artifact_name} {how}: re-armed without a "
+                               f"download (header {len(data)} bytes; slot read and hashed in "
+                               f"{verified - read_from:.1f}s)")
     return InstallResult(dep.artifact_name, provides, size, checksum, dict(header.scripts),
                          time.monotonic() - started, 0.0, verified - read_from, 0)
+
+
+def fall_back(agent: Agent, dep: Deployment, level: str, why: str) -> None:
+    """The rollback cannot use the slot: say why in the deployment's log (and so on the console), then report
+    ``downloading`` with the reason as its substate and the log uploaded, so the server shows it."""
+    message = f"rollback to {dep.artifact_name or 'an unnamed artifact'} downloads it: {why}"
+    agent.dlog(dep.id, level, message)
+    agent.report(dep.id, "downloading", message, upload_log=True)
+
+
+def is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= SHA256_HEX
+
+
+def left_hash(rec: dict[str, Any], checksum: str) -> str | None:
+    """The hash recorded when the device left the slot, when the record says the slot was written from the image
+    whose signed checksum is ``checksum``; else None."""
+    provides = rec.get("provides")
+    recorded = provides.get(ROOTFS_CHECKSUM_KEY) if isinstance(provides, dict) else None
+    left = rec.get(LEFT_KEY)
+    return left if is_sha256(left) and recorded == checksum else None
+
+
+def mismatch(rec: dict[str, Any], checksum: str, digest: str) -> str:
+    """Why a slot's hash ``digest`` is not accepted for the image ``checksum`` (see :func:`rearm`)."""
+    said = f"its content hashes to {digest[:16]}…, not to the signed image's {checksum[:16]}…"
+    provides = rec.get("provides")
+    recorded = provides.get(ROOTFS_CHECKSUM_KEY) if isinstance(provides, dict) else None
+    if recorded != checksum:
+        return f"{said}, and this agent's record of the slot names another image ({str(recorded)[:16]}…)"
+    if not is_sha256(rec.get(LEFT_KEY)):
+        return (f"{said}; the slot was booted since it was written (a mounted root file system changes) and this "
+                "agent has no record of its content from when the device left it")
+    return f"{said} nor to the {str(rec[LEFT_KEY])[:16]}… recorded when the device left it: it changed since"
+
+
+def record_left(agent: Agent, part: int) -> str | None:
+    """Record in ``slots.json`` the hash of slot ``part`` as the device left it: called when the other slot was
+    committed, so ``part`` is not mounted and stays as it is until the agent writes it again (it forgets the
+    record first) or re-arms it (the hash is dropped then). Only a slot with a record of what it holds is
+    hashed (its recorded size, else its ext4 size). Returns a line for the deployment's log, or None when
+    there is nothing to record; never raises for the medium (the rollback then downloads)."""
+    rec = agent.slot_record(part)
+    if not rec.get("artifact_name"):
+        return None
+    label = slot_name(part)
+    try:
+        dev = agent.slots.device(part)
+        size = image_size(rec, dev)
+        if size is None:
+            return f"slot {label} left behind: the size of its image is not known, its state is not recorded"
+        started = time.monotonic()
+        digest = slot_sha256(dev, size)
+    except (OSError, SlotVerifyError) as e:
+        return f"slot {label} left behind: its state is not recorded ({e})"
+    slots = read_json(agent.dir / "slots.json")
+    if slots.get(str(part)) != rec:  # changed meanwhile: what was hashed is not what the record says
+        return None
+    slots[str(part)] = {**rec, "size": size, LEFT_KEY: digest}
+    write_json(agent.dir / "slots.json", slots)
+    return (f"slot {label} left behind with {rec['artifact_name']}: its state recorded for an instant rollback "
+            f"({size} bytes hashed in {time.monotonic() - started:.1f}s)")
 
 
 def fetch_header(session: requests.Session, url: str, *, timeout: float, cap: int = MAX_HEADER_PART) -> bytes:
@@ -223,4 +315,5 @@ def ext4_size(dev: os.PathLike[str] | str) -> int | None:
     return blocks * (1024 << log_block) or None
 
 
-__all__ = ["HeaderTooLarge", "ext4_size", "fetch_header", "image_size", "rearm", "verify_header"]
+__all__ = ["LEFT_KEY", "HeaderTooLarge", "ext4_size", "fall_back", "fetch_header", "image_size", "left_hash",
+           "rearm", "record_left", "verify_header"]

@@ -197,6 +197,145 @@ def test_record_naming_another_release_or_a_header_that_cannot_be_fetched_falls_
     assert f"GET {HEADER}" in s.server.requests and downloads(s)
 
 
+def use(s: Scene) -> int:
+    """Boot the device and run the slot it boots as a real system does: its root file system is mounted
+    read-write, so its superblock changes (mount time and count: bytes 44..55 of the superblock at 1024) and so
+    does what the system writes. Returns the partition booted."""
+    part = s.device.boot()
+    with open(s.device.slot_path(part), "r+b") as f:
+        f.seek(1024 + 44)
+        f.write(uuid.uuid4().bytes[:12])
+        f.seek(3 * 4096)
+        f.write(b"journal and /var written by boot " + uuid.uuid4().hex.encode())
+    return part
+
+
+def factory_slot_a(s: Scene, name: str = "vv-1.0.0", version: str = "1.0.0") -> bytes:
+    """Slot A as the image build leaves it: an ext4 image of ``name`` and the record image/release.py writes
+    for it (no size: the superblock gives it); returns its full artifact."""
+    tree = s.tmp / f"tree-{name}"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "os-release").write_text(f"VERSION={version}\n")
+    image = s.tmp / f"{name}.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), "-b", "4096", str(image), "3M"], check=True,
+                   capture_output=True)
+    (s.tmp / name).mkdir()
+    art, _ = make_artifact(s.tmp / name, s.keys["ec"][0], name=name, version=version, payload=image)
+    with open(s.device.slot_path(2), "r+b") as f:
+        f.write(image.read_bytes())
+    running(s, name, version)
+    record = {"artifact_name": name, "provides": {"artifact_name": name, "rootfs-image.version": version,
+                                                  "rootfs-image.checksum": hashlib.sha256(image.read_bytes()).hexdigest()}}
+    (s.device.data / "slots.json").write_text(json.dumps({"2": record}))
+    return art.read_bytes()
+
+
+def update(s: Scene, name: str, version: str, slot: int, seed: int) -> None:
+    """A normal update: downloaded into ``slot``, booted (and used), committed by the health verdict."""
+    (s.tmp / name).mkdir()
+    art, _ = make_artifact(s.tmp / name, s.keys["ec"][0], name=name, version=version, seed=seed)
+    s.server.files[DOWNLOAD] = art.read_bytes()
+    dep = new_id()
+    s.server.next = s.server.deployment(dep, name)
+    assert s.poll().startswith("rebooting")
+    assert use(s) == slot and s.device.verdict().returncode == 0
+    s.server.next = None
+    assert s.poll().startswith("idle") and s.server.status_of(dep)[-1]["status"] == "success"
+
+
+@pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="mkfs.ext4 (e2fsprogs) is not installed")
+def test_rollback_to_the_factory_slot_the_device_ran(scene: Scene) -> None:
+    """The QEMU fleet's story (qemu_tests/test_fleet.py): a card flashed with v1 boots slot A (mounted
+    read-write: the slot no longer hashes to v1's signed checksum), updates to v2 in slot B, commits; the
+    rollback to v1 re-arms slot A without a download, because the agent recorded slot A's hash when it left it."""
+    s = scene
+    v1 = factory_slot_a(s)
+    assert use(s) == 2
+    update(s, "vv-2.0.0", "2.0.0", 3, seed=21)
+    rec = json.loads((s.device.data / "slots.json").read_text())["2"]
+    before = len(downloads(s))
+    rb = offer(s, "vv-1.0.0", header=header_of(v1), artifact=v1)
+    assert s.poll().startswith("rebooting")
+    assert len(downloads(s)) == before, f"the rollback downloaded:\n{local_log(s, rb)}"
+    assert "as this device left it" in local_log(s, rb)
+    assert rec["left_sha256"] == hashlib.sha256(s.device.slot_path(2).read_bytes()[:rec["size"]]).hexdigest()
+    assert rec["left_sha256"] != rec["provides"]["rootfs-image.checksum"], "the used slot no longer is the image"
+    assert "left_sha256" not in json.loads((s.device.data / "slots.json").read_text())["2"], \
+        "the re-armed slot is booted next: its recorded hash no longer holds"
+    assert use(s) == 2 and s.device.verdict().returncode == 0
+    s.server.next = None
+    assert s.poll().startswith("idle") and s.server.status_of(rb)[-1]["status"] == "success"
+    # and forward again: slot B (v2, used) was recorded when the device left it
+    v2 = (s.tmp / "vv-2.0.0" / "vv-2.0.0.mender").read_bytes()
+    fwd = offer(s, "vv-2.0.0", header=header_of(v2), artifact=v2)
+    assert s.poll().startswith("rebooting") and len(downloads(s)) == before
+    assert s.server.status_of(fwd)[-1]["status"] == "rebooting"
+
+
+def test_a_used_slot_without_a_record_of_how_it_was_left_downloads_and_says_why(scene: Scene) -> None:
+    """A slot the device ran whose state was never recorded (an older agent left it): its hash is not the signed
+    image's; the rollback downloads, and the reason is in the deployment's log, on the server too (uploaded with
+    the ``downloading`` report, whose substate says it)."""
+    s = scene
+    running(s, "vv-1.0.0", "1.0.0")
+    update(s, "vv-1.5.0", "1.5.0", 3, seed=5)
+    update(s, "vv-2.0.0", "2.0.0", 2, seed=6)
+    slots = json.loads((s.device.data / "slots.json").read_text())
+    del slots["3"]["left_sha256"]
+    (s.device.data / "slots.json").write_text(json.dumps(slots))
+    art = (s.tmp / "vv-1.5.0" / "vv-1.5.0.mender").read_bytes()
+    before = len(downloads(s))
+    rb = offer(s, "vv-1.5.0", header=header_of(art), artifact=art)
+    assert s.poll().startswith("rebooting")
+    assert len(downloads(s)) > before
+    reasons = [b.get("substate", "") for b in s.server.status_of(rb) if b["status"] == "downloading"]
+    assert reasons and "no record of its content from when the device left it" in reasons[0], reasons
+    uploaded = json.dumps([body for dep, body in s.server.logs if dep == rb])
+    assert "rollback to vv-1.5.0 downloads it" in uploaded and "booted since it was written" in uploaded
+    assert "booted since it was written" in local_log(s, rb)
+
+
+def test_a_used_slot_changed_after_the_device_left_it_downloads(scene: Scene) -> None:
+    s = scene
+    running(s, "vv-1.0.0", "1.0.0")
+    update(s, "vv-1.5.0", "1.5.0", 3, seed=5)
+    update(s, "vv-2.0.0", "2.0.0", 2, seed=6)
+    with open(s.device.slot_path(3), "r+b") as f:
+        f.seek(8192)
+        f.write(b"changed while the device ran slot A")
+    art = (s.tmp / "vv-1.5.0" / "vv-1.5.0.mender").read_bytes()
+    before = len(downloads(s))
+    rb = offer(s, "vv-1.5.0", header=header_of(art), artifact=art)
+    assert s.poll().startswith("rebooting") and len(downloads(s)) > before
+    assert "recorded when the device left it: it changed since" in local_log(s, rb)
+
+
+def test_an_interrupted_install_leaves_no_record_that_vouches_for_the_slot(scene: Scene) -> None:
+    """Slot B's record says it holds vv-1.5.0 as the device left it; an install into slot B starts writing and
+    fails (its payload does not match its signed checksum): the record is gone with the old content, so the
+    rollback to vv-1.5.0 downloads rather than re-arming half-written bytes."""
+    s = scene
+    running(s, "vv-1.0.0", "1.0.0")
+    update(s, "vv-1.5.0", "1.5.0", 3, seed=5)
+    update(s, "vv-2.0.0", "2.0.0", 2, seed=6)
+    assert json.loads((s.device.data / "slots.json").read_text())["3"]["left_sha256"]
+    (s.tmp / "bad").mkdir()
+    bad, _ = make_artifact(s.tmp / "bad", s.keys["ec"][0], name="vv-3.0.0", version="3.0.0", seed=9)
+    data = bytearray(bad.read_bytes())
+    data[len(data) * 3 // 4] ^= 0xFF  # in the compressed payload, past the signed header
+    s.server.files[DOWNLOAD] = bytes(data)
+    dep = new_id()
+    s.server.next = s.server.deployment(dep, "vv-3.0.0")
+    assert s.poll().startswith("failure")
+    assert "3" not in json.loads((s.device.data / "slots.json").read_text())
+    art = (s.tmp / "vv-1.5.0" / "vv-1.5.0.mender").read_bytes()
+    rb = offer(s, "vv-1.5.0", header=header_of(art), artifact=art)
+    s.server.requests.clear()
+    assert s.poll().startswith("rebooting")
+    assert downloads(s) and f"GET {HEADER}" not in s.server.requests
+    assert "slot B holds nothing this agent recorded" in local_log(s, rb)
+
+
 def local_log(s: Scene, dep: str) -> str:
     return (s.device.data / "logs" / f"{dep}.jsonl").read_text()
 
