@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ota_common.errors import BootEnvError
 
+from . import boottune
 from .faults import fault
 
 ENV_SIZE = 0x4000
@@ -116,7 +117,11 @@ class BootEnv:
 
     def update(self, changes: Mapping[str, str | None], *, fault_point: str = "bootenv-write") -> dict[str, str]:
         """Set (or with ``None`` delete) variables in one write to the older copy. Returns the new state.
-        ``fault_point`` names the write for the tests' power cuts (:mod:`.faults`)."""
+        ``fault_point`` names the write for the tests' power cuts (:mod:`.faults`). The local boot tuning
+        (:mod:`.boottune`) is kept as it is and cannot be changed here: raises :class:`BootEnvError`."""
+        tuning = sorted(set(changes) & set(boottune.NAMES))
+        if tuning:
+            raise BootEnvError(f"{', '.join(tuning)}: local boot tuning, set only with fw_setenv on the device")
         a, b = self._copies()
         current = newer(a, b)
         state = dict((a, b)[current].variables)

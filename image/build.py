@@ -14,6 +14,7 @@ from typing import Any
 
 import jinja2
 
+from device_hooks import boottune
 from device_hooks.bootenv import ENV_SIZE, INITIAL_STATE, encode
 from ota_common.errors import UserError
 from ota_common.tools import run
@@ -39,6 +40,12 @@ def disk_context(layout: DiskLayout) -> dict[str, str]:
     }
 
 
+def tune_context() -> dict[str, Any]:
+    """What boot.cmd.j2 needs of the local boot tuning: the variable names and the characters each accepts."""
+    return {"names": boottune.NAMES, "chars": boottune.BOOT_SCR_CHARS, "bootargs": boottune.BOOTARGS,
+            "console": boottune.CONSOLE, "fdt_disable": boottune.FDT_DISABLE, "fdt_delprop": boottune.FDT_DELPROP}
+
+
 def render_boot_script(work: Path, board_name: str, board: BoardModel, layout: DiskLayout, *,
                        signed: bool = True, epoch: int | None = None) -> Path:
     """boot.cmd from its template, compiled to boot.scr with mkimage (which stamps the build's ``epoch`` into its
@@ -46,7 +53,7 @@ def render_boot_script(work: Path, board_name: str, board: BoardModel, layout: D
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(BOOT_CMD.read_text()).render(
         board={"name": board_name, **board.model_dump()}, disk=disk_context(layout), env={"size": hex(ENV_SIZE)},
-        signed=signed,
+        signed=signed, tune=tune_context(),
     )
     cmd = work / "boot.cmd"
     cmd.write_text(text)

@@ -10,19 +10,23 @@ from pathlib import Path
 
 import pytest
 
+from device_hooks import boottune
 from device_hooks.bootenv import ENV_SIZE, INITIAL_STATE, BootEnv, decode, encode
 from devkit.qemu import Vm, virt_argv
 from image.build import render_boot_script
 from image.config import load_board
-from image.disk import assemble, make_vfat, plan_layout
+from image.disk import assemble, make_ext4, make_vfat, plan_layout
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 MTOOLS = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
 
 
-def _disk(tmp: Path, a: bytes, b: bytes, last_good: bytes | None = None) -> tuple[Path, int]:
+def _disk(tmp: Path, a: bytes, b: bytes, last_good: bytes | None = None, *, board: str = "qemu-virt",
+          slot_a: bool = False) -> tuple[Path, int]:
+    """The boot partition with boot.scr and the two state copies; ``slot_a``: slot A holds a kernel and initrd
+    that U-Boot loads but cannot start (so the script runs to ``booti``, which fails and resets)."""
     layout = plan_layout(slot_mib=64, boot_mib=64, data_mib=16, seed="t")
-    scr = render_boot_script(tmp, "qemu-virt", load_board("qemu-virt"), layout)
+    scr = render_boot_script(tmp, board, load_board(board), layout)
     (tmp / "env.a").write_bytes(a)
     (tmp / "env.b").write_bytes(b)
     files = {"boot.scr": scr, "ota/uboot.env.a": tmp / "env.a", "ota/uboot.env.b": tmp / "env.b"}
@@ -30,7 +34,14 @@ def _disk(tmp: Path, a: bytes, b: bytes, last_good: bytes | None = None) -> tupl
         (tmp / "lastgood").write_bytes(last_good)
         files["ota/lastgood"] = tmp / "lastgood"
     make_vfat(tmp / "boot.vfat", files, size_mib=64, label="boot", seed="t")
-    assemble(tmp / "disk.img", layout, {"boot": tmp / "boot.vfat"})
+    parts = {"boot": tmp / "boot.vfat"}
+    if slot_a:
+        (tmp / "tree" / "boot").mkdir(parents=True)
+        (tmp / "tree" / "boot" / "Image").write_bytes(b"not a kernel" * 100)
+        (tmp / "tree" / "boot" / "initrd.img").write_bytes(b"not an initrd" * 100)
+        make_ext4(tmp / "a.ext4", tmp / "tree", size_mib=64, label="rootfs-a", seed="t")
+        parts["rootfs-a"] = tmp / "a.ext4"
+    assemble(tmp / "disk.img", layout, parts)
     return tmp / "disk.img", layout.by_name("boot").offset
 
 
@@ -94,3 +105,55 @@ def test_both_copies_invalid_boot_the_last_committed_slot_without_trial(tmp_path
     lines = _run_uboot(disk, tmp_path / "serial.log", "slot=B part=3")
     assert lines[0] == "ota-boot: no valid boot state, booting the last committed slot (part 3)"
     assert lines[1] == "ota-boot: slot=B part=3 upgrade_available=0 bootcount=0"
+
+
+#: QEMU virt's own device tree has a PL031 real-time clock at this path
+RTC = "/pl031@9010000"
+
+
+def test_local_tuning_reaches_the_kernel_line_and_the_device_tree_and_survives_the_state_writes(tmp_path: Path) -> None:
+    """The holder of a device (here: a test harness with fw_setenv on its copy of the image) adds kernel
+    arguments, moves the console and fixes the device tree up; a trial boot's state write keeps all of it."""
+    tuning = {boottune.BOOTARGS: "clk_ignore_unused modprobe.blacklist=bcm2835_wdt", boottune.CONSOLE: "ttyAMA1",
+              boottune.FDT_DISABLE: f"{RTC} /no-such-node",
+              boottune.FDT_DELPROP: f"{RTC}:clock-names {RTC}:clock-names"}
+    state = {**INITIAL_STATE, "upgrade_available": "1", "bootlimit": "5", **tuning}
+    disk, off = _disk(tmp_path, encode(state, 3), encode(INITIAL_STATE, 2), slot_a=True)
+    lines = _run_uboot(disk, tmp_path / "serial.log", f"cannot delete {RTC} clock-names")
+    layout_id = _layout_id()
+    assert lines[:8] == [
+        "ota-boot: slot=A part=2 upgrade_available=1 bootcount=1",
+        "ota-boot: extra kernel arguments: clk_ignore_unused modprobe.blacklist=bcm2835_wdt",
+        "ota-boot: console ttyAMA1",
+        f"ota-boot: kernel arguments: clk_ignore_unused modprobe.blacklist=bcm2835_wdt root=PARTUUID={layout_id}-02 "
+        "rootfstype=ext4 rootwait rw console=ttyAMA1 panic=10 ota.slot=A ota.trial=1",
+        f"ota-boot: fdt: disabled {RTC}",
+        "ota-boot: fdt: cannot disable /no-such-node",
+        # the second deletion of one property fails: the first one did delete it
+        f"ota-boot: fdt: deleted {RTC} clock-names",
+        f"ota-boot: fdt: cannot delete {RTC} clock-names",
+    ]
+    assert _env_files(disk, off, tmp_path).read() == {**state, "bootcount": "1"}
+
+
+def test_tuning_outside_its_grammar_is_ignored_by_boot_scr(tmp_path: Path) -> None:
+    """A hand-edited state (written past boottune.check) cannot reach U-Boot's command line: each bad value is
+    ignored whole and the board's own console stays; the rpi4 script edits the device tree it boots with
+    (here the firmware's, ${fdt_addr}, as the slot has no DTB)."""
+    state = {**INITIAL_STATE, boottune.BOOTARGS: "quiet;reset", boottune.CONSOLE: "ttyAMA0 init=/bin/sh",
+             boottune.FDT_DISABLE: f"{RTC};reset", boottune.FDT_DELPROP: f"{RTC}:clock-names"}
+    disk, _ = _disk(tmp_path, encode(state, 1), encode(state, 1), board="rpi4", slot_a=True)
+    lines = _run_uboot(disk, tmp_path / "serial.log", f"deleted {RTC} clock-names")
+    console = load_board("rpi4").console
+    assert lines[1:6] == [
+        "ota-boot: ignoring ota_bootargs: a character outside its set",
+        "ota-boot: ignoring ota_console: a character outside its set",
+        f"ota-boot: kernel arguments: root=PARTUUID={_layout_id()}-02 rootfstype=ext4 rootwait rw console={console} "
+        "panic=10 ota.slot=A ota.trial=0",
+        "ota-boot: ignoring ota_fdt_disable: a character outside its set",
+        f"ota-boot: fdt: deleted {RTC} clock-names",
+    ]
+
+
+def _layout_id() -> str:
+    return f"{plan_layout(slot_mib=64, boot_mib=64, data_mib=16, seed='t').disk_id:08x}"

@@ -172,3 +172,11 @@ def test_required_config_must_be_settable_and_its_placeholder_one_word(tmp_path:
         merge_layers(load_layers([app, more, spaced]))
     with pytest.raises(LayerError, match=r"required_config\[0\]: 'LD_PRELOAD': changes how programs load code"):
         load_layer(_layer(tmp_path, "bad", "required_config: [LD_PRELOAD]\n"))
+
+
+def test_initramfs_carries_what_a_real_pi4_needs_to_find_its_root() -> None:
+    """On a Pi 4 the SD card is on emmc2, whose vqmmc is a regulator-gpio and vmmc a regulator-fixed: modules in
+    Debian's kernel that emmc2 waits for. Emulation uses the other controller and cannot show them missing."""
+    listed = (Path(__file__).resolve().parent.parent / "layers" / "boot" / "files" / "initramfs-modules").read_text()
+    modules = {line.strip() for line in listed.splitlines() if line.strip() and not line.startswith("#")}
+    assert {"sdhci_iproc", "gpio-regulator", "fixed", "mmc_block", "ext4"} <= modules
