@@ -11,8 +11,11 @@ root log in over SSH with a key made for the run. The device boots a copy of 1.0
 from an artifact on a second, unthrottled drive:
 
 1. the index of slot B is made as the agent makes it after installing 1.0.0 there;
-2. after: the delta installed with the block index;
-3. before: the same install with every block written.
+2. after: the delta installed with the block index (slot B not booted since its install: after a rollback, an
+   aborted or failed deployment);
+3. slot B is given 1.0.0's image again (``dd`` from a third drive) and the delta installed without an index: the
+   slot is read and compared (a slot booted since its install: its first block, the ext4 superblock, changed);
+4. before: the same install with every block written.
 
 (Full installs are measured on the host by ``bench/blockwrite.py``: under TCG, inflating 1.25 GB in an emulated
 CPU would measure the emulator.)
@@ -197,7 +200,9 @@ def run(work: Path, log: Callable[[str], None]) -> list[tuple[str, str, dict[str
 
     src_sum = sha(rootfs1)
     drives = {"delta": (_padded(delta2, run_dir / "delta.img"), "/dev/vdb")}
-    extra = ["-drive", virtio_drive(run_dir / "delta.img") + ",readonly=on"]
+    _padded(rootfs1, run_dir / "source.img")
+    extra = ["-drive", virtio_drive(run_dir / "delta.img") + ",readonly=on",
+             "-drive", virtio_drive(run_dir / "source.img") + ",readonly=on"]  # /dev/vdc: 1.0.0's image
     code = run_dir / "code.tar"
     _code_tar(code, work / "keys" / "public.pem")
     port = free_port()
@@ -234,6 +239,10 @@ def run(work: Path, log: Callable[[str], None]) -> list[tuple[str, str, dict[str
             rows.append((kind, mode, result))
 
         install("delta", "index", index_slot_b())
+        log("slot B := 1.0.0's image again (dd in the guest, throttled) ...")
+        vm.ssh(f"head -c {rootfs1.stat().st_size} /dev/vdc | dd of=/dev/vda3 bs=4M iflag=fullblock conv=fsync "
+               "status=none", timeout=3600)
+        install("delta", "read", "0" * 32)  # the index was removed by the install before: none to use
         install("delta", "before", "0" * 32)  # whatever slot B holds, every block is written
     return rows
 
@@ -242,6 +251,8 @@ def report(rows: list[tuple[str, str, dict[str, object]]]) -> None:
     mb = 1e6
     print(f"\nSmall update (1.0.0 -> 1.0.1, one file of the app layer) installed in QEMU on a disk throttled to "
           f"{THROTTLE[0] >> 20} MiB/s and {THROTTLE[1]} writes/s (slot B held 1.0.0)")
+    print("mode: index = slot B's block index used; read = no usable index, slot B read and compared; before = "
+          "every block written")
     print(f"{'install':8} {'mode':7} {'written MB':>11} {'kernel MB':>10} {'skipped blocks':>18} {'time s':>8} "
           f"{'write s':>8} {'read-back s':>12}")
     by: dict[tuple[str, str], dict[str, object]] = {}
@@ -258,6 +269,11 @@ def report(rows: list[tuple[str, str, dict[str, object]]]) -> None:
             aw = max(int(a["kernel_written"]), 1)  # type: ignore[call-overload]
             print(f"  {kind}: bytes written before/after {bw / aw:8.1f}x (kernel count), install time before/after "
                   f"{float(b['seconds']) / float(a['seconds']):6.1f}x")  # type: ignore[arg-type]
+            if (kind, "read") in by:
+                r = by[(kind, "read")]
+                rw = max(int(r["kernel_written"]), 1)  # type: ignore[call-overload]
+                print(f"  {kind} without an index (slot read): bytes written before/after {bw / rw:8.1f}x, install "
+                      f"time before/after {float(b['seconds']) / float(r['seconds']):6.1f}x")  # type: ignore[arg-type]
 
 
 def main(work: Path) -> int:
