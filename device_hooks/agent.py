@@ -52,6 +52,7 @@ from ota_common.errors import ArtifactError, BootEnvError, IncompatibleArtifact,
 from . import cfgrelease, devconfig, inventory, journal, slot_rollback, validate
 from .agentstate import Current, Phase, Slot, StateStore
 from .api import Aborted, BadDeployment, Deployment, DeviceAPI, ServerError, Unauthorized
+from .blockindex import SlotIndex, binding_from_record
 from .bootenv import BootEnv
 from .config import Config
 from .download import LinkGone, ResumableDownload, remove_spool
@@ -60,7 +61,7 @@ from .identity import boot_id, identity_data, identity_json, load_or_create_key
 from .install import DELTA, DeviceFacts, arm, stream_install
 from .reports import DeploymentLog, Outbox
 from .scripts import ScriptError, ScriptRunner, scripts_dir, store_scripts
-from .slots import Slots, check_writable_target, detect
+from .slots import Slots, check_writable_target, detect, slot_name
 from .state import read_json, write_json
 from .trust import Trust, security_version
 
@@ -550,7 +551,7 @@ class Agent:
         fault("before-arm")
         arm(self.env, int(target))
         self.dlog(dep.id, "info", f"boot state armed: next boot tries slot {target.label} "
-                                  f"({result.size} bytes, {result.zeroed} of them as zero ranges, streamed in "
+                                  f"({result.size} bytes: {result.write_summary()}; streamed in "
                                   f"{result.write_seconds:.1f}s and read back in {result.verify_seconds:.1f}s)")
         fault("after-arm")
         self.reboot(dep.id)
@@ -596,24 +597,34 @@ class Agent:
                 self.report(dep.id, "installing")
                 install.enter()
 
-            result, resumes = self._stream(dep, facts, dev, spool, refresh, on_header)
+            index = self.slot_index(int(target))
+            result, resumes = self._stream(dep, facts, dev, spool, refresh, on_header, index)
             if resumes:
                 self.dlog(dep.id, "info", f"download resumed {resumes} time(s) with HTTP Range")
             remove_spool(spool)  # installed and verified: free /data
+        self.dlog(dep.id, "info", f"slot {target.label} written and read back: {result.write_summary()}"
+                                  + (f"; {result.index_note}" if result.index_note else ""))
         slots = read_json(self.dir / "slots.json")
         slots[str(int(target))] = {"artifact_name": result.artifact_name, "provides": result.provides,
-                                   "size": result.size, "installed_at": self.clock.now()}
+                                   "size": result.size, "installed_at": self.clock.now(),
+                                   **({"blockindex": result.index_generation} if result.index_generation else {})}
         write_json(self.dir / "slots.json", slots)
         return result
 
+    def slot_index(self, part: int) -> SlotIndex:
+        """The block index of slot ``part`` (:mod:`.blockindex`), bound to what its record says it holds."""
+        return SlotIndex(self.dir, slot_name(part), binding_from_record(self.slot_record(part)),
+                         enabled=self.cfg.install.block_index)
+
     def _stream(self, dep: Deployment, facts: DeviceFacts, dev: Path, spool: Path,
-                refresh: Callable[[], str | None], on_header: Callable[[Any, dict[str, str]], None]) -> tuple[Any, int]:
+                refresh: Callable[[], str | None], on_header: Callable[[Any, dict[str, str]], None],
+                index: SlotIndex | None = None) -> tuple[Any, int]:
         active = self.slots.device(self.slots.running)
         if dep.local_path is not None:
             with open(dep.local_path, "rb") as f:
                 result = stream_install(f, verifiers=self.verifiers(), device=facts, target=dev,
                                         allow_downgrade=dep.allow_downgrade, source_size=os.fstat(f.fileno()).st_size,
-                                        on_header=on_header, active=active)
+                                        on_header=on_header, active=active, index=index)
             return result, 0
         resumes = 0
         for attempt in (1, 2):
@@ -626,7 +637,7 @@ class Agent:
                 self.dlog(dep.id, "info", f"downloading {size} bytes" + (f", {dl.kept} kept from before" if dl.kept else ""))
                 result = stream_install(dl, verifiers=self.verifiers(), device=facts, target=dev,
                                         allow_downgrade=dep.allow_downgrade, source_size=size,
-                                        on_header=on_header, active=active)
+                                        on_header=on_header, active=active, index=index)
                 resumes += dl.resumes
                 return result, resumes
             except LinkGone as e:

@@ -142,12 +142,20 @@ class CommandsSection:
 
 
 @dataclass(frozen=True)
+class InstallSection:
+    # write only the blocks of a slot that differ from what it holds, known from a block index on /data
+    # (device_hooks.blockindex) or by reading the slot; "no": every block is written (as before issue 19)
+    block_index: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     device: DeviceSection = field(default_factory=DeviceSection)
     paths: PathsSection = field(default_factory=PathsSection)
     health: HealthSection = field(default_factory=HealthSection)
     commands: CommandsSection = field(default_factory=CommandsSection)
+    install: InstallSection = field(default_factory=InstallSection)
 
     @property
     def state_dir(self) -> Path:

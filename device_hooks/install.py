@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import ArtifactReader, Verifier
+from artifacts.blockwrite import BLOCK_SIZE, SYNC_EVERY, BlockWriter, OldContent, SlotReadBack
 from artifacts.delta import DELTA_PAYLOAD_TYPE, DeltaError
 from artifacts.format import SECURITY_VERSION_KEY
 from artifacts.header import ArtifactHeader
-from artifacts.zeroing import Zeroer
 from ota_common.errors import ArtifactError, IncompatibleArtifact
 
+from .blockindex import SlotIndex
 from .bootenv import BootEnv
 from .faults import fault
 
@@ -38,10 +39,9 @@ log = logging.getLogger(__name__)
 ROOTFS = "rootfs-image"
 SECURITY_VERSION = SECURITY_VERSION_KEY
 DELTA = DELTA_PAYLOAD_TYPE
-WRITE_SYNC_EVERY = 32 * 1024 * 1024
+WRITE_SYNC_EVERY = SYNC_EVERY
 VERIFY_CHUNK = 1024 * 1024
-ZERO_BLOCK = 64 * 1024  # all-zero blocks of this size (aligned) become zero-range requests
-_ZEROS = bytes(ZERO_BLOCK)
+ZERO_BLOCK = BLOCK_SIZE  # all-zero blocks of this size (aligned) become zero-range requests
 
 
 class SlotVerifyError(ArtifactError):
@@ -70,83 +70,31 @@ class InstallResult:
     write_seconds: float = 0.0  # download + decompress + write (they run as one stream)
     verify_seconds: float = 0.0  # the read-back
     zeroed: int = 0  # bytes zeroed by range requests instead of written
+    written: int = 0  # bytes written to the slot (pwrite)
+    skipped: int = 0  # bytes not written because the slot already held them
+    blocks: int = 0  # blocks of the image (BLOCK_SIZE bytes, the last one shorter)
+    skipped_blocks: int = 0
+    index_generation: str | None = None  # of the block index written after the read-back (for the slot record)
+    index_note: str = ""  # whether the old block index was used, and why not
+
+    def write_summary(self) -> str:
+        """One line for the logs: what the install wrote, zeroed and skipped."""
+        return (f"{self.written} bytes written, {self.zeroed} zeroed by range, {self.skipped} unchanged "
+                f"({self.skipped_blocks} of {self.blocks} blocks skipped)")
 
 
-class SlotWriter:
-    """Writes a slot front to back. Aligned all-zero blocks are not copied through the page cache: they are
-    collected into ranges and zeroed by the kernel (:class:`artifacts.zeroing.Zeroer`: ``BLKZEROOUT`` on a
-    block device, which issues WRITE ZEROES or writes zero pages itself; the medium may not even be
-    written). About 40 % of a root filesystem image is free space, so this saves that much CPU on a slow
-    board. Where the call is not supported the zeros are written as usual, and always with ``fast_zero=False``
-    (``bench/delta.py`` measures both)."""
+class SlotWriter(BlockWriter):
+    """Writes a slot front to back (:class:`artifacts.blockwrite.BlockWriter`). Aligned all-zero blocks are not
+    copied through the page cache: they are collected into ranges and zeroed by the kernel
+    (:class:`artifacts.zeroing.Zeroer`: ``BLKZEROOUT`` on a block device, which issues WRITE ZEROES or writes zero
+    pages itself; the medium may not even be written). About 40 % of a root filesystem image is free space, so
+    this saves that much CPU on a slow board. Where the call is not supported the zeros are written as usual,
+    and always with ``fast_zero=False`` (``bench/delta.py`` measures both). Given ``old`` (what the slot holds:
+    the block index or the slot read back), blocks the slot already holds are not written at all."""
 
-    def __init__(self, fd: int, *, on_write: Callable[[], None] | None = None, fast_zero: bool = True) -> None:
-        self.fd = fd
-        self.pos = 0  # everything before it is written or zeroed (or queued in the zero range)
-        self.zero_from: int | None = None
-        self.zeroed = 0
-        self.since_sync = 0
-        self.on_write = on_write
-        self.zeroer = Zeroer(fd, fast_zero)
-
-    def write(self, chunk: bytes | bytearray | memoryview) -> None:
-        if isinstance(chunk, memoryview):
-            chunk = chunk.tobytes()
-        n, base = len(chunk), self.pos  # chunk[i] goes to base + i
-        i = run = 0  # [run, i) is data not yet written
-        while i < n:
-            misalign = (base + i) % ZERO_BLOCK
-            if misalign:
-                i = min(n, i + ZERO_BLOCK - misalign)
-                continue
-            if i + ZERO_BLOCK <= n and chunk.startswith(_ZEROS, i):
-                self._data(chunk, run, i)
-                self._zero(ZERO_BLOCK)
-                i += ZERO_BLOCK
-                run = i
-            else:
-                i = min(n, i + ZERO_BLOCK)
-        self._data(chunk, run, n)
-
-    def _data(self, chunk: bytes | bytearray, start: int, end: int) -> None:
-        if start == end:
-            return
-        self._flush_zeros()
-        view = memoryview(chunk)[start:end]
-        while view:
-            done = os.pwrite(self.fd, view, self.pos)
-            self.pos += done
-            view = view[done:]
-        self.since_sync += end - start
-        if self.since_sync >= WRITE_SYNC_EVERY:  # bound the dirty page cache on a small board
-            os.fdatasync(self.fd)
-            self.since_sync = 0
-        if self.on_write:
-            self.on_write()
-
-    def _zero(self, length: int) -> None:
-        if self.zero_from is None:
-            self.zero_from = self.pos
-        self.pos += length
-
-    def _flush_zeros(self) -> None:
-        if self.zero_from is None:
-            return
-        start, length = self.zero_from, self.pos - self.zero_from
-        self.zero_from = None
-        if self.zeroer(start, length):
-            self.zeroed += length
-            return
-        while length:
-            done = os.pwrite(self.fd, memoryview(_ZEROS)[: min(length, ZERO_BLOCK)], start)
-            start += done
-            length -= done
-
-    def finish(self) -> int:
-        """Flush and fsync; returns the number of bytes the slot now holds from offset 0."""
-        self._flush_zeros()
-        os.fsync(self.fd)
-        return self.pos
+    def __init__(self, fd: int, *, on_write: Callable[[], None] | None = None, fast_zero: bool = True,
+                 old: OldContent | None = None, digests: bool = False) -> None:
+        super().__init__(fd, old=old, digests=digests, fast_zero=fast_zero, on_block=on_write)
 
 
 def version_key(v: str) -> tuple[tuple[int, int | str], ...]:
@@ -236,6 +184,7 @@ def stream_install(
     on_header: Callable[[ArtifactHeader, dict[str, str]], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     active: Path | None = None,
+    index: SlotIndex | None = None,
 ) -> InstallResult:
     """Verify and write the artifact read from ``source`` into the slot device ``target``.
 
@@ -243,8 +192,14 @@ def stream_install(
     :func:`_apply_delta`); it is armed only if the result equals the signed target checksum.
 
     ``on_header`` runs after the signature and compatibility checks and before the first write (the agent
-    runs the ArtifactInstall_Enter scripts there and reports ``installing``). Raises :class:`ArtifactError`
-    (signature, structure, checksum, compatibility) or ``OSError`` (the medium)."""
+    runs the ArtifactInstall_Enter scripts there and reports ``installing``).
+
+    ``index``: the block index of the target slot (:mod:`.blockindex`). It is read and removed before the first
+    write; blocks the slot already holds (by the index, or by reading the slot when there is no usable index)
+    are not written; after the read-back a new index is written, whose generation the result carries for the
+    slot's record. Without it every block is written.
+
+    Raises :class:`ArtifactError` (signature, structure, checksum, compatibility) or ``OSError`` (the medium)."""
     started = time.monotonic()
     if not verifiers:
         raise ArtifactError("no trusted release keys on this device: refusing to install anything")
@@ -261,7 +216,7 @@ def stream_install(
     if header.info.payload_types[0] == DELTA:
         if active is None:
             raise IncompatibleArtifact("a delta artifact needs the running slot as its source; none was given")
-        return _apply_delta(reader, files, pf, header, provides, active, target, started, progress)
+        return _apply_delta(reader, files, pf, header, provides, active, target, started, progress, index)
     fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     try:
         capacity = _device_size(fd)
@@ -269,15 +224,16 @@ def stream_install(
             raise IncompatibleArtifact(
                 f"the root filesystem image is {pf.size} bytes but slot {target} holds only {capacity}"
             )
-        writer = SlotWriter(fd)
-        writer.on_write = lambda: fault("install-write", writer.pos)
-        reported = 0
-        for chunk in pf.chunks():
-            writer.write(chunk)
-            if progress and writer.pos - reported >= WRITE_SYNC_EVERY:
-                reported = writer.pos
-                progress(writer.pos, pf.size)
-        written = writer.finish()
+        with _OldSlot(index, target, capacity) as old:
+            writer = SlotWriter(fd, old=old.content, digests=old.indexing)
+            writer.on_block = lambda: fault("install-write", writer.pos)
+            reported = 0
+            for chunk in pf.chunks():
+                writer.write(chunk)
+                if progress and writer.pos - reported >= WRITE_SYNC_EVERY:
+                    reported = writer.pos
+                    progress(writer.pos, pf.size)
+            written = writer.finish()
     finally:
         os.close(fd)
     assert pf.sha256 is not None
@@ -290,14 +246,67 @@ def stream_install(
     streamed = time.monotonic()
     verify_slot(target, pf.size, pf.sha256)
     provides.setdefault("rootfs-image.checksum", pf.sha256)
+    generation = old.save(writer, capacity, pf.size, pf.sha256)
     done = time.monotonic()
-    return InstallResult(header.info.artifact_name, provides, pf.size, pf.sha256, dict(header.scripts),
-                         done - started, streamed - started, done - streamed, writer.zeroed)
+    return _result(header, provides, pf.size, pf.sha256, started, streamed, done, writer, generation, old.note)
+
+
+def _result(header: ArtifactHeader, provides: dict[str, str], size: int, sha256: str, started: float, streamed: float,
+            done: float, writer: BlockWriter, generation: str | None, note: str) -> InstallResult:
+    return InstallResult(header.info.artifact_name, provides, size, sha256, dict(header.scripts), done - started,
+                         streamed - started, done - streamed, writer.zeroed, writer.written, writer.skipped,
+                         writer.blocks, writer.skipped_blocks, generation, note)
+
+
+class _OldSlot:
+    """What the target slot holds before an install, for the block writer: the block index when it can be used,
+    else the slot itself read back (``with``: its read descriptor is open inside); nothing without an index.
+    Entering it removes the index file (before the caller's first write)."""
+
+    def __init__(self, index: SlotIndex | None, target: Path, capacity: int) -> None:
+        self.index = index
+        self.target = target
+        self.capacity = capacity
+        self.content: OldContent | None = None
+        self.note = ""
+        self._fd: int | None = None
+
+    @property
+    def indexing(self) -> bool:
+        return self.index is not None and self.index.enabled
+
+    def __enter__(self) -> _OldSlot:
+        if self.index is None:
+            return self
+        self.content, self.note = self.index.take(self.target, self.capacity)
+        if self.content is None and self.index.enabled:
+            self._fd = os.open(self.target, os.O_RDONLY | os.O_CLOEXEC)
+            self.content = SlotReadBack(self._fd)
+        log.info("%s", self.note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def save(self, writer: BlockWriter, capacity: int, size: int, sha256: str) -> str | None:
+        """After the read-back: the new index of the slot (its generation), None without one. A failure to
+        write it costs the next install writes, not this one: it is logged."""
+        if self.index is None or not self.index.enabled:
+            return None
+        try:
+            return self.index.save(device_size=capacity, payload_size=size, checksum=sha256,
+                                   digests=bytes(writer.index))
+        except OSError as e:
+            log.warning("the block index of the slot could not be written (%s): the next install reads the slot",
+                        e.strerror or e)
+            return None
 
 
 def _apply_delta(reader: ArtifactReader, files: Any, pf: Any, header: ArtifactHeader, provides: dict[str, str],
                  active: Path, target: Path, started: float,
-                 progress: Callable[[int, int], None] | None) -> InstallResult:
+                 progress: Callable[[int, int], None] | None, index: SlotIndex | None) -> InstallResult:
     """Rebuild the target image from the running slot and the delta, straight into ``target``: memory stays at a
     few MiB (the source is read with ``pread`` where the delta says). The result must hash to the target
     checksum the artifact's signed header provides; it is then read back like a full install."""
@@ -313,16 +322,19 @@ def _apply_delta(reader: ArtifactReader, files: Any, pf: Any, header: ArtifactHe
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            if dh.target_size > _device_size(fd):
+            capacity = _device_size(fd)
+            if dh.target_size > capacity:
                 raise IncompatibleArtifact(
-                    f"the delta makes a {dh.target_size}-byte image but slot {target} holds only {_device_size(fd)}")
+                    f"the delta makes a {dh.target_size}-byte image but slot {target} holds only {capacity}")
 
             def step(written: int, total: int) -> None:
                 fault("install-write", written)
                 if progress:
                     progress(written, total)
 
-            applied = apply_delta(payload, src, fd, progress=step)
+            with _OldSlot(index, target, capacity) as old:
+                writer = BlockWriter(fd, old=old.content, digests=old.indexing)
+                applied = apply_delta(payload, src, fd, progress=step, blocks=writer)
         finally:
             os.close(fd)
     finally:
@@ -335,11 +347,12 @@ def _apply_delta(reader: ArtifactReader, files: Any, pf: Any, header: ArtifactHe
         raise DeltaError(f"the delta produced {applied.target_sha256[:16]}…, the artifact promises {want[:16]}…")
     streamed = time.monotonic()
     verify_slot(target, applied.target_size, want)
+    generation = old.save(writer, capacity, applied.target_size, want)
     done = time.monotonic()
     log.info("delta applied: %d bytes copied from the running slot, %d new, %d zero", applied.copied_bytes,
              applied.literal_bytes, applied.zero_bytes)
-    return InstallResult(header.info.artifact_name, provides, applied.target_size, want, dict(header.scripts),
-                         done - started, streamed - started, done - streamed, applied.zero_bytes)
+    return _result(header, provides, applied.target_size, want, started, streamed, done, writer, generation,
+                   old.note)
 
 
 def slot_sha256(target: Path, size: int) -> str:

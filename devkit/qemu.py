@@ -31,23 +31,33 @@ TOOLS = ("qemu-system-aarch64", "qemu-img")
 T = TypeVar("T")
 
 
-def virtio_drive(disk: Path) -> str:
+def virtio_drive(disk: Path, *, throttle_write: tuple[int, int] | None = None) -> str:
     """The ``-drive`` value of a virtio disk (qcow2 by its suffix, else raw) whose host I/O errors reach the
-    guest as I/O errors instead of pausing the VM."""
+    guest as I/O errors instead of pausing the VM. ``throttle_write``: (bytes/s, write requests/s) the guest may
+    write at most, like an SD card (QEMU's ``throttling.bps-write`` and ``throttling.iops-write``; reads are not
+    throttled)."""
     fmt = "qcow2" if disk.suffix == ".qcow2" else "raw"
-    return f"if=virtio,format={fmt},file={disk},werror=report,rerror=report"
+    drive = f"if=virtio,format={fmt},file={disk},werror=report,rerror=report"
+    if throttle_write is not None:
+        bps, iops = throttle_write
+        if bps <= 0 or iops <= 0:
+            raise ValueError(f"write throttling needs positive limits, got {bps} bytes/s and {iops} writes/s")
+        drive += f",throttling.bps-write={int(bps)},throttling.iops-write={int(iops)}"
+    return drive
 
 
 def virt_argv(disk: Path, *, smp: int = 2, ssh_port: int | None = None, network: bool = True,
-              watchdog: bool = True, extra: Sequence[str] = ()) -> list[str]:
+              watchdog: bool = True, extra: Sequence[str] = (),
+              throttle_write: tuple[int, int] | None = None) -> list[str]:
     """The QEMU line of a ``qemu-virt`` device booting ``disk``: the device contract's machine, U-Boot, drive and
     watchdog, and a user-mode NIC (``ssh_port`` on the host's loopback forwarded to the guest's port 22).
 
     The NIC has no option ROM (``romfile=``): U-Boot never boots from the network, and the run does not depend
     on ``ipxe-qemu``'s ``efi-virtio.rom``. ``network`` and ``watchdog`` leave those devices out (a test of
-    U-Boot alone); ``extra`` is appended (a second drive: ``["-drive", virtio_drive(path)]``, a kernel)."""
+    U-Boot alone); ``extra`` is appended (a second drive: ``["-drive", virtio_drive(path)]``, a kernel).
+    ``throttle_write``: the disk writes like an SD card (:func:`virtio_drive`)."""
     argv = ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", str(smp), "-m", "1024",
-            "-nographic", "-bios", str(UBOOT), "-drive", virtio_drive(disk)]
+            "-nographic", "-bios", str(UBOOT), "-drive", virtio_drive(disk, throttle_write=throttle_write)]
     if watchdog:
         argv += ["-device", "i6300esb", "-watchdog-action", "reset"]
     if network:

@@ -17,6 +17,7 @@ BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py") if not p.name.sta
 #: what each quick run must print: the line of its result table that says the comparison ran
 EXPECTED = {
     "artifacts.py": "write speed  mender/ours",
+    "blockwrite.py": "bytes written before/after",
     "build.py": "warm build of qemu-virt",
     "delta.py": "Delta updates: ",
     "rollback.py": "rollback speed-up",

@@ -29,6 +29,16 @@ def test_a_full_host_disk_is_an_io_error_in_the_guest_not_a_paused_vm() -> None:
     assert "-netdev" not in bare and "i6300esb" not in bare and "-bios" in bare
 
 
+def test_a_throttled_disk_writes_like_an_sd_card_and_reads_unthrottled() -> None:
+    argv = virt_argv(Path("disk.img"), throttle_write=(20 * 1024 * 1024, 500))
+    drive = argv[argv.index("-drive") + 1]
+    assert drive.endswith(",throttling.bps-write=20971520,throttling.iops-write=500"), drive
+    assert "read" not in drive.split("werror=report,rerror=report")[1]
+    assert "throttling" not in virtio_drive(Path("disk.img"))
+    with pytest.raises(ValueError, match="positive"):
+        virtio_drive(Path("disk.img"), throttle_write=(0, 500))
+
+
 def test_wait_until_returns_what_it_waited_for_or_says_what_it_missed() -> None:
     calls: list[int] = []
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from ..zeroing import Zeroer
+from ..blockwrite import SYNC_EVERY, BlockWriter
 from .format import HEADER_SIZE, MAX_VARINT, OP_COPY, OP_DATA, OP_END, OP_ZERO, DeltaError, DeltaHeader, parse_header
 
 #: the decoder refuses a stream that needs more memory than this (ours need ~9 MiB: an 8 MiB dictionary)
@@ -19,8 +19,6 @@ DECODER_MEMLIMIT = 32 << 20
 #: output is written in pieces of at most this size, and small pieces are gathered up to it (256 KiB: with
 #: the pieces in flight between the two threads, a 1 MiB size cost 8 MB more peak memory and no speed)
 WRITE_CHUNK = 256 << 10
-#: flush the target to the medium every this many bytes, so a 1 GB board never holds much dirty data
-SYNC_EVERY = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -138,61 +136,43 @@ class _OpStream:
 
 
 class _Target:
-    """Sequential writer of the target (the calling thread): hashes what it writes, syncs periodically."""
+    """Sequential writer of the target (the calling thread): hashes what it is given, writes it through a
+    :class:`~artifacts.blockwrite.BlockWriter` (which skips what the slot already holds when it knows, zeroes
+    zero ranges, and syncs periodically)."""
 
-    def __init__(self, fd: int, total: int, *, progress: Callable[[int, int], None] | None,
-                 on_chunk: Callable[[], None] | None, fast_zero: bool) -> None:
-        self.fd = fd
+    def __init__(self, blocks: BlockWriter, total: int, *, progress: Callable[[int, int], None] | None,
+                 on_chunk: Callable[[], None] | None) -> None:
+        self.blocks = blocks
         self.total = total
         self.written = 0
         self.sha = hashlib.sha256()
-        self.unsynced = 0
         self.progress = progress
         self.on_chunk = on_chunk
-        self.zeroer = Zeroer(fd, fast_zero)
         self.zeros = bytes(WRITE_CHUNK)
 
     def zero(self, n: int) -> None:
-        if n >= WRITE_CHUNK and self.zeroer(self.written, n):
-            full, rest = divmod(n, WRITE_CHUNK)
-            for _ in range(full):
-                self.sha.update(self.zeros)
-            self.sha.update(self.zeros[:rest])
-            self.written += n
-            self._after_write(n)
-            return
-        while n:
-            k = min(n, WRITE_CHUNK)
-            self.write(self.zeros[:k] if k < WRITE_CHUNK else self.zeros)
-            n -= k
+        full, rest = divmod(n, WRITE_CHUNK)
+        for _ in range(full):
+            self.sha.update(self.zeros)
+        self.sha.update(self.zeros[:rest])
+        self.blocks.zero(n)
+        self.written += n
+        self._after_write()
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        done = 0
-        while done < len(data):
-            try:
-                n = os.pwrite(self.fd, view[done:], self.written + done)
-            except OSError as e:
-                raise OSError(e.errno, f"writing the target at byte {self.written + done}: {e.strerror}") from None
-            if n <= 0:
-                raise OSError(f"writing the target at byte {self.written + done}: no progress")
-            done += n
         self.sha.update(data)
+        self.blocks.write(data)
         self.written += len(data)
-        self._after_write(len(data))
+        self._after_write()
 
-    def _after_write(self, n: int) -> None:
-        self.unsynced += n
-        if self.unsynced >= SYNC_EVERY:
-            os.fdatasync(self.fd)
-            self.unsynced = 0
+    def _after_write(self) -> None:
         if self.on_chunk is not None:
             self.on_chunk()
         if self.progress is not None:
             self.progress(self.written, self.total)
 
     def close(self) -> None:
-        os.fdatasync(self.fd)
+        self.blocks.finish()
 
 
 class _Reader:
@@ -319,6 +299,7 @@ def apply_delta(
     progress: Callable[[int, int], None] | None = None,
     on_chunk: Callable[[], None] | None = None,
     fast_zero: bool = True,
+    blocks: BlockWriter | None = None,
 ) -> AppliedDelta:
     """Apply a delta payload (its byte chunks, e.g. ``PayloadFile.chunks()``): read the source with
     ``os.pread(source_fd)``, write the target from offset 0 of ``target_fd``, hash what was written.
@@ -331,7 +312,8 @@ def apply_delta(
     is one raised by the ``payload`` iterator (a dropped download). A helper thread reads the payload and the
     source while the calling thread hashes and writes; both are done when this returns or raises. Long runs
     of zeros are zeroed by the kernel where it can (``fast_zero``). The target is flushed (``fdatasync``)
-    every 32 MiB and at the end. Memory: ~20 MB above the interpreter's (an 8 MiB xz dictionary and a few
+    every 32 MiB and at the end. ``blocks``: the writer of ``target_fd`` to use instead of a plain one (one
+    that skips the blocks the slot already holds; ``fast_zero`` is then its own). Memory: ~20 MB above the interpreter's (an 8 MiB xz dictionary and a few
     pieces in flight), whatever the image size."""
     import queue
     import threading
@@ -339,7 +321,11 @@ def apply_delta(
     chunks = iter(payload)
     head = _head(chunks)
     header = parse_header(head)
-    target = _Target(target_fd, header.target_size, progress=progress, on_chunk=on_chunk, fast_zero=fast_zero)
+    if blocks is None:
+        blocks = BlockWriter(target_fd, fast_zero=fast_zero)
+    elif blocks.fd != target_fd or blocks.pos or blocks.buf:
+        raise ValueError("the block writer given must be a fresh one of the target")
+    target = _Target(blocks, header.target_size, progress=progress, on_chunk=on_chunk)
     pieces: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
     stop = threading.Event()
 
