@@ -13,10 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ota_common.varnames import CONFIG_HASH_HEADER
 
+from .asgibody import read_body, replaying
 from .auth import canonical_json, sha256_hex
 from .confighash import poll_hash
 from .context import ServerContext
@@ -47,15 +48,9 @@ class FastPoll:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.PATHS:
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away (or a body limit answered already)
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body = await read_body(receive)
+        if body is None:
+            return  # the client went away (or a body limit answered already)
         config_hash = _idle_poll(scope, body)
         if config_hash is not None:
             scope["route"] = _FAST_ROUTES[scope["path"]]  # labels the request's metrics like the route's
@@ -64,16 +59,7 @@ class FastPoll:
                         "headers": [(_HASH_HEADER, config_hash.encode())]})
             await send({"type": "http.response.body", "body": b""})
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import json
 from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .asgibody import read_body, replaying
 from .context import ServerContext
 from .deployments import REPORTABLE
 from .devauth import device_of
@@ -81,15 +82,9 @@ class FastReport:
         if deployment_id is None:
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away (or a body limit answered already)
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body = await read_body(receive)
+        if body is None:
+            return  # the client went away (or a body limit answered already)
         taken = _taken(scope, body)
         if taken is not None:
             ctx, device_id, (status, substate) = taken
@@ -102,16 +97,7 @@ class FastReport:
             await send({"type": "http.response.start", "status": NO_CONTENT, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 def _taken(scope: Scope, body: bytes) -> tuple[ServerContext, str, tuple[str, str | None]] | None:
