@@ -3,7 +3,7 @@ before deciding, then handed on unchanged to the app when the shortcut does not 
 
 from __future__ import annotations
 
-from starlette.types import Message, Receive
+from starlette.types import Message, Receive, Scope
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -31,3 +31,18 @@ def replaying(body: bytes, receive: Receive) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return replay
+
+
+def json_authorization(scope: Scope) -> bytes | None:
+    """The request's ``Authorization`` value when its body is declared JSON, else None: what both shortcuts need
+    before they read anything (the first of each header, as Starlette's ``headers.get``)."""
+    auth: bytes | None = None
+    ctype: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == b"authorization" and auth is None:
+            auth = value
+        elif name == b"content-type" and ctype is None:
+            ctype = value
+    if auth is None or ctype is None or ctype.split(b";", 1)[0].strip().lower() != b"application/json":
+        return None
+    return auth

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ota_common.varnames import CONFIG_HASH_HEADER
 
-from .asgibody import read_body, replaying
+from .asgibody import json_authorization, read_body, replaying
 from .auth import canonical_json, sha256_hex
 from .confighash import poll_hash
 from .context import ServerContext
@@ -125,13 +125,8 @@ def _provides_hash(body: bytes, flat_allowed: bool) -> str | None:
 def _idle_poll(scope: Scope, body: bytes) -> str | None:
     """The device's configuration hash (the answer's header) when the regular ``next`` route would answer this
     request with 204 and change nothing, else None."""
-    auth = ctype = None
-    for name, value in scope["headers"]:
-        if name == b"authorization" and auth is None:  # the first one, as Starlette's headers.get
-            auth = value
-        elif name == b"content-type" and ctype is None:
-            ctype = value
-    if auth is None or ctype is None or ctype.split(b";", 1)[0].strip().lower() != b"application/json":
+    auth = json_authorization(scope)
+    if auth is None:
         return None
     ctx: ServerContext = scope["app"].state.ctx
     try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .asgibody import read_body, replaying
+from .asgibody import json_authorization, read_body, replaying
 from .context import ServerContext
 from .deployments import REPORTABLE
 from .devauth import device_of
@@ -103,13 +103,8 @@ class FastReport:
 def _taken(scope: Scope, body: bytes) -> tuple[ServerContext, str, tuple[str, str | None]] | None:
     """(context, device id, (status, substate)) when the route would take this report as it is: a JSON body it
     accepts and a good device token. Else None."""
-    auth = ctype = None
-    for name, value in scope["headers"]:
-        if name == b"authorization" and auth is None:  # the first one, as Starlette's headers.get
-            auth = value
-        elif name == b"content-type" and ctype is None:
-            ctype = value
-    if auth is None or ctype is None or ctype.split(b";", 1)[0].strip().lower() != b"application/json":
+    auth = json_authorization(scope)
+    if auth is None:
         return None
     report = parse_report(body)
     if report is None:
