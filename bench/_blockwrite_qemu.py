@@ -189,14 +189,7 @@ def run(work: Path, log: Callable[[str], None]) -> list[tuple[str, str, dict[str
         raise SystemExit(f"{rootfs1} does not fit slot B ({size} bytes)")
     subprocess.run(["dd", f"if={rootfs1}", f"of={disk}", "bs=4M", f"seek={offset}", "oflag=seek_bytes",
                     "conv=notrunc,sparse", "status=none"], check=True)
-    import hashlib
-
-    def sha(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while b := f.read(4 << 20):
-                h.update(b)
-        return h.hexdigest()
+    from ota_common.files import sha256_file as sha
 
     src_sum = sha(rootfs1)
     drives = {"delta": (_padded(delta2, run_dir / "delta.img"), "/dev/vdb")}

@@ -30,7 +30,6 @@ The release pairs are built by ``bench/delta.py --prepare-only --pairs a,d`` (in
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -49,6 +48,7 @@ from artifacts import load_verifier  # noqa: E402
 from artifacts.blockwrite import BLOCK_SIZE, block_digest  # noqa: E402
 from device_hooks.blockindex import Binding, SlotIndex  # noqa: E402
 from device_hooks.install import DeviceFacts, InstallResult, stream_install  # noqa: E402
+from ota_common.files import sha256_file  # noqa: E402
 
 #: pair -> (source release label, target release label), as bench/delta.py builds them
 PAIRS = {"a": ("base", "a"), "b": ("base", "b"), "c": ("base", "c"), "d": ("d0", "d")}
@@ -70,14 +70,6 @@ def _load_delta_bench() -> object:
     sys.modules["bench_delta"] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(4 << 20):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _drop_cache(*paths: Path) -> None:
@@ -128,7 +120,7 @@ def measure_pair(pair: str, title: str, src_dir: Path, tgt_dir: Path, work: Path
                         "--to", str(full_tgt), "--key", str(key_dir / "private.pem"), "-o", str(delta)],
                        check=True, capture_output=True)
     verifiers = [load_verifier(key_dir / "public.pem")]
-    src_sha = _sha256(src_img)
+    src_sha = sha256_file(src_img)
     digests = _index_digests(src_img)
     facts = DeviceFacts("qemu-virt", "source", {"rootfs-image.version": "0.0.1", "rootfs-image.checksum": src_sha})
     state = work / "data"
