@@ -144,11 +144,12 @@ def _gzip_member(pieces: list[bytes], level: int) -> bytes:
     crc = 0
     for p in pieces:
         crc = _zlib.crc32(p, crc)
-    deflated = b"".join(body)
-    size = 10 + 2 + 8 + len(deflated) + 8
+    size = 10 + 2 + 8 + sum(len(b) for b in body) + 8
     header = _GZIP_MAGIC + bytes([_FEXTRA]) + b"\x00\x00\x00\x00\x00\xff"
     extra = _SUBFIELD_ID + struct.pack("<HI", 4, size)
-    return header + struct.pack("<H", len(extra)) + extra + deflated + struct.pack("<II", crc, total & 0xFFFFFFFF)
+    # one join: every intermediate copy of a chunk-sized buffer is more churn for the allocator (see
+    # ota_common.runtime.tune_malloc_for_streaming)
+    return b"".join([header, struct.pack("<H", len(extra)), extra, *body, struct.pack("<II", crc, total & 0xFFFFFFFF)])
 
 
 _ZEROS = bytes(CHUNK)
