@@ -2,7 +2,9 @@
 slot writes only the blocks that differ (:class:`artifacts.blockwrite.BlockWriter`).
 
 One file per slot, ``<state dir>/blockindex-<A|B>.bin``, written atomically (temporary file, ``fsync``, rename,
-``fsync`` of the directory) after the slot was written and read back against the signed checksum. It is bound to
+``fsync`` of the directory) after the slot was written and read back against the signed checksum, and again when
+the device leaves the slot (the other slot committed: :func:`.slot_rollback.record_left` reads it whole for its
+hash, and the same read gives its blocks), because the slot's first boot changed what it holds. It is bound to
 what it describes: the slot's name, the slot device's size, the block size, the checksum and size of the image
 written there, and a random generation that the agent also records in the slot's record (``slots.json``), so an
 index is used only while that record says the slot still holds that install. The file ends in the SHA-256 of

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import ArtifactReader, Verifier
-from artifacts.blockwrite import BLOCK_SIZE, SYNC_EVERY, BlockWriter, OldContent, SlotReadBack
+from artifacts.blockwrite import BLOCK_SIZE, SYNC_EVERY, BlockWriter, OldContent, SlotReadBack, block_digest
 from artifacts.delta import DELTA_PAYLOAD_TYPE, DeltaError
 from artifacts.format import SECURITY_VERSION_KEY
 from artifacts.header import ArtifactHeader
@@ -355,14 +355,17 @@ def _apply_delta(reader: ArtifactReader, files: Any, pf: Any, header: ArtifactHe
                    old.note)
 
 
-def slot_sha256(target: Path, size: int) -> str:
+def slot_sha256(target: Path, size: int, *, blocks: bytearray | None = None) -> str:
     """The sha256 of the first ``size`` bytes of the slot, read bypassing the page cache as far as the kernel
-    lets us. Raises :class:`SlotVerifyError` when the slot is shorter, ``OSError`` for the medium."""
+    lets us. With ``blocks``, the same read also appends the digest of each block of those bytes
+    (:func:`artifacts.blockwrite.block_digest`, the block index's). Raises :class:`SlotVerifyError` when the slot
+    is shorter, ``OSError`` for the medium."""
     fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         h = hashlib.sha256()
+        pending = b""  # the start of a block a short read cut (blocks only)
         left = size
         while left:
             data = os.read(fd, min(VERIFY_CHUNK, left))
@@ -370,6 +373,14 @@ def slot_sha256(target: Path, size: int) -> str:
                 raise SlotVerifyError(f"slot {target} ended {left} bytes early when read back")
             h.update(data)
             left -= len(data)
+            if blocks is not None:
+                if pending:
+                    data, pending = pending + data, b""
+                whole = len(data) if not left else len(data) - len(data) % BLOCK_SIZE
+                view = memoryview(data)
+                for off in range(0, whole, BLOCK_SIZE):
+                    blocks += block_digest(view[off:min(off + BLOCK_SIZE, whole)])
+                pending = bytes(view[whole:])
     finally:
         os.close(fd)
     return h.hexdigest()

@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 EXT4_MAGIC = b"\x53\xef"
 EXT4_INCOMPAT_64BIT = 0x80
 LEFT_KEY = "left_sha256"  # slots.json: the slot's hash when the device left it (see record_left)
+BLOCKINDEX_KEY = "blockindex"  # slots.json: the generation of the slot's block index (device_hooks.blockindex)
 SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -140,7 +141,9 @@ def rearm(agent: Agent, dep: Deployment, facts: DeviceFacts, target: Slot) -> In
         agent.save()
         install.enter()
     slots = read_json(agent.dir / "slots.json")
-    kept = {k: v for k, v in rec.items() if k != LEFT_KEY}  # the slot is about to be booted: its hash will change
+    # the slot is about to be booted: its hash and its blocks will change
+    kept = {k: v for k, v in rec.items() if k not in (LEFT_KEY, BLOCKINDEX_KEY)}
+    agent.slot_index(int(target)).invalidate()
     slots[str(int(target))] = {**kept, "provides": provides, "size": size}  # the signed provides from now on
     write_json(agent.dir / "slots.json", slots)
     agent.dlog(dep.id, "info", f"slot {target.label} holds {dep.artifact_name} {how}: re-armed without a "
@@ -194,22 +197,46 @@ def record_left(agent: Agent, part: int) -> str | None:
     if not rec.get("artifact_name"):
         return None
     label = slot_name(part)
+    index = agent.slot_index(part)
+    provides = rec.get("provides")
+    checksum = provides.get(ROOTFS_CHECKSUM_KEY) if isinstance(provides, dict) else None
+    blocks = bytearray() if index.enabled and is_sha256(checksum) else None
     try:
         dev = agent.slots.device(part)
         size = image_size(rec, dev)
         if size is None:
             return f"slot {label} left behind: the size of its image is not known, its state is not recorded"
         started = time.monotonic()
-        digest = slot_sha256(dev, size)
+        digest = slot_sha256(dev, size, blocks=blocks)
     except (OSError, SlotVerifyError) as e:
         return f"slot {label} left behind: its state is not recorded ({e})"
     slots = read_json(agent.dir / "slots.json")
     if slots.get(str(part)) != rec:  # changed meanwhile: what was hashed is not what the record says
         return None
-    slots[str(part)] = {**rec, "size": size, LEFT_KEY: digest}
+    left = {**rec, "size": size, LEFT_KEY: digest}
+    left.pop(BLOCKINDEX_KEY, None)
+    indexed = ""
+    if blocks is not None:
+        # the same read gives the slot's block index, so the next install into this slot need not read it first;
+        # written before the record names its generation (a power cut in between leaves a stale, unused index)
+        try:
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                capacity = os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+            generation = index.save(device_size=capacity, payload_size=size, checksum=str(checksum),
+                                    digests=bytes(blocks))
+        except OSError as e:
+            indexed = f"; its block index not written ({e.strerror or e}): the next install reads it"
+        else:
+            if generation:
+                left[BLOCKINDEX_KEY] = generation
+                indexed = " and indexed"
+    slots[str(part)] = left
     write_json(agent.dir / "slots.json", slots)
     return (f"slot {label} left behind with {rec['artifact_name']}: its state recorded for an instant rollback "
-            f"({size} bytes hashed in {time.monotonic() - started:.1f}s)")
+            f"({size} bytes hashed{indexed} in {time.monotonic() - started:.1f}s)")
 
 
 def fetch_header(session: requests.Session, url: str, *, timeout: float, cap: int = MAX_HEADER_PART) -> bytes:

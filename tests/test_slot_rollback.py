@@ -418,3 +418,44 @@ def test_rollback_hint_that_is_not_a_link(scene: Scene) -> None:
     assert s.poll().startswith("refused")
     untouched(s, before)
     assert "rollback header link" in reported_failure(s, dep)
+
+
+# ------------------------------------------------------------------ the slot left behind is indexed (issue 19)
+
+def test_the_slot_left_behind_is_indexed_so_the_next_install_does_not_read_it(scene: Scene) -> None:
+    """The read that records a left slot's hash also writes its block index (bound to the record by a new
+    generation): the next install into that slot uses it instead of reading the slot first. Before, the slot's
+    old index described the content as installed, which the first boot changed, so every such install read the
+    whole slot and compared."""
+    from artifacts.blockwrite import BLOCK_SIZE, block_digest
+    from device_hooks.blockindex import parse_index
+
+    s = scene
+    factory_slot_a(s)
+    assert use(s) == 2
+    update(s, "vv-1.5.0", "1.5.0", 3, seed=5)  # into B; A (2), booted and used, is left behind
+    rec = json.loads((s.device.data / "slots.json").read_text())["2"]
+    ix = parse_index((s.device.data / "blockindex-A.bin").read_bytes())
+    assert ix.generation == rec["blockindex"] and ix.checksum == rec["provides"]["rootfs-image.checksum"]
+    content = s.device.slot_path(2).read_bytes()[:rec["size"]]
+    assert ix.digests == b"".join(block_digest(content[o:o + BLOCK_SIZE]) for o in range(0, len(content), BLOCK_SIZE))
+    update(s, "vv-2.0.0", "2.0.0", 2, seed=6)  # into A, with its index
+    logs = sorted((s.device.data / "logs").glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+    assert "block index of slot A used" in logs[-1].read_text()
+    # and B, left behind in turn, is indexed for the install after that; A's old index is gone with its write
+    rec_b = json.loads((s.device.data / "slots.json").read_text())["3"]
+    assert parse_index((s.device.data / "blockindex-B.bin").read_bytes()).generation == rec_b["blockindex"]
+
+
+def test_a_left_slot_index_is_dropped_when_the_slot_is_re_armed(scene: Scene) -> None:
+    """A re-armed slot is booted next (its blocks change): the rollback removes its index and the generation
+    from its record, so no install trusts an index of a slot that ran since."""
+    s = scene
+    v1 = factory_slot_a(s)
+    assert use(s) == 2
+    update(s, "vv-2.0.0", "2.0.0", 3, seed=21)
+    assert (s.device.data / "blockindex-A.bin").exists()
+    rb = offer(s, "vv-1.0.0", header=header_of(v1), artifact=v1)
+    assert s.poll().startswith("rebooting"), local_log(s, rb)
+    assert not (s.device.data / "blockindex-A.bin").exists()
+    assert "blockindex" not in json.loads((s.device.data / "slots.json").read_text())["2"]
