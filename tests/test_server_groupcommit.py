@@ -151,13 +151,15 @@ def test_a_batch_without_failures_runs_once_without_savepoints(server: Server, r
 
 def _run_reports(server: Server, reports: list[tuple[str, str, str, str | None]]) -> tuple[list[Any], int]:
     """Status reports ((deployment id, device id, status, substate)) through one in-process committer's report
-    path (:mod:`ota_server.reportbatch`), queued together so that they share one batch: as :func:`_run_batch`."""
+    path with set-based statements (:mod:`ota_server.reportbatch`; on SQLite too), queued together so that they
+    share one batch: as :func:`_run_batch`."""
     from ota_server.db import Database
     from ota_server.groupcommit import GroupCommitter
 
     db = Database(server.db_url)
     try:
         committer = LAST[0] = GroupCommitter(db)
+        committer.set_based = True
 
         async def main() -> list[Any]:
             return await asyncio.gather(*(committer.report(*r) for r in reports), return_exceptions=True)
