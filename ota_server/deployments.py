@@ -19,6 +19,7 @@ the same device at once add it once, and joins and final reports take turns on t
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Sequence
@@ -264,7 +265,9 @@ PROGRESS_SQL = ("UPDATE deployment_devices SET status = ?, substate = ?, started
 SUBSTATE_SQL = "UPDATE deployment_devices SET substate = ? WHERE deployment_id = ? AND device_id = ?"
 
 
-class _ReportRow(NamedTuple):
+class ReportRow(NamedTuple):
+    """What a status report is decided on: the device's row (locked) and its deployment's status."""
+
     status: str
     active: bool
     attempts: int
@@ -273,41 +276,75 @@ class _ReportRow(NamedTuple):
     retries: int
 
 
+class Step(enum.Enum):
+    """What a status report does (:func:`classify_report`)."""
+
+    IGNORE = "ignore"  #: nothing
+    SUBSTATE = "substate"  #: a repeat that brings a new substate
+    FORWARD = "forward"  #: the device moves forward in :data:`PROGRESS`
+    WRITE = "write"  #: needs the database: a failure with a retry left, a final status (the deployment may move)
+
+
+def classify_report(row: ReportRow, status: str, substate: str | None) -> Step:
+    """What the report ``status`` (with ``substate``) does to the device's ``row`` (the rules of
+    :func:`report_status`). Pure: the database is neither read nor written.
+
+    Raises:
+        APIError: 409 once the deployment was aborted, 400 for a different final status after a final one.
+    """
+    if row.status == "aborted" or row.dep_status == "aborted":
+        raise APIError(409, "the deployment was aborted")
+    if not row.active:
+        if status != row.status and status in TERMINAL:
+            raise bad_request(f"the deployment already finished on this device with status {row.status}")
+        return Step.IGNORE
+    if row.attempts > 0 and row.delivered_attempt != row.attempts:
+        return Step.IGNORE  # about the attempt that failed: the device has not asked `next` since
+    if status in TERMINAL:
+        return Step.WRITE  # (a failure with a retry left, or a final status)
+    if rank(status) < rank(row.status):
+        return Step.IGNORE
+    if status == row.status:
+        return Step.IGNORE if substate is None else Step.SUBSTATE
+    return Step.FORWARD
+
+
+def write_report(conn: Connection, row: ReportRow, deployment_id: str, device_id: str, status: str,
+                 substate: str | None) -> Report:
+    """Apply a report that :func:`classify_report` classed :attr:`Step.WRITE` (the device's row locked): a
+    ``failure`` with a retry left sends the device back to ``pending``; a final status ends the device's
+    attempt and lets the deployment move (:func:`set_device_final`)."""
+    if status == "failure" and row.attempts < row.retries:
+        conn.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id).values(
+            status="pending", attempts=row.attempts + 1, not_before=now(),
+            substate=f"attempt {row.attempts + 1} failed ({substate or 'no details'}); retrying"))
+        return Report("retry", "pending", gates.check_failure_limit(conn, deployment_id))
+    set_device_final(conn, deployment_id, device_id, status, substate)
+    return Report("final", status, status == "failure" and gates.check_failure_limit(conn, deployment_id))
+
+
 def report_status(conn: Connection, deployment_id: str, device_id: str, status: str, substate: str | None) -> Report:
     """A status report of the device (a status in :data:`REPORTABLE`), applied under a lock on the device's row.
 
     Statuses only move forward in :data:`PROGRESS` order: a report that goes backwards, repeats the current
     status or repeats the final status is acknowledged and ignored (a repeat may update the substate). After a
     ``failure`` that used a retry, reports are ignored until ``next`` hands the device its new attempt, so a
-    resent ``failure`` cannot use up a second retry.
+    resent ``failure`` cannot use up a second retry. (A group commit applies many at once with the same rules:
+    :mod:`.reportbatch`.)
 
     Raises APIError: 404 when this is not the device's deployment, 409 once it was aborted, 400 for a
     different final status after a final one."""
     found = driver_execute(conn, REPORT_ROW_SQL + (" FOR UPDATE OF dd" if conn.dialect.name == "postgresql" else ""),
                            (deployment_id, device_id))[0]
-    row = _ReportRow(*found_or_404(found[0] if found else None, "deployment for this device"))
-    if row.status == "aborted" or row.dep_status == "aborted":
-        raise APIError(409, "the deployment was aborted")
-    if not row.active:
-        if status != row.status and status in TERMINAL:
-            raise bad_request(f"the deployment already finished on this device with status {row.status}")
+    row = ReportRow(*found_or_404(found[0] if found else None, "deployment for this device"))
+    step = classify_report(row, status, substate)
+    if step == Step.WRITE:
+        return write_report(conn, row, deployment_id, device_id, status, substate)
+    if step == Step.IGNORE:
         return Report("ignored", row.status)
-    if row.attempts > 0 and row.delivered_attempt != row.attempts:
-        return Report("ignored", row.status)  # about the attempt that failed: the device has not asked `next` since
-    if status == "failure" and row.attempts < row.retries:
-        conn.execute(dd.update().where(dd.c.deployment_id == deployment_id, dd.c.device_id == device_id).values(
-            status="pending", attempts=row.attempts + 1, not_before=now(),
-            substate=f"attempt {row.attempts + 1} failed ({substate or 'no details'}); retrying"))
-        return Report("retry", "pending", gates.check_failure_limit(conn, deployment_id))
-    if status in TERMINAL:
-        set_device_final(conn, deployment_id, device_id, status, substate)
-        return Report("final", status, status == "failure" and gates.check_failure_limit(conn, deployment_id))
     # progress (most reports): plain statements through the driver (see db.driver_execute)
-    if rank(status) < rank(row.status):
-        return Report("ignored", row.status)
-    if status == row.status:
-        if substate is not None:
-            driver_execute(conn, SUBSTATE_SQL, (substate, deployment_id, device_id))
+    if step == Step.SUBSTATE:
+        driver_execute(conn, SUBSTATE_SQL, (substate, deployment_id, device_id))
         return Report("ignored", row.status)
     driver_execute(conn, PROGRESS_SQL, (status, substate, now(), deployment_id, device_id))
     if row.dep_status == "pending":  # read above; a deployment never goes back to pending

@@ -251,8 +251,7 @@ async def store_status(ctx: ServerContext, deployment_id: str, device_id: str, s
         APIError: what :func:`.deployments.report_status` raises (404, 409, 400).
     """
     ctx.last_seen.seen(device_id)
-    report = await ctx.committer.run(deployment_id, device_id, lambda c: rollout.report_status(
-        c, deployment_id, device_id, status, substate))  # answered once committed (.groupcommit)
+    report = await ctx.committer.report(deployment_id, device_id, status, substate)  # answered once committed
     if report.abort:  # the failure limit says abort: paused above, aborted now (see gates.check_failure_limit)
         with ctx.db.write() as c:
             rollout.abort(c, deployment_id)

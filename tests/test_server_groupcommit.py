@@ -149,6 +149,86 @@ def test_a_batch_without_failures_runs_once_without_savepoints(server: Server, r
     assert _statistics(server, dep_id) == {"rebooting": 5}
 
 
+def _run_reports(server: Server, reports: list[tuple[str, str, str, str | None]]) -> tuple[list[Any], int]:
+    """Status reports ((deployment id, device id, status, substate)) through one in-process committer's report
+    path with set-based statements (:mod:`ota_server.reportbatch`; on SQLite too), queued together so that they
+    share one batch: as :func:`_run_batch`."""
+    from ota_server.db import Database
+    from ota_server.groupcommit import GroupCommitter
+
+    db = Database(server.db_url)
+    try:
+        committer = LAST[0] = GroupCommitter(db)
+        committer.set_based = True
+
+        async def main() -> list[Any]:
+            return await asyncio.gather(*(committer.report(*r) for r in reports), return_exceptions=True)
+
+        return asyncio.run(main()), committer.batches
+    finally:
+        db.dispose()
+
+
+def test_a_batch_of_progress_reports_is_stored_with_a_few_statements(server: Server, release: str) -> None:  # noqa: F811
+    """40 devices each report three steps, and a repeat with a new substate, in one batch: all 160 reports are
+    stored as reports one by one would have left them, with three statements (one read that locks the rows,
+    the deployment marked started once, one write), not two per report. (No device asked ``next`` first,
+    which would have started the deployment.)"""
+    fleet = preauthorized_devices(server, 40)
+    dep_id = deploy(server, name="set-based batch", artifact_name=release, devices=[i for _, i in fleet])
+    with server.admin() as a:
+        assert a.get(f"/api/management/v1/deployments/deployments/{dep_id}").json()["status"] == "pending"
+    reports = [(dep_id, i, s, f"{s} {i}") for _, i in fleet for s in STEPS]
+    reports += [(dep_id, i, "rebooting", f"still rebooting {i}") for _, i in fleet]
+    results, batches = _run_reports(server, reports)
+    assert [r.outcome for r in results] == ["stored"] * 120 + ["ignored"] * 40
+    assert (batches, LAST[0].retried, LAST[0].statements) == (1, 0, 3)
+    rows = server.query("SELECT device_id, status, substate, started IS NOT NULL FROM deployment_devices "
+                        "WHERE deployment_id = :d", d=dep_id)
+    assert sorted(rows) == sorted((i, "rebooting", f"still rebooting {i}", True) for _, i in fleet)
+    assert _statistics(server, dep_id) == {"rebooting": 40}
+    with server.admin() as a:
+        assert a.get(f"/api/management/v1/deployments/deployments/{dep_id}").json()["status"] == "inprogress"
+
+
+def test_bad_reports_in_a_set_based_batch_fail_alone(server: Server, release: str) -> None:  # noqa: F811
+    """One batch of good reports with bad ones among them: a report to an aborted deployment (409), a different
+    final status after a final one (400), a deployment that is not the device's (404), each answered with its
+    own error, without rolling back the batch (no second try); the good ones around them are stored, including
+    a device that moves forward and then finishes in the same batch (its success counted once, the deployment's
+    statistics exact)."""
+    from ota_server.errors import APIError
+
+    fleet = preauthorized_devices(server, 4)
+    (_, a), (_, b), (_, c), (_, d) = fleet
+    open_dep = deploy(server, name="open", artifact_name=release, devices=[a, c, d])
+    aborted = deploy(server, name="aborted", artifact_name=release, devices=[b])
+    _handed_out(server, [fleet[0], fleet[2], fleet[3]], open_dep)
+    with server.admin() as adm:
+        r = adm.put(f"/api/management/v1/deployments/deployments/{aborted}/status", json={"status": "aborted"})
+        assert r.status_code == 204, r.text
+    assert fleet[3][0].status(open_dep, "success").status_code == 204
+    results, batches = _run_reports(server, [
+        (open_dep, a, "downloading", "a downloading"), (aborted, b, "downloading", "never"),
+        (open_dep, d, "failure", "never"), (aborted, c, "downloading", "never"),
+        (open_dep, c, "downloading", "c downloading"), (open_dep, a, "installing", "a installing"),
+        (open_dep, c, "installing", "c installing"), (open_dep, c, "success", "c done"),
+        (open_dep, c, "rebooting", "late"), (open_dep, d, "success", "repeat")])
+    assert (batches, LAST[0].retried) == (1, 0)
+    a1, conflict, refused, missing, c1, a2, c2, c3, c_late, d_repeat = results
+    assert [r.outcome for r in (a1, c1, a2, c2, c3, c_late, d_repeat)] == [
+        "stored", "stored", "stored", "stored", "final", "ignored", "ignored"]
+    assert isinstance(conflict, APIError) and conflict.status == 409
+    assert isinstance(refused, APIError) and refused.status == 400
+    assert isinstance(missing, APIError) and missing.status == 404
+    rows = dict((dev, (st, sub)) for dev, st, sub in server.query(
+        "SELECT device_id, status, substate FROM deployment_devices WHERE deployment_id = :d", d=open_dep))
+    assert rows == {a: ("installing", "a installing"), c: ("success", "c done"), d: ("success", None)}
+    assert server.query("SELECT status, substate FROM deployment_devices WHERE device_id = :d", d=b) == [
+        ("aborted", None)]
+    assert _statistics(server, open_dep) == {"installing": 1, "success": 2}
+
+
 def test_batches_of_two_workers_cannot_deadlock(server: Server, release: str) -> None:  # noqa: F811
     """Two workers' batches at the same moment, each with final reports of one deployment: worker 1's batch has
     devices A and B (A's final report locks the deployment row), worker 2's only B. Were device rows locked
