@@ -24,7 +24,7 @@ WRITE_CHUNK = 256 << 10
 @dataclass(frozen=True)
 class AppliedDelta:
     target_size: int
-    target_sha256: str
+    target_sha256: str | None  # None: not hashed (``apply_delta(..., hash_target=False)``)
     source_sha256: str  # from the delta header: the image the delta was made from
     copied_bytes: int
     literal_bytes: int
@@ -141,26 +141,28 @@ class _Target:
     zero ranges, and syncs periodically)."""
 
     def __init__(self, blocks: BlockWriter, total: int, *, progress: Callable[[int, int], None] | None,
-                 on_chunk: Callable[[], None] | None) -> None:
+                 on_chunk: Callable[[], None] | None, hash_target: bool = True) -> None:
         self.blocks = blocks
         self.total = total
         self.written = 0
-        self.sha = hashlib.sha256()
+        self.sha = hashlib.sha256() if hash_target else None
         self.progress = progress
         self.on_chunk = on_chunk
         self.zeros = bytes(WRITE_CHUNK)
 
     def zero(self, n: int) -> None:
-        full, rest = divmod(n, WRITE_CHUNK)
-        for _ in range(full):
-            self.sha.update(self.zeros)
-        self.sha.update(self.zeros[:rest])
+        if self.sha is not None:
+            full, rest = divmod(n, WRITE_CHUNK)
+            for _ in range(full):
+                self.sha.update(self.zeros)
+            self.sha.update(self.zeros[:rest])
         self.blocks.zero(n)
         self.written += n
         self._after_write()
 
     def write(self, data: bytes) -> None:
-        self.sha.update(data)
+        if self.sha is not None:
+            self.sha.update(data)
         self.blocks.write(data)
         self.written += len(data)
         self._after_write()
@@ -300,6 +302,7 @@ def apply_delta(
     on_chunk: Callable[[], None] | None = None,
     fast_zero: bool = True,
     blocks: BlockWriter | None = None,
+    hash_target: bool = True,
 ) -> AppliedDelta:
     """Apply a delta payload (its byte chunks, e.g. ``PayloadFile.chunks()``): read the source with
     ``os.pread(source_fd)``, write the target from offset 0 of ``target_fd``, hash what was written.
@@ -314,7 +317,9 @@ def apply_delta(
     of zeros are zeroed by the kernel where it can (``fast_zero``). The target is flushed (``fdatasync``)
     every 32 MiB and at the end. ``blocks``: the writer of ``target_fd`` to use instead of a plain one (one
     that skips the blocks the slot already holds; ``fast_zero`` is then its own). Memory: ~20 MB above the interpreter's (an 8 MiB xz dictionary and a few
-    pieces in flight), whatever the image size."""
+    pieces in flight), whatever the image size. ``hash_target=False``: the result is not hashed (and
+    ``target_sha256`` is None): for a caller that reads the written target back against the signed checksum
+    anyway (the device's install), hashing it twice is the larger part of an install's CPU time on a Pi."""
     import queue
     import threading
 
@@ -325,7 +330,7 @@ def apply_delta(
         blocks = BlockWriter(target_fd, fast_zero=fast_zero)
     elif blocks.fd != target_fd or blocks.pos or blocks.buf:
         raise ValueError("the block writer given must be a fresh one of the target")
-    target = _Target(blocks, header.target_size, progress=progress, on_chunk=on_chunk)
+    target = _Target(blocks, header.target_size, progress=progress, on_chunk=on_chunk, hash_target=hash_target)
     pieces: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
     stop = threading.Event()
 
@@ -364,11 +369,11 @@ def apply_delta(
         stop.set()
         thread.join()
     target.close()
-    actual = target.sha.hexdigest()
     if target.written != header.target_size:  # cannot happen: the reader checks the block count
         raise DeltaError(f"delta wrote {target.written} bytes, not the target's {header.target_size}")
-    if actual != header.target_sha256:
-        raise DeltaError(_mismatch_reason(header, actual, source_fd))
+    actual = None if target.sha is None else target.sha.hexdigest()
+    if actual is not None and actual != header.target_sha256:
+        raise DeltaError(mismatch_reason(header, actual, source_fd))
     return AppliedDelta(header.target_size, actual, header.source_sha256, reader.copied, reader.literal, reader.zeros)
 
 
@@ -378,7 +383,7 @@ def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-def _mismatch_reason(header: DeltaHeader, actual: str, source_fd: int) -> str:
+def mismatch_reason(header: DeltaHeader, actual: str, source_fd: int) -> str:
     """Why the result differs: hash the source (only on this failure path) to tell a changed source slot
     from a bad delta."""
     msg = (f"the result of the delta has sha256 {actual[:16]}…, not the target's {header.target_sha256[:16]}…; "
@@ -402,4 +407,5 @@ def _mismatch_reason(header: DeltaHeader, actual: str, source_fd: int) -> str:
     return f"{msg}: the source is the right image, so the delta itself is corrupt"
 
 
-__all__ = ["DECODER_MEMLIMIT", "SYNC_EVERY", "WRITE_CHUNK", "AppliedDelta", "apply_delta", "peek_header"]
+__all__ = ["DECODER_MEMLIMIT", "SYNC_EVERY", "WRITE_CHUNK", "AppliedDelta", "apply_delta", "mismatch_reason",
+           "peek_header"]
