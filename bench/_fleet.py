@@ -2,7 +2,8 @@
 
 For every size a fresh ``build.py server`` (``--rollout-workers`` workers; with ``--postgres URL`` a new database
 on that cluster) gets one signed artifact, then the fleet goes through these phases, each timed, each with the
-CPU the server's process tree (and, when the cluster runs on this machine, PostgreSQL's) took in it:
+CPU the server's process tree took in it (and, when the cluster runs on this machine, the PostgreSQL backends
+serving its database: other databases on the cluster are not counted, nor are its shared processes):
 
 1. **provision**: every device registered by the factory path, ``POST .../devauth/devices/provision`` in batches
    of 1,000 (what ``build.py provision`` sends): preauthorized with its ed25519 key;
@@ -80,12 +81,16 @@ def tree_pids(pid: int, table: dict[int, tuple[int, float]] | None = None) -> li
     return found
 
 
-def tree_cpu(pid: int | None) -> float:
-    """CPU seconds of a process tree, children already reaped included (0 for None)."""
-    if pid is None:
-        return 0.0
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process tree, children already reaped included."""
     table = _proc_table()
     return sum(table[p][1] for p in tree_pids(pid, table))
+
+
+def pids_cpu(pids: dict[int, float]) -> dict[int, float]:
+    """CPU seconds of each of these processes (one that ended keeps its last value)."""
+    table = _proc_table()
+    return {p: table[p][1] if p in table else last for p, last in pids.items()}
 
 
 def tree_memory(pid: int) -> dict[str, float]:
@@ -104,18 +109,22 @@ def tree_memory(pid: int) -> dict[str, float]:
             "rss_sum_mb": sum(rss)}
 
 
-def postgres_pid(url: str) -> int | None:
-    """The postmaster's pid of the cluster at ``url`` when it runs on this machine and we may read its data
-    directory (a throwaway local cluster), else None (then PostgreSQL's CPU is not printed)."""
+def postgres_backends(url: str) -> list[int] | None:
+    """The pids of the PostgreSQL backends serving the database of ``url`` (the server's pooled connections), when
+    the cluster runs on this machine (a throwaway local cluster: its postmaster.pid is readable); else None (then
+    PostgreSQL's CPU is not measured). Other databases on the same cluster are not counted."""
     import psycopg
 
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             row = conn.execute("SHOW data_directory").fetchone()
-        assert row is not None
-        return int((Path(row[0]) / "postmaster.pid").read_text().split()[0])
+            assert row is not None
+            int((Path(row[0]) / "postmaster.pid").read_text().split()[0])
+            rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                "AND pid <> pg_backend_pid()").fetchall()
     except (psycopg.Error, OSError, ValueError, IndexError):
         return None
+    return [int(r[0]) for r in rows]
 
 
 def database_mb(url: str) -> float:
@@ -264,20 +273,27 @@ def make_fleet(bench: types.ModuleType, n: int) -> list[Any]:
 
 @dataclass
 class Meter:
-    """CPU of the server and of PostgreSQL between two marks."""
+    """CPU of the server and of the PostgreSQL backends serving its database between two marks (backends are
+    looked up at each mark: the pool opens connections as it needs them)."""
 
     server_pid: int
-    pg_pid: int | None
+    db_url: str | None
     t: float = 0.0
     srv: float = 0.0
-    pg: float = 0.0
+    pg: dict[int, float] = field(default_factory=dict)
+
+    def _backends(self) -> dict[int, float]:
+        pids = postgres_backends(self.db_url) if self.db_url else None
+        return pids_cpu(dict.fromkeys(pids or [], 0.0))
 
     def mark(self) -> None:
-        self.t, self.srv, self.pg = time.perf_counter(), tree_cpu(self.server_pid), tree_cpu(self.pg_pid)
+        self.t, self.srv, self.pg = time.perf_counter(), tree_cpu(self.server_pid), self._backends()
 
     def since(self) -> dict[str, float]:
-        t, srv, pg = time.perf_counter(), tree_cpu(self.server_pid), tree_cpu(self.pg_pid)
-        return {"seconds": t - self.t, "server_cpu_s": srv - self.srv, "pg_cpu_s": pg - self.pg}
+        t, srv = time.perf_counter(), tree_cpu(self.server_pid)
+        now = pids_cpu(self.pg | self._backends())  # a backend gone since the mark keeps its value then
+        pg = sum(v - self.pg.get(p, 0.0) for p, v in now.items())
+        return {"seconds": t - self.t, "server_cpu_s": srv - self.srv, "pg_cpu_s": pg}
 
 
 def phase_result(m: dict[str, float], ph: Phase, count: int | None = None) -> dict[str, Any]:
@@ -348,8 +364,7 @@ def one_fleet(bench: types.ModuleType, n: int, args: argparse.Namespace, work: P
     srv = bench.ota_server(work / f"fleet-{n}", args.rollout_workers, admin_token, public, args.server_arg,
                            args.postgres).start(timeout=60)
     assert srv.proc is not None
-    pg_pid = postgres_pid(srv.db_url) if args.postgres else None
-    meter = Meter(srv.proc.pid, pg_pid)
+    meter = Meter(srv.proc.pid, srv.db_url if args.postgres else None)
     res: dict[str, Any] = {"devices": n}
     t = time.perf_counter()
     devs = make_fleet(bench, n)
