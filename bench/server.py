@@ -22,6 +22,10 @@ two phases (10 % at once, the rest ``--phase-wait`` s later) with a failure thre
 link (Range), reports downloading -> installing -> rebooting -> success (``--fail-rate`` of them: failure,
 kept under the threshold), and the statistics must then count exactly every device.
 
+``--fleet N[,M...]`` (:mod:`_fleet`, in ``bench/_fleet.py``): a whole fleet per size, start to finish (provision,
+auth, inventory, first poll, idle polls, the steady background of polls at mender-client's default intervals, and
+the rollout under that background), with the server's and PostgreSQL's CPU per request side by side per size.
+
 The generator is a small asyncio HTTP/1.1 client (``--client raw``, with uvloop when installed):
 ``--client httpx`` runs the same poll load through httpx.AsyncClient for comparison. Targets (issue #5):
 >= 2,000 polls/s with p99 < 50 ms on the 2-core machine. Prints numbers and ratios; asserts only correctness.
