@@ -22,6 +22,10 @@ two phases (10 % at once, the rest ``--phase-wait`` s later) with a failure thre
 link (Range), reports downloading -> installing -> rebooting -> success (``--fail-rate`` of them: failure,
 kept under the threshold), and the statistics must then count exactly every device.
 
+``--fleet N[,M...]`` (:mod:`_fleet`, in ``bench/_fleet.py``): a whole fleet per size, start to finish (provision,
+auth, inventory, first poll, idle polls, the steady background of polls at mender-client's default intervals, and
+the rollout under that background), with the server's and PostgreSQL's CPU per request side by side per size.
+
 The generator is a small asyncio HTTP/1.1 client (``--client raw``, with uvloop when installed):
 ``--client httpx`` runs the same poll load through httpx.AsyncClient for comparison. Targets (issue #5):
 >= 2,000 polls/s with p99 < 50 ms on the 2-core machine. Prints numbers and ratios; asserts only correctness.
@@ -74,7 +78,8 @@ RELEASE = "vv-1.1.0"
 
 #: ``--quick``: seconds instead of minutes, to check that the bench (and the server under it) still work
 QUICK = {"devices": 100, "duration": 2.0, "warmup": 0.5, "workers": "1", "concurrency": 8, "gen_procs": 1,
-         "rollout_devices": 100, "phase_wait": 1.0, "poll_interval": 0.5}
+         "rollout_devices": 100, "phase_wait": 1.0, "poll_interval": 0.5,
+         "fleet": "50,100", "fleet_poll_interval": 5.0, "inventory_interval": 20.0, "steady_seconds": 1.0}
 
 FLOOR_APP = '''
 from fastapi import FastAPI
@@ -343,6 +348,8 @@ class SimDevice:
     pubkey: str
     token: str = ""
     fails: bool = False
+    artifact: str = CURRENT  # what it runs: its provides
+    busy: bool = False  # in the middle of an update (the fleet's background load leaves it alone)
 
     def auth_request(self, port: int) -> bytes:
         body = json.dumps({"id_data": json.dumps(self.identity), "pubkey": self.pubkey,
@@ -350,8 +357,9 @@ class SimDevice:
         sig = base64.b64encode(self.key.sign(body)).decode()
         return http_request("POST", AUTH, port, body, {"Content-Type": "application/json", "X-MEN-Signature": sig})
 
-    def poll_request(self, port: int, artifact_name: str = CURRENT) -> bytes:
+    def poll_request(self, port: int, artifact_name: str | None = None) -> bytes:
         """What the Mender client sends: its provides (artifact name, device type, rootfs version/checksum)."""
+        artifact_name = artifact_name or self.artifact
         body = json.dumps({"device_provides": {
             "device_type": DEVICE_TYPE, "artifact_name": artifact_name,
             "rootfs-image.version": artifact_name,
@@ -648,6 +656,7 @@ async def rollout(server: ManagementClient, port: int, devs: list[SimDevice], ar
             c.poll_lat.append(time.perf_counter() - t)
             c.polls += 1
             if status == 200:
+                d.busy = True
                 break
             if status != 204:
                 c.errors.append(f"device {d.index}: next answered {status} {body[:200]!r}")
@@ -686,6 +695,8 @@ async def rollout(server: ManagementClient, port: int, devs: list[SimDevice], ar
                 return
             if step == "success":
                 c.successes += 1
+                d.artifact = RELEASE
+        d.busy = False
 
     n = len(devs)
     n_fail = int(n * args.fail_rate)
@@ -755,6 +766,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--artifact-kib", type=int, default=256, help="payload size of the artifact")
     ap.add_argument("--range-bytes", type=int, default=65536, help="bytes each device downloads (0: whole file)")
     ap.add_argument("--rollout-timeout", type=float, default=900.0)
+    ap.add_argument("--fleet", default="", metavar="N[,M...]", help="whole-fleet runs (bench/_fleet.py), one per "
+                    "size, e.g. 10000,100000: provision, auth, inventory, first poll, idle polls, the steady background "
+                    "load, then the rollout under that load; per-request server CPU side by side (default: none)")
+    ap.add_argument("--fleet-poll-interval", type=float, default=1800.0, help="fleet: seconds between one device's "
+                    "background polls (mender-client's UpdatePollIntervalSeconds default): N/this polls/s")
+    ap.add_argument("--inventory-interval", type=float, default=28800.0, help="fleet: seconds between one device's "
+                    "inventory updates (mender-client's InventoryPollIntervalSeconds default)")
+    ap.add_argument("--steady-seconds", type=float, default=30.0, help="fleet: seconds of background load alone")
     ap.add_argument("--server-arg", action="append", default=[], help="extra build.py server argument")
     ap.add_argument("--postgres", metavar="URL", help="run the servers on PostgreSQL: a new database for each on the "
                     "cluster of URL (postgresql://USER@HOST:PORT/DB, USER may create databases), dropped at the end; "
@@ -907,6 +926,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"errors {r['error_count']} {r['errors'][:3]}")
             print(f"  {'OK' if ok else 'FAILED'}: expected success={n - nf} failure={nf} of {n}")
             results["rollout_ok"] = ok
+        if args.fleet:
+            import _fleet
+
+            results["fleet"] = _fleet.run(sys.modules[__name__], args, work, admin_token, public, private)
+            results["fleet_ok"] = results["fleet"]["ok"]
     finally:
         for p in STARTED:
             p.stop()
@@ -923,4 +947,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     res = main()
     bad = [w for w, r in res["load"].items() if r["error_count"] or set(r["codes"]) - {"204"}]
-    sys.exit(1 if bad or res.get("rollout_ok") is False else 0)
+    sys.exit(1 if bad or res.get("rollout_ok") is False or res.get("fleet_ok") is False else 0)

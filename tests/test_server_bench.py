@@ -52,6 +52,45 @@ def test_bench_tiny(tmp_path: Path) -> None:
     assert res["rollout_ok"] is True
 
 
+@pytest.mark.slow
+def test_bench_fleet_tiny(tmp_path: Path) -> None:
+    """``--fleet``: two fleet sizes, every phase measured, the background load sent and answered, and the rollout
+    under it counted exactly."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "server.py"), "--devices", "0", "--rollout-devices", "0",
+         "--fleet", "40,80", "--fleet-poll-interval", "4", "--inventory-interval", "8", "--steady-seconds", "1",
+         "--duration", "1", "--warmup", "0.5", "--gen-procs", "1", "--concurrency", "8", "--phase-wait", "1",
+         "--poll-interval", "0.5", "--fail-rate", "0.05", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fleet statistics exact for every size: OK" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["fleet_ok"] is True
+    for n in (40, 80):
+        fleet = res["fleet"]["sizes"][str(n)]
+        phases = fleet["phases"]
+        assert list(phases) == ["provision", "auth", "inventory", "first poll", "idle polls", "steady", "rollout"]
+        for name in ("auth", "inventory", "first poll"):
+            assert phases[name]["requests"] == n and phases[name]["error_count"] == 0, phases[name]
+        assert phases["provision"]["requests"] == 1  # one batch
+        assert set(phases["idle polls"]["codes"]) == {"204"}
+        # the steady load: n/4 polls/s and n/8 inventory updates/s, all answered
+        steady = phases["steady"]
+        assert steady["requests"] > 0 and steady["inventory"] > 0 and steady["error_count"] == 0
+        assert set(steady["codes"]) == {"204"}
+        roll = phases["rollout"]
+        assert roll["ok"] is True
+        failures = int(n * 0.05)
+        assert roll["statistics"]["success"] == n - failures and roll["statistics"]["failure"] == failures
+        assert sum(roll["statistics"].values()) == n
+        assert roll["reports"] == 4 * n and roll["downloads"] == n
+        assert roll["background_polls"] > 0 and set(roll["background_codes"]) <= {"200", "204"}
+        for p in phases.values():
+            assert p["server_cpu_s"] > 0
+        assert fleet["memory"]["peak_max_mb"] > 0
+
+
 def shortcut_answers(server: Server) -> float:
     """How many polls the server's shortcut answered so far (its ``/metrics``)."""
     with server.admin() as a:
