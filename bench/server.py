@@ -233,24 +233,10 @@ class Pool:
 
 
 def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a process and its descendants, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(")") + 2:].split()
-        stats[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += stats.get(p, (0, 0.0))[1]
-        todo += [c for c, (ppid, _) in stats.items() if ppid == p]
-    return total
+    """CPU seconds (user + system) of a process and its descendants, from /proc (:func:`_fleet.tree_cpu`)."""
+    from _fleet import tree_cpu as fleet_tree_cpu
+
+    return fleet_tree_cpu(pid)
 
 
 STARTED: list[ServerProcess] = []
