@@ -21,6 +21,21 @@ LAST: list[Any] = [None]
 
 
 
+def _open_and_aborted(server: Server, artifact: str) -> tuple[list[tuple[Device, str]], str, str]:
+    """Four devices: a, c, d in an open deployment (handed out; d already reported success), b in an aborted
+    one. Returns (the devices, the open deployment, the aborted one)."""
+    fleet = preauthorized_devices(server, 4)
+    (_, a), (_, b), (_, c), (_, d) = fleet
+    open_dep = deploy(server, name="open", artifact_name=artifact, devices=[a, c, d])
+    aborted = deploy(server, name="aborted", artifact_name=artifact, devices=[b])
+    _handed_out(server, [fleet[0], fleet[2], fleet[3]], open_dep)
+    with server.admin() as adm:
+        r = adm.put(f"/api/management/v1/deployments/deployments/{aborted}/status", json={"status": "aborted"})
+        assert r.status_code == 204, r.text
+    assert fleet[3][0].status(open_dep, "success").status_code == 204
+    return fleet, open_dep, aborted
+
+
 def _handed_out(server: Server, fleet: list[tuple[Device, str]], dep_id: str) -> None:
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda d: d[0].next(), fleet))
@@ -87,15 +102,8 @@ def test_a_report_that_must_fail_fails_alone_in_its_batch(server: Server, releas
     from ota_server.db import after_commit
     from ota_server.errors import APIError
 
-    fleet = preauthorized_devices(server, 4)
+    fleet, open_dep, aborted = _open_and_aborted(server, release)
     (_, a), (_, b), (_, c), (_, d) = fleet
-    open_dep = deploy(server, name="open", artifact_name=release, devices=[a, c, d])
-    aborted = deploy(server, name="aborted", artifact_name=release, devices=[b])
-    _handed_out(server, [fleet[0], fleet[2], fleet[3]], open_dep)
-    with server.admin() as adm:
-        r = adm.put(f"/api/management/v1/deployments/deployments/{aborted}/status", json={"status": "aborted"})
-        assert r.status_code == 204, r.text
-    assert fleet[3][0].status(open_dep, "success").status_code == 204
     counted: list[str] = []
 
     def report(dep: str, dev: str, status: str) -> tuple[str, str, Callable[[Any], Any]]:
@@ -199,15 +207,8 @@ def test_bad_reports_in_a_set_based_batch_fail_alone(server: Server, release: st
     statistics exact)."""
     from ota_server.errors import APIError
 
-    fleet = preauthorized_devices(server, 4)
+    fleet, open_dep, aborted = _open_and_aborted(server, release)
     (_, a), (_, b), (_, c), (_, d) = fleet
-    open_dep = deploy(server, name="open", artifact_name=release, devices=[a, c, d])
-    aborted = deploy(server, name="aborted", artifact_name=release, devices=[b])
-    _handed_out(server, [fleet[0], fleet[2], fleet[3]], open_dep)
-    with server.admin() as adm:
-        r = adm.put(f"/api/management/v1/deployments/deployments/{aborted}/status", json={"status": "aborted"})
-        assert r.status_code == 204, r.text
-    assert fleet[3][0].status(open_dep, "success").status_code == 204
     results, batches = _run_reports(server, [
         (open_dep, a, "downloading", "a downloading"), (aborted, b, "downloading", "never"),
         (open_dep, d, "failure", "never"), (aborted, c, "downloading", "never"),
