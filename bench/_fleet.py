@@ -39,7 +39,6 @@ import os
 import random
 import time
 import types
-import uuid
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,17 +257,8 @@ class Background:
 
 def make_fleet(bench: types.ModuleType, n: int) -> list[Any]:
     """``n`` devices with ed25519 keys and a ``device_id`` identity (what ``build.py provision`` registers)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    run = uuid.uuid4().hex[:8]
-    out = []
-    for i in range(n):
-        key = ed25519.Ed25519PrivateKey.generate()
-        pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-        out.append(bench.SimDevice(i, {"device_id": f"f{run}-{i:06d}"}, key, pem))
-    return out
+    devices: list[Any] = bench.make_devices(n, lambda run, i: {"device_id": f"f{run}-{i:06d}"})
+    return devices
 
 
 @dataclass

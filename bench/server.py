@@ -55,7 +55,7 @@ import tempfile
 import time
 import uuid
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,7 +356,9 @@ class SimDevice:
                                                        "Accept-Encoding": "gzip"})
 
 
-def make_devices(n: int) -> list[SimDevice]:
+def make_devices(n: int, identity: Callable[[str, int], dict[str, str]] | None = None) -> list[SimDevice]:
+    """``n`` devices with ed25519 keys; ``identity(run, i)``: device ``i``'s identity (default: a MAC address
+    and a host name), ``run`` a token unique to this call."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -366,8 +368,10 @@ def make_devices(n: int) -> list[SimDevice]:
         key = ed25519.Ed25519PrivateKey.generate()
         pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-        out.append(SimDevice(i, {"mac": f"02:{run[:2]}:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}:00",
-                                 "hostname": f"bench-{run}-{i:06d}"}, key, pem))
+        ident = identity(run, i) if identity else {
+            "mac": f"02:{run[:2]}:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}:00",
+            "hostname": f"bench-{run}-{i:06d}"}
+        out.append(SimDevice(i, ident, key, pem))
     return out
 
 
