@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from .db import driver_execute
 from .deployments import (
     Report,
     ReportRow,
@@ -40,7 +41,7 @@ Key = tuple[str, str]
 _ROWS_COLUMNS = ("SELECT dd.deployment_id, dd.device_id, dd.status, dd.active, dd.attempts, dd.delivered_attempt, "
                  "d.status, d.retries FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id ")
 #: the rows of the batch's reports, locked in (deployment id, device id) order; PostgreSQL: two arrays
-ROWS_PG_SQL = (_ROWS_COLUMNS + "JOIN unnest(%s::text[], %s::text[]) AS k(deployment_id, device_id) "
+ROWS_PG_SQL = (_ROWS_COLUMNS + "JOIN unnest(?::text[], ?::text[]) AS k(deployment_id, device_id) "
                "ON dd.deployment_id = k.deployment_id AND dd.device_id = k.device_id "
                "ORDER BY dd.deployment_id, dd.device_id FOR UPDATE OF dd")
 #: the same on SQLite (its write transactions are serial: no lock), ``{}``: one ``(?, ?)`` per key
@@ -49,8 +50,8 @@ ROWS_SQLITE_SQL = _ROWS_COLUMNS + "WHERE (dd.deployment_id, dd.device_id) IN (VA
 #: forward (``started`` set when it was not)
 WRITE_PG_SQL = (
     "UPDATE deployment_devices AS dd SET status = v.status, substate = v.substate, "
-    "started = CASE WHEN v.progress THEN COALESCE(dd.started, %s) ELSE dd.started END "
-    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::boolean[]) "
+    "started = CASE WHEN v.progress THEN COALESCE(dd.started, ?) ELSE dd.started END "
+    "FROM unnest(?::text[], ?::text[], ?::text[], ?::text[], ?::boolean[]) "
     "AS v(deployment_id, device_id, status, substate, progress) "
     "WHERE dd.deployment_id = v.deployment_id AND dd.device_id = v.device_id")
 WRITE_SQLITE_SQL = ("UPDATE deployment_devices SET status = ?, substate = ?, "
@@ -94,16 +95,9 @@ class ReportBatch:
             self._rows[(r[0], r[1])] = ReportRow(*r[2:])
 
     def _driver(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """One statement on the driver connection (``sql`` already in the driver's placeholders)."""
+        """One statement on the driver connection (:func:`.db.driver_execute`, counted); its rows."""
         self.statements += 1
-        driver = self.conn.connection.driver_connection
-        assert driver is not None, "the batch needs an open connection"
-        cur = driver.cursor()
-        try:
-            cur.execute(sql, tuple(params))
-            return list(cur.fetchall()) if cur.description is not None else []
-        finally:
-            cur.close()
+        return driver_execute(self.conn, sql, params)[0]
 
     def report(self, deployment_id: str, device_id: str, status: str, substate: str | None) -> Report:
         """Apply one report (its key given to the constructor), as :func:`.deployments.report_status` would at
