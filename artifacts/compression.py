@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from ota_common.errors import MalformedArtifact, TruncatedArtifact, UnsupportedArtifact
+from ota_common.runtime import TRIM_EVERY_CHUNKS, release_free_memory
 
 from .format import Compression
 
@@ -61,13 +62,15 @@ class OrderedWork:
 
     The calling thread never sits idle while work is queued: when the oldest result is not ready, it runs
     queued jobs itself (the oldest one if nobody started it yet, else later ones) instead of waiting. So the
-    caller's own work (hashing) and the jobs share the cores without oversubscribing them."""
+    caller's own work (hashing) and the jobs share the cores without oversubscribing them. Every
+    ``TRIM_EVERY_CHUNKS`` results it gives the allocator's free pages back (``release_free_memory``)."""
 
     def __init__(self, fn: Callable[..., bytes], threads: int, window: int, name: str) -> None:
         self._fn = fn
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix=name) if threads > 0 else None
         self._jobs: deque[tuple[Future[bytes], tuple[Any, ...]]] = deque()
         self.window = window
+        self._popped = 0
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -85,6 +88,9 @@ class OrderedWork:
 
     def pop(self) -> bytes:
         """The oldest job's result."""
+        self._popped += 1
+        if self._popped % TRIM_EVERY_CHUNKS == 0:
+            release_free_memory()
         fut, args = self._jobs.popleft()
         if fut.cancel():
             return self._fn(*args)
