@@ -9,6 +9,9 @@ zeroed by the kernel (:class:`~artifacts.zeroing.Zeroer`) where it can; everythi
 ``pwrite``. It can also collect the digest of every block it was given (:func:`block_digest`), the index of
 the slot after the install.
 
+A writer may also be told the new image's digests (:attr:`BlockWriter.given`, a delta's digest table) and that
+whole blocks are already held (:meth:`BlockWriter.hold`): then it neither hashes nor even sees those bytes.
+
 A skipped block is only as right as the :class:`OldContent` that vouched for it; the caller reads the whole
 slot back against the signed checksum afterwards, so a wrong answer can cost a failed install, never a slot
 armed with the wrong content.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .zeroing import Zeroer
 
@@ -53,6 +56,20 @@ class OldContent(Protocol):
         ...
 
 
+@runtime_checkable
+class IndexedOld(OldContent, Protocol):
+    """Old content known by digest alone (the device's block index): it can vouch for a block without its bytes."""
+
+    @property
+    def block_size(self) -> int:
+        """The size of the blocks its digests are of."""
+        ...
+
+    def holds(self, index: int, length: int, digest: bytes) -> bool:
+        """True only when block ``index`` of the slot is ``length`` bytes whose digest is ``digest``."""
+        ...
+
+
 class SlotReadBack:
     """The slot's old content read from the slot itself (``pread`` on ``fd``, opened for reading), compared byte
     for byte: exact, at the cost of reading every block once. Used when the block index is missing or not
@@ -72,7 +89,9 @@ class BlockWriter:
     alignment, :meth:`zero` runs of zeros, then :meth:`finish`.
 
     ``old``: what the slot holds (None: write every block, as an install without an index did). ``digests``:
-    collect the digest of every block (:attr:`index`). ``fast_zero``: zero ranges by the kernel where it can.
+    collect the digest of every block (:attr:`index`). :attr:`given`: the digests of the new image's blocks,
+    when the caller has them (a delta's digest table): they are used instead of hashing, and :meth:`hold` may
+    skip whole blocks without their bytes. ``fast_zero``: zero ranges by the kernel where it can.
     ``on_block``: called after each block is handled (written, zeroed or skipped); an exception it raises
     stops the write. Counters: :attr:`written` (bytes written with ``pwrite``), :attr:`zeroed` (bytes zeroed
     by range requests), :attr:`skipped` (bytes the slot already held), :attr:`blocks`,
@@ -99,6 +118,7 @@ class BlockWriter:
         self.written = self.zeroed = self.skipped = 0
         self.blocks = self.skipped_blocks = 0
         self.index = bytearray()  # the digests of the blocks handled (when collected)
+        self.given: bytes | None = None  # the new image's block digests, when known
         self.finished = False
 
     # -- input
@@ -136,6 +156,31 @@ class BlockWriter:
         if length:
             self.buf += memoryview(self.zeros)[:length]
 
+    def hold(self, length: int) -> None:
+        """The next ``length`` bytes, whole blocks from a block boundary (the last one may be short), are what
+        the slot already holds (the caller compared :attr:`given` with an :class:`IndexedOld`): nothing is
+        read, hashed or written. Needs :attr:`given` when digests are collected."""
+        bs = self.block_size
+        if self.buf or self.pos % bs or length < 0:
+            raise ValueError(f"hold() must start on a block boundary and cover whole blocks (at {self.pos}, {len(self.buf)} bytes of a block buffered, {length} held)")
+        while length > 0:
+            n = min(bs, length)
+            if n < bs and length != n:
+                raise ValueError("hold() must cover whole blocks")
+            index = self.blocks
+            if self.collect:
+                if self.given is None or len(self.given) < (index + 1) * DIGEST_SIZE:
+                    raise ValueError("hold() while collecting digests needs the given digests")
+                self.index += self.given[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+            self._flush_zeros()
+            self.blocks += 1
+            self.skipped += n
+            self.skipped_blocks += 1
+            self.pos += n
+            length -= n
+            if self.on_block is not None:
+                self.on_block()
+
     def finish(self) -> int:
         """Handle the last (short) block, zero what is queued, flush to the medium (``fsync``); returns the
         number of bytes the slot now holds from offset 0."""
@@ -158,11 +203,14 @@ class BlockWriter:
         whole = n == self.block_size
         is_zero = src.startswith(self.zeros if whole else self.zeros[:n], offset)
         digest = b""
-        if self.collect or self.old is not None:
+        index = self.blocks
+        given = self.given
+        if given is not None and len(given) >= (index + 1) * DIGEST_SIZE:
+            digest = given[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+        elif self.collect or self.old is not None:
             digest = self.zero_digest if is_zero and whole else block_digest(part)
         if self.collect:
             self.index += digest
-        index = self.blocks
         self.blocks += 1
         if self.old is not None and self.old.same(index, part, digest):
             self._flush_zeros()
@@ -217,5 +265,5 @@ class BlockWriter:
             length -= k
 
 
-__all__ = ["BLOCK_SIZE", "DIGEST_SIZE", "SYNC_EVERY", "ZERO_DIGEST", "BlockWriter", "OldContent", "SlotReadBack",
-           "block_digest"]
+__all__ = ["BLOCK_SIZE", "DIGEST_SIZE", "SYNC_EVERY", "ZERO_DIGEST", "BlockWriter", "IndexedOld", "OldContent",
+           "SlotReadBack", "block_digest"]

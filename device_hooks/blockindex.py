@@ -145,9 +145,16 @@ class IndexedContent:
     def __init__(self, index: IndexFile) -> None:
         self.index = index
 
+    @property
+    def block_size(self) -> int:
+        return self.index.block_size
+
     def same(self, i: int, data: memoryview, digest: bytes) -> bool:
+        return self.holds(i, len(data), digest)
+
+    def holds(self, i: int, length: int, digest: bytes) -> bool:
         ix = self.index
-        if i >= ix.count or len(data) != min(ix.block_size, ix.payload_size - i * ix.block_size):
+        if i >= ix.count or length != min(ix.block_size, ix.payload_size - i * ix.block_size):
             return False
         return ix.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] == digest
 

@@ -16,6 +16,7 @@ import pytest
 
 from artifacts import Compression, load_signer, load_verifier
 from artifacts.blockwrite import BLOCK_SIZE, BlockWriter, SlotReadBack, block_digest
+from artifacts.delta import DeltaError
 from artifacts.writer import rootfs_image_spec, write_artifact
 from device_hooks.blockindex import Binding, IndexFile, SlotIndex, binding_from_record, parse_index
 from device_hooks.install import DeviceFacts, InstallResult, SlotVerifyError, stream_install
@@ -269,6 +270,53 @@ def test_delta_install_writes_only_what_differs(tmp_path: Path, make_art, instal
     assert slot.read_bytes()[: len(v2)] == v2
     assert "block index of slot B used" in result.index_note
     assert result.written == 4 * BS and result.skipped_blocks == result.blocks - 4
+
+
+def test_a_delta_reads_nothing_of_the_running_slot_for_blocks_the_slot_holds(tmp_path: Path, make_art, install,  # type: ignore[no-untyped-def]
+                                                                              keys) -> None:
+    """With the slot's index, the delta's digest table says which blocks the slot already holds: those are
+    neither read from the running slot nor hashed. Shown by damaging the running slot's copy of every unique
+    block the update leaves alone: the install still yields the signed image (and so does the next one, from the
+    index it wrote without hashing). Without an index the same damage fails the install before it is armed."""
+    from artifacts.delta import write_delta_artifact
+
+    v1 = image(1)
+    v2 = changed(v1, [2, 11])
+    v3 = changed(v2, [25], seed=7)
+    state = tmp_path / "data"
+    state.mkdir()
+    arts = {v: make_art(data, v) for v, data in (("1.0.0", v1), ("2.0.0", v2), ("3.0.0", v3))}
+    d12, d23 = tmp_path / "d12.mender", tmp_path / "d23.mender"
+    write_delta_artifact(arts["1.0.0"], arts["2.0.0"], signer=load_signer(keys["ec"][0]), out=d12)
+    write_delta_artifact(arts["2.0.0"], arts["3.0.0"], signer=load_signer(keys["ec"][0]), out=d23)
+    text = (b"systemd video slot " * 4000)[:BS]
+    unique = [b for b in range(40) if b not in (2, 11, 25) and v1[b * BS : (b + 1) * BS] not in (bytes(BS), text)]
+    assert len(unique) >= 10
+
+    def damaged(data: bytes) -> bytes:
+        out = bytearray(data)
+        for b in unique:
+            out[b * BS : (b + 1) * BS] = random.Random(b).randbytes(BS)
+        return bytes(out)
+
+    def running(version: str, data: bytes) -> DeviceFacts:
+        return DeviceFacts("test-board", f"vv-{version}", {"rootfs-image.version": version,
+                                                          "rootfs-image.checksum": hashlib.sha256(data).hexdigest()})
+
+    slot = slot_file(tmp_path / "slotB", b"", len(v1) + BS)
+    first = install(arts["1.0.0"], slot, SlotIndex(state, "B", None))
+    active = slot_file(tmp_path / "slotA", damaged(v1), len(v1) + BS)
+    second = install(d12, slot, bound(state, "B", first), active=active, device=running("1.0.0", v1))
+    assert slot.read_bytes()[: len(v2)] == v2
+    assert second.written == 2 * BS and second.skipped_blocks == second.blocks - 2
+    # the index written from the digest table is right: the next delta uses it (and damage still does not matter)
+    active.write_bytes(damaged(v2) + bytes(BS))
+    third = install(d23, slot, bound(state, "B", second), active=active, device=running("2.0.0", v2))
+    assert slot.read_bytes()[: len(v3)] == v3 and third.written == BS
+    # without the index, the blocks must come from the running slot: its damage fails the install
+    slot_file(slot, v2, len(v1) + BS)
+    with pytest.raises(DeltaError):
+        install(d23, slot, SlotIndex(state, "B", None), active=active, device=running("2.0.0", v2))
 
 
 _KILLED = """

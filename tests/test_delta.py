@@ -271,7 +271,7 @@ def test_malformed_deltas_raise_delta_error(images: dict[str, Path], tmp_path: P
         "short header": delta[:50],
         "header only": delta[:HEADER_SIZE],
         "bad magic": b"X" + delta[1:],
-        "version": delta[:8] + b"\x02\x00" + delta[10:],
+        "version": delta[:8] + b"\x03\x00" + delta[10:],
         "truncated stream": delta[: HEADER_SIZE + (len(delta) - HEADER_SIZE) // 2],
         "last byte missing": delta[:-1],
         "flipped byte": delta[: len(delta) // 2] + bytes([delta[len(delta) // 2] ^ 0x40]) + delta[len(delta) // 2 + 1 :],
@@ -293,6 +293,86 @@ def test_malformed_deltas_raise_delta_error(images: dict[str, Path], tmp_path: P
     # a well-formed delta whose ops do not produce its target checksum
     with pytest.raises(DeltaError, match="must not be booted"):
         _apply(_ops_delta(bytes([2, 2, OP_END])), src, out)
+
+
+def _table_delta(table: bytes, *, target_size: int = 8192) -> bytes:
+    """A version-2 delta of a zero target: ``table`` (the digest table's encoded bytes), then ZERO, END."""
+    h = DeltaHeader(2, 1, 4096, 8192, target_size, "00" * 32, hashlib.sha256(bytes(min(target_size, 8192))).hexdigest())
+    return h.pack() + lzma.compress(table + bytes([2]) + _varint(-(-target_size // 4096)) + bytes([OP_END]),
+                                    format=lzma.FORMAT_XZ)
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    return bytes(out + bytes([v]))
+
+
+def _split_v2(delta: bytes) -> tuple[DeltaHeader, int, bytes, bytes]:
+    """A version-2 delta's header, digest table (block size, digests) and op bytes (decompressed)."""
+    header = parse_header(delta)
+    stream, rest = b"", delta[HEADER_SIZE:]
+    while rest:
+        d = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+        stream += d.decompress(rest)
+        rest = d.unused_data
+    pos, values = 0, []
+    for _ in range(2):
+        v = shift = 0
+        while True:
+            b = stream[pos]
+            pos += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        values.append(v)
+    block, count = values
+    return header, block, stream[pos : pos + count * 16], stream[pos + count * 16 :]
+
+
+def test_the_digest_table_is_the_block_index_of_the_target(images: dict[str, Path], tmp_path: Path) -> None:
+    """Version 2 carries the digest of every 64 KiB of the target (the device's block index); version 1 deltas
+    (no table) still apply."""
+    from artifacts.blockwrite import BLOCK_SIZE as IBS
+    from artifacts.blockwrite import block_digest
+
+    delta = _make(images["old"], images["new"])
+    header, block, table, ops = _split_v2(delta)
+    assert header.version == 2 and block == IBS
+    new = images["new"].read_bytes()
+    assert table == b"".join(block_digest(new[i : i + IBS]) for i in range(0, len(new), IBS))
+    v1 = DeltaHeader(1, *(getattr(header, f) for f in ("compression", "block_size", "source_size", "target_size",
+                                                       "source_sha256", "target_sha256")))
+    old_format = v1.pack() + lzma.compress(ops, format=lzma.FORMAT_XZ)
+    out = tmp_path / "out"
+    r = _apply(old_format, images["old"], out)
+    assert out.read_bytes() == new and r.target_sha256 == header.target_sha256 and r.held_bytes == 0
+
+
+def test_a_malformed_digest_table_is_refused(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.write_bytes(bytes(8192))
+    good = _varint(65536) + _varint(1) + bytes(16)  # 64 KiB blocks, one digest
+    assert _apply(_table_delta(good), src, out).target_size == 8192
+    cases = {
+        "block size not a power of two": _varint(12288) + _varint(1) + bytes(16),
+        "block size too small": _varint(2048) + _varint(4) + bytes(64),
+        "block size too large": _varint(32 << 20) + _varint(1) + bytes(16),
+        "too many digests": _varint(65536) + _varint(2) + bytes(32),
+        "no digest": _varint(65536) + _varint(0),
+    }
+    for name, table in cases.items():
+        with pytest.raises(DeltaError, match="digest table") as e:
+            _apply(_table_delta(table), src, out)
+        assert e.value, name
+    with pytest.raises(DeltaError, match="absurd"):  # a 1 TiB target in 4 KiB blocks: refused before it is read
+        _apply(_table_delta(_varint(4096) + _varint(1 << 28), target_size=1 << 40), src, out)
+    with pytest.raises(DeltaError, match="truncated"):  # the table ends inside its digests
+        h = DeltaHeader(2, 1, 4096, 8192, 8192, "00" * 32, "11" * 32)
+        _apply(h.pack() + lzma.compress(_varint(65536) + _varint(1) + bytes(10), format=lzma.FORMAT_XZ), src, out)
 
 
 @pytest.mark.slow

@@ -11,8 +11,23 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from ..blockwrite import SYNC_EVERY, BlockWriter
-from .format import HEADER_SIZE, MAX_VARINT, OP_COPY, OP_DATA, OP_END, OP_ZERO, DeltaError, DeltaHeader, parse_header
+from ..blockwrite import SYNC_EVERY, BlockWriter, IndexedOld
+from .format import (
+    HEADER_SIZE,
+    MAX_TABLE_BLOCK,
+    MAX_TABLE_BYTES,
+    MAX_VARINT,
+    MIN_TABLE_BLOCK,
+    OP_COPY,
+    OP_DATA,
+    OP_END,
+    OP_ZERO,
+    TABLE_DIGEST_SIZE,
+    TABLE_VERSION,
+    DeltaError,
+    DeltaHeader,
+    parse_header,
+)
 
 #: the decoder refuses a stream that needs more memory than this (ours need ~9 MiB: an 8 MiB dictionary)
 DECODER_MEMLIMIT = 32 << 20
@@ -29,6 +44,7 @@ class AppliedDelta:
     copied_bytes: int
     literal_bytes: int
     zero_bytes: int
+    held_bytes: int = 0  # not produced at all: the slot's index says it holds them (the delta's digest table)
 
 
 class _OpStream:
@@ -122,6 +138,24 @@ class _OpStream:
         self._pos = end
         return data
 
+    def table(self, target_size: int) -> tuple[int, bytes]:
+        """The digest table at the start of a version-2 op stream: its block size and digests."""
+        block = self.varint()
+        count = self.varint()
+        if block < MIN_TABLE_BLOCK or block > MAX_TABLE_BLOCK or block & (block - 1):
+            raise DeltaError(f"delta digest table: block size {block} is not a power of two from "
+                             f"{MIN_TABLE_BLOCK} to {MAX_TABLE_BLOCK}")
+        if count != -(-target_size // block):
+            raise DeltaError(f"delta digest table: {count} digests for a {target_size}-byte target in "
+                             f"{block}-byte blocks")
+        want = count * TABLE_DIGEST_SIZE
+        if want > MAX_TABLE_BYTES:
+            raise DeltaError(f"delta digest table: {want} bytes is absurd")
+        table = bytearray()
+        while len(table) < want:
+            table += self.read_some(want - len(table))
+        return block, bytes(table)
+
     def finish(self) -> None:
         """After END: nothing may follow, neither ops nor compressed data; the payload iterator is drained
         so that its own checks (the artifact reader's checksum) run."""
@@ -160,6 +194,12 @@ class _Target:
         self.written += n
         self._after_write()
 
+    def hold(self, n: int) -> None:
+        assert self.sha is None, "held blocks are never produced, so they cannot be hashed"
+        self.blocks.hold(n)
+        self.written += n
+        self._after_write()
+
     def write(self, data: bytes) -> None:
         if self.sha is not None:
             self.sha.update(data)
@@ -177,20 +217,56 @@ class _Target:
         self.blocks.finish()
 
 
+@dataclass(frozen=True)
+class _Held:
+    """A run of whole blocks of the target that the slot already holds: nothing to produce or write."""
+
+    length: int
+
+
 class _Reader:
     """Turns the op stream into the target's bytes, in order: pieces of up to :data:`WRITE_CHUNK` bytes
-    (small ones gathered) and zero runs (an int). Runs in its own thread, so that reading the source and
-    decompressing overlap with hashing, writing and syncing the target."""
+    (small ones gathered), zero runs (an int) and runs the slot already holds (:class:`_Held`). Runs in its
+    own thread, so that reading the source and decompressing overlap with hashing, writing and syncing the
+    target.
 
-    def __init__(self, header: DeltaHeader, ops: _OpStream, source_fd: int, put: Callable[[object], None]) -> None:
+    ``held(i)``: whether block ``i`` (of ``held_block`` bytes) of the target is already in the slot; its bytes
+    are then neither read from the source nor taken from the op stream's literals (they are decompressed and
+    dropped)."""
+
+    def __init__(self, header: DeltaHeader, ops: _OpStream, source_fd: int, put: Callable[[object], None],
+                 held: Callable[[int], bool] | None = None, held_block: int = 0) -> None:
         self.header = header
         self.ops = ops
         self.source_fd = source_fd
         self.put = put
         self.pending = bytearray()
-        self.copied = self.literal = self.zeros = 0
+        self.copied = self.literal = self.zeros = self.held_bytes = 0
+        self.held = held
+        self.held_block = held_block
+        self.holding = 0  # bytes of a held run not yet handed over
+        self._last: tuple[int, bool] = (-1, False)
+
+    def _is_held(self, block: int) -> bool:
+        if self._last[0] != block:
+            assert self.held is not None
+            self._last = (block, self.held(block))
+        return self._last[1]
+
+    def _hold(self, n: int) -> None:
+        if self.pending:  # (a held run and gathered data are never both pending)
+            self.put(bytes(self.pending))
+            self.pending.clear()
+        self.holding += n
+        self.held_bytes += n
+
+    def _release(self) -> None:
+        if self.holding:
+            self.put(_Held(self.holding))
+            self.holding = 0
 
     def _data(self, data: bytes) -> None:
+        self._release()
         if not self.pending and len(data) >= WRITE_CHUNK // 2:
             self.put(data)
             return
@@ -199,6 +275,7 @@ class _Reader:
             self._flush()
 
     def _flush(self) -> None:
+        self._release()
         if self.pending:
             self.put(bytes(self.pending))
             self.pending.clear()
@@ -224,19 +301,15 @@ class _Reader:
             if op == OP_COPY:
                 z = ops.varint()
                 start = expected_src + ((z >> 1) ^ -(z & 1))
-                self._copy(start * bs, n)
+                self._check_source(start * bs, n)
+                self._span(op, block * bs, n, start * bs)
                 expected_src = start + count
                 self.copied += n
             elif op == OP_ZERO:
-                self._flush()
-                self.put(n)
+                self._span(op, block * bs, n, 0)
                 self.zeros += n
             elif op == OP_DATA:
-                left = n
-                while left:
-                    data = ops.read_some(min(left, WRITE_CHUNK))
-                    self._data(data)
-                    left -= len(data)
+                self._span(op, block * bs, n, 0)
                 self.literal += n
             else:
                 raise DeltaError(f"delta op stream is corrupt: unknown op {op:#x} at target block {block}")
@@ -246,11 +319,50 @@ class _Reader:
         ops.finish()
         self._flush()
 
-    def _copy(self, offset: int, n: int) -> None:
+    def _span(self, op: int, pos: int, n: int, src: int) -> None:
+        """Produce target bytes ``pos..pos + n`` of one op (``src``: where a COPY reads), leaving out the blocks
+        the slot holds."""
+        if self.held is None:
+            self._produce(op, n, src)
+            return
+        hb = self.held_block
+        while n:
+            seg = min(n, hb - pos % hb)
+            if self._is_held(pos // hb):
+                if op == OP_DATA:
+                    self._drop_literal(seg)
+                self._hold(seg)
+            else:
+                self._produce(op, seg, src)
+            pos += seg
+            src += seg
+            n -= seg
+
+    def _produce(self, op: int, n: int, src: int) -> None:
+        if op == OP_COPY:
+            self._copy(src, n)
+        elif op == OP_ZERO:
+            self._flush()
+            self.put(n)
+        else:
+            left = n
+            while left:
+                data = self.ops.read_some(min(left, WRITE_CHUNK))
+                self._data(data)
+                left -= len(data)
+
+    def _drop_literal(self, n: int) -> None:
+        while n:
+            n -= len(self.ops.read_some(min(n, WRITE_CHUNK)))
+
+    def _check_source(self, offset: int, n: int) -> None:
         size = self.header.source_size
         if offset < 0 or offset + n > size:
             raise DeltaError(f"delta reads source bytes {offset}..{offset + n}, past the end of the "
                              f"{size}-byte source it was made for")
+
+    def _copy(self, offset: int, n: int) -> None:
+        size = self.header.source_size
         done = 0
         while done < n:
             want = min(WRITE_CHUNK, n - done)
@@ -331,6 +443,8 @@ def apply_delta(
     elif blocks.fd != target_fd or blocks.pos or blocks.buf:
         raise ValueError("the block writer given must be a fresh one of the target")
     target = _Target(blocks, header.target_size, progress=progress, on_chunk=on_chunk, hash_target=hash_target)
+    ops = _OpStream(_prepend(head[HEADER_SIZE:], chunks))
+    held, held_block = _held_blocks(header, ops, blocks, hash_target)
     pieces: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
     stop = threading.Event()
 
@@ -343,7 +457,7 @@ def apply_delta(
                 continue
         raise _Stopped()
 
-    reader = _Reader(header, _OpStream(_prepend(head[HEADER_SIZE:], chunks)), source_fd, put)
+    reader = _Reader(header, ops, source_fd, put, held, held_block)
 
     def run() -> None:
         try:
@@ -363,6 +477,8 @@ def apply_delta(
                 raise item
             if isinstance(item, int):
                 target.zero(item)
+            elif isinstance(item, _Held):
+                target.hold(item.length)
             else:
                 target.write(item)  # type: ignore[arg-type]
     finally:
@@ -374,7 +490,33 @@ def apply_delta(
     actual = None if target.sha is None else target.sha.hexdigest()
     if actual is not None and actual != header.target_sha256:
         raise DeltaError(mismatch_reason(header, actual, source_fd))
-    return AppliedDelta(header.target_size, actual, header.source_sha256, reader.copied, reader.literal, reader.zeros)
+    return AppliedDelta(header.target_size, actual, header.source_sha256, reader.copied, reader.literal, reader.zeros,
+                        reader.held_bytes)
+
+
+def _held_blocks(header: DeltaHeader, ops: _OpStream, blocks: BlockWriter,
+                 hash_target: bool) -> tuple[Callable[[int], bool] | None, int]:
+    """Read a version-2 delta's digest table (from the calling thread, before the reader starts) and say which
+    blocks the slot already holds: those whose digest the slot's index (``blocks.old``, an
+    :class:`~artifacts.blockwrite.IndexedOld`) records for that block. The table also spares the writer hashing
+    the blocks it writes (``blocks.given``). Nothing is held when the result is hashed (held bytes are never
+    produced), without an index, or when block sizes differ."""
+    if header.version < TABLE_VERSION:
+        return None, 0
+    table_block, table = ops.table(header.target_size)
+    if table_block != blocks.block_size:
+        return None, 0
+    blocks.given = table
+    old = blocks.old
+    if hash_target or not isinstance(old, IndexedOld) or old.block_size != table_block:
+        return None, 0
+    size = header.target_size
+
+    def held(i: int) -> bool:
+        return old.holds(i, min(table_block, size - i * table_block),
+                         table[i * TABLE_DIGEST_SIZE : (i + 1) * TABLE_DIGEST_SIZE])
+
+    return held, table_block
 
 
 def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:

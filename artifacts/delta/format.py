@@ -5,15 +5,21 @@ Payload file format (one file, ``rootfs.delta``; all integers little-endian)::
 
     header (96 bytes)
       magic        8   b"VVDELTA\\n"
-      version      2   1
+      version      2   2 (1: no digest table; both are applied)
       compression  2   1 = xz
       block_size   4   4096
       source_size  8   bytes of the source image
       target_size  8   bytes of the target image
       source_sha256 32
       target_sha256 32
-    ops: one or more concatenated xz streams (CRC32 checks, LZMA2 dictionary <= 8 MiB) whose
-         concatenated output is a sequence of operations, each a tag byte and unsigned LEB128 varints:
+    then one or more concatenated xz streams (CRC32 checks, LZMA2 dictionary <= 8 MiB) whose concatenated
+    output is, in version 2, first the target's digest table:
+      index block size  varint                 a power of two, 4 KiB to 16 MiB (our writer: 64 KiB)
+      count             varint                 ceil(target_size / index block size)
+      digests           count x 16 bytes       BLAKE2b-128 of each block of the target (the last may be short):
+                                               the digests of artifacts.blockwrite.block_digest, those of the
+                                               device's block index
+    and then (in version 1 at once) a sequence of operations, each a tag byte and unsigned LEB128 varints:
       0x01 COPY  count, zigzag(source_block - expected)   count blocks from the source, starting at
                  source_block; ``expected`` is the block after the previous COPY (0 at first)
       0x02 ZERO  count                                    count blocks of zeros
@@ -21,6 +27,12 @@ Payload file format (one file, ``rootfs.delta``; all integers little-endian)::
       0x00 END                                            nothing may follow
     The operations cover ceil(target_size / block_size) blocks in order; the last block may be short, and
     COPY/ZERO/DATA of it produce only target_size % block_size bytes.
+
+Why the digest table: a device that knows what its inactive slot holds (its block index) compares the two
+tables and neither reads the source nor hashes anything for the blocks the slot already holds; on a small
+update that is nearly all of them (``artifacts.delta.apply``). The table is as trusted as the rest of the
+payload: signed with it (the artifact's checksum), and the slot is read back against the signed target checksum
+whatever it said.
 """
 
 from __future__ import annotations
@@ -34,7 +46,15 @@ DELTA_PAYLOAD_TYPE = "rootfs-delta"
 #: the payload file's name inside the artifact
 DELTA_FILE_NAME = "rootfs.delta"
 MAGIC = b"VVDELTA\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions :func:`parse_header` accepts (1: the same without the digest table)
+FORMAT_VERSIONS = (1, 2)
+#: the first version with the target's digest table
+TABLE_VERSION = 2
+#: digest table bounds: index block sizes (powers of two) and the table's size
+MIN_TABLE_BLOCK, MAX_TABLE_BLOCK = 4096, 16 << 20
+MAX_TABLE_BYTES = 64 << 20
+TABLE_DIGEST_SIZE = 16
 COMPRESSION_XZ = 1
 BLOCK_SIZE = 4096
 _HEADER = struct.Struct("<8sHHIQQ32s32s")
@@ -82,8 +102,9 @@ def parse_header(data: bytes) -> DeltaHeader:
     magic, version, compression, block_size, source_size, target_size, src, tgt = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise DeltaError("not a rootfs delta (bad magic)")
-    if version != FORMAT_VERSION:
-        raise DeltaError(f"delta format version {version} is not supported (only {FORMAT_VERSION})")
+    if version not in FORMAT_VERSIONS:
+        raise DeltaError(f"delta format version {version} is not supported (only "
+                         f"{', '.join(map(str, FORMAT_VERSIONS))})")
     if compression != COMPRESSION_XZ:
         raise DeltaError(f"delta compression {compression} is not supported (only 1 = xz)")
     if block_size != BLOCK_SIZE:
@@ -99,15 +120,21 @@ __all__ = [
     "DELTA_FILE_NAME",
     "DELTA_PAYLOAD_TYPE",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "HEADER_SIZE",
     "MAGIC",
+    "MAX_TABLE_BLOCK",
+    "MAX_TABLE_BYTES",
     "MAX_VARINT",
+    "MIN_TABLE_BLOCK",
     "OP_COPY",
     "OP_DATA",
     "OP_END",
     "OP_ZERO",
     "DeltaError",
     "DeltaHeader",
+    "TABLE_DIGEST_SIZE",
+    "TABLE_VERSION",
     "SameImageError",
     "parse_header",
 ]

@@ -1,24 +1,29 @@
 """Making a delta (on the build host): index the source image by a hash of each 4 KiB block, walk the target
 block by block, and write COPY runs for what the source has (file data only, :mod:`.ext4`), ZERO runs, and
-the rest as literal DATA; the op stream is compressed with xz in independent segments on all cores. The
-format is :mod:`.format`; the artifact around the payload is :mod:`.artifact`."""
+the rest as literal DATA; the op stream is compressed with xz in independent segments on all cores. The same
+walk makes the target's digest table (64 KiB blocks, the device's block index), which goes before the ops: they
+are spooled to a temporary file meanwhile. The format is :mod:`.format`; the artifact around the payload is
+:mod:`.artifact`."""
 
 from __future__ import annotations
 
 import hashlib
 import lzma
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
+from ..blockwrite import BLOCK_SIZE as TABLE_BLOCK
+from ..blockwrite import DIGEST_SIZE
 from .ext4 import Ext4FileBlocks
 from .format import (
     BLOCK_SIZE,
     COMPRESSION_XZ,
     FORMAT_VERSION,
-    HEADER_SIZE,
     OP_COPY,
     OP_DATA,
     OP_END,
@@ -136,15 +141,23 @@ def make_delta(
     progress: Callable[[str], None] | None = None,
 ) -> DeltaStats:
     """Write the delta that turns ``source`` into ``target`` (both streams of byte chunks, each read once, in
-    order) to ``out`` (seekable: the header is filled in at the end). ``level`` is the xz preset (0-9).
+    order) to ``out`` (written front to back once the target has been read: the header and the digest table
+    come first). ``level`` is the xz preset (0-9).
 
-    Memory: an index of 16 bytes per distinct non-zero source block (~50 MB for a 1.2 GiB image) and a few
-    segments of ops in flight."""
+    Memory: an index of 16 bytes per distinct non-zero source block (~50 MB for a 1.2 GiB image), the target's
+    digest table (16 bytes per 64 KiB) and a few segments of ops in flight; the ops are spooled to a temporary
+    file (as large as the delta)."""
+    with tempfile.TemporaryFile(prefix="vv-delta-ops-") as spool:
+        return _make_delta(source, target, out, spool, level, progress)
+
+
+def _make_delta(source: Iterable[bytes], target: Iterable[bytes], out: BinaryIO, spool: BinaryIO, level: int,
+                progress: Callable[[str], None] | None) -> DeltaStats:
     t0 = time.monotonic()
     bs = BLOCK_SIZE
     zero = bytes(bs)
-    start = out.tell()
-    out.write(bytes(HEADER_SIZE))
+    assert TABLE_BLOCK % bs == 0
+    per_table_block = TABLE_BLOCK // bs
 
     # 1. index the source: a block number of each distinct full, non-zero block (one holding file data if
     #    there is one: see Ext4FileBlocks); digests in order
@@ -177,8 +190,12 @@ def make_delta(
                  f"{'ext4: copying file data only' if files.is_ext4 else 'not ext4: copying any block'} "
                  f"({time.monotonic() - t0:.1f} s)")
 
-    # 2. walk the target: runs of COPY (continuing the previous run when possible), ZERO and DATA
-    enc = _Encoder(out, level)
+    # 2. walk the target: runs of COPY (continuing the previous run when possible), ZERO and DATA; and the
+    #    digest of every 64 KiB of it
+    enc = _Encoder(spool, level)
+    table = bytearray()
+    table_hash = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    in_table_block = 0
     tgt_sha = hashlib.sha256()
     tgt_size = copied = zeros = literal = 0
     run_tag = -1
@@ -200,6 +217,11 @@ def make_delta(
     try:
         for blk in _blocks(target, bs):
             tgt_sha.update(blk)
+            table_hash.update(blk)
+            in_table_block += 1
+            if in_table_block == per_table_block:
+                table += table_hash.digest()
+                table_hash, in_table_block = hashlib.blake2b(digest_size=DIGEST_SIZE), 0
             size = len(blk)
             tgt_size += size
             if blk == zero[:size]:
@@ -240,13 +262,16 @@ def make_delta(
         enc.close()
     finally:
         enc.pool.shutdown(cancel_futures=True)
-    end = out.tell()
+    if in_table_block:
+        table += table_hash.digest()
     header = DeltaHeader(FORMAT_VERSION, COMPRESSION_XZ, bs, src_size, tgt_size, src_sha.hexdigest(), tgt_sha.hexdigest())
-    out.seek(start)
-    out.write(header.pack())
-    out.seek(end)
+    head = header.pack() + enc._compress(_varint(TABLE_BLOCK) + _varint(len(table) // DIGEST_SIZE) + bytes(table))
+    out.write(head)
+    spool.seek(0)
+    shutil.copyfileobj(spool, out, 1 << 20)
+    size = len(head) + spool.tell()
     stats = DeltaStats(src_size, header.source_sha256, tgt_size, header.target_sha256, copied, zeros, literal,
-                       enc.ops, end - start, time.monotonic() - t0)
+                       enc.ops, size, time.monotonic() - t0)
     if progress:
         progress(f"delta made: {stats.delta_size} bytes, {literal} literal bytes ({stats.seconds:.1f} s)")
     return stats
