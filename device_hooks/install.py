@@ -364,6 +364,8 @@ def slot_sha256(target: Path, size: int, *, blocks: bytearray | None = None) -> 
     lets us. With ``blocks``, the same read also appends the digest of each block of those bytes
     (:func:`artifacts.blockwrite.block_digest`, the block index's). Raises :class:`SlotVerifyError` when the slot
     is shorter, ``OSError`` for the medium."""
+    from concurrent.futures import ThreadPoolExecutor
+
     fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if hasattr(os, "posix_fadvise"):
@@ -371,20 +373,26 @@ def slot_sha256(target: Path, size: int, *, blocks: bytearray | None = None) -> 
         h = hashlib.sha256()
         pending = b""  # the start of a block a short read cut (blocks only)
         left = size
-        while left:
-            data = os.read(fd, min(VERIFY_CHUNK, left))
-            if not data:
-                raise SlotVerifyError(f"slot {target} ended {left} bytes early when read back")
-            h.update(data)
-            left -= len(data)
-            if blocks is not None:
-                if pending:
-                    data, pending = pending + data, b""
-                whole = len(data) if not left else len(data) - len(data) % BLOCK_SIZE
-                view = memoryview(data)
-                for off in range(0, whole, BLOCK_SIZE):
-                    blocks += block_digest(view[off:min(off + BLOCK_SIZE, whole)])
-                pending = bytes(view[whole:])
+        # the next chunk is read while this one is hashed (both release the GIL): on a Pi, whose cores lack
+        # the SHA-2 instructions, reading the card and hashing take the same order of time
+        with ThreadPoolExecutor(1, thread_name_prefix="read-back") as reader:
+            ahead = reader.submit(os.read, fd, min(VERIFY_CHUNK, left))
+            while left:
+                data = ahead.result()
+                if not data:
+                    raise SlotVerifyError(f"slot {target} ended {left} bytes early when read back")
+                left -= len(data)
+                if left:
+                    ahead = reader.submit(os.read, fd, min(VERIFY_CHUNK, left))
+                h.update(data)
+                if blocks is not None:
+                    if pending:
+                        data, pending = pending + data, b""
+                    whole = len(data) if not left else len(data) - len(data) % BLOCK_SIZE
+                    view = memoryview(data)
+                    for off in range(0, whole, BLOCK_SIZE):
+                        blocks += block_digest(view[off:min(off + BLOCK_SIZE, whole)])
+                    pending = bytes(view[whole:])
     finally:
         os.close(fd)
     return h.hexdigest()
