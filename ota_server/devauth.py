@@ -190,6 +190,9 @@ def _authenticate(ctx: ServerContext, req: AuthRequest, cert: DeviceCert | Certi
         else:
             return None
         epoch = c.execute(sa.select(devices.c.token_epoch).where(devices.c.id == device_id)).scalar_one()
+        # seen: signed by its accepted key (a request signed by any other key, for the same identity, is not the
+        # device and must not hide that it went silent)
+        ctx.last_seen.seen(device_id)
         return ctx.tokens.issue(device_id, aset_id, int(epoch))
 
 

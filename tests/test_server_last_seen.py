@@ -155,6 +155,26 @@ def test_every_device_request_counts_and_shutdown_writes_the_rest(url: str, tmp_
     assert all(t is not None for t in written.values()), written
 
 
+def test_an_auth_request_counts_only_when_signed_by_the_accepted_key(url: str, tmp_path: Path) -> None:
+    """A device that re-authenticates (its token expired) is seen; a request for its identity signed by another
+    key is not the device (anyone can send one) and must not hide that the device went silent."""
+    app = make_app(url, tmp_path, last_seen_flush_seconds=3600)
+    db: Database = app.state.ctx.db
+    with TestClient(app) as main:
+        server = InProcess(app, main)
+        device = Device(server, "ed25519")  # type: ignore[arg-type]
+        impostor = Device(server, "ed25519", identity=device.identity)  # type: ignore[arg-type]
+        device_id = device.accept()
+        seen = app.state.ctx.last_seen
+        with seen._lock:
+            seen._pending.clear()
+        assert impostor.auth().status_code == 401  # a new key of that identity: pending
+        assert len(seen) == 0
+        assert device.auth().status_code == 200
+        assert len(seen) == 1
+    assert last_seen(db, [device_id])[device_id] is not None
+
+
 def _insert_device(db: Database, status: str = "accepted", artifact: str | None = None,
                    updated: float | None = None) -> str:
     device_id = str(uuid.uuid4())
