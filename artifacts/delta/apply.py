@@ -431,7 +431,10 @@ def apply_delta(
     that skips the blocks the slot already holds; ``fast_zero`` is then its own). Memory: ~20 MB above the interpreter's (an 8 MiB xz dictionary and a few
     pieces in flight), whatever the image size. ``hash_target=False``: the result is not hashed (and
     ``target_sha256`` is None): for a caller that reads the written target back against the signed checksum
-    anyway (the device's install), hashing it twice is the larger part of an install's CPU time on a Pi."""
+    anyway (the device's install), hashing it twice is the larger part of an install's CPU time on a Pi. Then, for a
+    delta with a digest table (format 2) and ``blocks`` whose old content is the slot's block index
+    (:class:`~artifacts.blockwrite.IndexedOld`), the blocks the index says the slot already holds are not produced
+    at all (``held_bytes``): nothing is read from the source for them, and their literals are dropped."""
     import queue
     import threading
 
