@@ -100,13 +100,14 @@ class _Encoder:
         self.ops = 0
         self.expected_src = 0
 
-    def _compress(self, data: bytes) -> bytes:
+    def compress(self, data: bytes) -> bytes:
+        """One xz stream of ``data``, as the ops are compressed."""
         return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=self.filters)
 
     def _push(self) -> None:
         data = bytes(self.buf)
         self.buf.clear()
-        self.futures.append(self.pool.submit(self._compress, data))
+        self.futures.append(self.pool.submit(self.compress, data))
         while len(self.futures) > self.workers + 1 or (self.futures and self.futures[0].done()):
             self.out.write(self.futures.pop(0).result())
 
@@ -265,7 +266,7 @@ def _make_delta(source: Iterable[bytes], target: Iterable[bytes], out: BinaryIO,
     if in_table_block:
         table += table_hash.digest()
     header = DeltaHeader(FORMAT_VERSION, COMPRESSION_XZ, bs, src_size, tgt_size, src_sha.hexdigest(), tgt_sha.hexdigest())
-    head = header.pack() + enc._compress(_varint(TABLE_BLOCK) + _varint(len(table) // DIGEST_SIZE) + bytes(table))
+    head = header.pack() + enc.compress(_varint(TABLE_BLOCK) + _varint(len(table) // DIGEST_SIZE) + bytes(table))
     out.write(head)
     spool.seek(0)
     shutil.copyfileobj(spool, out, 1 << 20)
