@@ -20,6 +20,7 @@ from an artifact on a second, unthrottled drive:
 (Full installs are measured on the host by ``bench/blockwrite.py``: under TCG, inflating 1.25 GB in an emulated
 CPU would measure the emulator.)
 
+Each install starts with cold caches, the guest's and the host's (of the drives' files), as on a device.
 Bytes written are the install's own count and the kernel's (``/sys/block/vda/vda3/stat``: sectors written to slot
 B); time is the install's wall time in the guest (verify, write, read back against the signed checksum).
 """
@@ -27,6 +28,7 @@ B); time is the install's wall time in the guest (verify, write, read back again
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -169,6 +171,16 @@ def _code_tar(dest: Path, public_key: Path) -> None:
         tar.add(public_key, arcname="release.pem")
 
 
+def _drop_host_cache(path: Path) -> None:
+    """Flush and drop this machine's page cache of ``path`` (QEMU's drives are cached by the host)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def run(work: Path, log: Callable[[str], None]) -> list[tuple[str, str, dict[str, object]]]:
     """Build (or reuse) the releases, boot the throttled device, install; returns (kind, mode, result) rows."""
     from devkit.net import free_port
@@ -226,6 +238,12 @@ def run(work: Path, log: Callable[[str], None]) -> list[tuple[str, str, dict[str
         def install(kind: str, mode: str, generation: str) -> None:
             size, dev = drives[kind]
             log(f"{kind} install into slot B, {mode} ...")
+            # every install starts cold, as on a device: the guest's page cache and the host's cache of the
+            # drives' files (else a read of slot B is as fast as the host's memory when an earlier step read or
+            # wrote it: measured 13-32 s for the same read-back)
+            vm.ssh("sync; echo 3 > /proc/sys/vm/drop_caches")
+            for image in (disk, run_dir / "delta.img", run_dir / "source.img"):
+                _drop_host_cache(image)
             out = vm.ssh(f"{py} install {dev} {size} {mode} {src_sum} {generation} {src_sum}", timeout=3600).stdout
             result = json.loads(out.strip().splitlines()[-1])
             log(f"  {result}")
