@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -169,8 +170,22 @@ def test_chromium_shows_the_stale_badge(fleet: Fleet, tmp_path: Path, request: p
     r = fetch(s, "/ui/login-link?" + urllib.parse.urlencode({"next": "/ui/"}), method="POST", bearer=s.admin_token)
     assert r.status == 200, r
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    dom = run_chromium(chromium_binary(), tmp_path / "profile", s.url + r.json()["url"],
-                       SCREENSHOTS / f"stale-{'pg' if s.db_url.startswith('postgresql') else 'sqlite'}.png", live)
+    # the alive device keeps polling while the browser starts: on a loaded machine that takes longer than
+    # stale_after (3 s here), and a device that polls is not stale (CI once saw it turn stale meanwhile)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.3):
+            fleet.alive.next("vv-2.0")
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        dom = run_chromium(chromium_binary(), tmp_path / "profile", s.url + r.json()["url"],
+                           SCREENSHOTS / f"stale-{'pg' if s.db_url.startswith('postgresql') else 'sqlite'}.png", live)
+    finally:
+        done.set()
+        poller.join()
     assert _count(dom, "count-stale") == 2
     assert f'id="stale-{fleet.ids["lost"]}"' in dom and f'id="stale-{fleet.ids["alive"]}"' not in dom
     for pid in live:
