@@ -28,7 +28,6 @@ B); time is the install's wall time in the guest (verify, write, read back again
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -171,18 +170,10 @@ def _code_tar(dest: Path, public_key: Path) -> None:
         tar.add(public_key, arcname="release.pem")
 
 
-def _drop_host_cache(path: Path) -> None:
-    """Flush and drop this machine's page cache of ``path`` (QEMU's drives are cached by the host)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def run(work: Path, log: Callable[[str], None]) -> list[tuple[str, str, dict[str, object]]]:
-    """Build (or reuse) the releases, boot the throttled device, install; returns (kind, mode, result) rows."""
+def run(work: Path, log: Callable[[str], None],
+        drop_cache: Callable[..., None]) -> list[tuple[str, str, dict[str, object]]]:
+    """Build (or reuse) the releases, boot the throttled device, install; returns (kind, mode, result) rows.
+    ``drop_cache(*paths)``: flush and drop this machine's page cache of files (``bench/blockwrite.py``'s)."""
     from devkit.net import free_port
     from devkit.qemu import Vm, virt_argv, virtio_drive
 
@@ -242,8 +233,7 @@ def run(work: Path, log: Callable[[str], None]) -> list[tuple[str, str, dict[str
             # drives' files (else a read of slot B is as fast as the host's memory when an earlier step read or
             # wrote it: measured 13-32 s for the same read-back)
             vm.ssh("sync; echo 3 > /proc/sys/vm/drop_caches")
-            for image in (disk, run_dir / "delta.img", run_dir / "source.img"):
-                _drop_host_cache(image)
+            drop_cache(disk, run_dir / "delta.img", run_dir / "source.img")
             out = vm.ssh(f"{py} install {dev} {size} {mode} {src_sum} {generation} {src_sum}", timeout=3600).stdout
             result = json.loads(out.strip().splitlines()[-1])
             log(f"  {result}")
@@ -287,11 +277,11 @@ def report(rows: list[tuple[str, str, dict[str, object]]]) -> None:
                       f"time before/after {float(b['seconds']) / float(r['seconds']):6.1f}x")  # type: ignore[arg-type]
 
 
-def main(work: Path) -> int:
+def main(work: Path, drop_cache: Callable[..., None]) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     work.mkdir(parents=True, exist_ok=True)
-    rows = run(work, log)
+    rows = run(work, log, drop_cache)
     report(rows)
     return 0

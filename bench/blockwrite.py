@@ -207,7 +207,7 @@ def main() -> int:
             raise SystemExit("--qemu needs --work DIR (the releases it builds are kept there)")
         import _blockwrite_qemu
 
-        return _blockwrite_qemu.main(args.work)
+        return _blockwrite_qemu.main(args.work, _drop_cache)
     labels = [p for p in args.pairs.split(",") if p]
 
     def log(msg: str) -> None:

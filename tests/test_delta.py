@@ -35,7 +35,7 @@ from artifacts.delta.format import (
     SameImageError,
     parse_header,
 )
-from artifacts.delta.make import make_delta
+from artifacts.delta.make import _varint, make_delta
 from artifacts.format import SBOM_SHA256_KEY
 from artifacts.writer import module_image_spec, rootfs_image_spec, write_artifact
 from image.release import check_previous_artifacts, write_release_deltas
@@ -300,14 +300,6 @@ def _table_delta(table: bytes, *, target_size: int = 8192) -> bytes:
     h = DeltaHeader(2, 1, 4096, 8192, target_size, "00" * 32, hashlib.sha256(bytes(min(target_size, 8192))).hexdigest())
     return h.pack() + lzma.compress(table + bytes([2]) + _varint(-(-target_size // 4096)) + bytes([OP_END]),
                                     format=lzma.FORMAT_XZ)
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    return bytes(out + bytes([v]))
 
 
 def _split_v2(delta: bytes) -> tuple[DeltaHeader, int, bytes, bytes]:
